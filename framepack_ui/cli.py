@@ -1,0 +1,155 @@
+"""Command line: `python -m framepack_ui {generate,make-tiny-models,download} ...`.
+
+Bad arguments or inputs exit with status 2 and one line on stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STOPPED = 0, 1, 2, 130
+DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the whole usage block; one line says it better
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .spec import JobSpec, SAMPLERS
+
+    d = JobSpec(image="", prompt="")
+    parser = _OneLineParser(prog="python -m framepack_ui", description="FramePack F1 image-to-video, headless.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every loading and memory decision")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+
+    g = sub.add_parser("generate", help="turn an image and a prompt into an MP4")
+    g.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: %(default)s)")
+    g.add_argument("--image", required=True, help="start image (PNG, JPEG, WebP...)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default=d.negative, help="negative prompt, used when --cfg > 1")
+    g.add_argument("--seconds", type=float, default=d.seconds, help="length; rounded to 1.2 s sections")
+    g.add_argument("--seed", type=int, default=d.seed, help="0 to 2^32-1, or -1 for a random seed")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--gs", type=float, default=d.gs, help="distilled guidance (default %(default)s)")
+    g.add_argument("--cfg", type=float, default=d.cfg, help="real CFG; 1 = off, >1 doubles the model calls")
+    g.add_argument("--rs", type=float, default=d.rs, help="CFG rescale 0..1")
+    g.add_argument("--resolution", type=int, default=d.resolution, help="bucket scale in px (default 640)")
+    g.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=d.teacache,
+                   help="skip model calls whose input barely changed (faster, hands slightly worse)")
+    g.add_argument("--teacache-threshold", type=float, default=d.teacache_threshold)
+    g.add_argument("--crf", type=int, default=d.crf, help="x264 quality 1..51, lower is better")
+    g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--offline", action="store_true", help="never download missing model files")
+    g.add_argument("--out", required=True, type=Path, help="output .mp4 path")
+
+    t = sub.add_parser("make-tiny-models", help="write tiny random models in the real layout (for tests)")
+    t.add_argument("dir", type=Path)
+    t.add_argument("--transformer-mb", type=float, default=None, help="scale the transformer to about N MB")
+    t.add_argument("--seed", type=int, default=0)
+
+    dl = sub.add_parser("download", help="download the model files that are missing")
+    dl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return {"generate": _generate, "make-tiny-models": _make_tiny, "download": _download}[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return EXIT_STOPPED
+
+
+def _generate(args) -> int:
+    from .spec import JobSpec
+
+    spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
+                   seed=args.seed, steps=args.steps, gs=args.gs, cfg=args.cfg, rs=args.rs,
+                   resolution=args.resolution, sampler=args.sampler, teacache=args.teacache,
+                   teacache_threshold=args.teacache_threshold, crf=args.crf)
+    spec.validate()  # before any heavy import: bad input answers at once
+    if args.out.suffix.lower() != ".mp4":
+        raise _input_error("--out must end in .mp4")
+
+    import threading
+
+    import torch
+
+    from .engine import f1
+    from .events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+    from .memory.manager import ModelManager
+    from .weights.download import ensure_models
+
+    ensure_models(args.models, allow_download=not args.offline, progress=_print_download)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    manager = ModelManager(args.models, device)
+    cancel = threading.Event()
+
+    def show(event):
+        if isinstance(event, Phase):
+            _out(f"[{event.name}] {event.detail}")
+        elif isinstance(event, Notice):
+            _out(f"note: {event.message}")
+        elif isinstance(event, Step):
+            eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
+            _out(f"section {event.section + 1}/{event.sections} step {event.step}/{event.steps} "
+                 f"({event.elapsed_s:.1f}s{eta})")
+        elif isinstance(event, SectionSaved):
+            _out(f"section {event.section + 1}/{event.sections} saved: {event.frames_written} frames in {event.path}")
+        elif isinstance(event, Finished):
+            _out(f"done: {event.path} ({event.frames} frames, {event.elapsed_s:.1f}s); settings in {event.settings_path}")
+        elif isinstance(event, Stopped):
+            _out(f"stopped: kept {event.frames} frames in {event.path}")
+        elif isinstance(event, Failed):
+            print(f"error: {event.message}" + (f" (kept {event.path})" if event.path else ""), file=sys.stderr)
+
+    result = f1.run(spec, args.out, manager, show, cancel)  # Ctrl+C is taken as a stop that keeps the video
+    if isinstance(result, Finished):
+        return EXIT_OK
+    if isinstance(result, Stopped):
+        return EXIT_STOPPED
+    return EXIT_USAGE if result.reason in ("input", "models") else EXIT_FAILED
+
+
+def _make_tiny(args) -> int:
+    from .weights.tiny import make_tiny_models
+
+    summary = make_tiny_models(args.dir, transformer_mb=args.transformer_mb, seed=args.seed)
+    _out(f"tiny models written to {args.dir} ({summary.get('transformer_bytes', 0) / 1e6:.1f} MB transformer)")
+    return EXIT_OK
+
+
+def _download(args) -> int:
+    from .weights.download import ensure_models
+
+    ensure_models(args.models, allow_download=True, progress=_print_download)
+    _out(f"all model files are in {args.models}")
+    return EXIT_OK
+
+
+def _print_download(p) -> None:
+    _out(f"download {p.component}/{p.file}: {p.done_bytes / 1e6:.0f}/{p.total_bytes / 1e6:.0f} MB "
+         f"(all: {p.overall_done / 1e9:.2f}/{p.overall_total / 1e9:.2f} GB)")
+
+
+def _input_error(message: str):
+    from .errors import InputError
+
+    return InputError(message)
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)

@@ -1,0 +1,304 @@
+"""The FramePack F1 section loop: history -> clean latents -> sample -> append -> decode the tail -> write.
+
+`generate(spec, out_path, manager, cancel)` yields typed events (see events.py). Each section predicts 9 new
+latent frames (36 video frames) conditioned on the start latent and the last 16 + 2 + 1 history frames at 4x,
+2x and 1x compression; the token count per call is constant, so time is linear in video length and memory flat.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import Cancelled, InputError, MemoryPlanError, ModelFilesError, UserError
+from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+from ..spec import LATENT_WINDOW, JobSpec
+from ..weights.layout import COMPONENTS
+from . import image as image_ops
+from . import text, vae as vae_ops
+from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
+from .teacache import apply_teacache, remove_teacache
+from .video import SectionVideoWriter, write_sidecar
+
+log = logging.getLogger(__name__)
+
+_REASONS = {InputError: "input", ModelFilesError: "models", MemoryPlanError: "memory"}
+HISTORY_SIZES = (16, 2, 1)  # history latent frames fed at 4x, 2x and 1x compression (oldest first)
+DECODE_LATENTS = 2 * LATENT_WINDOW  # later sections decode 18 latents and cross-fade 33 of the 69 frames
+OVERLAP_FRAMES = LATENT_WINDOW * 4 - 3  # 33
+GUIDANCE_SCALE = 1000.0  # distilled guidance is fed to the model as gs * 1000
+TIMESTEP_SCALE = 1000.0  # the model's timestep is sigma * 1000
+
+
+@dataclass
+class History:
+    """The newest latent frames (1, 16, T, h, w), zero-padded at the start as the official demo does."""
+    latents: torch.Tensor
+
+    @classmethod
+    def start(cls, start_latent: torch.Tensor) -> "History":
+        zeros = torch.zeros_like(start_latent).repeat(1, 1, sum(HISTORY_SIZES), 1, 1)
+        return cls(torch.cat([zeros, start_latent], dim=2))
+
+    def conditioning(self, start_latent: torch.Tensor) -> dict:
+        """The transformer's clean-latent inputs, with their frame indices in the official layout."""
+        kept = self.latents[:, :, -sum(HISTORY_SIZES):]
+        latents_4x, latents_2x, latents_1x = kept.split(HISTORY_SIZES, dim=2)
+        # Frame positions: [start, 16 x 4x, 2 x 2x, 1 x 1x, 9 new] = 0 | 1..16 | 17..18 | 19 | 20..28
+        indices = torch.arange(1 + sum(HISTORY_SIZES) + LATENT_WINDOW)
+        start_idx, idx_4x, idx_2x, idx_1x, idx_new = indices.split([1, *HISTORY_SIZES, LATENT_WINDOW])
+        # diffusers' FramePack RoPE takes 1-D index tensors (the official model took (1, N))
+        return dict(
+            indices_latents=idx_new,
+            latents_clean=torch.cat([start_latent, latents_1x], dim=2),
+            indices_latents_clean=torch.cat([start_idx, idx_1x]),
+            latents_history_2x=latents_2x, indices_latents_history_2x=idx_2x,
+            latents_history_4x=latents_4x, indices_latents_history_4x=idx_4x,
+        )
+
+    def append(self, new_latents: torch.Tensor) -> None:
+        # Only the newest frames are ever read (19 for conditioning, 18 for decoding): keep memory flat.
+        keep = max(sum(HISTORY_SIZES), DECODE_LATENTS)
+        self.latents = torch.cat([self.latents, new_latents], dim=2)[:, :, -keep:]
+
+
+class Denoiser:
+    """Adapts the transformer (a velocity predictor) to the samplers' `denoise(x, sigma) -> x0` and owns
+    real CFG. One Denoiser per section: it holds that section's clean-latent conditioning and step count."""
+
+    def __init__(self, transformer, positive: dict, negative: dict | None, cfg: float, rs: float, steps: int,
+                 teacache=None, conditioning: dict | None = None):
+        device, dtype = transformer.device, transformer.dtype
+        cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                for k, v in (conditioning or {}).items()}
+        self.transformer = transformer
+        self.positive = {**positive, **cond}
+        self.negative = {**negative, **cond} if negative is not None and cfg != 1 else None
+        self.cfg, self.rs, self.steps, self.teacache = cfg, rs, steps, teacache
+        self.step = 0
+        self.calls = 0
+        if teacache is not None:
+            teacache.reset()  # each section starts again at sigma 1
+
+    def _velocity(self, x: torch.Tensor, timestep: torch.Tensor, inputs: dict, branch: str) -> torch.Tensor:
+        if self.teacache is not None:
+            self.teacache.begin(self.step, self.steps, branch)
+        self.calls += 1
+        return self.transformer(hidden_states=x, timestep=timestep, return_dict=False, **inputs)[0].float()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        sigma = float(sigma)
+        dtype, device = self.transformer.dtype, self.transformer.device
+        x_model = x.to(device, dtype)  # (1, 16, 9, h, w)
+        timestep = torch.tensor([sigma * TIMESTEP_SCALE], device=device, dtype=dtype)
+        velocity = self._velocity(x_model, timestep, self.positive, "positive")
+        if self.negative is not None:
+            negative = self._velocity(x_model, timestep, self.negative, "negative")
+            guided = negative + self.cfg * (velocity - negative)
+            velocity = _rescale_cfg(guided, velocity, self.rs)
+        self.step += 1
+        # x0 from the model's own (possibly rounded) input, as the official wrapper does
+        return (x_model.float() - velocity * sigma).to(x.device)
+
+
+def _rescale_cfg(guided: torch.Tensor, positive: torch.Tensor, rs: float) -> torch.Tensor:
+    if rs == 0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return rs * rescaled + (1 - rs) * guided
+
+
+def _model_inputs(embeds: text.PromptEmbeds, image_embeds: torch.Tensor, pooled_guidance: torch.Tensor,
+                  device, dtype) -> dict:
+    e = embeds.to(device, dtype)
+    return dict(encoder_hidden_states=e.llama, encoder_attention_mask=e.llama_mask, pooled_projections=e.clip_pooled,
+                image_embeds=image_embeds.to(device, dtype), guidance=pooled_guidance)
+
+
+def _settings(spec: JobSpec, height: int, width: int, sections: int) -> dict:
+    return {**spec.settings(), "height": height, "width": width, "sections": sections, "app_version": __version__,
+            "models": {name: COMPONENTS[name].repo for name in ("transformer", "text_encoder", "image_encoder")}}
+
+
+def generate(spec: JobSpec, out_path: str | Path, manager, cancel: threading.Event | None = None,
+             section_hook=None, frame_sink=None):
+    """Iterate the events of one job (see `run`); the job runs in a helper thread while you iterate."""
+    events: queue.Queue = queue.Queue()
+    end = object()
+
+    def job():
+        try:
+            run(spec, out_path, manager, events.put, cancel, section_hook, frame_sink)
+        finally:
+            events.put(end)
+
+    thread = threading.Thread(target=job, name="f1-job", daemon=True)
+    thread.start()
+    while (event := events.get()) is not end:
+        yield event
+    thread.join()
+
+
+def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Event | None = None,
+        section_hook=None, frame_sink=None):
+    """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
+    Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
+    playable video of its finished sections and a settings sidecar that says how it ended.
+
+    `section_hook(section_index)` is a seam for fault injection at a section boundary (tests);
+    `frame_sink(uint8 (N, H, W, 3))` sees every frame as it goes to the encoder.
+    """
+    cancel = cancel or threading.Event()
+    started = time.monotonic()
+    out_path = Path(out_path)
+    writer = settings = None
+    try:
+        spec = spec.validate().with_seed()
+        source = image_ops.load_image(spec.image)
+        height, width = image_ops.nearest_bucket(*source.shape[:2], resolution=spec.resolution)
+        start_image = image_ops.resize_and_center_crop(source, width, height)
+        sections = spec.sections
+        settings = _settings(spec, height, width, sections)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        settings_path = write_sidecar(out_path, {**settings, "status": "running"}, spec.image)
+        emit(Phase("settings", f"seed {spec.seed}, {width}x{height}, {sections} sections, {spec.frames} frames"))
+
+        emit(Phase("text", "encoding the prompt"))
+        with manager.use("text_encoders") as (tokenizer, tokenizer_2, text_encoder, text_encoder_2):
+            positive = text.encode_prompt(spec.prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+            negative = (text.encode_prompt(spec.negative, tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+                        if spec.cfg != 1 else None)
+        for message in positive.notices:
+            emit(Notice(message))
+        _check_cancel(cancel)
+
+        emit(Phase("image", "encoding the start image"))
+        with manager.use("image_encoder") as (processor, image_encoder):
+            image_embeds = image_ops.encode_siglip(start_image, processor, image_encoder)
+        generator = torch.Generator("cpu").manual_seed(spec.seed)
+        with manager.use("vae") as vae:
+            start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), generator)
+        _check_cancel(cancel)
+
+        emit(Phase("transformer", "loading the video model"))
+        with manager.use("transformer") as transformer:
+            device, dtype = transformer.device, transformer.dtype
+            guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
+            pos_inputs = _model_inputs(positive, image_embeds, guidance, device, dtype)
+            neg_inputs = _model_inputs(negative, image_embeds, guidance, device, dtype) if negative else None
+            teacache = apply_teacache(transformer, spec.teacache_threshold) if spec.teacache else None
+            try:
+                history = History.start(start_latent)
+                writer = SectionVideoWriter(out_path, width, height, crf=spec.crf, frame_sink=frame_sink,
+                                            metadata={"framepack_settings": json.dumps(settings, sort_keys=True)})
+                clock = _Clock(started, spec.steps * sections)
+                for section in range(sections):
+                    if section_hook:
+                        section_hook(section)
+                    _check_cancel(cancel)
+                    denoiser = Denoiser(transformer, pos_inputs, neg_inputs, spec.cfg, spec.rs, spec.steps,
+                                        teacache, conditioning=history.conditioning(start_latent))
+                    new_latents = _sample_section(spec, section, sections, denoiser, start_latent, generator,
+                                                  cancel, emit, clock)
+                    history.append(new_latents)
+                    emit(Phase("decode", f"decoding section {section + 1}/{sections}"))
+                    with manager.use("vae") as vae:
+                        tail = history.latents[:, :, -(LATENT_WINDOW + 1 if section == 0 else DECODE_LATENTS):]
+                        writer.add_section(vae_ops.decode(vae, tail))
+                    emit(SectionSaved(section, sections, str(out_path), writer.frames_written,
+                                      time.monotonic() - started))
+            finally:
+                if teacache is not None:
+                    remove_teacache(transformer)
+        frames = _close(writer)
+        _record_end(out_path, settings, spec, "finished", frames)
+        result = Finished(str(out_path), str(settings_path), frames, time.monotonic() - started)
+    except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a stop too: keep what is done
+        frames = _close(writer)
+        _record_end(out_path, settings, spec, "stopped", frames)
+        result = Stopped(str(out_path) if frames else None, frames)
+    except UserError as exc:
+        frames = _close(writer)
+        _record_end(out_path, settings, spec, "failed", frames, exc.message)
+        result = Failed(exc.message, str(out_path) if frames else None, _REASONS.get(type(exc), "input"))
+    except torch.OutOfMemoryError as exc:
+        frames = _close(writer)
+        message = ("out of memory: " + " ".join(str(exc).split())[:160] +
+                   " (try a lower resolution, or close other programs using the GPU)")
+        _record_end(out_path, settings, spec, "failed", frames, message)
+        result = Failed(message, str(out_path) if frames else None, "memory")
+    except Exception as exc:  # an internal error: one line for the user, the traceback in the log
+        log.exception("generation failed")
+        frames = _close(writer)
+        message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+        _record_end(out_path, settings, spec, "failed", frames, message)
+        result = Failed(message, str(out_path) if frames else None)
+    emit(result)
+    return result
+
+
+class _Clock:
+    """Elapsed time and ETA from the measured time per step of this job."""
+
+    def __init__(self, started: float, total_steps: int):
+        self.started, self.total_steps, self.steps_done = started, total_steps, 0
+        self.sampling_s = 0.0
+
+    def step(self, step_s: float) -> tuple[float, float]:
+        self.steps_done += 1
+        self.sampling_s += step_s
+        eta = self.sampling_s / self.steps_done * (self.total_steps - self.steps_done)
+        return time.monotonic() - self.started, eta
+
+
+def _sample_section(spec, section, sections, denoiser, start_latent, generator, cancel, emit, clock):
+    """Sample one section's 9 new latent frames, emitting a Step (with preview) per step."""
+    _, channels, _, h, w = start_latent.shape  # (1, 16, 1, h, w)
+    noise = torch.randn((1, channels, LATENT_WINDOW, h, w), generator=generator, dtype=torch.float32)
+    seq_len = LATENT_WINDOW * h * w // 4  # new-latent tokens after the 2x2 patching
+    sigmas = flux_sigmas(spec.steps, flux_mu(seq_len))
+    last = [time.monotonic()]
+
+    def on_step(info):
+        now = time.monotonic()
+        elapsed, eta = clock.step(now - last[0])
+        last[0] = now
+        emit(Step(section, sections, info["i"] + 1, spec.steps, elapsed, eta, vae_ops.preview_strip(info["denoised"])))
+        _check_cancel(cancel)  # a stop is honoured between steps
+
+    sampler = sample_unipc if spec.sampler == "unipc" else sample_euler
+    return sampler(denoiser, noise, sigmas, callback=on_step).float().cpu()  # (1, 16, 9, h, w)
+
+
+def _check_cancel(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise Cancelled()
+
+
+def _close(writer) -> int:
+    if writer is None:
+        return 0
+    try:
+        writer.close()  # flushes the held-back frames: they are final once no section follows
+    except Exception:  # never let a failing close hide the original outcome
+        log.exception("closing the video failed")
+    return writer.frames_written
+
+
+def _record_end(out_path, settings, spec, status, frames, message=None):
+    if settings is None:
+        return
+    try:
+        write_sidecar(out_path, {**settings, "status": status, "frames": frames,
+                                 **({"message": message} if message else {})}, spec.image)
+    except OSError:
+        log.exception("writing the settings sidecar failed")

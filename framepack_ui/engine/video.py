@@ -1,0 +1,333 @@
+"""Streams F1 sections into one MP4 as they are decoded, with constant memory.
+
+The official demo keeps every decoded pixel of the video in RAM and re-encodes the whole video to a new MP4
+after each section. F1 sections overlap: section 0 gives 37 frames, each later one 69 frames whose first 33 are
+cross-faded into the last 33 frames of the video so far (weights ``linspace(1, 0, 33)``), net +36 frames. Since
+the first weight is 1, ``old[-33]`` never changes: only the last ``overlap - 1`` (32) frames of the video can
+still change when the next section arrives. ``SectionVideoWriter`` therefore encodes everything else at once and
+holds back just those 32 frames until the next section or ``close()``.
+
+The MP4 is fragmented (one fragment per frame, ``empty_moov``) and flushed per packet, so after each
+``add_section`` the file on disk plays with all but the last written frame (the muxer keeps the newest packet
+until it knows its duration). Such files report 0 frames in the header: use ``count_frames`` (decodes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import av
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+OVERLAP_FRAMES = 33  # official F1: latent_window_size * 4 - 3
+_MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof+use_metadata_tags"
+_ENCODE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time: bounds the temporary copies
+
+FrameSink = Callable[[np.ndarray], None]  # receives uint8 (N, H, W, 3) exactly as handed to the encoder
+
+
+def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Whole-tensor reference of the official ``soft_append_bcthw``: time is dim -3 ((C,T,H,W) or (B,C,T,H,W)).
+
+    ``history[-overlap:]`` and ``current[:overlap]`` are cross-faded with weights ``linspace(1, 0, overlap)`` in
+    ``history``'s dtype, then ``current[overlap:]`` is appended. Kept for tests and as the definition the
+    streaming writer must match.
+    """
+    if overlap <= 0:
+        return torch.cat([history, current], dim=-3)
+    if history.shape[-3] < overlap or current.shape[-3] < overlap:
+        raise ValueError(f"both videos need at least {overlap} frames: {history.shape[-3]}, {current.shape[-3]}")
+    weights = torch.linspace(1, 0, overlap, dtype=history.dtype, device=history.device).view(-1, 1, 1)  # (T,1,1)
+    blended = weights * history[..., -overlap:, :, :] + (1 - weights) * current[..., :overlap, :, :]
+    out = torch.cat([history[..., :-overlap, :, :], blended, current[..., overlap:, :, :]], dim=-3)
+    return out.to(history)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 exactly as the official save does (clamp, * 127.5 + 127.5, truncate)."""
+    return (torch.clamp(pixels.float(), -1.0, 1.0) * 127.5 + 127.5).to(torch.uint8)
+
+
+class SectionVideoWriter:
+    """Writes F1 sections (pixels (3, T, H, W) in [-1, 1]) to an H.264 MP4 that plays while it grows.
+
+    Holds at most ``overlap - 1`` frames between calls (in the sections' float dtype, float32 once blended);
+    never the whole video. Blending is done in float32.
+    ``frame_sink`` (tests, previews) receives each uint8 (N, H, W, 3) chunk as it goes to the encoder.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        width: int,
+        height: int,
+        fps: int = 30,
+        crf: int = 16,
+        metadata: Mapping[str, str] | None = None,
+        overlap: int = OVERLAP_FRAMES,
+        frame_sink: FrameSink | None = None,
+    ):
+        if width <= 0 or height <= 0 or width % 2 or height % 2:
+            raise ValueError(f"yuv420p needs positive even width and height, got {width}x{height}")
+        if overlap < 1:
+            raise ValueError(f"overlap must be >= 1, got {overlap}")
+        self.path = Path(path)
+        self.width = int(width)
+        self.height = int(height)
+        self.fps = int(fps)
+        self.overlap = int(overlap)
+        self._frame_sink = frame_sink
+        self._frames_written = 0  # frames handed to the encoder
+        self._frames_total = 0  # frames of the video so far, held-back ones included
+        # (3, <= overlap-1, H, W) on the CPU: the frames the next section may still change. Raw section frames keep
+        # the section's float dtype (fp16 -> fp32 is exact, and half the RAM: 75 MB at 640x608); blended ones fp32.
+        self._held: torch.Tensor | None = None
+        self._weights = torch.linspace(1, 0, self.overlap, dtype=torch.float32)  # same values as soft_append's
+        self._closed = False
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._container = av.open(
+            str(self.path),
+            mode="w",
+            format="mp4",
+            # frag_every_frame + flush_packets: each frame reaches the disk as its own fragment (all but the
+            # newest, whose duration the muxer needs first); use_metadata_tags keeps custom keys.
+            options={"movflags": _MOVFLAGS, "flush_packets": "1"},
+        )
+        try:
+            for key, value in (metadata or {}).items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise TypeError(f"metadata keys and values must be str: {key!r}: {value!r}")
+                self._container.metadata[key] = value
+            self._stream = self._container.add_stream("libx264", rate=self.fps)
+            self._stream.width = self.width
+            self._stream.height = self.height
+            self._stream.pix_fmt = "yuv420p"
+            # zerolatency: no lookahead or B-frames, so each frame's packet comes out of encode() at once.
+            self._stream.options = {"crf": str(int(crf)), "tune": "zerolatency"}
+            self._time_base = Fraction(1, self.fps)
+        except BaseException:
+            self._container.close()
+            raise
+
+    # -- public -------------------------------------------------------------------------------------------------
+
+    @property
+    def frames_written(self) -> int:
+        """Frames handed to the encoder so far (final; the held-back ones are not counted)."""
+        return self._frames_written
+
+    @property
+    def frames_total(self) -> int:
+        """Frames of the video so far, held-back frames included (what the file has after close)."""
+        return self._frames_total
+
+    @property
+    def held_frames(self) -> int:
+        """Frames held back because the next section may still blend into them (at most overlap - 1)."""
+        return 0 if self._held is None else int(self._held.shape[1])
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def add_section(self, pixels: torch.Tensor) -> None:
+        """Append one decoded section: (3, T, H, W) or (1, 3, T, H, W), floats in [-1, 1], any device."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        pixels = self._check(pixels)
+        frames = pixels.shape[1]
+        keep = self.overlap - 1
+        if self._frames_total == 0:
+            segments = [pixels]
+        else:
+            if self._frames_total < self.overlap or frames < self.overlap:
+                raise ValueError(
+                    f"cross-fade needs {self.overlap} frames on both sides: video has {self._frames_total}, "
+                    f"section has {frames}"
+                )
+            assert self.held_frames == keep
+            # soft_append's blended[i] = w[i] * old[-overlap + i] + (1 - w[i]) * new[i]. blended[0] = old[-overlap]
+            # (w[0] = 1) is already written; the held frames are old[-overlap + 1:], i.e. i = 1 .. overlap - 1.
+            segments = [pixels[:, self.overlap :]]
+            if keep:
+                w = self._weights[1:].view(-1, 1, 1)  # (keep, 1, 1)
+                new = pixels[:, 1 : self.overlap].to(device="cpu", dtype=torch.float32)
+                blended = w * self._held.float() + (1 - w) * new  # (3, keep, H, W) fp32, soft_append's expression
+                del new
+                segments.insert(0, blended)
+        tail = sum(s.shape[1] for s in segments)  # frames not yet written
+        n_write = max(tail - keep, 0)
+        self._write_segments(segments, n_write)
+        self._held = self._slice_tail(segments, n_write)
+        self._frames_total += frames if self._frames_total == 0 else frames - self.overlap
+
+    def close(self) -> None:
+        """Encode the held-back frames and finalise the file. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._held is not None and self._held.shape[1] > 0:
+                self._write_segments([self._held], self._held.shape[1])
+            self._held = None
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+        finally:
+            self._held = None
+            self._container.close()
+
+    def __enter__(self) -> SectionVideoWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        # Keep what is done (a stop or a failure mid-job): flush the held frames, but never mask the original error.
+        try:
+            self.close()
+        except Exception:
+            log.exception("closing %s after an error failed", self.path)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _check(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dim() == 5 and pixels.shape[0] == 1:
+            pixels = pixels[0]
+        if pixels.dim() != 4 or pixels.shape[0] != 3:
+            raise ValueError(f"pixels must be (3, T, H, W), got {tuple(pixels.shape)}")
+        if (pixels.shape[2], pixels.shape[3]) != (self.height, self.width):
+            raise ValueError(f"frames are {pixels.shape[3]}x{pixels.shape[2]}, writer is {self.width}x{self.height}")
+        if not pixels.is_floating_point():
+            raise ValueError(f"pixels must be floating point in [-1, 1], got {pixels.dtype}")
+        if pixels.shape[1] == 0:
+            raise ValueError("section has no frames")
+        return pixels.detach()
+
+    def _write_segments(self, segments: list[torch.Tensor], n: int) -> None:
+        """Encode the first n frames of the concatenation of segments (each (3, T, H, W)), a chunk at a time."""
+        for seg in segments:
+            if n <= 0:
+                return
+            take = min(n, seg.shape[1])
+            for start in range(0, take, _ENCODE_CHUNK_FRAMES):
+                chunk = seg[:, start : min(start + _ENCODE_CHUNK_FRAMES, take)]
+                rgb = to_uint8(chunk.to("cpu")).permute(1, 2, 3, 0).contiguous().numpy()  # (N, H, W, 3)
+                if self._frame_sink is not None:
+                    self._frame_sink(rgb)
+                for frame_rgb in rgb:
+                    frame = av.VideoFrame.from_ndarray(frame_rgb, format="rgb24")
+                    frame.pts = self._frames_written
+                    frame.time_base = self._time_base
+                    for packet in self._stream.encode(frame):
+                        self._container.mux(packet)
+                    self._frames_written += 1
+            n -= take
+
+    @staticmethod
+    def _slice_tail(segments: list[torch.Tensor], skip: int) -> torch.Tensor | None:
+        """The frames after the first `skip` of the segments' concatenation, as one new CPU tensor."""
+        parts = []
+        for seg in segments:
+            if skip >= seg.shape[1]:
+                skip -= seg.shape[1]
+                continue
+            parts.append(seg[:, skip:])
+            skip = 0
+        if not parts:
+            return None
+        if len(parts) == 1:
+            # copy=True: never keep a view into the caller's whole section (or a larger blend buffer) alive
+            return parts[0].to(device="cpu", copy=True)
+        return torch.cat([p.to(device="cpu", dtype=torch.float32) for p in parts], dim=1)  # a new tensor
+
+
+def count_frames(path: str | os.PathLike[str]) -> int:
+    """Frames in the first video stream, by decoding (fragmented MP4 headers say 0)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Container-level metadata tags (custom keys included when written with use_metadata_tags)."""
+    with av.open(str(path)) as container:
+        return dict(container.metadata)
+
+
+def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
+    """Where a video's settings JSON lives: beside it, same stem (`clip.mp4` -> `clip.json`)."""
+    return Path(video_path).with_suffix(".json")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_sidecar(
+    video_path: str | os.PathLike[str],
+    settings: Mapping[str, Any],
+    image_path: str | os.PathLike[str] | None,
+) -> Path:
+    """Write `<video stem>.json` (pretty, atomically) and copy the input image to `<video stem>.input<ext>`.
+
+    The JSON gets the settings plus `input_image_file`: the copy's file name (relative to the video's folder),
+    or None without an image. The image is copied first, so a JSON on disk never names a missing file.
+    Returns the JSON path.
+    """
+    video_path = Path(video_path)
+    json_path = sidecar_path(video_path)
+    record = dict(settings)
+    image_name = None
+    if image_path is not None:
+        src = Path(image_path)
+        dest = video_path.with_name(f"{video_path.stem}.input{src.suffix.lower()}")
+        if not (dest.exists() and os.path.samefile(src, dest)):
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+        image_name = dest.name
+    record["input_image_file"] = image_name
+    text = json.dumps(record, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    _atomic_write_bytes(json_path, text.encode("utf-8"))
+    return json_path

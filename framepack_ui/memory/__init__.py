@@ -1,0 +1,1 @@
+"""Memory: where models live (RAM, VRAM, read-only maps) and when they are loaded and freed."""

@@ -1,0 +1,99 @@
+"""Load each component from its folder in the real Hugging Face layout, with the real library classes.
+
+Every loader turns a broken or missing file into a ModelFilesError naming the folder, so the user sees one
+line ("... is truncated or corrupt: re-download it") instead of a safetensors traceback.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFilesError
+from ..weights.layout import COMPONENTS
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _explain_failures(name: str, folder: Path):
+    try:
+        yield
+    except ModelFilesError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelFilesError(
+            f"could not load {name} from {folder}: {first_line[:300]} (the files may be incomplete or corrupt: "
+            f"delete them and download again)"
+        ) from exc
+
+
+def _folder(models_dir: Path, name: str) -> Path:
+    folder = COMPONENTS[name].folder(models_dir)
+    lacking = COMPONENTS[name].missing_files(models_dir)
+    if lacking:
+        names = ", ".join(p.name for p in lacking)
+        raise ModelFilesError(f"{name} is missing files in {folder}: {names}")
+    return folder
+
+
+def load_text_encoder(models_dir: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import LlamaModel
+
+    folder = _folder(models_dir, "text_encoder")
+    with _explain_failures("text_encoder", folder):
+        model = LlamaModel.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_text_encoder_2(models_dir: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import CLIPTextModel
+
+    folder = _folder(models_dir, "text_encoder_2")
+    with _explain_failures("text_encoder_2", folder):
+        model = CLIPTextModel.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_tokenizers(models_dir: Path):
+    from ..engine.tokenizers import load_clip_tokenizer, load_llama_tokenizer
+
+    return (load_llama_tokenizer(_folder(models_dir, "tokenizer")),
+            load_clip_tokenizer(_folder(models_dir, "tokenizer_2")))
+
+
+def load_image_encoder(models_dir: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import SiglipImageProcessor, SiglipVisionModel
+
+    processor_folder = _folder(models_dir, "feature_extractor")
+    folder = _folder(models_dir, "image_encoder")
+    with _explain_failures("feature_extractor", processor_folder):
+        processor = SiglipImageProcessor.from_pretrained(processor_folder)
+    with _explain_failures("image_encoder", folder):
+        model = SiglipVisionModel.from_pretrained(folder, dtype=dtype)
+    return processor, model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(models_dir: Path, dtype: torch.dtype, device: torch.device):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    folder = _folder(models_dir, "vae")
+    with _explain_failures("vae", folder):
+        model = AutoencoderKLHunyuanVideo.from_pretrained(folder, torch_dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_transformer(models_dir: Path, dtype: torch.dtype, device: torch.device):
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    folder = _folder(models_dir, "transformer")
+    with _explain_failures("transformer", folder):
+        model = HunyuanVideoFramepackTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    if model.image_projection is None or model.clean_x_embedder is None:
+        # The forward calls both unconditionally; a config without them cannot run F1.
+        raise ModelFilesError(f"{folder}/config.json lacks has_image_proj / has_clean_x_embedder: not a FramePack model")
+    return model.to(device).eval().requires_grad_(False)

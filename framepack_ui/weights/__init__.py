@@ -1,0 +1,1 @@
+"""Model files on disk: the folder layout, downloads, and tiny random stand-ins for tests."""

@@ -1,0 +1,72 @@
+"""Where each model component lives under `models/`: the real Hugging Face folder layout.
+
+One folder per repository (`models/<owner>/<repo>/`), keeping the repository's own subfolders, so the
+same tree can be filled by a download, by hand from an existing Hugging Face cache, or by
+`make-tiny-models`. Only the subfolders the app uses are listed: the HunyuanVideo repository also holds a
+25 GB transformer that FramePack never reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
+REDUX_REPO = "lllyasviel/flux_redux_bfl"
+F1_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str  # our name for it, used in logs, plans and errors
+    repo: str  # Hugging Face repository id
+    subfolder: str  # "" = repository root
+    files: tuple[str, ...]  # every file the loader reads, relative to the subfolder
+    approx_bytes: int  # size on disk of the real weights, for plans and download space checks
+
+    def folder(self, models_dir: Path) -> Path:
+        root = Path(models_dir) / self.repo
+        return root / self.subfolder if self.subfolder else root
+
+    def missing_files(self, models_dir: Path) -> list[Path]:
+        folder = self.folder(models_dir)
+        return [folder / f for f in self.files if not (folder / f).is_file()]
+
+
+def _shards(stem: str, count: int, ext: str = "safetensors") -> tuple[str, ...]:
+    return tuple(f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1))
+
+
+GB = 1_000_000_000
+
+COMPONENTS: dict[str, Component] = {
+    c.name: c
+    for c in (
+        Component("text_encoder", HUNYUAN_REPO, "text_encoder",
+                  ("config.json", "model.safetensors.index.json", *_shards("model", 4)), int(15.0 * GB)),
+        Component("text_encoder_2", HUNYUAN_REPO, "text_encoder_2",
+                  ("config.json", "model.safetensors"), int(0.246 * GB)),
+        Component("tokenizer", HUNYUAN_REPO, "tokenizer",
+                  ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"), int(0.017 * GB)),
+        Component("tokenizer_2", HUNYUAN_REPO, "tokenizer_2",
+                  ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"), int(0.002 * GB)),
+        Component("vae", HUNYUAN_REPO, "vae",
+                  ("config.json", "diffusion_pytorch_model.safetensors"), int(0.986 * GB)),
+        Component("feature_extractor", REDUX_REPO, "feature_extractor",
+                  ("preprocessor_config.json",), 400),
+        Component("image_encoder", REDUX_REPO, "image_encoder",
+                  ("config.json", "model.safetensors"), int(0.857 * GB)),
+        Component("transformer", F1_REPO, "",
+                  ("config.json", "diffusion_pytorch_model.safetensors.index.json",
+                   *_shards("diffusion_pytorch_model", 3)), int(25.7 * GB)),
+    )
+}
+
+
+def missing(models_dir: Path, names: tuple[str, ...] | None = None) -> dict[str, list[Path]]:
+    """Components (by name) with the files they lack; empty when everything is in place."""
+    result = {}
+    for name in names or tuple(COMPONENTS):
+        lacking = COMPONENTS[name].missing_files(models_dir)
+        if lacking:
+            result[name] = lacking
+    return result

@@ -1,0 +1,217 @@
+"""End-to-end engine tests on tiny random models in the real folder layout, through the real loaders."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framepack_ui.engine import f1
+from framepack_ui.engine.image import buckets, nearest_bucket
+from framepack_ui.engine.video import count_frames, read_metadata, sidecar_path
+from framepack_ui.events import Failed, Finished, Notice, SectionSaved, Step, Stopped
+from framepack_ui.memory.manager import ModelManager
+from framepack_ui.spec import JobSpec
+
+REPO = Path(__file__).resolve().parent.parent
+FAST = dict(resolution=64, steps=4, seconds=1.2)  # one section of a 64-px bucket
+
+
+@pytest.fixture(scope="module")
+def start_image(tmp_path_factory) -> str:
+    """A 96x80 gradient with a square in it: not square, so the bucket and crop are exercised."""
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    y, x = np.mgrid[0:80, 0:96]
+    rgb = np.stack([x * 2, y * 3, (x + y) % 255], axis=-1).astype(np.uint8)
+    rgb[20:50, 30:60] = (250, 40, 40)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def manager(tiny_models_dir):
+    return ModelManager(tiny_models_dir, "cpu")
+
+
+def run_job(manager, out, **settings):
+    spec = JobSpec(image=settings.pop("image"), prompt=settings.pop("prompt", "a red square moves"),
+                   **{**FAST, **settings})
+    events = list(f1.generate(spec, out, manager))
+    return events, events[-1]
+
+
+def decoded_frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def test_buckets_square_keeps_later_bucket_and_scale():
+    assert nearest_bucket(1024, 1024) == (640, 608)  # tie: the official loop's `<=` keeps the later bucket
+    assert nearest_bucket(720, 1280) == (480, 832)  # |720*832 - 1280*480| is the smallest
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in buckets(128) + buckets(960))
+    assert buckets(128)[0] == (80, 192)  # 416x960 scaled by 0.2, sides rounded to multiples of 16
+
+
+@pytest.mark.parametrize("seconds,sections", [(1.0, 1), (2.0, 2), (3.4, 3)])
+def test_cli_generate_frame_count_is_1_plus_36n(tiny_models_dir, start_image, tmp_path, seconds, sections):
+    out = tmp_path / "clip.mp4"
+    proc = subprocess.run(
+        [sys.executable, "-m", "framepack_ui", "generate", "--models", str(tiny_models_dir), "--image", start_image,
+         "--prompt", "a red square moves", "--seconds", str(seconds), "--resolution", "64", "--steps", "3",
+         "--offline", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "done:" in proc.stdout
+    assert count_frames(out) == 1 + 36 * sections
+    with av.open(str(out)) as container:  # an independent decoder reads it at 30 fps, H.264, yuv420p
+        stream = container.streams.video[0]
+        assert stream.average_rate == 30 and stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+    settings = json.loads(sidecar_path(out).read_text())
+    assert settings["status"] == "finished" and settings["sections"] == sections and settings["seed"] == 31337
+
+
+def test_same_seed_same_frames_different_seed_different(manager, start_image, tmp_path):
+    _, a = run_job(manager, tmp_path / "a.mp4", image=start_image, seed=7)
+    _, b = run_job(manager, tmp_path / "b.mp4", image=start_image, seed=7)
+    _, c = run_job(manager, tmp_path / "c.mp4", image=start_image, seed=8)
+    assert isinstance(a, Finished) and isinstance(b, Finished) and isinstance(c, Finished)
+    fa, fb, fc = (decoded_frames(tmp_path / n) for n in ("a.mp4", "b.mp4", "c.mp4"))
+    assert np.array_equal(fa, fb)
+    assert not np.array_equal(fa, fc)
+
+
+def test_random_seed_is_picked_and_recorded(manager, start_image, tmp_path):
+    events, end = run_job(manager, tmp_path / "r.mp4", image=start_image, seed=-1)
+    assert isinstance(end, Finished)
+    settings = json.loads(Path(end.settings_path).read_text())
+    assert 0 <= settings["seed"] <= 2**32 - 1
+    assert json.loads(read_metadata(end.path)["framepack_settings"])["seed"] == settings["seed"]
+
+
+def test_events_stream_steps_with_previews_and_sections(manager, start_image, tmp_path):
+    events, end = run_job(manager, tmp_path / "e.mp4", image=start_image, seconds=2.4)
+    steps = [e for e in events if isinstance(e, Step)]
+    saved = [e for e in events if isinstance(e, SectionSaved)]
+    assert len(steps) == 2 * FAST["steps"] and [s.section for s in saved] == [0, 1]
+    assert steps[0].preview.dtype == np.uint8 and steps[0].preview.shape[2] == 3
+    assert steps[-1].eta_s == pytest.approx(0, abs=1e-9) and steps[0].eta_s > 0
+    assert saved[0].frames_written == 37 - 32  # the last 32 frames wait for the next section's cross-fade
+    assert isinstance(end, Finished) and end.frames == 1 + 36 * 2
+
+
+def test_stop_midway_keeps_a_playable_video_of_finished_sections(manager, start_image, tmp_path):
+    cancel = threading.Event()
+    spec = JobSpec(image=start_image, prompt="stop me", **{**FAST, "seconds": 3.6})
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, Step) and event.section == 1 and event.step == 2:
+            cancel.set()  # the user presses stop during the second section
+
+    end = f1.run(spec, tmp_path / "s.mp4", manager, emit, cancel)
+    assert isinstance(end, Stopped) and end.frames == 37
+    assert count_frames(tmp_path / "s.mp4") == 37  # section 1 whole, held-back frames flushed on stop
+    assert json.loads(sidecar_path(tmp_path / "s.mp4").read_text())["status"] == "stopped"
+
+
+def test_failure_in_a_later_section_keeps_the_finished_ones(manager, start_image, tmp_path):
+    def out_of_memory_at_section_1(section):
+        if section == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    spec = JobSpec(image=start_image, prompt="fail later", **{**FAST, "seconds": 2.4})
+    end = f1.run(spec, tmp_path / "f.mp4", manager, lambda e: None, section_hook=out_of_memory_at_section_1)
+    assert isinstance(end, Failed) and "\n" not in end.message and "out of memory" in end.message
+    assert end.reason == "memory"
+    assert end.path and count_frames(end.path) == 37
+
+
+def test_teacache_threshold_zero_equals_off_and_positive_skips(manager, start_image, tmp_path):
+    _, off = run_job(manager, tmp_path / "off.mp4", image=start_image, teacache=False, steps=12)
+    _, zero = run_job(manager, tmp_path / "zero.mp4", image=start_image, teacache=True, teacache_threshold=0.0,
+                      steps=12)
+    assert np.array_equal(decoded_frames(off.path), decoded_frames(zero.path))
+
+    # Count real model calls with the tiny transformer: a positive threshold must skip some.
+    with manager.use("transformer") as transformer:
+        calls = {}
+        for threshold in (0.0, 0.15):
+            cache = f1.apply_teacache(transformer, threshold)
+            try:
+                d = _tiny_denoiser(transformer, cache, steps=25)
+                from framepack_ui.engine.sampling import flux_mu, flux_sigmas, sample_unipc
+                sample_unipc(d, torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(0)),
+                             flux_sigmas(25, flux_mu(9 * 16)))
+                calls[threshold] = cache.computed_calls
+            finally:
+                f1.remove_teacache(transformer)
+    assert calls[0.0] == 25
+    assert calls[0.15] < 25
+
+
+def _tiny_denoiser(transformer, cache, steps):
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(1)
+    embeds = dict(encoder_hidden_states=torch.randn(1, 5, cfg.text_embed_dim, generator=g),
+                  encoder_attention_mask=torch.ones(1, 5, dtype=torch.long),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+                  image_embeds=torch.randn(1, 4, cfg.image_proj_dim, generator=g),
+                  guidance=torch.tensor([10000.0]))
+    start = torch.randn(1, 16, 1, 8, 8, generator=g)
+    history = f1.History.start(start)
+    return f1.Denoiser(transformer, embeds, None, 1.0, 0.0, steps, cache, conditioning=history.conditioning(start))
+
+
+def test_long_prompt_is_truncated_with_a_notice(manager, start_image, tmp_path):
+    events, end = run_job(manager, tmp_path / "t.mp4", image=start_image, prompt="walking slowly " * 200)
+    assert isinstance(end, Finished)
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert any("Llama tokens" in n for n in notices) and any("CLIP tokens" in n for n in notices)
+
+
+def test_text_encoder_is_freed_before_sampling(manager, start_image, tmp_path):
+    seen = []
+    spec = JobSpec(image=start_image, prompt="memory order", **FAST)
+
+    def emit(event):
+        if isinstance(event, Step):
+            seen.append(manager.is_loaded("text_encoders") or manager.is_loaded("image_encoder"))
+
+    assert isinstance(f1.run(spec, tmp_path / "m.mp4", manager, emit), Finished)
+    assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--seed", "-5"], "seed"),
+    (["--steps", "0"], "steps"),
+    (["--sampler", "ddim"], "sampler"),
+    (["--crf", "0"], "crf"),
+    (["--image", "/nonexistent/x.png"], "image not found"),
+    (["--seconds", "abc"], "seconds"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tiny_models_dir, start_image, tmp_path, args, needle):
+    base = ["--models", str(tiny_models_dir), "--image", start_image, "--prompt", "x", "--offline",
+            "--out", str(tmp_path / "x.mp4")]
+    proc = subprocess.run([sys.executable, "-m", "framepack_ui", "generate", *base, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_unreadable_image_exits_2(tiny_models_dir, tmp_path):
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is not a png")
+    proc = subprocess.run([sys.executable, "-m", "framepack_ui", "generate", "--models", str(tiny_models_dir),
+                           "--image", str(bad), "--prompt", "x", "--offline", "--out", str(tmp_path / "x.mp4")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "cannot read the image" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,247 @@
+"""Sampler tests on an analytic denoiser: no models, CPU only, fast.
+
+Data: every element x0 ~ N(MU_D, SD_D^2), independent. Flow matching: x_sigma = (1 - sigma) x0 + sigma * noise.
+Then x_sigma ~ N((1 - sigma) MU_D, var(sigma)) with var = (1 - sigma)^2 SD_D^2 + sigma^2, and the exact
+posterior mean (the ideal denoiser) is
+    E[x0 | x_sigma] = MU_D + (1 - sigma) SD_D^2 / var(sigma) * (x_sigma - (1 - sigma) MU_D).
+The probability-flow ODE dx/dsigma = (x - E[x0 | x]) / sigma is linear, so its solution keeps each element's
+z-score: x(sigma) = (1 - sigma) MU_D + sqrt(var(sigma)) * noise, and x(0) = MU_D + SD_D * noise. The reference
+is a fine RK4 solution of that ODE, checked against this closed form.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from framepack_ui.engine.sampling import (
+    flux_mu,
+    flux_sigmas,
+    sample_euler,
+    sample_unipc,
+    velocity_from_x0,
+    x0_from_velocity,
+)
+from framepack_ui.errors import Cancelled
+
+MU_D, SD_D = 0.3, 0.5
+SHIFT = 7.0  # what FramePack F1 gets at 640x608 (mu clamped at ln 7)
+SHAPE = (2, 16, 3, 8, 8)  # (B, C, T, H, W): 6144 independent elements
+
+
+def posterior_mean(x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """Exact E[x0 | x_sigma] in float64 for the Gaussian data above."""
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    var = (1 - s) ** 2 * SD_D**2 + s**2
+    return MU_D + (1 - s) * SD_D**2 / var * (x.double() - (1 - s) * MU_D)
+
+
+def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    return posterior_mean(x, sigma).float()
+
+
+def velocity_model(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """What a flow-matching transformer would predict: v = (x - x0) / sigma = noise - x0 (in expectation)."""
+    return ((x.double() - posterior_mean(x, sigma)) / torch.as_tensor(sigma, dtype=torch.float64)).float()
+
+
+def denoise_via_velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The engine's adapter path: the model gives v, the sampler gets x0 = x - sigma * v."""
+    return x0_from_velocity(x, velocity_model(x, sigma), sigma)
+
+
+@pytest.fixture(scope="module")
+def noise() -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234))
+
+
+def rk4_reference(noise: torch.Tensor, steps: int = 2000, sigma_end: float = 1e-6) -> torch.Tensor:
+    """x(0) of the probability-flow ODE: float64 RK4 on a shift-7 grid from 1 to sigma_end (the right-hand
+    side is 0/0 at sigma = 0), then one exact denoiser call, whose error is O(sigma_end^2)."""
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    grid = SHIFT * t / (1 + (SHIFT - 1) * t)
+    grid[-1] = sigma_end
+
+    def f(x: torch.Tensor, s: float) -> torch.Tensor:  # (x - E[x0|x]) / s with python-float scalars: fast
+        gain = (1 - s) * SD_D**2 / ((1 - s) ** 2 * SD_D**2 + s**2)
+        return (x - gain * x + (gain * (1 - s) - 1) * MU_D) / s
+
+    x = noise.double()
+    for s0, s1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        h = s1 - s0
+        k1 = f(x, s0)
+        k2 = f(x + h / 2 * k1, s0 + h / 2)
+        k3 = f(x + h / 2 * k2, s0 + h / 2)
+        k4 = f(x + h * k3, s1)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return posterior_mean(x, sigma_end)
+
+
+@pytest.fixture(scope="module")
+def reference(noise: torch.Tensor) -> torch.Tensor:
+    return rk4_reference(noise)
+
+
+def assert_allclose(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> None:
+    # torch.allclose rather than torch.testing.assert_close: the latter's first call imports for seconds
+    assert actual.shape == expected.shape
+    diff = (actual.double() - expected.double()).abs().max().item()
+    assert torch.allclose(actual.double(), expected.double(), rtol=rtol, atol=atol), f"max abs diff {diff:.3g}"
+
+
+def rms_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return (out.double() - reference).pow(2).mean().sqrt().item()
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("steps", [1, 4, 25, 50])
+@pytest.mark.parametrize("mu", [0.0, 0.5, math.log(SHIFT)])
+def test_flux_sigmas_shape_and_ends(steps: int, mu: float) -> None:
+    sigmas = flux_sigmas(steps, mu)
+    assert sigmas.shape == (steps + 1,) and sigmas.dtype == torch.float32
+    assert sigmas[0].item() == 1.0 and sigmas[-1].item() == 0.0
+    assert bool(torch.all(sigmas[:-1] > sigmas[1:]))
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)[:-1]
+    expected = math.exp(mu) / (math.exp(mu) + (1 / t - 1))  # float64 formula
+    assert_allclose(sigmas[:-1].double(), expected, rtol=1e-6, atol=1e-7)
+    if mu == 0.0:  # no shift
+        assert_allclose(sigmas, torch.linspace(1, 0, steps + 1), rtol=0, atol=1e-7)
+
+
+def test_flux_sigmas_match_diffusers_dynamic_shift() -> None:
+    np = pytest.importorskip("numpy")
+    diffusers = pytest.importorskip("diffusers")
+    mu = math.log(SHIFT)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 26)[:-1], mu=mu)
+    assert_allclose(scheduler.sigmas, flux_sigmas(25, mu), rtol=1e-6, atol=1e-7)
+
+
+def test_flux_mu_clamps_at_log7() -> None:
+    assert flux_mu(256) == pytest.approx(0.5)
+    assert flux_mu(4096) == pytest.approx(1.15)
+    assert flux_mu(2176) == pytest.approx(0.825)  # halfway along the line, unclamped
+    # 640x608 -> latent 9 x 80 x 76 -> 2x2 patches: 13,680 tokens, far past the clamp (about 8,800 tokens)
+    assert flux_mu(9 * 80 * 76 // 4) == pytest.approx(math.log(7.0))
+    assert flux_mu(10**9) == pytest.approx(math.log(7.0))
+    assert flux_mu(10**9, exp_max=3.0) == pytest.approx(math.log(3.0))
+    assert flux_mu(8000) < math.log(7.0) == flux_mu(9000)
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+
+
+def test_reference_ode_solution_matches_closed_form(noise: torch.Tensor, reference: torch.Tensor) -> None:
+    closed_form = MU_D + SD_D * noise.double()
+    assert (reference - closed_form).abs().max().item() < 1e-8
+
+
+def test_unipc_error_falls_with_steps(noise: torch.Tensor, reference: torch.Tensor) -> None:
+    mu = math.log(SHIFT)
+    errors = [rms_error(sample_unipc(denoise, noise, flux_sigmas(n, mu)), reference) for n in (10, 25, 50)]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < errors[0] / 5, errors
+
+
+@pytest.mark.parametrize("steps, documented_unipc", [(25, 6.5e-2), (50, 3.0e-2)])
+def test_unipc_beats_euler_same_steps(
+    noise: torch.Tensor, reference: torch.Tensor, steps: int, documented_unipc: float
+) -> None:
+    # Measured here (RMS over elements): 25 steps UniPC 6.2e-2 vs Euler 1.1e-1; 50 steps 2.3e-2 vs 5.7e-2.
+    sigmas = flux_sigmas(steps, math.log(SHIFT))
+    err_unipc = rms_error(sample_unipc(denoise, noise, sigmas), reference)
+    err_euler = rms_error(sample_euler(denoise, noise, sigmas), reference)
+    assert err_unipc < 0.7 * err_euler, (err_unipc, err_euler)
+    assert err_unipc < 1.5 * documented_unipc, err_unipc
+
+
+def test_unipc_bh2_runs_and_beats_euler(noise: torch.Tensor, reference: torch.Tensor) -> None:
+    # bh2 differs from bh1 only in the two warm-up steps (B(h) cancels in solved weights): ~5e-7 here.
+    sigmas = flux_sigmas(25, math.log(SHIFT))
+    err_bh2 = rms_error(sample_unipc(denoise, noise, sigmas, variant="bh2"), reference)
+    assert err_bh2 < 0.7 * rms_error(sample_euler(denoise, noise, sigmas), reference)
+
+
+def test_unipc_two_steps_is_euler(noise: torch.Tensor) -> None:
+    # Two steps = one model call at sigma 1, one first-order (DDIM/Euler) move, one call, its x0: Euler's path.
+    sigmas = flux_sigmas(2, math.log(SHIFT))
+    assert_allclose(sample_unipc(denoise, noise, sigmas), sample_euler(denoise, noise, sigmas), atol=1e-6)
+
+
+def test_velocity_round_trip(noise: torch.Tensor) -> None:
+    sigma = torch.tensor(0.37)
+    v = velocity_model(noise, sigma)
+    assert_allclose(velocity_from_x0(noise, x0_from_velocity(noise, v, sigma), sigma), v, atol=1e-5)
+
+
+def test_euler_matches_diffusers_flowmatch_scheduler(noise: torch.Tensor) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    sigmas = flux_sigmas(25, math.log(SHIFT))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()  # shift 1: sigmas pass through unchanged
+    scheduler.set_timesteps(sigmas=sigmas[:-1].tolist())  # it appends the terminal 0 itself
+    assert torch.equal(scheduler.sigmas, sigmas)
+
+    x = noise.clone()
+    for i, t in enumerate(scheduler.timesteps):
+        x = scheduler.step(velocity_model(x, sigmas[i]), t, x).prev_sample
+    ours = sample_euler(denoise_via_velocity, noise, sigmas)
+    assert_allclose(ours, x, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("sampler", [sample_unipc, sample_euler])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 25])
+def test_unipc_one_model_call_per_step(noise: torch.Tensor, sampler, steps: int) -> None:
+    sigmas = flux_sigmas(steps, math.log(SHIFT))
+    seen_sigmas, events = [], []
+
+    def counting_denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.float32 and x.shape == SHAPE
+        assert isinstance(sigma, torch.Tensor) and sigma.ndim == 0 and sigma.dtype == torch.float32
+        seen_sigmas.append(sigma.item())
+        return denoise(x, sigma)
+
+    out = sampler(counting_denoise, noise, sigmas, callback=events.append)
+    assert out.dtype == torch.float32 and out.shape == SHAPE
+    assert seen_sigmas == sigmas[:-1].tolist()  # never sigma 0, each level once, in order
+    assert [e["i"] for e in events] == list(range(steps))
+    assert all(set(e) == {"i", "x", "denoised", "sigma"} for e in events)
+    assert [e["sigma"].item() for e in events] == sigmas[:-1].tolist()
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("sampler", [sample_unipc, sample_euler])
+def test_callback_exception_stops_sampling(noise: torch.Tensor, sampler) -> None:
+    calls = []
+
+    def counting_denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        calls.append(sigma.item())
+        return denoise(x, sigma)
+
+    def cancel_at_3(event: dict) -> None:
+        if event["i"] == 3:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        sampler(counting_denoise, noise, flux_sigmas(25, math.log(SHIFT)), callback=cancel_at_3)
+    assert len(calls) == 4  # steps 0..3 ran, nothing after the cancel
+
+
+def test_input_dtype_is_upcast(noise: torch.Tensor) -> None:
+    sigmas = flux_sigmas(10, math.log(SHIFT))
+    out = sample_unipc(denoise, noise.to(torch.bfloat16), sigmas)
+    assert out.dtype == torch.float32
+
+
+def test_unipc_rejects_bad_input(noise: torch.Tensor) -> None:
+    with pytest.raises(ValueError):
+        sample_unipc(denoise, noise, flux_sigmas(10, 1.0)[:-1])  # does not end at 0
+    with pytest.raises(ValueError):
+        sample_unipc(denoise, noise, flux_sigmas(10, 1.0), variant="bh3")
+    with pytest.raises(ValueError):
+        sample_euler(denoise, noise, torch.tensor([1.0]))
