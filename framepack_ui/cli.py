@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return {"generate": _generate, "make-tiny-models": _make_tiny, "download": _download}[args.command](args)
     except UserError as exc:
@@ -71,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return EXIT_STOPPED
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and notices would bury our one line per step; -v brings them back."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def _generate(args) -> int:
@@ -93,6 +104,10 @@ def _generate(args) -> int:
     from .memory.manager import ModelManager
     from .weights.download import ensure_models
 
+    if not args.verbose:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
     ensure_models(args.models, allow_download=not args.offline, progress=_print_download)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     manager = ModelManager(args.models, device)

@@ -215,3 +215,40 @@ def test_cli_unreadable_image_exits_2(tiny_models_dir, tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "cannot read the image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_real_cfg_encodes_the_negative_prompt_only_when_cfg_above_1(manager, start_image, tmp_path):
+    def frames(name, **settings):
+        _, end = run_job(manager, tmp_path / f"{name}.mp4", image=start_image, seed=3, teacache=False, **settings)
+        assert isinstance(end, Finished)
+        return decoded_frames(end.path)
+
+    cfg_a = frames("cfg_a", cfg=3.0, negative="blurry, static")
+    cfg_b = frames("cfg_b", cfg=3.0, negative="a dog barks loudly")
+    assert not np.array_equal(cfg_a, cfg_b)  # the negative prompt steers real CFG
+    off_a = frames("off_a", cfg=1.0, negative="blurry, static")
+    off_b = frames("off_b", cfg=1.0, negative="a dog barks loudly")
+    assert np.array_equal(off_a, off_b)  # cfg 1: one model call per step, the negative is never used
+    rescaled = frames("cfg_rs", cfg=3.0, negative="blurry, static", rs=0.7)
+    assert not np.array_equal(cfg_a, rescaled)
+
+
+def test_real_cfg_makes_two_model_calls_per_step(manager):
+    with manager.use("transformer") as transformer:
+        single = _tiny_denoiser(transformer, None, steps=3)
+        x = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(2))
+        single(x, 0.5)
+        guided = f1.Denoiser(transformer, single.positive, single.positive, 2.0, 0.0, 3)
+        guided(x, 0.5)
+    assert single.calls == 1 and guided.calls == 2
+
+
+def test_cli_missing_models_offline_names_what_and_where(start_image, tmp_path):
+    empty = tmp_path / "models"
+    empty.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "framepack_ui", "generate", "--models", str(empty), "--image",
+                           start_image, "--prompt", "x", "--offline", "--out", str(tmp_path / "x.mp4")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert "missing model files" in line and "FramePack_F1_I2V_HY_20250503" in line and str(empty) in line

@@ -67,7 +67,12 @@ def load_tokenizers(models_dir: Path):
 
 
 def load_image_encoder(models_dir: Path, dtype: torch.dtype, device: torch.device):
-    from transformers import SiglipImageProcessor, SiglipVisionModel
+    from transformers import SiglipVisionModel
+
+    try:  # the PIL processor is what transformers falls back to without torchvision (which we don't install)
+        from transformers import SiglipImageProcessorPil as SiglipImageProcessor
+    except ImportError:
+        from transformers import SiglipImageProcessor
 
     processor_folder = _folder(models_dir, "feature_extractor")
     folder = _folder(models_dir, "image_encoder")
