@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from framepack_ui.engine import f1, sampling, teacache as teacache_ops, vae as vae_ops  # noqa: E402
 from framepack_ui.engine.video import SectionVideoWriter  # noqa: E402
+from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
 REAL_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
                         num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
@@ -95,6 +96,52 @@ def time_steps(denoiser, noise, n: int) -> list[float]:
     return times
 
 
+def streamed_profile(transformer, make_denoiser, noise, a, device) -> dict:
+    """Keep as many blocks resident as fit `--vram-gb`, stream the rest from (pageable) RAM; a filler
+    allocation leaves only that much VRAM to the whole process."""
+    res: dict = {"vram_gb": a.vram_gb}
+    sigma = torch.tensor(0.7)
+    reference = make_denoiser()(noise, sigma)
+    blocks = transformer_blocks(transformer)
+    block_bytes = [sum(q.numel() * q.element_size() for q in b.parameters()) for b in blocks]
+    total_bytes = sum(q.numel() * q.element_size() for q in transformer.parameters())
+    other_bytes = total_bytes - sum(block_bytes)
+    budget = a.vram_gb * 2**30 - other_bytes - 2 * max(block_bytes) - a.activation_reserve_gb * 2**30
+    resident = 0
+    while resident < len(blocks) and budget - block_bytes[resident] > 0:
+        budget -= block_bytes[resident]
+        resident += 1
+    streamer = stream_transformer(transformer, device, resident)
+    torch.cuda.empty_cache()
+    used = torch.cuda.memory_allocated()
+    free, _ = torch.cuda.mem_get_info()
+    filler = torch.empty(max(0, int(free - (a.vram_gb * 2**30 - used))), dtype=torch.uint8, device=device)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        d = make_denoiser()
+        out = d(noise, sigma)
+        res["max_abs_diff_vs_resident"] = (out - reference).abs().max().item()
+        before = streamer.bytes_streamed
+        times = time_steps(d, noise, a.timed_steps)
+        res["bytes_streamed_per_step_GB"] = (streamer.bytes_streamed - before) / (a.timed_steps + 1) / 1e9
+        res["s_per_step_median"] = statistics.median(times)
+        res["sampling_s_per_frame"] = res["s_per_step_median"] * a.steps / FRAMES_PER_SECTION
+        res["resident_blocks"] = resident
+        res["streamed_blocks"] = len(blocks) - resident
+        res["peak_vram_GiB_excluding_filler"] = (torch.cuda.max_memory_allocated() - filler.numel()) / 2**30
+        res["laptop_link_12GBps_s_per_step"] = res["bytes_streamed_per_step_GB"] / 12
+    finally:
+        del filler
+        streamer.close()
+    print(f"streamed at {a.vram_gb} GB: {resident} resident / {len(blocks) - resident} streamed blocks, "
+          f"step {res['s_per_step_median']:.3f} s, {res['bytes_streamed_per_step_GB']:.1f} GB/step, "
+          f"diff vs resident {res['max_abs_diff_vs_resident']:.2e}, peak {res['peak_vram_GiB_excluding_filler']:.2f} GiB",
+          flush=True)
+    for block in blocks:  # back on the GPU for the rest of the run
+        block.to(device)
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
@@ -104,6 +151,9 @@ def main() -> None:
     p.add_argument("--timed-steps", type=int, default=4)
     p.add_argument("--full-section", action="store_true", help="also time a whole 25-step section, TeaCache off and on")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--vram-gb", type=float, default=None,
+                   help="also time the streamed profile on a card with this much VRAM (filler allocation)")
+    p.add_argument("--activation-reserve-gb", type=float, default=2.5)
     p.add_argument("--out", default="bench-result.json")
     a = p.parse_args()
 
@@ -158,6 +208,9 @@ def main() -> None:
                   f"{R[f'section_model_calls_teacache_{threshold}']} full model calls", flush=True)
     else:
         latents = noise
+
+    if a.vram_gb:
+        R["streamed"] = streamed_profile(transformer, denoiser, noise, a, device)
 
     transformer.to("meta") if device.type == "cuda" else None  # free VRAM for the VAE figures
     del transformer

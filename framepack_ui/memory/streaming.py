@@ -1,0 +1,167 @@
+"""Stream transformer blocks to the GPU: keep some resident, copy the rest in just before they run.
+
+Why our own: diffusers' `apply_group_offloading` with streams measured 1.46 s/step at 8 GB free on an H100
+(official-size F1 transformer) but pinned 38.5 GB of host memory (40 GB host in all) to get there; without
+pinning (`low_cpu_mem_usage=True`) it fell to 2.05 s/step, and block-level without streams to 19.1 s/step
+(shared/reference/framepack-f1.md). A laptop with 32 GB of RAM can pin neither. Here the weights stay where
+the memory manager put them (RAM or a read-only file map) and pass through two block-sized pinned staging
+buffers: a helper thread copies block i+1 into pinned memory and starts its upload on a side stream while the
+GPU computes block i, so with a fast enough link the upload hides under compute.
+
+Mechanism only: which blocks stay resident is the memory plan's decision.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype
+
+
+def _layout(block: torch.nn.Module) -> tuple[list[tuple[torch.nn.Parameter, int, int]], int]:
+    """(param, byte offset, byte size) for each parameter of the block, and the total aligned size."""
+    entries, offset = [], 0
+    for param in block.parameters():
+        size = param.numel() * param.element_size()
+        entries.append((param, offset, size))
+        offset += (size + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+    return entries, offset
+
+
+def _view(buffer: torch.Tensor, offset: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    return buffer[offset:offset + size].view(like.dtype).view(like.shape)
+
+
+class BlockStreamer:
+    """Streams `blocks[resident:]` (each held on the CPU) through `slots` GPU buffers during each forward.
+
+    Blocks must run in list order once per forward (true for the F1 transformer's 20 dual then 40 single blocks;
+    TeaCache's skipped calls simply leave the prefetched block unused until the next forward).
+    """
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str, resident: int, slots: int = 2):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.resident = blocks[:resident]
+        self.streamed = blocks[resident:]
+        for block in self.resident:
+            block.to(self.device)
+        self._layouts = [_layout(b) for b in self.streamed]
+        for block in self.streamed:  # the sources stay on the CPU (RAM or a read-only map): never pinned whole
+            for param in block.parameters():
+                if param.device.type != "cpu":
+                    param.data = param.data.to("cpu")
+        self._cpu_data = [[p.data for p, _, _ in entries] for entries, _ in self._layouts]
+        slot_bytes = max((size for _, size in self._layouts), default=0)
+        self.slot_bytes = slot_bytes
+        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(slots)]
+        self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._uploaded = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
+        self._slot_free = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
+        self._staging_free = [torch.cuda.Event() if self.cuda else None for _ in range(2)]
+        self._pending: dict[int, tuple[Future, int]] = {}  # block index -> (its copy job, its slot)
+        self._in_slot: dict[int, int] = {}  # blocks running now -> slot
+        self._uploads = 0
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-stream")
+        self._lock = threading.Lock()
+        self.bytes_streamed = 0  # since construction: lets benchmarks report bytes per step
+        self._handles = []
+        for index, block in enumerate(self.streamed):
+            self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(index)))
+            self._handles.append(block.register_forward_hook(self._make_post_hook(index)))
+        if self.streamed:
+            self._prefetch(0)
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+
+    def _make_pre_hook(self, index: int):
+        def pre_hook(module, args):
+            future, slot = self._pending.pop(index)
+            future.result()  # the copy to pinned memory is done and the upload is queued
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self._uploaded[slot])
+            entries, _ = self._layouts[index]
+            for param, offset, size in entries:
+                param.data = _view(self._slots[slot], offset, size, param.data)
+            self._in_slot[index] = slot
+            self._prefetch((index + 1) % len(self.streamed))
+            return None
+        return pre_hook
+
+    def _make_post_hook(self, index: int):
+        def post_hook(module, args, output):
+            slot = self._in_slot.pop(index)
+            if self.cuda:
+                self._slot_free[slot].record(torch.cuda.current_stream(self.device))
+            entries, _ = self._layouts[index]
+            for (param, _, _), cpu in zip(entries, self._cpu_data[index]):
+                param.data = cpu  # drop the slot view: the slot is about to hold another block
+            return output
+        return post_hook
+
+    # -- copies ----------------------------------------------------------------------------------------------------
+
+    def _prefetch(self, index: int) -> None:
+        """Queue block `index` into the next slot in turn. Slots (and staging buffers) go round-robin by upload
+        order, not by block index, so the previous user of a slot is always the block two uploads back, whose
+        post-hook has run by the time this prefetch is queued (the prefetch is queued from the pre-hook of the
+        block one upload back)."""
+        if index in self._pending:
+            return
+        sequence = self._uploads
+        self._uploads += 1
+        slot = sequence % len(self._slots)
+        self._pending[index] = (self._copier.submit(self._copy_in, index, slot, sequence % 2), slot)
+
+    def _copy_in(self, index: int, slot: int, staging_index: int) -> None:
+        staging = self._staging[staging_index]
+        entries, total = self._layouts[index]
+        if self.cuda:
+            self._staging_free[staging_index].synchronize()  # its previous upload has finished reading it
+        for (param, offset, size), cpu in zip(entries, self._cpu_data[index]):
+            _view(staging, offset, size, cpu).copy_(cpu)  # RAM / page cache -> pinned (multithreaded memcpy)
+        if self.cuda:
+            with torch.cuda.stream(self._stream):
+                self._stream.wait_event(self._slot_free[slot])  # the block that used this slot has finished
+                self._slots[slot][:total].copy_(staging[:total], non_blocking=True)
+                self._uploaded[slot].record(self._stream)
+                self._staging_free[staging_index].record(self._stream)
+        else:
+            self._slots[slot][:total].copy_(staging[:total])
+        with self._lock:
+            self.bytes_streamed += total
+
+    def close(self) -> None:
+        """Remove the hooks and wait for in-flight copies; the streamed blocks stay on the CPU."""
+        for handle in self._handles:
+            handle.remove()
+        for future, _ in self._pending.values():
+            future.result()
+        self._pending.clear()
+        self._copier.shutdown(wait=True)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def transformer_blocks(transformer) -> list[torch.nn.Module]:
+    """The F1 transformer's blocks in execution order: 20 dual-stream, then 40 single-stream."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def stream_transformer(transformer, device: torch.device | str, resident_blocks: int) -> BlockStreamer:
+    """Everything but the streamed blocks goes to `device`; blocks past `resident_blocks` are streamed."""
+    blocks = transformer_blocks(transformer)
+    streamed_ids = {id(p) for b in blocks[resident_blocks:] for p in b.parameters()}
+    for module in transformer.modules():  # embedders, refiner, norms, projections: small, resident
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) not in streamed_ids:
+                param.data = param.data.to(device)
+        for name, buffer in module.named_buffers(recurse=False):
+            module._buffers[name] = buffer.to(device)
+    return BlockStreamer(blocks, device, resident_blocks)
