@@ -1,0 +1,89 @@
+"""FramePack UI web app: parse args -> Worker -> build_ui(worker) -> launch. Nothing else.
+
+    python app.py [--listen] [--port N] [--auth USER:PASS] [--inbrowser] [--models DIR] [--outputs DIR] [--share]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import socket
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_PORT = 7860
+log = logging.getLogger("framepack_ui.app")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="app.py", description="FramePack UI: the web app.")
+    parser.add_argument("--listen", action="store_true",
+                        help="serve on every network interface (0.0.0.0) so other machines on the LAN can connect; "
+                             "default: this machine only (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    parser.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    parser.add_argument("--inbrowser", action="store_true", help="open the app in the default browser")
+    parser.add_argument("--models", type=Path, default=ROOT / "models", help="models folder (default ./models)")
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="videos go here (default ./outputs)")
+    parser.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0]):
+        parser.error("--auth must be USER:PASS")
+    if not 0 < args.port < 65536:
+        parser.error("--port must be 1 to 65535")
+    return args
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback: where LAN devices can reach the app."""
+    import psutil
+
+    return sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                   if a.family == socket.AF_INET and not a.address.startswith("127.")})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("framepack_ui").setLevel(logging.INFO)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
+
+    from framepack_ui.ui import CSS, build_ui
+    from framepack_ui.worker import Worker
+
+    args.outputs.mkdir(parents=True, exist_ok=True)
+    worker = Worker(args.models, args.outputs, device=args.device)
+    try:
+        missing = worker.missing_models()
+        if missing:  # the page says the same; a download button comes later
+            log.warning("%s", missing)
+        demo = build_ui(worker)
+        demo.queue()
+        host = "0.0.0.0" if args.listen else "127.0.0.1"
+        # Gradio prints several lines (more when the share tunnel fails); say it in our own few lines instead.
+        with contextlib.redirect_stdout(io.StringIO()):
+            demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
+                        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+                        allowed_paths=[str(args.outputs.resolve())], prevent_thread_lock=True, quiet=True, css=CSS)
+        log.info("FramePack UI running at http://127.0.0.1:%d", args.port)
+        if args.listen:
+            for address in lan_addresses():
+                log.info("on the LAN: http://%s:%d", address, args.port)
+            if not args.auth:
+                log.warning("anyone on this network can use the app; add --auth USER:PASS to ask for a password")
+        if args.share:
+            if demo.share_url:
+                log.info("public link: %s", demo.share_url)
+            else:
+                log.warning("could not make a share link (no internet, or the tunnel was blocked); serving locally")
+        demo.block_thread()  # until Ctrl+C
+    finally:
+        worker.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,234 @@
+"""Pure functions from worker events, job lists and gauges to what the page shows. No gradio, no I/O.
+
+A page follows one job: `apply(view, event)` folds that job's events into a JobView (replaying a job from the
+start gives the same view as having watched it live), and `changes(old, new)` says which outputs differ, so the
+page is sent only what changed (a growing video is not re-sent at every sampler step).
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, frame_count, section_count
+from ..worker.events import Queued
+
+GB = 1_000_000_000
+OUTPUTS = ("preview", "section_video", "progress", "final_video")  # the outputs a followed job drives
+MAX_NOTES = 3
+PHASES = {  # engine phase names in words (anything else shows its own detail)
+    "starting": "Starting the engine",
+    "settings": "Preparing",
+    "text": "Encoding the prompt",
+    "image": "Encoding the start image",
+    "transformer": "Loading the video model",
+    "decode": "Decoding",
+}
+
+
+@dataclass(frozen=True)
+class JobView:
+    """What a page shows about the job it follows."""
+    job_id: str | None = None
+    status: str = "idle"  # idle, queued, running, finished, stopped, failed
+    position: int | None = None  # place in the queue while queued
+    phase: str = ""  # what the engine is doing, in words
+    notes: tuple[str, ...] = ()  # Notice messages (newest last)
+    step: Step | None = None  # the newest sampler step
+    s_per_frame: float | None = None  # sampling seconds per output video frame
+    elapsed_s: float | None = None
+    preview: Any = None  # uint8 (H, W, 3) strip of the newest step's denoised frames
+    section_video: str | None = None  # the MP4 so far (plays up to the newest finished section)
+    sections_saved: int = 0  # bumps at every SectionSaved: the same path then holds a longer video
+    frames_written: int = 0
+    final_video: str | None = None
+    result: str = ""  # one line once the job ended
+
+
+def apply(view: JobView, event) -> JobView:
+    """The view after one more event of the followed job."""
+    if isinstance(event, Queued):
+        return replace(view, status="queued", position=event.position)
+    if isinstance(event, Phase):
+        words = PHASES.get(event.name, event.name.capitalize())
+        detail = event.detail if event.name == "settings" else ""  # the others' details repeat the words
+        return replace(view, status="running", position=None, phase=f"{words}: {detail}" if detail else words)
+    if isinstance(event, Notice):
+        return replace(view, notes=(*view.notes, event.message)[-MAX_NOTES:])
+    if isinstance(event, Step):
+        return replace(view, status="running", position=None, phase="Sampling", step=event,
+                       elapsed_s=event.elapsed_s, s_per_frame=_s_per_frame(event) or view.s_per_frame,
+                       preview=event.preview if event.preview is not None else view.preview)
+    if isinstance(event, SectionSaved):
+        return replace(view, section_video=event.path, sections_saved=view.sections_saved + 1,
+                       frames_written=event.frames_written, elapsed_s=event.elapsed_s,
+                       phase=f"section {event.section + 1} saved ({event.frames_written} frames on disk)")
+    if isinstance(event, Finished):
+        return replace(view, status="finished", final_video=event.path, elapsed_s=event.elapsed_s, phase="",
+                       result=f"Done: {event.frames} frames in {event.elapsed_s:.1f} s, saved as "
+                              f"{Path(event.path).name}")
+    if isinstance(event, Stopped):
+        kept = (f"kept {event.frames} frames in {Path(event.path).name}" if event.path
+                else "no section was finished, nothing kept")
+        return replace(view, status="stopped", final_video=event.path, phase="", position=None,
+                       result=f"Stopped: {kept}")
+    if isinstance(event, Failed):
+        kept = f" (kept {Path(event.path).name})" if event.path else ""
+        return replace(view, status="failed", final_video=event.path, phase="", position=None,
+                       result=f"Failed: {event.message}{kept}")
+    return view
+
+
+def fold(events, view: JobView) -> JobView:
+    for event in events:
+        view = apply(view, event)
+    return view
+
+
+def _s_per_frame(step: Step) -> float | None:
+    """Seconds of sampling per video frame, from the engine's ETA (its measured time per step)."""
+    remaining = (step.sections - step.section) * step.steps - step.step
+    if step.eta_s is None or remaining <= 0:
+        return None
+    return step.eta_s / remaining * step.steps / FRAMES_PER_SECTION
+
+
+def progress_text(view: JobView) -> str:
+    """One or two lines of Markdown: where the job is, elapsed, s/frame and ETA; or how it ended."""
+    if view.status == "idle":
+        return "No job yet: upload an image, write a prompt and press Generate."
+    if view.status == "queued":
+        return f"Job {view.job_id}: waiting in the queue (position {view.position})."
+    parts = [f"Job {view.job_id}"]
+    if view.result:
+        parts.append(view.result)
+    else:
+        step = view.step
+        if step is not None:
+            parts.append(f"section {step.section + 1}/{step.sections}, step {step.step}/{step.steps}")
+        if view.phase:
+            parts.append(view.phase)
+        if view.elapsed_s is not None:
+            parts.append(f"elapsed {_duration(view.elapsed_s)}")
+        if view.s_per_frame is not None:
+            parts.append(f"{view.s_per_frame:.2f} s/frame")
+        if step is not None and step.eta_s is not None:
+            parts.append(f"ETA {_duration(step.eta_s)}")
+    lines = [" · ".join(parts)]
+    lines += [f"Note: {note}" for note in view.notes]
+    return "  \n".join(lines)
+
+
+def changes(old: JobView | None, new: JobView) -> dict[str, Any]:
+    """The outputs (names in OUTPUTS) whose shown value differs between two views, with their new values."""
+    out: dict[str, Any] = {}
+    if old is None or old.job_id != new.job_id:  # a different job: every output starts over
+        old = None
+    if old is None or new.preview is not old.preview:
+        out["preview"] = new.preview
+    if old is None or (new.section_video, new.sections_saved) != (old.section_video, old.sections_saved):
+        out["section_video"] = new.section_video
+    if old is None or progress_text(new) != progress_text(old):
+        out["progress"] = progress_text(new)
+    if old is None or (new.final_video, new.status) != (old.final_video, old.status):
+        out["final_video"] = new.final_video
+    return out
+
+
+def length_text(seconds: float | None) -> str:
+    """'2 sections, 73 frames (2.4 s)': what a requested length becomes."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return "Length must be more than 0 s."
+    sections = section_count(seconds)
+    frames = frame_count(sections)
+    return f"{sections} section{'s' if sections != 1 else ''}, {frames} frames ({frames / FPS:.1f} s at {FPS} fps)"
+
+
+def spec_from_inputs(image: str | None, prompt: str, negative: str, seconds: float, seed: float, steps: float,
+                     gs: float, cfg: float, rs: float, teacache: bool, teacache_threshold: float,
+                     resolution: float, crf: float, sampler: str) -> JobSpec:
+    """The form's values as a JobSpec; InputError (one line) for what the form itself cannot hold."""
+    if not image:
+        raise InputError("upload a start image first")
+    numbers = dict(seconds=seconds, seed=seed, steps=steps, gs=gs, cfg=cfg, rs=rs,
+                   teacache_threshold=teacache_threshold, resolution=resolution, crf=crf)
+    for name, value in numbers.items():
+        if value is None:
+            raise InputError(f"{name} is empty")
+    for name in ("seed", "steps", "resolution", "crf"):
+        if numbers[name] != int(numbers[name]):
+            raise InputError(f"{name} must be a whole number")
+    return JobSpec(image=str(image), prompt=prompt or "", negative=negative or "", seconds=float(seconds),
+                   seed=int(seed), steps=int(steps), gs=float(gs), cfg=float(cfg), rs=float(rs),
+                   resolution=int(resolution), sampler=sampler, teacache=bool(teacache),
+                   teacache_threshold=float(teacache_threshold), crf=int(crf))
+
+
+def jobs_table(jobs) -> str:
+    """The worker's jobs (JobInfo list) as a Markdown table, newest first."""
+    if not jobs:
+        return "No jobs yet."
+    rows = ["| job | status | progress | file | prompt |", "|---|---|---|---|---|"]
+    for job in reversed(jobs):
+        rows.append(f"| {job.id} | {job.status} | {_job_progress(job)} | {Path(job.out_path).name} | "
+                    f"{_cell(job.spec.prompt, 40)} |")
+    return "\n".join(rows)
+
+
+def _job_progress(job) -> str:
+    if job.status == "queued":
+        return f"position {job.position}"
+    if job.status == "running":
+        if job.step is None:
+            return "starting"
+        return f"section {job.step.section + 1}/{job.step.sections}, step {job.step.step}/{job.step.steps}"
+    result = job.result
+    if isinstance(result, Finished):
+        return f"{result.frames} frames, {result.elapsed_s:.0f} s"
+    if isinstance(result, Stopped):
+        return f"kept {result.frames} frames"
+    if isinstance(result, Failed):
+        return _cell(result.message, 60)
+    return ""
+
+
+def gauges_text(g, warning: str | None = None) -> str:
+    """The gauges panel (telemetry.Gauges) in Markdown: RAM, swap, commit, VRAM, GPU load, disk reads."""
+    swap_name = "pagefile" if sys.platform == "win32" else "swap"
+    lines = [
+        f"**RAM** {_gb(g.ram_used_bytes)} / {_gb(g.ram_total_bytes)} GB · **app** {_gb(g.process_rss_bytes)} GB · "
+        f"**{swap_name}** {_gb(g.swap_used_bytes)} / {_gb(g.swap_total_bytes)} GB · "
+        f"**commit** {_gb(g.commit_used_bytes)} / {_gb(g.commit_limit_bytes)} GB",
+    ]
+    disk = f"{g.disk_read_mb_s:.0f} MB/s" if g.disk_read_mb_s is not None else "n/a"
+    if g.gpu_available:
+        torch_part = f" (PyTorch {_gb(g.torch_reserved_bytes)} GB)" if g.torch_reserved_bytes is not None else ""
+        lines.append(f"**VRAM** {_gb(g.vram_used_bytes)} / {_gb(g.vram_total_bytes)} GB{torch_part} · "
+                     f"**GPU** {g.gpu_util_pct:.0f}% · **disk read** {disk} · {g.gpu_note}")
+    else:
+        lines.append(f"**GPU**: {g.gpu_note} · **disk read** {disk}")
+    if warning:
+        lines.append(f"⚠ {warning}")
+    return "  \n".join(lines)
+
+
+def _gb(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / GB:.2f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {secs:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _cell(text: str, limit: int) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+

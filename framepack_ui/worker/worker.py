@@ -1,0 +1,290 @@
+"""One background thread, its own FIFO of jobs, and every job's events kept for replay.
+
+Job state lives here, not in a browser tab: a second page, or a reloaded one, replays a job's events from the
+start and then follows it live. Only the newest Step of a job keeps its preview image, so a long job's history
+stays small. The engine (and with it torch) is imported in the worker thread when the first job starts, so
+importing this module stays light.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..errors import MemoryPlanError, ModelFilesError, UserError
+from ..events import Failed, Finished, Phase, SectionSaved, Step, Stopped
+from ..spec import JobSpec
+from .events import Queued
+
+log = logging.getLogger(__name__)
+
+TERMINAL = (Finished, Stopped, Failed)
+STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
+MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
+_REASONS = {ModelFilesError: "models", MemoryPlanError: "memory"}
+
+# f1.run(spec, out_path, manager, emit, cancel) -> Finished | Stopped | Failed
+RunJob = Callable[..., object]
+
+
+@dataclass
+class _Job:
+    id: str
+    spec: JobSpec
+    out_path: Path
+    submitted_at: float  # time.time()
+    cancel: threading.Event = field(default_factory=threading.Event)
+    events: list = field(default_factory=list)
+    status: str = "queued"
+    position: int | None = None
+    step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
+    result: object = None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of one job, for lists and for a page that reattaches."""
+    id: str
+    status: str  # queued, running, finished, stopped, failed
+    position: int | None  # place in the queue (1 = starts next); None unless queued
+    spec: JobSpec  # with the seed actually used
+    out_path: str
+    submitted_at: float  # time.time()
+    step: Step | None  # the newest Step
+    section: SectionSaved | None  # the newest SectionSaved
+    result: Finished | Stopped | Failed | None
+    event_count: int
+
+
+class Worker:
+    """`job_id = submit(spec)`, `cancel(job_id)`, `for ev in events(job_id): ...`, `jobs()`, `shutdown()`.
+
+    `run_job` defaults to the F1 engine's `run`; `manager` to a ModelManager on `device` (default: CUDA when
+    available). Both are made in the worker thread on the first job.
+    """
+
+    def __init__(self, models_dir: str | Path, outputs_dir: str | Path, device: str | None = None,
+                 run_job: RunJob | None = None, manager=None):
+        self.models_dir = Path(models_dir)
+        self.outputs_dir = Path(outputs_dir)
+        self._device = device
+        self._run_job = run_job
+        self._manager = manager
+        self._cond = threading.Condition()
+        self._jobs: dict[str, _Job] = {}  # in submission order
+        self._queue: deque[_Job] = deque()
+        self._running: _Job | None = None
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------------------------------------------- API
+
+    def submit(self, spec: JobSpec) -> str:
+        """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id."""
+        spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the worker is shut down")
+            job = _Job(str(next(self._ids)), spec, self._output_path(spec.seed), time.time())
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._renumber()
+            self._cond.notify_all()
+        log.info("job %s queued: %s", job.id, job.out_path.name)
+        return job.id
+
+    def cancel(self, job_id: str) -> bool:
+        """A queued job is dropped; the running one stops at its next step and keeps its finished sections.
+        False when the job is unknown or already ended."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.result is not None:
+                return False
+            if job in self._queue:
+                self._queue.remove(job)
+                self._end(job, Stopped(None, 0))
+                self._renumber()
+            else:
+                job.cancel.set()
+            log.info("job %s: stop asked", job_id)
+            return True
+
+    def events(self, job_id: str, since: int = 0) -> Iterator[object]:
+        """Every event of the job from index `since`, then live ones; ends after Finished, Stopped or Failed."""
+        index = since
+        while True:
+            batch = self.wait_events(job_id, index, timeout_s=None)
+            yield from batch
+            index += len(batch)
+            if not batch or isinstance(batch[-1], TERMINAL):
+                return
+
+    def wait_events(self, job_id: str, since: int = 0, timeout_s: float | None = None) -> list:
+        """The job's events from index `since`, waiting up to `timeout_s` (None: for ever) for at least one.
+        An empty list means the wait timed out, or the job had already ended before `since`."""
+        with self._cond:
+            job = self._job(job_id)
+            self._cond.wait_for(lambda: len(job.events) > since or job.result is not None, timeout_s)
+            return job.events[since:]
+
+    def history(self, job_id: str) -> list:
+        """The job's events so far (a copy)."""
+        with self._cond:
+            return list(self._job(job_id).events)
+
+    def jobs(self) -> list[JobInfo]:
+        """A snapshot of every job the worker remembers, oldest first."""
+        with self._cond:
+            return [self._info(job) for job in self._jobs.values()]
+
+    def job(self, job_id: str) -> JobInfo:
+        with self._cond:
+            return self._info(self._job(job_id))
+
+    def missing_models(self) -> str:
+        """"" when every model file is in place, else one line naming what is missing and where it goes."""
+        from ..weights.download import describe_missing  # huggingface_hub: only when asked
+
+        return describe_missing(self.models_dir)
+
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Drop the queue, stop the running job (its finished sections are kept) and end the thread."""
+        with self._cond:
+            self._closed = True
+            while self._queue:
+                self._end(self._queue.popleft(), Stopped(None, 0))
+            if self._running is not None:
+                self._running.cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    # ------------------------------------------------------------------------------------------- the thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if not self._queue:  # closed and nothing left
+                    return
+                job = self._running = self._queue.popleft()
+                job.status, job.position = "running", None
+                self._renumber()
+            self._run(job)
+            with self._cond:
+                self._running = None
+                idle = not self._queue
+            if idle:
+                self._free_memory()
+
+    def _run(self, job: _Job) -> None:
+        def emit(event) -> None:
+            self._emit(job, event)
+
+        log.info("job %s started", job.id)
+        result = None
+        try:
+            emit(Phase("starting", "starting the engine"))
+            run_job, manager = self._engine()
+            result = run_job(job.spec, job.out_path, manager, emit, job.cancel)
+        except UserError as exc:  # e.g. the models folder cannot be read
+            result = Failed(exc.message, self._kept(job), _REASONS.get(type(exc), "input"))
+        except Exception as exc:  # the worker must outlive any job: one line for the user, the traceback in the log
+            log.exception("job %s failed", job.id)
+            result = Failed(f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())}"[:300],
+                            self._kept(job))
+        with self._cond:
+            if job.result is None:  # run_job normally emits its own result; make sure every job ends
+                self._end(job, result if isinstance(result, TERMINAL)
+                          else Failed("internal error: the job ended without a result", self._kept(job)))
+        log.info("job %s %s", job.id, job.status)
+
+    def _engine(self):
+        if self._run_job is None:
+            from ..engine.f1 import run  # torch and diffusers: imported here, in the worker thread, once
+
+            self._run_job = run
+        if self._manager is None:
+            from ..memory.manager import ModelManager
+
+            self._manager = ModelManager(self.models_dir, self._device or _default_device())
+        return self._run_job, self._manager
+
+    def _free_memory(self) -> None:
+        if self._manager is None:
+            return
+        try:
+            self._manager.free()  # the queue is empty: give the RAM (and VRAM) back
+        except Exception:
+            log.exception("freeing the models failed")
+
+    # ------------------------------------------------------------------------------ with self._cond held
+
+    def _emit(self, job: _Job, event) -> None:
+        with self._cond:
+            if job.result is not None:
+                log.warning("job %s: event after its end ignored: %r", job.id, event)
+                return
+            if isinstance(event, TERMINAL):
+                self._end(job, event)
+                return
+            if isinstance(event, Step):
+                if job.step_index is not None:  # only the newest Step keeps its preview image
+                    old = job.events[job.step_index]
+                    job.events[job.step_index] = replace(old, preview=None)
+                job.step_index = len(job.events)
+            job.events.append(event)
+            self._cond.notify_all()
+
+    def _end(self, job: _Job, result) -> None:
+        job.result, job.status, job.position = result, STATUS[type(result)], None
+        job.events.append(result)
+        self._cond.notify_all()
+        ended = [j for j in self._jobs.values() if j.result is not None]
+        for old in ended[:-MAX_ENDED_JOBS]:
+            del self._jobs[old.id]
+
+    def _renumber(self) -> None:
+        for position, job in enumerate(self._queue, start=1):
+            if job.position != position:
+                job.position = position
+                job.events.append(Queued(position))
+        self._cond.notify_all()
+
+    def _job(self, job_id: str) -> _Job:
+        try:
+            return self._jobs[job_id]
+        except KeyError:
+            raise KeyError(f"no job {job_id!r}") from None
+
+    def _info(self, job: _Job) -> JobInfo:
+        step = job.events[job.step_index] if job.step_index is not None else None
+        section = next((e for e in reversed(job.events) if isinstance(e, SectionSaved)), None)
+        return JobInfo(job.id, job.status, job.position, job.spec, str(job.out_path), job.submitted_at, step,
+                       section, job.result, len(job.events))
+
+    def _output_path(self, seed: int) -> Path:
+        """outputs/20260101_120000_31337.mp4, with _2, _3... when that name is taken (on disk or by a job)."""
+        stem = f"{time.strftime('%Y%m%d_%H%M%S')}_{seed}"
+        taken = {j.out_path for j in self._jobs.values()}
+        for n in itertools.count(1):
+            path = self.outputs_dir / (f"{stem}.mp4" if n == 1 else f"{stem}_{n}.mp4")
+            if path not in taken and not path.exists() and not path.with_suffix(".json").exists():
+                return path
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _kept(job: _Job) -> str | None:
+        return str(job.out_path) if job.out_path.is_file() and job.out_path.stat().st_size > 0 else None
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,267 @@
+"""The web app in a real browser: `python app.py` as its own process, Debian's chromium driven by Playwright.
+
+Needs /usr/bin/chromium (Debian/Ubuntu: `sudo apt-get install chromium`; `python3 install.py --test` installs it
+when run as root). Never `playwright install`. Only loopback traffic.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from framepack_ui.engine.video import count_frames
+from framepack_ui.events import Finished, Phase, SectionSaved, Step, Stopped
+from framepack_ui.ui import present
+from framepack_ui.worker import Queued
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--disable-dev-shm-usage"]
+SERVER_START_S = 120  # importing gradio on a busy 2-core machine
+JOB_S = 90  # the first job also imports torch and loads the tiny models
+# The README's picture: refreshed only on request (FRAMEPACK_UI_SCREENSHOT=1), so test runs leave the tree clean.
+README_SCREENSHOT = REPO / "docs" / "screenshot.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def start_image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    y, x = np.mgrid[0:96, 0:128]
+    rgb = np.stack([x * 2, y * 2, (x + y) % 255], axis=-1).astype(np.uint8)
+    rgb[30:60, 40:80] = (250, 40, 40)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory):
+    """`python app.py` on a free port, stopped by its pid afterwards; yields (url, pid, outputs dir)."""
+    outputs = tmp_path_factory.mktemp("outputs")
+    port = _free_port()
+    log_path = outputs.parent / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--models", str(tiny_models_dir), "--outputs",
+                                 str(outputs), "--port", str(port)], cwd=REPO, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            assert proc.poll() is None, f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"app.py did not answer in {SERVER_START_S} s"
+            time.sleep(0.5)
+        yield url, proc.pid, outputs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(15)
+        print(log_path.read_text()[-4000:])  # shown by pytest when a test failed
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`sudo apt-get install chromium`, or run "
+                    "`python3 install.py --test` as root); the UI tests drive it with Playwright")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(url) -> a page in a browser context of its own (another user); closed after the test, so
+    earlier tests' pages do not keep ticking."""
+    contexts = []
+
+    def open_(url):
+        context = browser.new_context(viewport={"width": 1400, "height": 1500})
+        contexts.append(context)
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def fill_form(page, image: str, seconds: float, steps: int = 2, prompt: str = "a red square moves") -> None:
+    page.locator("#start_image input[type=file]").set_input_files(image)
+    page.locator("#start_image img").first.wait_for(timeout=30_000)  # uploaded and shown
+    page.locator("#prompt textarea").fill(prompt)
+    set_number(page, "seconds", seconds)
+    set_number(page, "steps", steps)
+    set_number(page, "resolution", 128)
+    set_number(page, "seed", 42)
+
+
+def text(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id}").inner_text()
+
+
+def wait_text(page, elem_id: str, pattern: str, timeout_s: float = JOB_S) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = text(page, elem_id)
+        if re.search(pattern, current):
+            return current
+        assert time.monotonic() < deadline, f"#{elem_id} never matched {pattern!r}; it says: {current!r}"
+        time.sleep(0.2)
+
+
+def video_src(page, elem_id: str, timeout_s: float = JOB_S) -> str:
+    video = page.locator(f"#{elem_id} video")
+    video.wait_for(timeout=timeout_s * 1000)
+    return video.get_attribute("src")
+
+
+def test_ui_imports_neither_torch_nor_the_engine():
+    code = ("import sys; import framepack_ui.ui, framepack_ui.worker, app; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('framepack_ui.engine', "
+            "'framepack_ui.memory'))]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_replayed_job_looks_as_if_watched_live_and_only_changes_are_sent():
+    strip = np.zeros((4, 12, 3), np.uint8)
+    events = [Queued(2), Queued(1), Phase("starting"), Phase("settings", "seed 42, 144x112, 2 sections, 73 frames"),
+              Step(0, 2, 1, 2, 3.0, 3.0, strip), Step(0, 2, 2, 2, 4.0, 2.0, strip.copy()),
+              SectionSaved(0, 2, "/out/a.mp4", 5, 6.0), Step(1, 2, 1, 2, 7.0, 1.0, strip.copy()),
+              SectionSaved(1, 2, "/out/a.mp4", 41, 9.0), Finished("/out/a.mp4", "/out/a.json", 73, 9.5)]
+    live, views = present.JobView(job_id="3"), []
+    for event in events:
+        live = present.apply(live, event)
+        views.append(live)
+    assert present.fold(events, present.JobView(job_id="3")) == live
+    assert set(present.changes(None, views[0])) == set(present.OUTPUTS)  # a new job: every output starts over
+    assert present.progress_text(views[0]) == "Job 3: waiting in the queue (position 2)."
+    assert present.changes(views[4], views[4]) == {}
+    step_changes = present.changes(views[4], views[5])
+    assert set(step_changes) == {"preview", "progress"}  # the growing video is not re-sent at every step
+    assert "section 1/2, step 2/2" in step_changes["progress"] and "ETA 2.0 s" in step_changes["progress"]
+    assert "s/frame" in step_changes["progress"]
+    assert present.changes(views[7], views[8])["section_video"] == "/out/a.mp4"  # same path, longer video
+    assert present.changes(views[8], views[9])["final_video"] == "/out/a.mp4"
+    assert present.progress_text(live) == "Job 3 · Done: 73 frames in 9.5 s, saved as a.mp4"
+    stopped = present.apply(views[6], Stopped("/out/a.mp4", 37))
+    assert "Stopped: kept 37 frames in a.mp4" in present.progress_text(stopped)
+    assert present.length_text(2.4) == "2 sections, 73 frames (2.4 s at 30 fps)"
+    assert present.length_text(1.0) == "1 section, 37 frames (1.2 s at 30 fps)"
+
+
+def test_binds_to_loopback_by_default(server):
+    _, pid, _ = server
+    listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
+
+
+def test_generate_shows_preview_section_video_gauges_and_final_video(server, open_page, start_image):
+    url, _, outputs = server
+    page = open_page(url)
+    page.locator("#generate").click()  # no image yet: one line says what to do, nothing is queued
+    page.get_by_text("upload a start image first").wait_for(timeout=30_000)
+    fill_form(page, start_image, seconds=2.4, steps=3)
+    assert "2 sections, 73 frames" in text(page, "length")
+    gauges_before = wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
+    assert "no NVIDIA GPU found" in gauges_before  # this machine has none: the panel says so in words
+    page.locator("#generate").click()
+
+    page.locator("#preview img").wait_for(timeout=JOB_S * 1000)
+    wait_text(page, "progress", r"section \d/2, step \d/3 .*s/frame.*ETA")
+    first_src = video_src(page, "section_video")
+    shot = page.screenshot(full_page=True)
+    assert shot.startswith(b"\x89PNG")
+    if os.environ.get("FRAMEPACK_UI_SCREENSHOT") == "1":
+        README_SCREENSHOT.write_bytes(shot)
+    deadline = time.monotonic() + 30
+    while text(page, "gauges") == gauges_before:  # the timer keeps ticking while the job streams
+        assert time.monotonic() < deadline, "the gauges did not change in 30 s"
+        time.sleep(0.5)
+
+    done = wait_text(page, "progress", r"Done: 73 frames")
+    final_src = video_src(page, "final_video")
+    assert final_src and final_src != first_src  # the section video was shown before the whole one
+    name = re.search(r"saved as (\S+\.mp4)", done).group(1)
+    assert count_frames(outputs / name) == 73
+    assert page.evaluate("""async () => {  // the browser can play what it was sent
+        const v = document.querySelector('#final_video video');
+        if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
+        return v.duration; }""") > 2
+    wait_text(page, "jobs", r"finished\s+73 frames", timeout_s=10)  # the jobs list, refreshed by the timer
+
+
+def test_stop_midway_keeps_a_playable_video(server, open_page, start_image):
+    url, _, outputs = server
+    page = open_page(url)
+    fill_form(page, start_image, seconds=6.0, steps=3)  # 5 sections
+    page.locator("#generate").click()
+    video_src(page, "section_video")  # the first section is on disk
+    page.locator("#stop").click()
+    stopped = wait_text(page, "progress", r"Stopped: kept \d+ frames in \S+\.mp4")
+    frames, name = re.search(r"kept (\d+) frames in (\S+\.mp4)", stopped).groups()
+    assert 37 <= int(frames) < 1 + 36 * 5
+    assert count_frames(outputs / name) == int(frames)
+    video_src(page, "final_video")  # what was kept is shown
+
+
+def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image):
+    url, _, outputs = server
+    first, second = open_page(url), open_page(url)  # two browser contexts: two users
+    fill_form(first, start_image, seconds=1.2, prompt="first page")
+    fill_form(second, start_image, seconds=1.2, prompt="second page")
+    first.locator("#generate").click()
+    wait_text(first, "progress", r"Job \d+")
+    second.locator("#generate").click()
+    wait_text(second, "progress", r"waiting in the queue \(position 1\)|Starting|Encoding|section")
+
+    late = open_page(url)  # a page opened mid-job follows the running job
+    job_of_first = re.search(r"Job (\d+)", text(first, "progress")).group(1)
+    wait_text(late, "progress", rf"Job {job_of_first}\b", timeout_s=30)
+
+    done_1 = wait_text(first, "progress", r"Done: 37 frames")
+    done_2 = wait_text(second, "progress", r"Done: 37 frames")
+    names = [re.search(r"saved as (\S+\.mp4)", done).group(1) for done in (done_1, done_2)]
+    assert names[0] != names[1]
+    assert all(count_frames(outputs / name) == 37 for name in names)
+    wait_text(second, "jobs", r"second page", timeout_s=10)
