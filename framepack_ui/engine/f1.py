@@ -200,7 +200,7 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
                 history = History.start(start_latent)
                 writer = SectionVideoWriter(out_path, width, height, crf=spec.crf, frame_sink=frame_sink,
                                             metadata={"framepack_settings": json.dumps(settings, sort_keys=True)})
-                clock = _Clock(started, spec.steps * sections)
+                clock = _Clock(started, spec.steps, sections)
                 for section in range(sections):
                     if section_hook:
                         section_hook(section)
@@ -211,9 +211,11 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
                                                   cancel, emit, clock)
                     history.append(new_latents)
                     emit(Phase("decode", f"decoding section {section + 1}/{sections}"))
+                    finishing_started = time.monotonic()
                     with manager.use("vae") as vae:
                         tail = history.latents[:, :, -(LATENT_WINDOW + 1 if section == 0 else DECODE_LATENTS):]
                         writer.add_section(vae_ops.decode(vae, tail))
+                    clock.section_finished(time.monotonic() - finishing_started)
                     emit(SectionSaved(section, sections, str(out_path), writer.frames_written,
                                       time.monotonic() - started))
             finally:
@@ -247,17 +249,25 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
 
 
 class _Clock:
-    """Elapsed time and ETA from the measured time per step of this job."""
+    """Elapsed time and ETA from this job's own measured time per step and per section decode + write."""
 
-    def __init__(self, started: float, total_steps: int):
-        self.started, self.total_steps, self.steps_done = started, total_steps, 0
-        self.sampling_s = 0.0
+    def __init__(self, started: float, steps: int, sections: int):
+        self.started, self.steps, self.sections = started, steps, sections
+        self.steps_done = self.sections_done = 0
+        self.sampling_s = self.finishing_s = 0.0
 
     def step(self, step_s: float) -> tuple[float, float]:
         self.steps_done += 1
         self.sampling_s += step_s
-        eta = self.sampling_s / self.steps_done * (self.total_steps - self.steps_done)
-        return time.monotonic() - self.started, eta
+        sampling_left = self.sampling_s / self.steps_done * (self.steps * self.sections - self.steps_done)
+        # every unfinished section still needs its decode and write; guess 0 until one was measured
+        finishing_left = (self.finishing_s / self.sections_done if self.sections_done else 0.0) * (
+            self.sections - self.sections_done)
+        return time.monotonic() - self.started, sampling_left + finishing_left
+
+    def section_finished(self, finishing_s: float) -> None:
+        self.sections_done += 1
+        self.finishing_s += finishing_s
 
 
 def _sample_section(spec, section, sections, denoiser, start_latent, generator, cancel, emit, clock):
