@@ -252,3 +252,36 @@ def test_cli_missing_models_offline_names_what_and_where(start_image, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line, = proc.stderr.strip().splitlines()
     assert "missing model files" in line and "FramePack_F1_I2V_HY_20250503" in line and str(empty) in line
+
+
+def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_models_dir, start_image, tmp_path):
+    """The whole newcomer path through the CLI: tiny models are written in the real layout; a models folder
+    without them is filled from a loopback stand-in for the hub (HF_ENDPOINT) before generating."""
+    import os
+
+    from fake_hub import FakeHub
+    from framepack_ui.weights import layout
+
+    made = tmp_path / "made"
+    proc = subprocess.run([sys.executable, "-m", "framepack_ui", "make-tiny-models", str(made)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert layout.missing(made) == {}
+
+    repos = {}
+    for component in layout.COMPONENTS.values():
+        for name in component.files:
+            path = f"{component.subfolder}/{name}" if component.subfolder else name
+            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    empty = tmp_path / "models"
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_TOKEN", None)
+    with FakeHub(repos) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        proc = subprocess.run([sys.executable, "-m", "framepack_ui", "generate", "--models", str(empty), "--image",
+                               start_image, "--prompt", "downloaded", "--seconds", "1", "--resolution", "64",
+                               "--steps", "2", "--out", str(tmp_path / "d.mp4")],
+                              cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "download " in proc.stdout and layout.missing(empty) == {}
+    assert count_frames(tmp_path / "d.mp4") == 37
