@@ -1,4 +1,4 @@
-"""Command line: `python -m framepack_ui {generate,make-tiny-models,download} ...`.
+"""Command line: `python -m framepack_ui {generate,plan,make-tiny-models,download} ...`.
 
 Bad arguments or inputs exit with status 2 and one line on stderr, never a traceback.
 """
@@ -21,6 +21,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .memory.plan import PLAN_CHOICES
     from .spec import JobSpec, SAMPLERS
 
     d = JobSpec(image="", prompt="")
@@ -47,12 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--offline", action="store_true", help="never download missing model files")
+    g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
+                   help="where the models live: auto (from this machine's RAM/VRAM), gpu (all resident), streamed, "
+                        "mmap (CPU, weights read from a read-only file map), cpu (RAM copies)")
     g.add_argument("--out", required=True, type=Path, help="output .mp4 path")
 
     t = sub.add_parser("make-tiny-models", help="write tiny random models in the real layout (for tests)")
     t.add_argument("dir", type=Path)
     t.add_argument("--transformer-mb", type=float, default=None, help="scale the transformer to about N MB")
     t.add_argument("--seed", type=int, default=0)
+
+    pl = sub.add_parser("plan", help="show where each model would live and the predicted peak RAM/commit/VRAM")
+    pl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    pl.add_argument("--ram", type=float, default=None, help="plan for a machine with this many GB of RAM")
+    pl.add_argument("--vram", type=float, default=None, help="... and this many GB of VRAM (0: no GPU)")
+    pl.add_argument("--plan", default="auto", choices=PLAN_CHOICES)
+    pl.add_argument("--resolution", type=int, default=d.resolution)
 
     dl = sub.add_parser("download", help="download the model files that are missing")
     dl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -66,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     try:
-        return {"generate": _generate, "make-tiny-models": _make_tiny, "download": _download}[args.command](args)
+        return {"generate": _generate, "plan": _plan, "make-tiny-models": _make_tiny,
+                "download": _download}[args.command](args)
     except UserError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
@@ -108,9 +120,16 @@ def _generate(args) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
+    from .memory.plan import PlanOverrides, make_plan
+    from .memory.probe import probe_machine, weights_on_disk
+
     ensure_models(args.models, allow_download=not args.offline, progress=_print_download)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    manager = ModelManager(args.models, device)
+    # planned before anything loads: a plan that cannot fit stops here with the shortfall, not half-way through
+    machine = probe_machine(args.models, cuda=device.startswith("cuda"))
+    plan = make_plan(machine, weights_on_disk(args.models), PlanOverrides(args.plan, resolution=args.resolution))
+    _out(f"plan: {plan.summary()}")
+    manager = ModelManager(args.models, device, plan=plan)
     cancel = threading.Event()
 
     def show(event):
@@ -137,6 +156,21 @@ def _generate(args) -> int:
     if isinstance(result, Stopped):
         return EXIT_STOPPED
     return EXIT_USAGE if result.reason in ("input", "models") else EXIT_FAILED
+
+
+def _plan(args) -> int:
+    from .memory.plan import PlanOverrides, make_plan
+    from .memory.probe import Machine, probe_machine, weights_on_disk
+
+    if args.ram is not None or args.vram is not None:
+        if args.ram is None:
+            raise _input_error("--vram needs --ram too (the plan is for that machine)")
+        machine = Machine.supposed(args.ram, args.vram or 0.0)
+    else:
+        machine = probe_machine(args.models)
+    plan = make_plan(machine, weights_on_disk(args.models), PlanOverrides(args.plan, resolution=args.resolution))
+    _out(plan.explain())
+    return EXIT_OK
 
 
 def _make_tiny(args) -> int:
