@@ -96,6 +96,19 @@ def time_steps(denoiser, noise, n: int) -> list[float]:
     return times
 
 
+def resident_blocks_for(transformer, vram_gb: float, activation_reserve_gb: float) -> int:
+    """How many leading blocks fit beside the embedders, two streaming slots and the activations."""
+    blocks = transformer_blocks(transformer)
+    block_bytes = [sum(q.numel() * q.element_size() for q in b.parameters()) for b in blocks]
+    other_bytes = sum(q.numel() * q.element_size() for q in transformer.parameters()) - sum(block_bytes)
+    budget = vram_gb * 2**30 - other_bytes - 2 * max(block_bytes) - activation_reserve_gb * 2**30
+    resident = 0
+    while resident < len(blocks) and budget - block_bytes[resident] > 0:
+        budget -= block_bytes[resident]
+        resident += 1
+    return resident
+
+
 def streamed_profile(transformer, make_denoiser, noise, a, device) -> dict:
     """Keep as many blocks resident as fit `--vram-gb`, stream the rest from (pageable) RAM; a filler
     allocation leaves only that much VRAM to the whole process."""
@@ -103,14 +116,7 @@ def streamed_profile(transformer, make_denoiser, noise, a, device) -> dict:
     sigma = torch.tensor(0.7)
     reference = make_denoiser()(noise, sigma)
     blocks = transformer_blocks(transformer)
-    block_bytes = [sum(q.numel() * q.element_size() for q in b.parameters()) for b in blocks]
-    total_bytes = sum(q.numel() * q.element_size() for q in transformer.parameters())
-    other_bytes = total_bytes - sum(block_bytes)
-    budget = a.vram_gb * 2**30 - other_bytes - 2 * max(block_bytes) - a.activation_reserve_gb * 2**30
-    resident = 0
-    while resident < len(blocks) and budget - block_bytes[resident] > 0:
-        budget -= block_bytes[resident]
-        resident += 1
+    resident = resident_blocks_for(transformer, a.vram_gb, a.activation_reserve_gb)
     streamer = stream_transformer(transformer, device, resident)
     torch.cuda.empty_cache()
     used = torch.cuda.memory_allocated()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from bench_engine import REAL_TRANSFORMER, build, inputs, now, proc_status_mib  # noqa: E402
+from bench_engine import REAL_TRANSFORMER, build, inputs, now, proc_status_mib, resident_blocks_for  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
 from framepack_ui.memory.storage import load_mapped_transformer  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
@@ -75,13 +75,7 @@ def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: 
     transformer = load_mapped_transformer(folder, compute_dtype=None)  # bf16 files: compute in bf16 on the GPU
     R["map_s"] = now() - t
     blocks = transformer_blocks(transformer)
-    block_bytes = [sum(q.numel() * q.element_size() for q in b.parameters()) for b in blocks]
-    other = sum(q.numel() * q.element_size() for q in transformer.parameters()) - sum(block_bytes)
-    budget = vram_gb * 2**30 - other - 2 * max(block_bytes) - reserve_gb * 2**30
-    resident = 0
-    while resident < len(blocks) and budget - block_bytes[resident] > 0:
-        budget -= block_bytes[resident]
-        resident += 1
+    resident = resident_blocks_for(transformer, vram_gb, reserve_gb)
     streamer = stream_transformer(transformer, device, resident)
     used = torch.cuda.memory_allocated()
     free, _ = torch.cuda.mem_get_info()
