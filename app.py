@@ -1,6 +1,7 @@
 """FramePack UI web app: parse args -> Worker -> build_ui(worker) -> launch. Nothing else.
 
-    python app.py [--listen] [--port N] [--auth USER:PASS] [--inbrowser] [--models DIR] [--outputs DIR] [--share]
+    python app.py [--listen] [--port N] [--auth USER:PASS] [--auth-file PATH] [--inbrowser] [--models DIR]
+                  [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu]
 """
 from __future__ import annotations
 
@@ -24,17 +25,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "default: this machine only (127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
     parser.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    parser.add_argument("--auth-file", metavar="PATH", type=Path,
+                        help="ask for a user name and password from this file: one USER:PASS a line "
+                             "(blank lines and lines starting with # are skipped); may be used with --auth")
     parser.add_argument("--inbrowser", action="store_true", help="open the app in the default browser")
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="models folder (default ./models)")
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs", help="videos go here (default ./outputs)")
     parser.add_argument("--share", action="store_true", help="also make a temporary public gradio.live link")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--profile", default="auto",
+                        help="memory profile preselected for jobs: auto, gpu, streamed, mmap or cpu (default auto)")
+    parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
+                        help="keep the models loaded this long after the last job, for a quick next one "
+                             "(default 0: give the memory back at once)")
     args = parser.parse_args(argv)
-    if args.auth is not None and (":" not in args.auth or not args.auth.split(":", 1)[0]):
-        parser.error("--auth must be USER:PASS")
+    args.credentials = []
+    if args.auth is not None:
+        if ":" not in args.auth or not args.auth.split(":", 1)[0]:
+            parser.error("--auth must be USER:PASS")
+        args.credentials.append(tuple(args.auth.split(":", 1)))
+    if args.auth_file is not None:
+        try:
+            args.credentials += read_auth_file(args.auth_file)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--auth-file: {exc}")
     if not 0 < args.port < 65536:
         parser.error("--port must be 1 to 65535")
     return args
+
+
+def read_auth_file(path: Path) -> list[tuple[str, str]]:
+    """USER:PASS pairs, one a line; blank lines and # comments skipped. ValueError names a bad line."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user:
+            raise ValueError(f"line {number} of {path} is not USER:PASS")
+        pairs.append((user, password))
+    if not pairs:
+        raise ValueError(f"{path} holds no USER:PASS line")
+    return pairs
 
 
 def lan_addresses() -> list[str]:
@@ -55,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     from framepack_ui.worker import Worker
 
     args.outputs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(args.models, args.outputs, device=args.device)
+    worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models)
+    if args.profile not in worker.plan_choices():
+        log.error("--profile must be one of %s", ", ".join(worker.plan_choices()))
+        worker.shutdown()
+        return 2
+    worker.profile = args.profile
     try:
         missing = worker.missing_models()
-        if missing:  # the page says the same; a download button comes later
+        if missing:  # the page says the same, with a download button
             log.warning("%s", missing)
         demo = build_ui(worker)
         demo.queue()
@@ -66,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         # Gradio prints several lines (more when the share tunnel fails); say it in our own few lines instead.
         with contextlib.redirect_stdout(io.StringIO()):
             demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
-                        auth=tuple(args.auth.split(":", 1)) if args.auth else None,
+                        auth=args.credentials or None,
                         allowed_paths=[str(args.outputs.resolve())], prevent_thread_lock=True, quiet=True, css=CSS)
         log.info("FramePack UI running at http://127.0.0.1:%d", args.port)
         if args.listen:
             for address in lan_addresses():
                 log.info("on the LAN: http://%s:%d", address, args.port)
-            if not args.auth:
+            if not args.credentials:
                 log.warning("anyone on this network can use the app; add --auth USER:PASS to ask for a password")
         if args.share:
             if demo.share_url:

@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
                    help="where the models live: auto (from this machine's RAM/VRAM), gpu (all resident), streamed, "
                         "mmap (CPU, weights read from a read-only file map), cpu (RAM copies)")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the transformer as fp8 (converted once into models/.../fp8/, about half the size; "
+                        "computes in bf16/float32, slightly less exact)")
+    g.add_argument("--prompt-cache-dir", type=Path, default=None,
+                   help="where prompt embeddings are cached (default: MODELS/.cache/prompts); a known prompt never "
+                        "loads the 15 GB text encoder")
+    g.add_argument("--no-prompt-cache", action="store_true", help="do not read or write prompt embeddings on disk")
     g.add_argument("--out", required=True, type=Path, help="output .mp4 path")
 
     t = sub.add_parser("make-tiny-models", help="write tiny random models in the real layout (for tests)")
@@ -64,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--vram", type=float, default=None, help="... and this many GB of VRAM (0: no GPU)")
     pl.add_argument("--plan", default="auto", choices=PLAN_CHOICES)
     pl.add_argument("--resolution", type=int, default=d.resolution)
+    pl.add_argument("--fp8", action="store_true", help="plan with the transformer stored as fp8")
 
     dl = sub.add_parser("download", help="download the model files that are missing")
     dl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -127,9 +135,12 @@ def _generate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # planned before anything loads: a plan that cannot fit stops here with the shortfall, not half-way through
     machine = probe_machine(args.models, cuda=device.startswith("cuda"))
-    plan = make_plan(machine, weights_on_disk(args.models), PlanOverrides(args.plan, resolution=args.resolution))
+    plan = make_plan(machine, weights_on_disk(args.models),
+                     PlanOverrides(args.plan, resolution=args.resolution, fp8=args.fp8))
     _out(f"plan: {plan.summary()}")
-    manager = ModelManager(args.models, device, plan=plan)
+    cache_kwargs = ({"prompt_cache_dir": None} if args.no_prompt_cache else
+                    {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
+    manager = ModelManager(args.models, device, plan=plan, on_prewarm=_print_prewarm, **cache_kwargs)
     cancel = threading.Event()
 
     def show(event):
@@ -168,7 +179,8 @@ def _plan(args) -> int:
         machine = Machine.supposed(args.ram, args.vram or 0.0)
     else:
         machine = probe_machine(args.models)
-    plan = make_plan(machine, weights_on_disk(args.models), PlanOverrides(args.plan, resolution=args.resolution))
+    plan = make_plan(machine, weights_on_disk(args.models),
+                     PlanOverrides(args.plan, resolution=args.resolution, fp8=args.fp8))
     _out(plan.explain())
     return EXIT_OK
 
@@ -192,6 +204,11 @@ def _download(args) -> int:
 def _print_download(p) -> None:
     _out(f"download {p.component}/{p.file}: {p.done_bytes / 1e6:.0f}/{p.total_bytes / 1e6:.0f} MB "
          f"(all: {p.overall_done / 1e9:.2f}/{p.overall_total / 1e9:.2f} GB)")
+
+
+def _print_prewarm(p) -> None:
+    _out(f"growing the pagefile: {p.reserved_bytes / 1e9:.2f} GB reserved, {p.fraction * 100:.0f}% of "
+         f"{p.target_bytes / 1e9:.1f} GB commit")
 
 
 def _input_error(message: str):

@@ -5,12 +5,15 @@ when run as root). Never `playwright install`. Only loopback traffic.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,16 +54,15 @@ def start_image(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models_dir, tmp_path_factory):
-    """`python app.py` on a free port, stopped by its pid afterwards; yields (url, pid, outputs dir)."""
-    outputs = tmp_path_factory.mktemp("outputs")
+@contextlib.contextmanager
+def run_app(models_dir, outputs, *args, env=None, name="app"):
+    """`python app.py` on a free port, stopped by its pid afterwards; yields (url, pid)."""
     port = _free_port()
-    log_path = outputs.parent / "app.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    log_path = outputs.parent / f"{name}.log"
+    env = {**os.environ, **(env or {}), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--models", str(tiny_models_dir), "--outputs",
-                                 str(outputs), "--port", str(port)], cwd=REPO, env=env, stdout=log,
+        proc = subprocess.Popen([sys.executable, "app.py", "--models", str(models_dir), "--outputs",
+                                 str(outputs), "--port", str(port), *args], cwd=REPO, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -75,7 +77,7 @@ def server(tiny_models_dir, tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, f"app.py did not answer in {SERVER_START_S} s"
             time.sleep(0.5)
-        yield url, proc.pid, outputs
+        yield url, proc.pid
     finally:
         proc.terminate()
         try:
@@ -84,6 +86,14 @@ def server(tiny_models_dir, tmp_path_factory):
             proc.kill()
             proc.wait(15)
         print(log_path.read_text()[-4000:])  # shown by pytest when a test failed
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir, tmp_path_factory):
+    """The app on the tiny models, no password; yields (url, pid, outputs dir)."""
+    outputs = tmp_path_factory.mktemp("outputs")
+    with run_app(tiny_models_dir, outputs) as (url, pid):
+        yield url, pid, outputs
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +140,7 @@ def fill_form(page, image: str, seconds: float, steps: int = 2, prompt: str = "a
     page.locator("#prompt textarea").fill(prompt)
     set_number(page, "seconds", seconds)
     set_number(page, "steps", steps)
-    set_number(page, "resolution", 128)
+    set_number(page, "resolution", 64)
     set_number(page, "seed", 42)
 
 
@@ -265,3 +275,173 @@ def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image
     assert names[0] != names[1]
     assert all(count_frames(outputs / name) == 37 for name in names)
     wait_text(second, "jobs", r"second page", timeout_s=10)
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    """(status, body) of a GET from this test process (no cookies): what a stranger gets."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick `option` in a gr.Dropdown."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def test_memory_profile_shows_the_plan_and_reaches_the_job(server, open_page, start_image):
+    url, _, _ = server
+    page = open_page(url)
+    wait_text(page, "plan", r"no CUDA GPU", timeout_s=60)  # auto: planned for this machine
+    assert re.search(r"transformer\s+mmap", text(page, "plan"))  # without a GPU: computed from the file map
+    choose(page, "memory_profile", "cpu")
+    wait_text(page, "plan", r"transformer\s+cpu", timeout_s=30)
+    choose(page, "memory_profile", "gpu")  # cannot fit here: one line saying why
+    refused = wait_text(page, "plan", r"No memory plan fits", timeout_s=30).strip()
+    assert "\n" not in refused and "needs a CUDA GPU" in refused
+    fill_form(page, start_image, seconds=1.2)
+    page.locator("#generate").click()  # the job gets the page's profile: planned before anything loads
+    wait_text(page, "progress", r"Failed: .*needs a CUDA GPU")
+    wait_text(page, "gallery", r"failed: .*needs a CUDA GPU", timeout_s=30)  # the past outputs say so too
+
+
+def test_gallery_lists_past_outputs_and_fills_the_form(server, open_page, start_image):
+    url, _, outputs = server
+    failed = outputs / "19990101_000000_1.json"  # a job that failed before its first section: no video
+    failed.write_text(json.dumps({"prompt": "old failure", "status": "failed", "frames": 0,
+                                  "message": "out of memory: try a lower resolution"}))
+    page = open_page(url)
+    fill_form(page, start_image, seconds=1.2, prompt="gallery job")
+    set_number(page, "seed", 4242)
+    page.locator("#generate").click()
+    done = wait_text(page, "progress", r"Done: 37 frames")
+    name = re.search(r"saved as (\S+\.mp4)", done).group(1)
+
+    other = open_page(url)  # another page, its form at the defaults
+    wait_text(other, "gallery", re.escape(name), timeout_s=30)
+    listing = text(other, "gallery")
+    assert listing.index(name) < listing.index("19990101_000000_1.mp4")  # newest first
+    assert "failed: out of memory" in listing  # how the job ended, from its settings file
+    assert text(other, "gallery").count("finished, 37 frames") >= 1
+    other.locator("#gallery label").filter(has_text=name).click()
+    wait_text(other, "gallery_settings", r"finished, 37 frames", timeout_s=30)
+    assert "gallery job" in text(other, "gallery_settings")
+    assert video_src(other, "gallery_video", timeout_s=30)
+    assert other.locator("#steps input[type=number]").input_value() == "25"
+    other.locator("#use_settings").click()
+    deadline = time.monotonic() + 30
+    while other.locator("#prompt textarea").input_value() != "gallery job":
+        assert time.monotonic() < deadline, "Use these settings did not fill the prompt"
+        time.sleep(0.2)
+    assert other.locator("#seed input[type=number]").input_value() == "4242"
+    assert other.locator("#steps input[type=number]").input_value() == "2"
+    assert other.locator("#resolution input[type=number]").input_value() == "64"
+    assert float(other.locator("#seconds input[type=number]").input_value()) == 1.2
+    other.locator("#start_image img").first.wait_for(timeout=30_000)  # the copy of the start image
+    other.locator("#generate").click()  # and the filled form runs as it is
+    wait_text(other, "progress", r"Done: 37 frames")
+
+
+def test_without_auth_only_outputs_are_readable_over_http(server):
+    url, _, outputs = server
+    inside = outputs / "readable.json"
+    inside.write_text('{"ok": true}')
+    status, body = http_get(f"{url}gradio_api/file={inside}")
+    assert (status, body) == (200, b'{"ok": true}')  # the control: outputs/ is served
+    readme = REPO / "README.md"
+    for route in ("gradio_api/file=", "file="):
+        status, body = http_get(f"{url}{route}{readme}")
+        assert status >= 400 and b"FramePack" not in body, (route, status, body[:200])
+
+
+@pytest.fixture(scope="module")
+def auth_server(tiny_models_dir, tmp_path_factory):
+    """The app asking for a password from an --auth-file; yields (url, outputs dir)."""
+    outputs = tmp_path_factory.mktemp("outputs_auth")
+    users = outputs.parent / "users.txt"
+    users.write_text("# who may use the app\nalice:wonderland\n\nbob:builder\n")
+    with run_app(tiny_models_dir, outputs, "--auth-file", str(users), name="app_auth") as (url, _):
+        yield url, outputs
+
+
+def test_auth_file_a_stranger_gets_the_login_page_and_no_file(auth_server, browser):
+    url, outputs = auth_server
+    secret = outputs / "secret.json"
+    secret.write_text('{"secret": 1}')
+    status, body = http_get(f"{url}gradio_api/file={secret}")
+    assert status in (401, 403) or b"secret" not in body, (status, body[:200])
+    assert b'{"secret": 1}' not in body
+
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.get_by_label("username").wait_for(timeout=60_000)  # the login page, not the app
+        assert page.locator("#start_image").count() == 0
+        page.get_by_label("username").fill("bob")
+        page.get_by_label("password").fill("wrong")
+        page.get_by_role("button", name="Login").click()
+        page.get_by_text("Incorrect").first.wait_for(timeout=30_000)
+        page.get_by_label("username").fill("bob")  # the second line of the file
+        page.get_by_label("password").fill("builder")
+        page.get_by_role("button", name="Login").click()
+        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
+        response = page.request.get(f"{url}gradio_api/file={secret}")  # with the login cookie
+        assert response.status == 200 and response.body() == b'{"secret": 1}'
+    finally:
+        context.close()
+
+
+def test_missing_models_download_button_fills_the_folder_then_a_job_runs(tiny_models_dir, tmp_path, open_page,
+                                                                         start_image):
+    from fake_hub import FakeHub
+    from framepack_ui.weights import layout
+
+    repos: dict = {}
+    for component in layout.COMPONENTS.values():
+        for name in component.files:
+            path = f"{component.subfolder}/{name}" if component.subfolder else name
+            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    models, outputs = tmp_path / "models", tmp_path / "outputs"
+    outputs.mkdir()
+    home = tmp_path / "hf"
+    with FakeHub(repos) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
+               "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_TOKEN": ""}
+        with run_app(models, outputs, env=env, name="app_download") as (url, _):
+            page = open_page(url)
+            banner = wait_text(page, "models_notice", r"Model files are missing", timeout_s=30)
+            assert "text_encoder" in banner and re.search(r"About \d+\.\d+ GB to download; [\d.]+ GB free", banner)
+            page.locator("#generate").click()  # refused in one line, nothing queued
+            page.get_by_text("model files are missing").first.wait_for(timeout=30_000)
+            page.locator("#download_models").click()
+            shown, deadline = set(), time.monotonic() + 120
+            while page.locator("#models_banner").is_visible():  # until the banner goes away
+                shown.add(page.locator("#download_progress").inner_text().strip())
+                assert time.monotonic() < deadline, f"the download did not finish; it showed {shown}"
+                time.sleep(0.05)
+            wait_text(page, "download_progress", r"Models downloaded", timeout_s=30)  # the progress line's end
+            print("download progress shown:", shown)  # the percentage lines, when the page polled in time
+            assert layout.missing(models) == {}
+            assert any("/resolve/" in p for p in hub.requested_paths("GET"))
+            fill_form(page, start_image, seconds=1.2)
+            page.locator("#generate").click()
+            wait_text(page, "progress", r"Done: 37 frames")
+
+
+def test_auth_file_lines_are_read_and_a_bad_line_is_named(tmp_path):
+    import app
+
+    users = tmp_path / "users.txt"
+    users.write_text("# comment\nalice:wonder:land\n\n  bob:builder  \n")
+    args = app.parse_args(["--auth", "carol:x", "--auth-file", str(users)])
+    assert args.credentials == [("carol", "x"), ("alice", "wonder:land"), ("bob", "builder")]
+    users.write_text("alice:ok\nnocolon\n")
+    with pytest.raises(ValueError, match="line 2"):
+        app.read_auth_file(users)
+    with pytest.raises(SystemExit):  # the command line says so and stops
+        app.parse_args(["--auth-file", str(users)])

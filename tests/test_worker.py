@@ -1,8 +1,12 @@
 """The worker: one thread, its own FIFO queue, events kept per job; the real F1 engine on tiny models."""
 from __future__ import annotations
 
+import json
+import re
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,9 +14,11 @@ from PIL import Image
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.video import count_frames
+from framepack_ui.engine.video import sidecar_path
 from framepack_ui.errors import InputError
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Stopped
 from framepack_ui.spec import JobSpec
+from framepack_ui.ui import present
 from framepack_ui.worker import Queued, Worker
 
 FAST = dict(resolution=128, steps=2, seconds=1.2, seed=7)  # one section of a 128-px bucket
@@ -31,8 +37,9 @@ def image(tmp_path_factory) -> str:
 def make_worker(tiny_models_dir, tmp_path):
     workers = []
 
-    def make(run_job=f1.run, manager=None):
-        worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cpu", run_job=run_job, manager=manager)
+    def make(run_job=f1.run, manager=None, models_dir=None, keep_models_s=0):
+        worker = Worker(models_dir or tiny_models_dir, tmp_path / "outputs", device="cpu", run_job=run_job,
+                        manager=manager, keep_models_s=keep_models_s)
         workers.append(worker)
         return worker
 
@@ -74,8 +81,9 @@ def gated(run_job, gate: threading.Event, started: list):
 def test_two_jobs_run_in_submission_order_and_free_the_models(make_worker, image):
     gate, started = threading.Event(), []
     worker = make_worker(gated(f1.run, gate, started))
-    first = worker.submit(spec(image, "first"))
-    second = worker.submit(spec(image, "second"))
+    with worker._cond:  # both are queued before the worker thread can take the first (a busy machine)
+        first = worker.submit(spec(image, "first"))
+        second = worker.submit(spec(image, "second"))
     wait_until(lambda: started)
     assert [j.status for j in worker.jobs()] == ["running", "queued"]
     assert worker.job(second).position == 1
@@ -138,6 +146,9 @@ def test_stop_a_running_job_keeps_its_finished_sections(make_worker, image):
     assert result.frames == 37 and count_frames(result.path) == 37  # section 0 only, and it plays
     assert worker.job(job_id).status == "stopped"
     assert sum(isinstance(e, SectionSaved) for e in events) == 1
+    [entry] = worker.past_outputs()  # the gallery says how it ended, from the engine's settings file
+    assert (entry.status, entry.frames, entry.video) == ("stopped", 37, str(Path(result.path).resolve()))
+    assert present.gallery_status(entry) == "stopped, kept 37 frames"
 
 
 def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, image):
@@ -178,3 +189,107 @@ def test_a_late_subscriber_replays_from_the_start(make_worker, image):
     assert steps[-1].preview is not None and all(s.preview is None for s in steps[:-1])  # only the newest keeps it
     info = worker.job(job_id)
     assert info.status == "finished" and info.section.section == 1 and info.step is steps[-1]
+
+
+def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, image):
+    worker = make_worker()
+    assert worker.plan_choices() == ("auto", "gpu", "streamed", "mmap", "cpu")
+    table = worker.plan_text("auto", 64)
+    assert "resolution 64" in table and "no CUDA GPU" in table
+    assert re.search(r"^transformer\s+mmap", table, re.M)  # no GPU here: auto computes from the file map
+    assert re.search(r"^transformer\s+cpu", worker.plan_text("cpu", 64), re.M)
+    no_fit = worker.plan_text("gpu", 64)  # a plan that cannot fit: one line saying why
+    assert "\n" not in no_fit and "needs a CUDA GPU" in no_fit
+
+    cpu_job = worker.submit(spec(image, "cpu", resolution=64), profile="cpu")
+    assert isinstance(all_events(worker, cpu_job)[-1], Finished)
+    assert worker._manager.plan.components["transformer"].where == "cpu"
+    first_manager = worker._manager
+    mmap_job = worker.submit(spec(image, "mmap", resolution=64), profile="mmap")
+    assert isinstance(all_events(worker, mmap_job)[-1], Finished)
+    assert worker._manager is not first_manager  # other placements: a new manager applies them
+    assert worker._manager.plan.components["transformer"].where == "mmap"
+
+    gpu_job = worker.submit(spec(image, "gpu", resolution=64), profile="gpu")
+    failed = all_events(worker, gpu_job)[-1]
+    assert isinstance(failed, Failed) and failed.reason == "memory" and "needs a CUDA GPU" in failed.message
+    entry = worker.past_outputs()[0]  # failed before the engine started: the gallery still says so
+    assert entry.status == "failed" and entry.video is None and "needs a CUDA GPU" in entry.message
+    assert entry.settings["prompt"] == "gpu" and entry.image and present.gallery_status(entry).startswith("failed")
+    with pytest.raises(InputError, match="memory profile must be one of"):
+        worker.submit(spec(image), profile="fast")
+
+
+def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path):
+    worker = make_worker(run_job=lambda *args, **kwargs: None)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    settings = dict(prompt="a cat", negative="", seconds=2.4, seed=5, steps=3, gs=10.0, cfg=1.0, rs=0.0,
+                    teacache=False, teacache_threshold=0.1, resolution=64, crf=20, sampler="euler", width=64,
+                    height=64, sections=2)
+
+    def job(stem, age_s, video=True, image=False, **record):
+        if video:
+            (out / f"{stem}.mp4").write_bytes(b"\0" * 100)
+        if image:
+            (out / f"{stem}.input.png").write_bytes(b"png")
+        json_path = sidecar_path(out / f"{stem}.mp4")
+        json_path.write_text(json.dumps({**settings, **record,
+                                         "input_image_file": f"{stem}.input.png" if image else None}))
+        for path in out.glob(f"{stem}.*"):
+            os.utime(path, (time.time() - age_s, time.time() - age_s))
+
+    job("a_finished", 40, image=True, status="finished", frames=73)
+    job("b_stopped", 30, status="stopped", frames=37)
+    job("c_failed", 20, video=False, status="failed", frames=0, message="out of memory: try a lower resolution")
+    job("d_crashed", 10, status="running")  # the app was closed mid-job
+    (out / "e_bare.mp4").write_bytes(b"\0" * 10)  # a video without settings
+
+    entries = worker.past_outputs()
+    assert [e.name for e in entries] == ["e_bare.mp4", "d_crashed.mp4", "c_failed.mp4", "b_stopped.mp4",
+                                         "a_finished.mp4"]
+    assert [e.status for e in entries] == ["unknown", "interrupted", "failed", "stopped", "finished"]
+    labels = [label for label, _ in present.gallery_choices(entries)]
+    assert "stopped, kept 37 frames" in labels[3] and "failed: out of memory" in labels[2]
+    assert "interrupted" in labels[1] and "finished, 73 frames" in labels[4] and "a cat" in labels[4]
+    assert entries[2].video is None  # no section was written: nothing to play
+    finished = entries[4]
+    assert finished.image == str((out / "a_finished.input.png").resolve())
+    assert present.form_values(finished.settings) == {k: settings[k] for k in present.FORM_KEYS}
+    assert "| sampler | euler |" in present.gallery_details(finished)
+    before = worker.outputs_signature()
+    job("f_new", 0, status="finished", frames=37)
+    assert worker.outputs_signature() != before and worker.past_outputs()[0].name == "f_new.mp4"
+
+
+def test_download_in_the_background_fills_the_models_folder(make_worker, tiny_models_dir, tmp_path, monkeypatch):
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
+    from framepack_ui.weights import layout
+
+    repos: dict = {}
+    for component in layout.COMPONENTS.values():
+        for name in component.files:
+            path = f"{component.subfolder}/{name}" if component.subfolder else name
+            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    guard_loopback_only(monkeypatch)
+    with FakeHub(repos) as hub:
+        isolate_hf(monkeypatch, tmp_path, hub.url)
+        worker = make_worker(models_dir=tmp_path / "models")
+        assert "missing model files" in worker.missing_models()
+        need, free = worker.download_need()
+        assert need > 40e9 and free > 0  # the real models' size: what the banner says is needed
+        seen = []
+        assert worker.start_download()
+        wait_until(lambda: seen.append(worker.download_status()) or seen[-1].state in ("done", "failed"))
+        assert seen[-1].state == "done", seen[-1].message
+        running = [s for s in seen if s.state == "running" and s.total_bytes > 0]
+        assert running and re.match(r"Downloading: \d+% ", present.download_text(running[-1]))
+        assert worker.missing_models() == "" and worker.download_need()[0] == 0
+
+
+def test_keep_models_holds_them_for_the_idle_timeout_then_frees(make_worker, image):
+    worker = make_worker(keep_models_s=4)
+    events = all_events(worker, worker.submit(spec(image, "kept a while")))
+    assert isinstance(events[-1], Finished)
+    assert worker._manager.is_loaded("transformer")  # kept for a quick next job
+    wait_until(lambda: not worker._manager.is_loaded("transformer"))  # then given back

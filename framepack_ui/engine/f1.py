@@ -173,10 +173,13 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
         emit(Phase("settings", f"seed {spec.seed}, {width}x{height}, {sections} sections, {spec.frames} frames"))
 
         emit(Phase("text", "encoding the prompt"))
-        with manager.use("text_encoders") as (tokenizer, tokenizer_2, text_encoder, text_encoder_2):
-            positive = text.encode_prompt(spec.prompt, tokenizer, text_encoder, tokenizer_2, text_encoder_2)
-            negative = (text.encode_prompt(spec.negative, tokenizer, text_encoder, tokenizer_2, text_encoder_2)
-                        if spec.cfg != 1 else None)
+        # Known prompts come from the prompt cache: the 15 GB text encoder is loaded only for a new one (and the
+        # negative counts only with real CFG, the only time it is used).
+        prompts = [spec.prompt] + ([spec.negative] if spec.cfg != 1 else [])
+        embeds, encoded = text.encode_prompts(prompts, manager)
+        positive, negative = embeds[0], (embeds[1] if spec.cfg != 1 else None)
+        if not encoded:
+            emit(Phase("text", "prompt embeddings from the cache (text encoder not loaded)"))
         for message in positive.notices:
             emit(Notice(message))
         _check_cancel(cancel)

@@ -67,3 +67,51 @@ def encode_prompt(prompt: str, tokenizer, text_encoder, tokenizer_2, text_encode
                            return_tensors="pt").input_ids
     pooled = text_encoder_2(clip_ids.to(text_encoder_2.device), output_hidden_states=False).pooler_output
     return PromptEmbeds(llama.float().cpu(), llama_mask.long().cpu(), pooled.float().cpu(), notices)
+
+
+# Part of the prompt cache's key (memory/prompt_cache.py): anything here that changes the embeddings.
+RECIPE_VERSION = 1
+
+
+def recipe_identity() -> str:
+    import hashlib
+
+    parts = (RECIPE_VERSION, PROMPT_TEMPLATE, LLAMA_MAX_PROMPT_TOKENS, CLIP_MAX_TOKENS, LLAMA_HIDDEN_LAYER,
+             "crop=template_prefix_length", "float32 cpu output")
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def cache_variant(placement) -> str:
+    """The recipe plus what changes the numbers of a text-encoder placement: device type and compute dtype."""
+    if placement is None:
+        return recipe_identity()
+    return f"{recipe_identity()}:{torch.device(placement.device).type}:{str(placement.dtype).replace('torch.', '')}"
+
+
+def encode_prompts(prompts: list[str], manager) -> tuple[list[PromptEmbeds], bool]:
+    """Embeddings of each prompt, from the manager's prompt cache where known; the text encoders are loaded only
+    if some prompt is not cached (then once, for all the missing ones). Returns (embeds, encoders_loaded)."""
+    cache = getattr(manager, "prompt_cache", None)
+    placement = manager.placement("text_encoders") if hasattr(manager, "placement") else None
+    variant = cache_variant(placement)
+    found: list[PromptEmbeds | None] = [None] * len(prompts)
+    if cache is not None:
+        for i, prompt in enumerate(prompts):
+            hit = cache.get(prompt, variant)
+            if hit is not None:
+                tensors, notices = hit
+                found[i] = PromptEmbeds(tensors["llama"], tensors["llama_mask"], tensors["clip_pooled"], notices)
+    missing = [i for i, e in enumerate(found) if e is None]
+    if not missing:
+        return found, False
+    with manager.use("text_encoders") as (tokenizer, tokenizer_2, text_encoder, text_encoder_2):
+        for i in missing:
+            # the same prompt twice (prompt == negative) is encoded once
+            same = next((j for j in missing if j < i and prompts[j] == prompts[i]), None)
+            found[i] = found[same] if same is not None else encode_prompt(
+                prompts[i], tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+            if cache is not None and same is None:
+                e = found[i]
+                cache.put(prompts[i], variant, {"llama": e.llama, "llama_mask": e.llama_mask,
+                                                "clip_pooled": e.clip_pooled}, e.notices)
+    return found, True

@@ -112,11 +112,16 @@ def load_vae(models_dir: Path, dtype: torch.dtype, device: torch.device, tiling:
 
 
 def load_transformer(models_dir: Path, dtype: torch.dtype, device: torch.device, storage: str = "ram"):
-    """storage "map": every weight read-only-mapped from the files (see storage.py); "ram": diffusers' loader."""
+    """storage "map": every weight read-only-mapped from the files (see storage.py); "ram": diffusers' loader;
+    "fp8": the block Linears mapped from the fp8 cache (fp8.py, converted once from the bf16 shards)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     folder = _folder(models_dir, "transformer")
-    if storage == "map":
+    if storage == "fp8":
+        from .fp8 import load_fp8_transformer_on
+
+        model = load_fp8_transformer_on(folder, dtype, device)
+    elif storage == "map":
         model = _mapped(lambda d: mapped_transformer(folder, d), dtype, device)
     else:
         with _explain_failures("transformer", folder):
@@ -124,4 +129,6 @@ def load_transformer(models_dir: Path, dtype: torch.dtype, device: torch.device,
     if model.image_projection is None or model.clean_x_embedder is None:
         # The forward calls both unconditionally; a config without them cannot run F1.
         raise ModelFilesError(f"{folder}/config.json lacks has_image_proj / has_clean_x_embedder: not a FramePack model")
+    if storage == "fp8":
+        return model.eval().requires_grad_(False)  # fp8.to_device placed it (fp8 kept, the rest in dtype)
     return model.to(device).eval().requires_grad_(False)

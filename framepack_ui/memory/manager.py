@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,8 @@ def placements_from_plan(plan) -> dict[str, Placement]:
 
 def _check_supported(placements: dict[str, Placement]) -> None:
     streamed = [name for name, p in placements.items() if p.resident_blocks is not None]
-    if streamed not in ([], ["transformer"]) or (streamed and placements["transformer"].storage != "map"):
-        raise MemoryPlanError("only the transformer can be streamed, and only from its read-only file map")
+    if streamed not in ([], ["transformer"]) or (streamed and placements["transformer"].storage not in ("map", "fp8")):
+        raise MemoryPlanError("only the transformer can be streamed, and only from its read-only (bf16 or fp8) file map")
 
 
 def _load_transformer(d: Path, p: Placement):
@@ -74,7 +75,7 @@ def _load_transformer(d: Path, p: Placement):
     # Streamed: mapped on the CPU first (the streamed blocks' sources stay there, file-backed), then the
     # embedders and the first `resident_blocks` blocks go to the device and the rest pass through the
     # streamer's two pinned block buffers each forward.
-    model = loading.load_transformer(d, p.dtype, torch.device("cpu"), "map")
+    model = loading.load_transformer(d, p.dtype, torch.device("cpu"), p.storage)
     model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks)
     return model
 
@@ -89,11 +90,32 @@ _LOADERS: dict[str, Callable] = {
 }
 
 
+PROMPT_CACHE_SUBDIR = Path(".cache") / "prompts"  # under the models folder unless told otherwise
+# The commit a load may take beyond the plan's figure (allocator slack, library buffers): plan.COMMIT_MARGIN_BYTES.
+PREWARM_MARGIN_BYTES = 1_000_000_000
+
+
 class ModelManager:
-    """`with manager.use("vae") as vae:` loads on first use and frees per the placement's `keep`."""
+    """`with manager.use("vae") as vae:` loads on first use and frees per the placement's `keep`.
+
+    Also owns the prompt-embedding cache (`prompt_cache`, memory + disk: see prompt_cache.py), what happens to
+    the kept models after a job (`release_after_job`) and, before a load whose commit is short, the pagefile
+    pre-warm (prewarm.py).
+    """
+
+    _DEFAULT = object()
 
     def __init__(self, models_dir: Path, device: torch.device | str = "cpu",
-                 placements: dict[str, Placement] | None = None, plan=None):
+                 placements: dict[str, Placement] | None = None, plan=None, *,
+                 prompt_cache_dir: Path | None | object = _DEFAULT, release_idle_s: float | None = None,
+                 commit_allocator=_DEFAULT, on_prewarm: Callable | None = None):
+        """`prompt_cache_dir`: default `models_dir/.cache/prompts`; None keeps prompt embeddings in memory only.
+        `release_idle_s`: what `release_after_job()` does: None keeps the models (the caller frees them), 0 frees
+        them at once, N > 0 frees them after N seconds without use. `commit_allocator`: the OS commit calls for the
+        pre-warm (prewarm.default_allocator() by default; None: never pre-warm). `on_prewarm(PrewarmProgress)`:
+        progress of a pre-warm."""
+        from .prompt_cache import PromptCache
+
         self.models_dir = Path(models_dir)
         self.device = torch.device(plan.device if plan is not None else device)
         self.plan = plan  # the LoadPlan applied, if any (the UI and CLI show plan.explain())
@@ -102,36 +124,127 @@ class ModelManager:
         _check_supported(self.placements)  # before anything loads: never fail half-way through a job
         self._loaded: dict[str, object] = {}
         self.load_count: dict[str, int] = {}  # how often each was loaded: lets tests check eviction and reuse
+        cache_dir = self.models_dir / PROMPT_CACHE_SUBDIR if prompt_cache_dir is self._DEFAULT else prompt_cache_dir
+        self.prompt_cache = PromptCache(self.models_dir, cache_dir)
+        self.release_idle_s = release_idle_s
+        if commit_allocator is self._DEFAULT:
+            from .prewarm import default_allocator
+
+            commit_allocator = default_allocator() if plan is not None else None
+        self.commit_allocator = commit_allocator
+        self.on_prewarm = on_prewarm
+        self.prewarm_count = 0  # pre-warms that reserved something (tests)
+        self._lock = threading.RLock()  # the idle timer frees from its own thread
+        self._in_use = 0
+        self._idle_timer: threading.Timer | None = None
+        self._generation = 0  # bumped by every use: a timer armed before it frees nothing
 
     def placement(self, name: str) -> Placement:
         return self.placements[name]
 
     @contextmanager
     def use(self, name: str):
-        if name not in self._loaded:
-            p = self.placements[name]
-            log.info("loading %s (%s, %s, %s)", name, p.device, p.dtype,
-                     "read-only file map" if p.storage == "map" else "RAM copy")
-            self._loaded[name] = _LOADERS[name](self.models_dir, self.placements[name])
-            self.load_count[name] = self.load_count.get(name, 0) + 1
+        with self._lock:
+            self._cancel_idle_timer()
+            self._generation += 1
+            self._in_use += 1
         try:
-            yield self._loaded[name]
+            with self._lock:
+                if name not in self._loaded:
+                    p = self.placements[name]
+                    log.info("loading %s (%s, %s, %s)", name, p.device, p.dtype,
+                             "read-only file map" if p.storage == "map" else "RAM copy")
+                    self._prewarm_for(name)
+                    self._loaded[name] = _LOADERS[name](self.models_dir, self.placements[name])
+                    self.load_count[name] = self.load_count.get(name, 0) + 1
+                model = self._loaded[name]
+            try:
+                yield model
+            finally:
+                if not self.placements[name].keep:
+                    self.free(name)
         finally:
-            if not self.placements[name].keep:
-                self.free(name)
+            with self._lock:
+                self._in_use -= 1
 
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
     def free(self, name: str | None = None) -> None:
         """Drop one model (or all) and give the memory back to the system."""
-        for key in [name] if name else list(self._loaded):
-            model = self._loaded.pop(key, None)
-            if model is not None:
-                streamer = getattr(model, "_framepack_streamer", None)
-                if streamer is not None:
-                    streamer.close()  # waits for in-flight copies, removes its hooks
-                log.info("freed %s", key)
+        with self._lock:
+            if name is None:
+                self._cancel_idle_timer()
+            for key in [name] if name else list(self._loaded):
+                model = self._loaded.pop(key, None)
+                if model is not None:
+                    streamer = getattr(model, "_framepack_streamer", None)
+                    if streamer is not None:
+                        streamer.close()  # waits for in-flight copies, removes its hooks
+                    log.info("freed %s", key)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    # --- after a job -----------------------------------------------------------------------------------------------
+
+    def release_after_job(self, idle_s: float | None | object = _DEFAULT) -> None:
+        """A job ended: free the models now (idle_s 0), after `idle_s` seconds without use (a timer thread; any
+        `use` before then cancels it), or keep them (None). Default: the manager's `release_idle_s`."""
+        idle_s = self.release_idle_s if idle_s is self._DEFAULT else idle_s
+        if idle_s is None:
+            return
+        if idle_s <= 0:
+            self.free()
+            return
+        with self._lock:
+            self._cancel_idle_timer()
+            timer = threading.Timer(idle_s, self._free_if_idle, args=(self._generation,))
+            timer.daemon = True
+            timer.name = "models-idle-free"
+            self._idle_timer = timer
+            timer.start()
+
+    @property
+    def idle_release_pending(self) -> bool:
+        return self._idle_timer is not None
+
+    def _free_if_idle(self, generation: int) -> None:
+        with self._lock:
+            if generation != self._generation or self._in_use:
+                return  # used since the timer was armed, or in use now: keep
+            self._idle_timer = None
+            if self._loaded:
+                log.info("idle for %.0f s: freeing %s", self.release_idle_s or 0, ", ".join(self._loaded))
+            self.free()
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def close(self) -> None:
+        self.free()
+
+    # --- commit ----------------------------------------------------------------------------------------------------
+
+    def _prewarm_for(self, name: str) -> None:
+        """Before a load whose planned commit is more than is available now: grow the pagefile (Windows, system
+        managed) or stop with one line (Linux with enforced commit, a fixed-size pagefile). The reservation is
+        held until just before the load takes its memory, then released: the grown commit limit remains."""
+        if self.plan is None or self.commit_allocator is None or name not in self.plan.components:
+            return
+        from . import prewarm
+
+        c = self.plan.components[name]
+        needed = c.commit_bytes + c.load_commit_bytes
+        if needed <= 0:
+            return
+        needed += PREWARM_MARGIN_BYTES
+        if not prewarm.short_of(needed, self.commit_allocator):
+            return
+        reservation = prewarm.prewarm(needed, self.commit_allocator, progress=self.on_prewarm)
+        if reservation.reserved_bytes:
+            self.prewarm_count += 1
+            log.info("pre-warm reserved %.1f GB of commit for %s", reservation.reserved_bytes / 1e9, name)
+        reservation.release()  # just before the load: the loader gets the grown limit

@@ -95,6 +95,7 @@ class PlanOverrides:
     resolution: int = 640  # bucket scale in px: activations and VAE decode grow with it
     resident_blocks: int | None = None  # gpu-streamed: force N resident blocks
     vae_tiling: bool | None = None  # None: tile only when untiled decode does not fit
+    fp8: bool = False  # transformer blocks stored as fp8 (memory/fp8.py): about half the bytes, bf16 compute
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,8 @@ class LoadPlan:
                  f"{'VRAM':>9}{'cache':>9}  notes"]
         for c in self.components.values():
             where = c.where + (f" {c.resident_blocks}/{c.total_blocks}" if c.where == "gpu-streamed" else "")
-            storage = f"{c.storage_dtype} {'map' if c.storage == 'map' else 'copy'}"
+            storage = (f"{'fp8 e4m3' if c.storage == 'fp8' else c.storage_dtype} "
+                       f"{'map' if c.storage in ('map', 'fp8') else 'copy'}")
             lines.append(f"{c.name:<14}{where:<20}{storage:<16}{c.compute_dtype:<10}{_gb(c.file_bytes):>9}"
                          f"{_gb(c.ram_bytes):>9}{_gb(c.commit_bytes):>9}{_gb(c.vram_bytes):>9}"
                          f"{_gb(c.page_cache_bytes):>9}  {c.note}")
@@ -237,6 +239,17 @@ def with_real_defaults(weights: dict[str, ComponentWeights]) -> dict[str, Compon
     return {**real_weights(), **weights}
 
 
+def fp8_weights(t: ComponentWeights) -> ComponentWeights:
+    """The transformer as memory/fp8.py stores it: the blocks at one byte per element (their Linear weights are
+    >99 % of a block; norms, biases and the per-row float32 scales, <0.2 %, are ignored), the rest as stored."""
+    if t.storage_itemsize <= 1:
+        return t
+    blocks = tuple(b // t.storage_itemsize for b in t.block_bytes)
+    rest = t.file_bytes - sum(t.block_bytes)  # embedders, token refiner, output: kept in bf16
+    return replace(t, file_bytes=rest + sum(blocks), storage_itemsize=1, dtype="F8_E4M3", block_bytes=blocks,
+                   largest_tensor_bytes=t.largest_tensor_bytes // t.storage_itemsize)
+
+
 # --- estimates ---------------------------------------------------------------------------------------------------
 
 def sampling_tokens(resolution: int, image_tokens: int = IMAGE_TOKENS) -> int:
@@ -285,6 +298,8 @@ def _place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int 
     if where == "gpu":
         compute = GPU_DTYPE[entry]
         vram = w.params * ITEMSIZE[compute]
+        if storage_dtype == "float8_e4m3fn":  # fp8 stays fp8 in VRAM, each Linear dequantized per call
+            vram = w.file_bytes
         if mapped:  # read from the read-only map straight into VRAM: page cache only, nothing charged
             return ComponentPlan(entry, where, "map", storage_dtype, compute, KEEP[entry], 0, 0, vram, 0,
                                  load_ram_bytes=0, load_commit_bytes=0, file_bytes=w.file_bytes,
@@ -328,6 +343,11 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     if o.plan not in PLAN_CHOICES:
         raise MemoryPlanError(f"--plan must be one of {', '.join(PLAN_CHOICES)}, not {o.plan!r}")
     weights = with_real_defaults(weights)
+    if o.fp8:
+        if o.plan == "cpu":
+            raise MemoryPlanError("--fp8 needs the read-only file map (--plan auto, gpu, streamed or mmap), "
+                                  "not --plan cpu")
+        weights = {**weights, "transformer": fp8_weights(weights["transformer"])}
     cuda = machine.has_cuda and o.plan not in ("mmap", "cpu")
     if o.plan in ("gpu", "streamed") and not machine.has_cuda:
         raise MemoryPlanError(f"--plan {o.plan} needs a CUDA GPU, and none was found (use --plan mmap or auto)")
@@ -404,6 +424,11 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
                 raise MemoryPlanError(_shortfall("the transformer resident in VRAM", full.vram_bytes - room,
                                                  "VRAM", "use --plan streamed or auto"))
 
+    if o.fp8:
+        plans["transformer"] = replace(plans["transformer"], storage="fp8")
+        notes.append(f"fp8: the transformer blocks' Linear weights as e4m3fn with per-channel scales "
+                     f"({_gb(t.file_bytes)} on disk), converted once from the bf16 shards into the fp8/ cache "
+                     f"(needs that much free disk the first time)")
     phases = _phases(plans, baseline_ram, baseline_commit, 0 if cuda else t_act, t_act if cuda else 0, text_act,
                      decode_act)
     plan = LoadPlan(machine, "cuda" if cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS}, phases,

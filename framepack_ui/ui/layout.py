@@ -11,13 +11,17 @@ from . import present
 CSS = """
 #gauges, #progress { font-variant-numeric: tabular-nums; }
 #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#plan pre { font-size: 12px; }
 """
 
 
 @dataclass
 class Page:
     """Every component the wiring needs, by name."""
+    models_banner: gr.Column  # shown only while model files are missing
     models_notice: gr.Markdown
+    download: gr.Button
+    download_progress: gr.Markdown
     image: gr.Image
     prompt: gr.Textbox
     negative: gr.Textbox
@@ -34,6 +38,8 @@ class Page:
     resolution: gr.Slider
     crf: gr.Slider
     sampler: gr.Radio
+    profile: gr.Dropdown
+    plan: gr.Markdown
     generate: gr.Button
     stop: gr.Button
     progress: gr.Markdown
@@ -45,9 +51,20 @@ class Page:
     timer: gr.Timer
     job_id: gr.State  # the job this page follows (and Stop stops)
     last_gauges: gr.State  # the previous reading, for the disk read rate
+    gallery: gr.Radio  # past outputs, newest first; the value is the video's file name
+    gallery_refresh: gr.Button
+    gallery_video: gr.Video
+    gallery_settings: gr.Markdown
+    use_settings: gr.Button
+    gallery_seen: gr.State  # the outputs folder listing last shown, to refresh only on change
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
+        return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
+                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
+
+    def form_outputs(self) -> list:
+        """What "Use these settings" fills: the start image, then present.FORM_KEYS in order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
                 self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
 
@@ -56,10 +73,14 @@ class Page:
         return [self.job_id, self.preview, self.section_video, self.progress, self.final_video]
 
 
-def build_page(models_notice: str = "") -> Page:
-    """Create the components inside the current gr.Blocks context."""
+def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto") -> Page:
+    """Create the components inside the current gr.Blocks context. `models_notice`: the missing-models banner
+    text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected."""
     d = JobSpec(image="", prompt="")
-    notice = gr.Markdown(notice_text(models_notice), visible=bool(models_notice), elem_id="models_notice")
+    with gr.Column(visible=bool(models_notice), elem_id="models_banner") as banner:
+        notice = gr.Markdown(models_notice, elem_id="models_notice")
+        download = gr.Button("Download models", variant="primary", elem_id="download_models", size="sm")
+    download_progress = gr.Markdown("", elem_id="download_progress")  # stays to say the download ended
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Start image",
@@ -88,11 +109,16 @@ def build_page(models_notice: str = "") -> Page:
                                            elem_id="teacache")
                     threshold = gr.Slider(0, 1, value=d.teacache_threshold, step=0.01, label="TeaCache threshold",
                                           elem_id="teacache_threshold")
-                resolution = gr.Slider(128, 1280, value=d.resolution, step=16,
+                resolution = gr.Slider(64, 1280, value=d.resolution, step=16,
                                        label="Resolution (area of about N x N pixels)", elem_id="resolution")
                 crf = gr.Slider(1, 51, value=d.crf, step=1, label="MP4 quality (CRF: lower is better, bigger)",
                                 elem_id="crf")
                 sampler = gr.Radio(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="sampler")
+            with gr.Accordion("Memory", open=True):
+                profile = gr.Dropdown(list(profiles), value=profile if profile in profiles else profiles[0], label="Memory profile (auto: planned for "
+                                      "this machine; the others force where the big models live)",
+                                      elem_id="memory_profile")
+                plan = gr.Markdown("Reading the machine...", elem_id="plan")
         with gr.Column(scale=1):
             progress = gr.Markdown(present.progress_text(present.JobView()), elem_id="progress")
             preview = gr.Image(label="Latest preview (the section being sampled)", type="numpy",
@@ -103,11 +129,19 @@ def build_page(models_notice: str = "") -> Page:
             gauges = gr.Markdown("Reading the gauges...", elem_id="gauges")
             with gr.Accordion("Jobs", open=True):
                 jobs = gr.Markdown("No jobs yet.", elem_id="jobs")
-    return Page(notice, image, prompt, negative, seconds, length, seed, randomise, steps, gs, cfg, rs, teacache,
-                threshold, resolution, crf, sampler, generate, stop, progress, preview, section_video,
-                final_video, gauges, jobs, gr.Timer(1.0), gr.State(None), gr.State(None))
-
-
-def notice_text(missing: str) -> str:
-    # A download button comes later; until then the one line says which files go where.
-    return f"**Model files are missing.** {missing}" if missing else ""
+    with gr.Accordion("Past outputs", open=True):
+        with gr.Row():
+            with gr.Column(scale=1):
+                gallery = gr.Radio([], value=None, label="Videos in the outputs folder, newest first",
+                                   elem_id="gallery")
+                gallery_refresh = gr.Button("Refresh", size="sm", elem_id="gallery_refresh")
+            with gr.Column(scale=1):
+                gallery_video = gr.Video(label="Past output", interactive=False, elem_id="gallery_video",
+                                         height=300)
+                gallery_settings = gr.Markdown(present.gallery_details(None), elem_id="gallery_settings")
+                use_settings = gr.Button("Use these settings", elem_id="use_settings")
+    return Page(banner, notice, download, download_progress, image, prompt, negative, seconds, length, seed,
+                randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile, plan,
+                generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
+                gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
+                use_settings, gr.State(None))

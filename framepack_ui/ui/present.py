@@ -232,3 +232,79 @@ def _cell(text: str, limit: int) -> str:
     text = " ".join(str(text).split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+
+# --------------------------------------------------------------------------------------------- past outputs
+
+FORM_KEYS = ("prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "teacache", "teacache_threshold",
+             "resolution", "crf", "sampler")  # the sidecar keys "Use these settings" puts back in the form
+ENDED = {"finished": "finished", "stopped": "stopped", "failed": "failed", "running": "running now",
+         "interrupted": "interrupted (the app was closed mid-job)", "unknown": "no settings file"}
+
+
+def gallery_status(entry) -> str:
+    """How a past job ended, in words: 'finished, 73 frames', 'stopped, kept 37 frames', 'failed: ...'."""
+    words = ENDED.get(entry.status, entry.status)
+    if entry.status == "stopped":
+        return f"stopped, kept {entry.frames or 0} frames" if entry.video else "stopped, nothing kept"
+    if entry.status == "failed":
+        kept = f" (kept {entry.frames} frames)" if entry.video and entry.frames else ""
+        return f"failed: {_cell(entry.message, 80)}{kept}" if entry.message else f"failed{kept}"
+    if entry.status == "finished" and entry.frames is not None:
+        return f"finished, {entry.frames} frames"
+    return words
+
+
+def gallery_choices(entries) -> list[tuple[str, str]]:
+    """(label, value) pairs for the gallery list, in the entries' order (newest first)."""
+    return [(f"{e.name} · {gallery_status(e)} · {_cell(e.settings.get('prompt', ''), 50) or '(no prompt)'}", e.name)
+            for e in entries]
+
+
+def gallery_details(entry) -> str:
+    """One past output's settings as Markdown: how it ended, then the settings a new job can reuse."""
+    if entry is None:
+        return "Select a past output to see its settings."
+    s = entry.settings
+    lines = [f"**{entry.name}**: {gallery_status(entry)}"]
+    if not s:
+        return lines[0] + "  \nNo settings file beside this video."
+    size = f"{s['width']}x{s['height']}, " if "width" in s and "height" in s else ""
+    sections = f"{s['sections']} sections, " if "sections" in s else ""
+    lines.append(f"{size}{sections}seed {s.get('seed', '?')}")
+    rows = ["| setting | value |", "|---|---|"]
+    rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
+    if entry.image:
+        rows.append(f"| start image | {Path(entry.image).name} |")
+    return "  \n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+def form_values(settings: dict) -> dict[str, Any]:
+    """The sidecar's settings that the form can hold, by FORM_KEYS name (others left out)."""
+    return {key: settings[key] for key in FORM_KEYS if settings.get(key) is not None}
+
+
+def models_notice_text(missing: str, need_bytes: int = 0, free_bytes: int | None = None) -> str:
+    """The banner when model files are missing: which, where, how much to download and the room there is."""
+    if not missing:
+        return ""
+    space = f"About {_gb(need_bytes)} GB to download" if need_bytes else "The download size is not known yet"
+    if free_bytes is not None:
+        space += f"; {_gb(free_bytes)} GB free on that disk" + (" (not enough)" if free_bytes < need_bytes else "")
+    return f"**Model files are missing.** {missing}.  \n{space}. Press **Download models** to fetch them here."
+
+
+def download_text(status) -> str:
+    """The download's progress (worker.DownloadStatus) in one line."""
+    if status.state == "failed":
+        return f"Download failed: {status.message}"
+    if status.state == "done":
+        return "Models downloaded."
+    if status.state == "idle":
+        return ""
+    if not status.total_bytes:
+        return "Download: asking the hub for the file sizes..."
+    pct = 100 * status.done_bytes / status.total_bytes
+    unit, scale = ("GB", GB) if status.total_bytes >= GB else ("MB", 1_000_000)
+    return (f"Downloading: {pct:.0f}% ({status.done_bytes / scale:.2f} / {status.total_bytes / scale:.2f} {unit}), "
+            f"now {status.file}")

@@ -9,6 +9,7 @@ while a job streams.
 from __future__ import annotations
 
 import random
+import time
 
 import gradio as gr
 
@@ -17,11 +18,12 @@ from ..events import Failed, Finished, Stopped
 from ..spec import SEED_MAX
 from ..telemetry import read_gauges, starved
 from . import present
-from .layout import Page, build_page, notice_text
+from .layout import Page, build_page
 
 DOWNLOAD_COMMAND = "python -m framepack_ui download"
 CACHE_CLEANUP_S = (3600, 24 * 3600)  # (every, older than): Gradio's cache of shown videos and uploads
 POLL_S = 1.0  # how often a waiting stream checks whether its page has moved on to another job
+DOWNLOAD_POLL_S = 0.5
 TERMINAL = (Finished, Stopped, Failed)
 
 
@@ -31,9 +33,15 @@ def build_ui(worker) -> gr.Blocks:
     # fetches the longer video): drop cached copies after a day (uploads too; queued jobs wait far less).
     with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S) as demo:
         gr.Markdown("# FramePack UI\nFramePack F1 image-to-video, on this machine.")
-        page = build_page(worker.missing_models())
+        page = build_page(_notice(worker), worker.plan_choices(), worker.profile)
         _wire(demo, page, worker)
     return demo
+
+
+def _notice(worker) -> str:
+    """The missing-models banner text ("" when nothing is missing)."""
+    missing = worker.missing_models()
+    return present.models_notice_text(missing, *worker.download_need()) if missing else ""
 
 
 def _wire(demo: gr.Blocks, page: Page, worker) -> None:
@@ -65,14 +73,14 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
                 del following[session]
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, request: gr.Request):
+                 resolution, crf, sampler, profile, request: gr.Request):
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
                                             teacache_threshold, resolution, crf, sampler)
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
-            job_id = worker.submit(spec)
+            job_id = worker.submit(spec, profile=profile)
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         yield from follow(job_id, request.session_hash)
@@ -89,26 +97,76 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         if job_id is None or not worker.cancel(job_id):
             gr.Info("This page has no queued or running job to stop.")
 
-    def tick(previous):
+    def tick(previous, seen):
         gauges = read_gauges(previous=previous)
         jobs = worker.jobs()
         warning = starved(gauges, generating=any(job.status == "running" for job in jobs))
-        return present.gauges_text(gauges, warning), present.jobs_table(jobs), gauges
+        signature = worker.outputs_signature()
+        gallery = gr.skip() if signature == seen else gallery_update()
+        return present.gauges_text(gauges, warning), present.jobs_table(jobs), gauges, gallery, signature
 
     def refresh_notice():
-        missing = worker.missing_models()
-        return gr.update(value=notice_text(missing), visible=bool(missing))
+        notice = _notice(worker)
+        return gr.update(visible=bool(notice)), notice
+
+    def download():
+        """Start the download (or follow the one running) and show its progress until it ends."""
+        if not worker.missing_models():
+            yield gr.update(visible=False), "", ""
+            return
+        worker.start_download()  # False when one is running already: this page then follows it
+        while True:
+            status = worker.download_status()
+            if status.state in ("done", "failed"):
+                break
+            yield gr.skip(), gr.skip(), present.download_text(status)
+            time.sleep(DOWNLOAD_POLL_S)
+        if status.state == "failed":
+            gr.Warning(status.message)
+        notice = _notice(worker)
+        yield gr.update(visible=bool(notice)), notice or gr.skip(), present.download_text(status)
+
+    def show_plan(profile, resolution):
+        return f"```\n{worker.plan_text(profile, int(resolution or 640))}\n```"
+
+    def gallery_update():
+        return gr.update(choices=present.gallery_choices(worker.past_outputs()))
+
+    def find(name):
+        return next((e for e in worker.past_outputs() if e.name == name), None) if name else None
+
+    def show_past(name):
+        entry = find(name)
+        return (entry.video if entry is not None else None), present.gallery_details(entry)
+
+    def use_settings(name):
+        entry = find(name)
+        if entry is None:
+            gr.Info("Select a past output first.")
+            return tuple(gr.skip() for _ in page.form_outputs())
+        values = present.form_values(entry.settings)
+        return (entry.image or gr.skip(), *(values.get(key, gr.skip()) for key in present.FORM_KEYS))
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
-    page.generate.click(generate, page.spec_inputs(), page.job_outputs(), **stream)
+    page.generate.click(generate, [*page.spec_inputs(), page.profile], page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
     gauges = dict(show_progress="hidden", concurrency_id="gauges", concurrency_limit=None)
-    page.timer.tick(tick, page.last_gauges, [page.gauges, page.jobs, page.last_gauges], **gauges)
-    demo.load(tick, page.last_gauges, [page.gauges, page.jobs, page.last_gauges], **gauges)
-    demo.load(refresh_notice, None, page.models_notice, queue=False)
+    tick_io = ([page.last_gauges, page.gallery_seen],
+               [page.gauges, page.jobs, page.last_gauges, page.gallery, page.gallery_seen])
+    page.timer.tick(tick, *tick_io, **gauges)
+    demo.load(tick, *tick_io, **gauges)
+    demo.load(refresh_notice, None, [page.models_banner, page.models_notice], queue=False)
     demo.load(reattach, None, page.job_outputs(), **stream)
+    page.download.click(download, None, [page.models_banner, page.models_notice, page.download_progress], **stream)
+    planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
+    demo.load(show_plan, [page.profile, page.resolution], page.plan, **planning)
+    page.profile.change(show_plan, [page.profile, page.resolution], page.plan, **planning)
+    page.resolution.change(show_plan, [page.profile, page.resolution], page.plan, **planning)
+    page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
+    page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
+    page.use_settings.click(use_settings, page.gallery, page.form_outputs(), queue=False)
 
 
 def _updates(job_id, changed: dict) -> tuple:

@@ -1,5 +1,6 @@
 """The worker: one background thread that runs queued jobs one at a time and keeps every job's events."""
 from .events import Queued
-from .worker import JobInfo, Worker
+from .gallery import PastOutput
+from .worker import DownloadStatus, JobInfo, Worker
 
-__all__ = ["JobInfo", "Queued", "Worker"]
+__all__ = ["DownloadStatus", "JobInfo", "PastOutput", "Queued", "Worker"]

@@ -4,11 +4,18 @@ Job state lives here, not in a browser tab: a second page, or a reloaded one, re
 start and then follows it live. Only the newest Step of a job keeps its preview image, so a long job's history
 stays small. The engine (and with it torch) is imported in the worker thread when the first job starts, so
 importing this module stays light.
+
+Each job runs under a memory plan (memory/plan.py) made for its memory profile ("auto" or a forced placement)
+and resolution just before it starts; the ModelManager is rebuilt only when the placements change. Missing model
+files can be fetched in a background thread the worker owns (`start_download`, `download_status`).
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections import deque
@@ -16,10 +23,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import MemoryPlanError, ModelFilesError, UserError
+from ..errors import Cancelled, InputError, MemoryPlanError, ModelFilesError, UserError
 from ..events import Failed, Finished, Phase, SectionSaved, Step, Stopped
 from ..spec import JobSpec
 from .events import Queued
+from .gallery import PastOutput, listing_signature, past_outputs
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,18 @@ _REASONS = {ModelFilesError: "models", MemoryPlanError: "memory"}
 
 # f1.run(spec, out_path, manager, emit, cancel) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
+DEFAULT_PROFILE = "auto"
+GB = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class DownloadStatus:
+    """Where the model download stands (one per worker; a second start while one runs is refused)."""
+    state: str = "idle"  # idle, running, done, failed
+    file: str = ""  # the file being fetched
+    done_bytes: int = 0
+    total_bytes: int = 0
+    message: str = ""  # one line: why it failed
 
 
 @dataclass
@@ -38,6 +58,7 @@ class _Job:
     spec: JobSpec
     out_path: Path
     submitted_at: float  # time.time()
+    profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
     status: str = "queued"
@@ -64,17 +85,28 @@ class JobInfo:
 class Worker:
     """`job_id = submit(spec)`, `cancel(job_id)`, `for ev in events(job_id): ...`, `jobs()`, `shutdown()`.
 
-    `run_job` defaults to the F1 engine's `run`; `manager` to a ModelManager on `device` (default: CUDA when
-    available). Both are made in the worker thread on the first job.
+    `run_job` defaults to the F1 engine's `run`; `manager` to a ModelManager that applies the job's memory plan
+    (a given `manager` is used as it is, with no plan). Both are made in the worker thread. `profile` is the
+    memory profile of jobs submitted without one.
     """
 
     def __init__(self, models_dir: str | Path, outputs_dir: str | Path, device: str | None = None,
-                 run_job: RunJob | None = None, manager=None):
+                 run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
+                 keep_models_s: float | None = 0):
         self.models_dir = Path(models_dir)
+        # after the queue empties: 0 frees the models at once, N keeps them N seconds for a quick next job,
+        # None keeps them until the app closes
+        self.keep_models_s = keep_models_s
         self.outputs_dir = Path(outputs_dir)
+        self.profile = profile
         self._device = device
         self._run_job = run_job
         self._manager = manager
+        self._fixed_manager = manager is not None
+        self._manager_key = None  # the placements the current manager applies
+        self._download = DownloadStatus()
+        self._download_thread: threading.Thread | None = None
+        self._profiles = self.plan_choices()  # read once: submit stays quick
         self._cond = threading.Condition()
         self._jobs: dict[str, _Job] = {}  # in submission order
         self._queue: deque[_Job] = deque()
@@ -86,13 +118,17 @@ class Worker:
 
     # ---------------------------------------------------------------------------------------------------- API
 
-    def submit(self, spec: JobSpec) -> str:
-        """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id."""
+    def submit(self, spec: JobSpec, profile: str | None = None) -> str:
+        """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id.
+        `profile`: the memory profile for this job (default: the worker's `profile`)."""
         spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
+        profile = profile or self.profile
+        if profile not in self._profiles:
+            raise InputError(f"memory profile must be one of {', '.join(self._profiles)}, not {profile!r}")
         with self._cond:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
-            job = _Job(str(next(self._ids)), spec, self._output_path(spec.seed), time.time())
+            job = _Job(str(next(self._ids)), spec, self._output_path(spec.seed), time.time(), profile)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -154,6 +190,107 @@ class Worker:
 
         return describe_missing(self.models_dir)
 
+    # ----------------------------------------------------------------------------------------- memory plan
+
+    @staticmethod
+    def plan_choices() -> tuple[str, ...]:
+        """The memory profiles a job may ask for: "auto" first, then the forced placements."""
+        from ..memory.plan import PLAN_CHOICES  # pure module, but it stays out of the UI's imports
+
+        return tuple(PLAN_CHOICES)
+
+    def plan_text(self, profile: str | None = None, resolution: int = 640) -> str:
+        """The plan a job with this profile and resolution would run under, as a table (LoadPlan.explain());
+        when none fits, one line saying why. Reads the machine now (imports torch on the first call)."""
+        try:
+            return self._make_plan(profile or self.profile, int(resolution)).explain()
+        except UserError as exc:
+            return f"No memory plan fits: {exc.message}"
+
+    def _make_plan(self, profile: str, resolution: int):
+        from ..memory.plan import PlanOverrides, make_plan
+        from ..memory.probe import probe_machine, weights_on_disk
+
+        device = self._device or _default_device()
+        machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        return make_plan(machine, weights_on_disk(self.models_dir), PlanOverrides(profile, resolution=resolution))
+
+    # -------------------------------------------------------------------------------------- past outputs
+
+    def past_outputs(self) -> list[PastOutput]:
+        """The videos in the outputs folder with their settings, newest first (see gallery.py)."""
+        with self._cond:
+            running = {str(self._running.out_path.resolve())} if self._running is not None else set()
+        return past_outputs(self.outputs_dir, running)
+
+    def outputs_signature(self) -> tuple:
+        """Changes when the outputs folder's videos or settings files change (reads no file)."""
+        with self._cond:
+            running = self._running.id if self._running is not None else None
+        return running, listing_signature(self.outputs_dir)
+
+    # ------------------------------------------------------------------------------------- model download
+
+    def download_need(self) -> tuple[int, int | None]:
+        """(bytes still to fetch, estimated from the real models' sizes; bytes free where they go)."""
+        import shutil
+
+        from ..weights import layout
+
+        need = 0
+        for name, paths in layout.missing(self.models_dir).items():
+            component = layout.COMPONENTS[name]
+            need += component.approx_bytes * len(paths) // len(component.files)
+        folder = self.models_dir.absolute()
+        while not folder.exists() and folder != folder.parent:  # the models folder may not exist yet
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        return need, free
+
+    def start_download(self) -> bool:
+        """Fetch the missing model files in a background thread; False if a download is already running."""
+        with self._cond:
+            if self._closed or (self._download_thread is not None and self._download_thread.is_alive()):
+                return False
+            self._download = DownloadStatus("running")
+            self._download_thread = threading.Thread(target=self._fetch_models, name="framepack-download",
+                                                     daemon=True)
+            self._download_thread.start()
+        return True
+
+    def download_status(self) -> DownloadStatus:
+        with self._cond:
+            return self._download
+
+    def _fetch_models(self) -> None:
+        from ..weights.download import ensure_models  # huggingface_hub: only when asked
+
+        def progress(p) -> None:
+            with self._cond:
+                if self._closed:
+                    raise Cancelled()
+                self._download = DownloadStatus("running", f"{p.component}/{p.file}", p.overall_done,
+                                                p.overall_total)
+
+        log.info("downloading the missing model files into %s", self.models_dir)
+        try:
+            ensure_models(self.models_dir, progress=progress)
+            status = DownloadStatus("done", "", self._download.total_bytes, self._download.total_bytes)
+        except Cancelled:
+            status = DownloadStatus("failed", message="download stopped; start it again to resume")
+        except UserError as exc:
+            status = DownloadStatus("failed", message=exc.message)
+        except Exception as exc:  # one line for the user, the traceback in the log
+            log.exception("model download failed")
+            status = DownloadStatus("failed", message=f"download failed: {exc.__class__.__name__}: "
+                                                      f"{' '.join(str(exc).split())}"[:300])
+        with self._cond:
+            self._download = status
+        log.info("model download %s %s", status.state, status.message)
+
     def shutdown(self, timeout_s: float = 60.0) -> None:
         """Drop the queue, stop the running job (its finished sections are kept) and end the thread."""
         with self._cond:
@@ -191,7 +328,7 @@ class Worker:
         result = None
         try:
             emit(Phase("starting", "starting the engine"))
-            run_job, manager = self._engine()
+            run_job, manager = self._engine(job)
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel)
         except UserError as exc:  # e.g. the models folder cannot be read
             result = Failed(exc.message, self._kept(job), _REASONS.get(type(exc), "input"))
@@ -199,28 +336,65 @@ class Worker:
             log.exception("job %s failed", job.id)
             result = Failed(f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())}"[:300],
                             self._kept(job))
+        if job.result is None and not isinstance(result, TERMINAL):
+            result = Failed("internal error: the job ended without a result", self._kept(job))
+        if isinstance(job.result or result, Failed):  # before the end is seen: the file says so by then
+            self._record_failure(job, job.result or result)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
-                self._end(job, result if isinstance(result, TERMINAL)
-                          else Failed("internal error: the job ended without a result", self._kept(job)))
+                self._end(job, result)
         log.info("job %s %s", job.id, job.status)
 
-    def _engine(self):
+    def _engine(self, job: _Job):
         if self._run_job is None:
             from ..engine.f1 import run  # torch and diffusers: imported here, in the worker thread, once
 
             self._run_job = run
-        if self._manager is None:
-            from ..memory.manager import ModelManager
+        if not self._fixed_manager:
+            # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
+            # line), not half-way through. The same placements keep the manager and the models it holds.
+            plan = self._make_plan(job.profile, job.spec.resolution)
+            key = tuple((c.name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling)
+                        for c in plan.components.values())
+            if self._manager is None or key != self._manager_key:
+                from ..memory.manager import ModelManager
 
-            self._manager = ModelManager(self.models_dir, self._device or _default_device())
+                if self._manager is not None:
+                    self._manager.free()
+                self._manager = None  # free first: the old and the new models never share the memory
+                self._manager = ModelManager(self.models_dir, self._device or plan.device, plan=plan)
+                self._manager_key = key
+            log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
         return self._run_job, self._manager
+
+    def _record_failure(self, job: _Job, result: Failed) -> None:
+        """A job that failed before the engine wrote its settings file (no plan fits, the engine did not start)
+        still gets one saying so, so the past outputs list it as failed; one left at "running" is corrected."""
+        path = job.out_path.with_suffix(".json")  # engine.video.sidecar_path
+        try:
+            record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            if isinstance(record, dict) and record.get("status") != "running":
+                return  # the engine recorded how it ended
+            if not isinstance(record, dict):
+                record = {**job.spec.settings(), "input_image_file": None}
+                image = Path(job.spec.image)
+                if image.is_file():
+                    copy = job.out_path.with_name(f"{job.out_path.stem}.input{image.suffix.lower()}")
+                    shutil.copyfile(image, copy)
+                    record["input_image_file"] = copy.name
+            record.update(status="failed", frames=record.get("frames") or 0, message=result.message)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+            os.replace(tmp, path)
+        except (OSError, ValueError):
+            log.exception("job %s: writing its settings file failed", job.id)
 
     def _free_memory(self) -> None:
         if self._manager is None:
             return
         try:
-            self._manager.free()  # the queue is empty: give the RAM (and VRAM) back
+            self._manager.release_after_job(self.keep_models_s)  # the queue is empty: give the memory back
         except Exception:
             log.exception("freeing the models failed")
 

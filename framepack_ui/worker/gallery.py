@@ -1,0 +1,84 @@
+"""Past outputs: the videos in the outputs folder with their settings sidecars, newest first.
+
+Reads files only (json, no torch): the sidecar of `clip.mp4` is `clip.json` (the engine's `video.sidecar_path`)
+and its `input_image_file` names the copy of the start image beside it. The sidecar's `status` says how the job
+ended ("finished", "stopped", "failed"); one left at "running" by a job that is no longer running (the app was
+closed mid-job) is shown as "interrupted".
+"""
+from __future__ import annotations
+
+import json
+import os
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MAX_ENTRIES = 200  # the newest; older files stay on disk, only the list is cut
+
+
+@dataclass(frozen=True)
+class PastOutput:
+    name: str  # the video's file name, e.g. 20260101_120000_42.mp4 (the key the UI selects by)
+    video: str | None  # absolute path of the video; None when no section was ever written
+    settings: dict = field(default_factory=dict)  # the sidecar JSON ({} when there is none or it is unreadable)
+    image: str | None = None  # the copy of the start image, if it is there
+    status: str = "unknown"  # finished, stopped, failed, running, interrupted, unknown (no settings file)
+    message: str = ""  # why a failed job failed
+    frames: int | None = None
+    mtime: float = 0.0
+
+
+def past_outputs(outputs_dir: Path, running: set[str] = frozenset(), limit: int = MAX_ENTRIES) -> list[PastOutput]:
+    """Every video (and every settings file of a job that left no video) in `outputs_dir`, newest first.
+
+    `running`: absolute paths of the videos being written now (their sidecar's "running" is true).
+    """
+    outputs_dir = Path(outputs_dir)
+    if not outputs_dir.is_dir():
+        return []
+    stems: dict[str, float] = {}
+    for path in outputs_dir.iterdir():
+        if path.suffix.lower() not in (".mp4", ".json") or ".input" in path.suffixes or path.name.startswith("."):
+            continue
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            continue
+        stems[path.stem] = max(stems.get(path.stem, 0.0), mtime)
+    newest = sorted(stems, key=lambda s: (stems[s], s), reverse=True)[:limit]
+    return [_entry(outputs_dir, stem, stems[stem], running) for stem in newest]
+
+
+def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> PastOutput:
+    video = outputs_dir / f"{stem}.mp4"
+    sidecar = outputs_dir / f"{stem}.json"
+    settings: dict = {}
+    if sidecar.is_file():
+        try:
+            settings = json.loads(sidecar.read_text(encoding="utf-8"))
+            if not isinstance(settings, dict):
+                settings = {}
+        except (OSError, ValueError):
+            log.warning("unreadable settings file %s", sidecar)
+    status = str(settings.get("status", "unknown")) if settings else "unknown"
+    if status == "running" and str(video.resolve()) not in running:
+        status = "interrupted"
+    image = settings.get("input_image_file")
+    image_path = outputs_dir / image if isinstance(image, str) and image else None
+    has_video = video.is_file() and video.stat().st_size > 0
+    frames = settings.get("frames")
+    return PastOutput(video.name, str(video.resolve()) if has_video else None, settings,
+                      str(image_path.resolve()) if image_path is not None and image_path.is_file() else None,
+                      status, str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime)
+
+
+def listing_signature(outputs_dir: Path) -> tuple:
+    """Changes whenever a video or settings file is added, removed or rewritten: cheap (no file is read)."""
+    try:
+        with os.scandir(outputs_dir) as entries:
+            return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries
+                                if e.name.endswith((".mp4", ".json")) and not e.name.startswith(".")))
+    except OSError:
+        return ()

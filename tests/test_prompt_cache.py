@@ -1,0 +1,123 @@
+"""Issue 3: prompt embeddings cached in memory and on disk, keyed by the prompt and the encoder files' identity."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framepack_ui.engine import f1, text
+from framepack_ui.events import Finished
+from framepack_ui.memory.manager import ModelManager
+from framepack_ui.memory.plan import GB, make_plan, real_weights
+from framepack_ui.memory.probe import Machine
+from framepack_ui.memory.prompt_cache import PromptCache
+from framepack_ui.spec import JobSpec
+from framepack_ui.weights.layout import COMPONENTS
+
+FAST = dict(resolution=64, steps=2, seconds=1.2)
+
+
+@pytest.fixture(scope="module")
+def start_image(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    y, x = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([x * 3, y * 3, (x + y) % 255], axis=-1).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def job(manager, out, image, **settings):
+    frames = []
+    spec = JobSpec(image=image, prompt=settings.pop("prompt", "a square drifts"), seed=5, **{**FAST, **settings})
+    end = f1.run(spec, out, manager, lambda e: None, frame_sink=frames.append)
+    assert isinstance(end, Finished), end
+    return np.concatenate(frames)
+
+
+def test_rerun_with_a_known_prompt_never_loads_the_text_encoders(tiny_models_dir, start_image, tmp_path):
+    cache = tmp_path / "prompts"
+    manager = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=cache)
+    first = job(manager, tmp_path / "a.mp4", start_image)
+    assert manager.load_count["text_encoders"] == 1
+    again = job(manager, tmp_path / "b.mp4", start_image)
+    assert manager.load_count["text_encoders"] == 1  # from the memory cache
+    assert np.array_equal(first, again)  # the cached embeddings are exactly the fresh ones
+
+    # real CFG: the negative counts too; an unknown one loads the encoders, a known one does not
+    job(manager, tmp_path / "c.mp4", start_image, cfg=2.0, negative="blurry")
+    assert manager.load_count["text_encoders"] == 2
+    job(manager, tmp_path / "d.mp4", start_image, cfg=2.0, negative="blurry")
+    assert manager.load_count["text_encoders"] == 2
+
+    # a new process (a fresh manager, empty memory cache) reads them from disk
+    fresh = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=cache)
+    assert np.array_equal(job(fresh, tmp_path / "e.mp4", start_image), first)
+    job(fresh, tmp_path / "f.mp4", start_image, cfg=2.0, negative="blurry")
+    assert "text_encoders" not in fresh.load_count and not fresh.is_loaded("text_encoders")
+    assert list(cache.glob("*.safetensors")) and not list(cache.glob("*.tmp"))
+
+
+def test_prompt_cache_invalidates_when_the_encoder_files_change(tiny_models_dir, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, models, ignore=shutil.ignore_patterns(".cache"))
+    manager = ModelManager(models, "cpu", prompt_cache_dir=tmp_path / "prompts")
+    (fresh,), loaded = text.encode_prompts(["a cat"], manager)
+    assert loaded
+    (cached,), loaded = text.encode_prompts(["a cat"], manager)
+    assert not loaded and torch.equal(cached.llama, fresh.llama) and torch.equal(cached.clip_pooled,
+                                                                                 fresh.clip_pooled)
+    for component, file in (("text_encoder_2", "model.safetensors"), ("tokenizer", "tokenizer.json")):
+        path = COMPONENTS[component].folder(models) / file
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a re-downloaded file
+        _, loaded = text.encode_prompts(["a cat"], manager)
+        assert loaded, f"a changed {component} must not reuse old embeddings"
+        _, loaded = text.encode_prompts(["a cat"], manager)
+        assert not loaded
+    assert manager.load_count["text_encoders"] == 3
+
+
+def test_prompt_cache_disk_entries_survive_only_when_valid(tmp_path):
+    cache_dir = tmp_path / "prompts"
+    tensors = {"llama": torch.randn(1, 3, 8), "llama_mask": torch.ones(1, 3, dtype=torch.long),
+               "clip_pooled": torch.randn(1, 4)}
+    PromptCache(tmp_path, cache_dir).put("p", "v", tensors, ["a notice"])
+    (entry,) = cache_dir.glob("*.safetensors")
+    got, notices = PromptCache(tmp_path, cache_dir).get("p", "v")  # a new instance: from disk
+    assert notices == ["a notice"] and all(torch.equal(got[k], tensors[k]) for k in tensors)
+    assert PromptCache(tmp_path, cache_dir).get("p", "other variant") is None
+    assert PromptCache(tmp_path, cache_dir).get("other prompt", "v") is None
+    entry.write_bytes(entry.read_bytes()[:40])  # truncated: a miss, and removed
+    assert PromptCache(tmp_path, cache_dir).get("p", "v") is None and not entry.exists()
+    small = PromptCache(tmp_path, None, memory_entries=2)  # memory only, LRU
+    for p in ("a", "b", "c"):
+        small.put(p, "v", tensors)
+    assert small.get("a", "v") is None and small.get("c", "v") is not None
+
+
+def test_text_phase_on_an_8gb_16gb_machine_needs_under_4gb_of_ram():
+    plan = make_plan(Machine.supposed(16, 8), real_weights())
+    text_phase = plan.phase("text")
+    assert plan.components["text_encoders"].where == "mmap"  # 15 GB read from the read-only map, not copied
+    assert text_phase.ram_bytes < 4 * GB and text_phase.commit_bytes < 4 * GB
+
+
+def test_cli_second_run_reads_the_prompt_from_the_disk_cache(tiny_models_dir, start_image, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    outputs = []
+    for name in ("one", "two"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "framepack_ui", "generate", "--models", str(tiny_models_dir), "--image",
+             start_image, "--prompt", "cached across processes", "--seconds", "1", "--resolution", "64",
+             "--steps", "2", "--offline", "--prompt-cache-dir", str(tmp_path / "prompts"),
+             "--out", str(tmp_path / f"{name}.mp4")], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert "from the cache" not in outputs[0] and "from the cache (text encoder not loaded)" in outputs[1]
