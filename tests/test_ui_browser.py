@@ -445,3 +445,21 @@ def test_auth_file_lines_are_read_and_a_bad_line_is_named(tmp_path):
         app.read_auth_file(users)
     with pytest.raises(SystemExit):  # the command line says so and stops
         app.parse_args(["--auth-file", str(users)])
+
+
+def test_listen_binds_all_interfaces_and_prints_the_lan_addresses(tiny_models_dir, tmp_path):
+    """--listen: the socket is on 0.0.0.0 and the log names every LAN address (only loopback is contacted)."""
+    outputs = tmp_path / "outputs_lan"
+    outputs.mkdir()
+    with run_app(tiny_models_dir, outputs, "--listen", "--auth", "a:b", name="app_lan") as (url, pid):
+        listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN]
+        assert listening and all(address.ip == "0.0.0.0" for address in listening), listening
+        port = listening[0].port
+        lan = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                      if a.family == socket.AF_INET and not a.address.startswith("127.")})
+        expected = [f"on the LAN: http://{address}:{port}" for address in lan]
+        deadline = time.monotonic() + 15  # the lines follow the server's start by a moment
+        while not all(line in (log_text := (outputs.parent / "app_lan.log").read_text()) for line in expected):
+            assert time.monotonic() < deadline, log_text[-2000:]
+            time.sleep(0.2)
