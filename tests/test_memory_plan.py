@@ -102,6 +102,18 @@ def test_plan_that_cannot_fit_names_the_shortfall_and_a_fix():
         make_plan(tight_commit, REAL)
 
 
+def test_short_commit_with_a_system_managed_pagefile_plans_a_prewarm_instead_of_refusing():
+    """os error 1455 case: commit is short, but Windows manages the pagefile and the disk has room, so the plan
+    goes ahead and says the pagefile will be grown first (the manager pre-warms before loading)."""
+    tight = dict(ram_total_bytes=32 * GB, ram_available_bytes=30 * GB, commit_limit_bytes=34 * GB,
+                 commit_available_bytes=int(1.5 * GB), commit_enforced=True, vram_total_bytes=8 * GB,
+                 vram_free_bytes=8 * GB, os_name="windows")
+    plan = make_plan(Machine(**tight, pagefile_growable=True, disk_free_bytes=100 * GB), REAL)
+    assert any("pagefile will be grown" in note for note in plan.notes)
+    with pytest.raises(MemoryPlanError, match="pagefile"):  # growable, but the disk is full
+        make_plan(Machine(**tight, pagefile_growable=True, disk_free_bytes=1 * GB), REAL)
+
+
 def test_plan_overrides():
     assert where(make_plan(Machine.supposed(32, 8), REAL, PlanOverrides("mmap")))["transformer"] == "mmap"
     assert make_plan(Machine.supposed(32, 8), REAL, PlanOverrides("mmap")).device == "cpu"

@@ -480,10 +480,17 @@ def _check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
             f"or what is free now): {short / GB:.1f} GB short; close other programs, add RAM, or lower --resolution")
     if plan.commit_budget_bytes is not None and plan.peak_commit_bytes > plan.commit_budget_bytes:
         short = plan.peak_commit_bytes - plan.commit_budget_bytes
-        raise MemoryPlanError(
-            f"no plan fits the commit limit: {_gb(plan.peak_commit_bytes)} needed, {_gb(plan.commit_budget_bytes)} "
-            f"available: {short / GB:.1f} GB short; enlarge the pagefile (or let Windows manage it) by at least "
-            f"{math.ceil(short / GB)} GB")
+        disk = plan.machine.disk_free_bytes
+        if plan.machine.pagefile_growable and (disk is None or disk > short + RAM_RESERVE_BYTES):
+            # the manager pre-grows the system-managed pagefile before the load (prewarm.py) instead of
+            # letting the load die with os error 1455
+            notes.append(f"commit is {short / GB:.1f} GB short: the pagefile will be grown by that much before "
+                         f"loading (Windows manages it; needs that much free disk)")
+        else:
+            raise MemoryPlanError(
+                f"no plan fits the commit limit: {_gb(plan.peak_commit_bytes)} needed, "
+                f"{_gb(plan.commit_budget_bytes)} available: {short / GB:.1f} GB short; enlarge the pagefile (or let "
+                f"Windows manage it) by at least {math.ceil(short / GB)} GB")
     if plan.device == "cuda":
         worst_vram = max(plan.phases, key=lambda p: p.vram_bytes)
         if worst_vram.vram_bytes > plan.vram_budget_bytes:

@@ -56,6 +56,8 @@ class Machine:
     gpu_name: str = ""
     disk_free_bytes: int | None = None  # on the models folder's volume
     os_name: str = "linux"  # "linux" | "windows" | "darwin"
+    # Windows with a system-managed pagefile: commit can grow (pre-warm, prewarm.py) as far as the disk allows
+    pagefile_growable: bool = False
     description: str = "this machine"
 
     @property
@@ -194,10 +196,22 @@ def probe_machine(models_dir: Path | None = None, cuda: bool = True) -> Machine:
         fields["swap_free_bytes"] = 0
     if cuda:
         fields.update(_cuda())
-    machine = Machine(**fields, os_name=os_name,
+    machine = Machine(**fields, os_name=os_name, pagefile_growable=_pagefile_growable(os_name),
                       disk_free_bytes=disk_free_bytes(models_dir) if models_dir is not None else None)
     log.info("machine: %s", machine)
     return machine
+
+
+def _pagefile_growable(os_name: str) -> bool:
+    if os_name != "windows":
+        return False
+    from .prewarm import default_allocator  # untested on Windows: reads the PagingFiles registry value
+
+    allocator = default_allocator()
+    try:
+        return bool(allocator and allocator.pagefile_system_managed())
+    except OSError:
+        return False
 
 
 # --- weights on disk --------------------------------------------------------------------------------------------
