@@ -35,6 +35,7 @@ from framepack_ui.memory.storage import MappedFile, read_header, shard_files
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks
 from framepack_ui.weights.layout import COMPONENTS
 from framepack_ui.weights.tiny import make_tiny_models
+from model_inputs import transformer_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -58,22 +59,6 @@ def models_copy(fp8_models, tmp_path) -> Path:
 
 def _folder(models: Path) -> Path:
     return COMPONENTS["transformer"].folder(models)
-
-
-def _inputs(transformer, seed=0):
-    from framepack_ui.engine import f1
-
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randn(1, 16, 1, 8, 8, generator=g)
-    history = f1.History.start(start)
-    history.append(torch.randn(1, 16, 9, 8, 8, generator=g))
-    return dict(hidden_states=torch.randn(1, 16, 9, 8, 8, generator=g), timestep=torch.tensor([700.0]),
-                encoder_hidden_states=torch.randn(1, 6, cfg.text_embed_dim, generator=g),
-                encoder_attention_mask=torch.ones(1, 6, dtype=torch.long),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                image_embeds=torch.randn(1, 4, cfg.image_proj_dim, generator=g),
-                guidance=torch.tensor([10000.0]), return_dict=False, **history.conditioning(start))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,7 +122,7 @@ def test_fp8_transformer_output_close_to_bf16(fp8_models):
     assert f8.dtype == torch.float32  # ModelMixin.dtype reports the compute dtype: the engine feeds that
     linear = f8.transformer_blocks[0].attn.to_q
     assert linear.weight.dtype == torch.float8_e4m3fn and linear.weight_scale.dtype == torch.float32
-    inputs = _inputs(bf16)
+    inputs = transformer_inputs(bf16)
     with torch.no_grad():
         want, got = bf16(**inputs)[0], f8(**inputs)[0]
         x = torch.randn(3, linear.in_features, generator=torch.Generator().manual_seed(1))
@@ -265,7 +250,7 @@ CORRUPTIONS = {"flipped byte": _flip_byte, "truncated": _truncate, "garbled head
 def test_corrupt_cache_is_detected_and_rebuilt(models_copy, caplog, corruption):
     folder = _folder(models_copy)
     model = loading.load_transformer(models_copy, torch.float32, CPU, storage="fp8")
-    inputs = _inputs(model)
+    inputs = transformer_inputs(model)
     with torch.no_grad():
         want = model(**inputs)[0]
     del model
@@ -302,7 +287,7 @@ def test_streamed_fp8_blocks_equal_resident_and_dequantize_from_the_slot(fp8_mod
     """The streamer's pre-hook sits on each block; the dequant hook on the block's Linears runs inside the
     block's forward, so it reads the weight and scale after they were swapped into the slot."""
     model = loading.load_transformer(fp8_models, torch.float32, CPU, storage="fp8")
-    inputs = _inputs(model)
+    inputs = transformer_inputs(model)
     with torch.no_grad():
         expected = model(**inputs)[0]
         blocks = transformer_blocks(model)

@@ -3,28 +3,14 @@ from __future__ import annotations
 
 import torch
 
-from framepack_ui.engine import f1
 from framepack_ui.memory import loading
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks
-
-
-def _inputs(transformer):
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(0)
-    start = torch.randn(1, 16, 1, 8, 8, generator=g)
-    history = f1.History.start(start)
-    history.append(torch.randn(1, 16, 9, 8, 8, generator=g))
-    return dict(hidden_states=torch.randn(1, 16, 9, 8, 8, generator=g), timestep=torch.tensor([700.0]),
-                encoder_hidden_states=torch.randn(1, 6, cfg.text_embed_dim, generator=g),
-                encoder_attention_mask=torch.ones(1, 6, dtype=torch.long),
-                pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-                image_embeds=torch.randn(1, 4, cfg.image_proj_dim, generator=g),
-                guidance=torch.tensor([10000.0]), return_dict=False, **history.conditioning(start))
+from model_inputs import transformer_inputs
 
 
 def test_streamed_blocks_give_the_resident_output_exactly(tiny_models_dir):
     transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))
-    inputs = _inputs(transformer)
+    inputs = transformer_inputs(transformer)
     with torch.no_grad():
         expected = transformer(**inputs)[0]
         blocks = transformer_blocks(transformer)
