@@ -179,7 +179,9 @@ def main() -> None:
     R["build_s"] = now() - t
     if a.compile:
         for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            block.compile(dynamic=False)
+            # forward only, not Module.compile(): that would trace the streamer's hooks too (their weight swap
+            # breaks the graph: measured), while hooks around a compiled forward stay eager
+            block.forward = torch.compile(block.forward, dynamic=False)
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
     noise = torch.randn(1, 16, 9, lh, lw, generator=g)
