@@ -4,6 +4,8 @@
 class UserError(Exception):
     """Base of every error whose message is shown to the user as it is, on one line."""
 
+    reason = "input"  # Failed.reason: what the user can act on ("input", "models", "memory")
+
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # one line, always
 
@@ -19,9 +21,13 @@ class InputError(UserError):
 class ModelFilesError(UserError):
     """Model weights are missing, truncated or of the wrong shape."""
 
+    reason = "models"
+
 
 class MemoryPlanError(UserError):
     """No placement of the models fits this machine."""
+
+    reason = "memory"
 
 
 class Cancelled(Exception):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.image import buckets, nearest_bucket
-from framepack_ui.engine.video import count_frames, read_metadata, sidecar_path
+from framepack_ui.engine.video import count_frames, read_metadata
+from framepack_ui.sidecar import sidecar_path
 from framepack_ui.events import Failed, Finished, Notice, SectionSaved, Step, Stopped
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.spec import JobSpec

@@ -15,11 +15,10 @@ from framepack_ui.engine.video import (
     SectionVideoWriter,
     count_frames,
     read_metadata,
-    sidecar_path,
     soft_append,
     to_uint8,
-    write_sidecar,
 )
+from framepack_ui.sidecar import sidecar_path, write_sidecar
 
 W, H = 64, 48
 FIRST, LATER = 37, 69  # F1: 10 latents -> 37 frames; 18 latents -> 69 frames

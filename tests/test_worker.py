@@ -14,7 +14,7 @@ from PIL import Image
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.video import count_frames
-from framepack_ui.engine.video import sidecar_path
+from framepack_ui.sidecar import sidecar_path
 from framepack_ui.errors import InputError
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Stopped
 from framepack_ui.spec import JobSpec

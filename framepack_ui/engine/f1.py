@@ -17,19 +17,19 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..errors import Cancelled, InputError, MemoryPlanError, ModelFilesError, UserError
+from ..errors import Cancelled, UserError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+from ..sidecar import write_sidecar
 from ..spec import LATENT_WINDOW, JobSpec
 from ..weights.layout import COMPONENTS
 from . import image as image_ops
 from . import text, vae as vae_ops
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .teacache import apply_teacache, remove_teacache
-from .video import SectionVideoWriter, write_sidecar
+from .video import SectionVideoWriter
 
 log = logging.getLogger(__name__)
 
-_REASONS = {InputError: "input", ModelFilesError: "models", MemoryPlanError: "memory"}
 HISTORY_SIZES = (16, 2, 1)  # history latent frames fed at 4x, 2x and 1x compression (oldest first)
 DECODE_LATENTS = 2 * LATENT_WINDOW  # later sections decode 18 latents and cross-fade 33 of the 69 frames
 OVERLAP_FRAMES = LATENT_WINDOW * 4 - 3  # 33
@@ -234,7 +234,7 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
     except UserError as exc:
         frames = _close(writer)
         _record_end(out_path, settings, spec, "failed", frames, exc.message)
-        result = Failed(exc.message, str(out_path) if frames else None, _REASONS.get(type(exc), "input"))
+        result = Failed(exc.message, str(out_path) if frames else None, exc.reason)
     except torch.OutOfMemoryError as exc:
         frames = _close(writer)
         message = ("out of memory: " + " ".join(str(exc).split())[:160] +

@@ -14,16 +14,12 @@ until it knows its duration). Such files report 0 frames in the header: use ``co
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import av
 import numpy as np
@@ -267,67 +263,3 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """Container-level metadata tags (custom keys included when written with use_metadata_tags)."""
     with av.open(str(path)) as container:
         return dict(container.metadata)
-
-
-def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
-    """Where a video's settings JSON lives: beside it, same stem (`clip.mp4` -> `clip.json`)."""
-    return Path(video_path).with_suffix(".json")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_sidecar(
-    video_path: str | os.PathLike[str],
-    settings: Mapping[str, Any],
-    image_path: str | os.PathLike[str] | None,
-) -> Path:
-    """Write `<video stem>.json` (pretty, atomically) and copy the input image to `<video stem>.input<ext>`.
-
-    The JSON gets the settings plus `input_image_file`: the copy's file name (relative to the video's folder),
-    or None without an image. The image is copied first, so a JSON on disk never names a missing file.
-    Returns the JSON path.
-    """
-    video_path = Path(video_path)
-    json_path = sidecar_path(video_path)
-    record = dict(settings)
-    image_name = None
-    if image_path is not None:
-        src = Path(image_path)
-        dest = video_path.with_name(f"{video_path.stem}.input{src.suffix.lower()}")
-        if not (dest.exists() and os.path.samefile(src, dest)):
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-            os.close(fd)
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dest)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
-        image_name = dest.name
-    record["input_image_file"] = image_name
-    text = json.dumps(record, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-    _atomic_write_bytes(json_path, text.encode("utf-8"))
-    return json_path

@@ -1,6 +1,6 @@
 """Past outputs: the videos in the outputs folder with their settings sidecars, newest first.
 
-Reads files only (json, no torch): the sidecar of `clip.mp4` is `clip.json` (the engine's `video.sidecar_path`)
+Reads files only (json, no torch): the sidecar of `clip.mp4` is `clip.json` (`framepack_ui.sidecar.sidecar_path`)
 and its `input_image_file` names the copy of the start image beside it. The sidecar's `status` says how the job
 ended ("finished", "stopped", "failed"); one left at "running" by a job that is no longer running (the app was
 closed mid-job) is shown as "interrupted".

@@ -14,8 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -23,8 +21,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import Cancelled, InputError, MemoryPlanError, ModelFilesError, UserError
+from ..errors import Cancelled, InputError, UserError
 from ..events import Failed, Finished, Phase, SectionSaved, Step, Stopped
+from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 TERMINAL = (Finished, Stopped, Failed)
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
-_REASONS = {ModelFilesError: "models", MemoryPlanError: "memory"}
 
 # f1.run(spec, out_path, manager, emit, cancel) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
@@ -331,7 +329,7 @@ class Worker:
             run_job, manager = self._engine(job)
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel)
         except UserError as exc:  # e.g. the models folder cannot be read
-            result = Failed(exc.message, self._kept(job), _REASONS.get(type(exc), "input"))
+            result = Failed(exc.message, self._kept(job), exc.reason)
         except Exception as exc:  # the worker must outlive any job: one line for the user, the traceback in the log
             log.exception("job %s failed", job.id)
             result = Failed(f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())}"[:300],
@@ -370,23 +368,18 @@ class Worker:
     def _record_failure(self, job: _Job, result: Failed) -> None:
         """A job that failed before the engine wrote its settings file (no plan fits, the engine did not start)
         still gets one saying so, so the past outputs list it as failed; one left at "running" is corrected."""
-        path = job.out_path.with_suffix(".json")  # engine.video.sidecar_path
+        path = sidecar_path(job.out_path)
         try:
             record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
             if isinstance(record, dict) and record.get("status") != "running":
                 return  # the engine recorded how it ended
             if not isinstance(record, dict):
-                record = {**job.spec.settings(), "input_image_file": None}
-                image = Path(job.spec.image)
-                if image.is_file():
-                    copy = job.out_path.with_name(f"{job.out_path.stem}.input{image.suffix.lower()}")
-                    shutil.copyfile(image, copy)
-                    record["input_image_file"] = copy.name
+                record = job.spec.settings()
             record.update(status="failed", frames=record.get("frames") or 0, message=result.message)
+            record.pop("input_image_file", None)  # write_sidecar names the copy it makes
+            image = Path(job.spec.image)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            write_sidecar(job.out_path, record, image if image.is_file() else None)
         except (OSError, ValueError):
             log.exception("job %s: writing its settings file failed", job.id)
 
