@@ -7,6 +7,7 @@ safetensors maps files copy-on-write, which counts there in full; a read-only ma
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,11 @@ def transformer_files(models: Path) -> list[Path]:
 def run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, dict[str, int]]]:
     """Run `cmd`, sampling the child's /proc/PID/status every 5 ms; peaks of VmData and RssAnon per phase, the
     phase being the last `[name]` line the child printed. Sampling can miss a spike shorter than 5 ms."""
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # glibc's per-thread malloc arenas keep freed blocks per thread and made RssAnon vary by ~100 MB between
+    # runs on a busy machine (one CI run measured 530 MB where others measured ~420); two arenas keep the
+    # measurement about the process's own memory
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     phase, lines, peaks = ["start"], [], {}
 
     def read():
