@@ -101,8 +101,38 @@ def test_prompt_cache_disk_entries_survive_only_when_valid(tmp_path):
 def test_text_phase_on_an_8gb_16gb_machine_needs_under_4gb_of_ram():
     plan = make_plan(Machine.supposed(16, 8), real_weights())
     text_phase = plan.phase("text")
-    assert plan.components["text_encoders"].where == "mmap"  # 15 GB read from the read-only map, not copied
+    te = plan.components["text_encoders"]
+    assert te.where == "gpu-streamed" and te.storage == "map"  # 15 GB streamed from the read-only map, not copied
     assert text_phase.ram_bytes < 4 * GB and text_phase.commit_bytes < 4 * GB
+
+
+def test_disk_cache_is_capped_least_recently_used_first(tmp_path):
+    """Past `max_disk_bytes` the entries used longest ago go, after each write; a hit (from disk or memory)
+    counts as a use, also for another process (the file's mtime)."""
+    cache_dir = tmp_path / "prompts"
+    tensors = {"llama": torch.randn(1, 16, 64), "llama_mask": torch.ones(1, 16, dtype=torch.long),
+               "clip_pooled": torch.randn(1, 8)}
+    PromptCache(tmp_path, cache_dir).put("a", "v", tensors)
+    entry_bytes = next(cache_dir.glob("*.safetensors")).stat().st_size
+    cap = 2 * entry_bytes + entry_bytes // 2  # room for two entries
+    writer = PromptCache(tmp_path, cache_dir, max_disk_bytes=cap)
+    writer.put("b", "v", tensors)
+    assert PromptCache(tmp_path, cache_dir).get("a", "v") is not None  # another process uses "a": "b" is oldest
+    writer.put("c", "v", tensors)
+    entries = sorted(cache_dir.glob("*.safetensors"))
+    assert len(entries) == 2 and sum(e.stat().st_size for e in entries) <= cap
+    reader = PromptCache(tmp_path, cache_dir)
+    assert reader.get("b", "v") is None  # the least recently used went
+    assert reader.get("c", "v") is not None and reader.get("a", "v") is not None  # "c" is now the oldest
+    assert writer.get("c", "v") is not None  # a memory hit touches the file too: "a" is now the oldest
+    writer.put("d", "v", tensors)
+    assert PromptCache(tmp_path, cache_dir).get("a", "v") is None
+    assert PromptCache(tmp_path, cache_dir).get("c", "v") is not None
+    unbounded = PromptCache(tmp_path, cache_dir, max_disk_bytes=None)
+    for p in ("e", "f", "g"):
+        unbounded.put(p, "v", tensors)
+    assert len(list(cache_dir.glob("*.safetensors"))) == 5
+    assert PromptCache(tmp_path, cache_dir).max_disk_bytes == 256 * 1024 * 1024  # the default cap
 
 
 def test_cli_second_run_reads_the_prompt_from_the_disk_cache(tiny_models_dir, start_image, tmp_path):

@@ -92,22 +92,60 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str) -> bool:
 
 # --- the compute hook --------------------------------------------------------------------------------------------
 
-class Fp8Linear(UpcastOnForward):
+class Fp8Linear(torch.nn.Linear):
     """nn.Linear computed from an fp8 weight and its per-row scale: dequantized into a transient tensor in the
-    compute dtype for the call only; the stored (mapped, or streamed-slot) fp8 tensor is only read.
+    compute dtype for the call only (the stored, mapped or streamed-slot, fp8 tensor is only read), or with
+    `fp8_matmul` multiplied in fp8 directly (`fp8_linear`).
 
-    It reads `module.weight` at call time, so under streaming.py it sees the block's slot copy: the streamer's
-    forward pre-hook sits on the block and runs before the block's forward calls this Linear. Registered under
-    storage.HOOK_NAME, so `ModelMixin.dtype` reports the compute dtype, as with UpcastOnForward.
+    It reads `self.weight` at call time, so under streaming.py it sees the block's slot copy: the streamer's
+    forward pre-hook sits on the block and runs before the block's forward calls this Linear.
+    A class swapped in (`apply_fp8_compute`), not a per-module diffusers hook: torch.compile guards on each hooked
+    module's own forward object, so with hooks every one of the 60 blocks recompiled and compile gave up after 8
+    (measured on the H100: "hit config.recompile_limit (8)"); with one class, all blocks of a kind share a graph.
     """
 
-    def new_forward(self, module, *args, **kwargs):
-        x = args[0] if args else kwargs["input"]
-        weight = dequantize(module.weight, module.weight_scale, self.compute_dtype)
-        bias = module.bias
+    compute_dtype = torch.bfloat16  # set per module by apply_fp8_compute
+    fp8_matmul = False  # set by set_fp8_matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
-        return F.linear(x, weight, bias)
+        if self.fp8_matmul:
+            return fp8_linear(x.to(self.compute_dtype), self.weight, self.weight_scale, bias)
+        return F.linear(x, dequantize(self.weight, self.weight_scale, self.compute_dtype), bias)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (fp8 [M, K], float32 scale [M, 1]): one scale per token, as the weight has one per
+    output channel, so an outlier token does not flatten the others."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T + bias with both operands in e4m3 and row-wise scales (`torch._scaled_mm`: the fp8 tensor
+    cores of Ada/Hopper and later, about twice the bf16 matmul rate); output in x's dtype."""
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    # weight [out, in] row-major: its transpose is the column-major [in, out] operand _scaled_mm wants
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1),
+                         bias=bias, out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:
+    """Switch every fp8 Linear of `model` between fp8 matmul and dequantize-then-bf16-matmul; returns how many.
+    The activations are quantized too, so this costs accuracy beyond the weight storage: measured in
+    bench/bench_levers.py (docs/benchmarks.md)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fp8_matmul = enabled
+            count += 1
+    return count
 
 
 def is_fp8_linear(module: torch.nn.Module) -> bool:
@@ -116,12 +154,13 @@ def is_fp8_linear(module: torch.nn.Module) -> bool:
 
 
 def apply_fp8_compute(model: torch.nn.Module, compute_dtype: torch.dtype) -> tuple[int, int]:
-    """Hook each fp8 Linear (dequantize per call) and each other module with weights of another dtype (upcast
-    per call). Returns (fp8 Linears, upcast modules)."""
+    """Make each fp8 Linear an `Fp8Linear` (dequantize per call) and hook each other module with weights of another
+    dtype (upcast per call). Returns (fp8 Linears, upcast modules)."""
     fp8 = upcast = 0
     for module in model.modules():
         if is_fp8_linear(module):
-            HookRegistry.check_if_exists_or_initialize(module).register_hook(Fp8Linear(compute_dtype), HOOK_NAME)
+            module.__class__ = Fp8Linear
+            module.compute_dtype = compute_dtype
             fp8 += 1
             continue
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]

@@ -7,6 +7,11 @@ phase ends, so the peak is the largest phase rather than the sum of all models.
 Where each model lives comes from a LoadPlan (plan.py) turned into Placements: the manager applies it and decides
 nothing. Without a plan, `default_placements` keeps the old behaviour, except that the transformer is always read
 from its read-only file map (same numbers, no RAM copy, nothing charged to the commit limit).
+
+A streamed transformer whose placement says `park_for_decode` gives its resident blocks' VRAM to the VAE: while
+the VAE is in use they point at their mapped sources (streaming.BlockStreamer.park) and are copied back after, so
+on an 8 GB card the decode no longer caps how many blocks stay resident. After loading, the transformer gets the
+placement's speed options (compiled block forwards, attention backend, fp8 matmuls: kernels.py, fp8.py).
 """
 from __future__ import annotations
 
@@ -32,8 +37,13 @@ class Placement:
     dtype: torch.dtype  # compute dtype
     keep: bool  # stays loaded after use (reused every section) or freed at the end of the phase
     storage: str = "ram"  # "map": weights read-only-mapped from the files (storage.py); "ram": the library's loader
-    resident_blocks: int | None = None  # set: stream the transformer's other blocks to the GPU (streaming.py)
+    resident_blocks: int | None = None  # set: stream the other blocks (layers) to the GPU (streaming.py)
     vae_tiling: bool = False
+    park_for_decode: bool = False  # streamed transformer: its resident blocks leave VRAM while the VAE is used
+    # transformer: how it computes (kernels.py, fp8.py), applied once per load
+    compile: bool = False
+    attention: str | None = None
+    fp8_matmul: bool = False
 
 
 def default_placements(device: torch.device) -> dict[str, Placement]:
@@ -57,14 +67,20 @@ def placements_from_plan(plan) -> dict[str, Placement]:
     result = {}
     for name, c in plan.components.items():
         result[name] = Placement(torch.device(c.device), _DTYPES[c.compute_dtype], c.keep, c.storage,
-                                 c.resident_blocks if c.where == "gpu-streamed" else None, c.vae_tiling)
+                                 c.resident_blocks if c.where == "gpu-streamed" else None, c.vae_tiling,
+                                 c.park_for_decode, c.compile, c.attention, c.fp8_matmul)
     return result
 
 
+# What can be streamed, and from which storage: the blocks' sources must be the read-only map (never RAM copies)
+STREAMABLE = {"transformer": ("map", "fp8"), "text_encoders": ("map",)}
+
+
 def _check_supported(placements: dict[str, Placement]) -> None:
-    streamed = [name for name, p in placements.items() if p.resident_blocks is not None]
-    if streamed not in ([], ["transformer"]) or (streamed and placements["transformer"].storage not in ("map", "fp8")):
-        raise MemoryPlanError("only the transformer can be streamed, and only from its read-only (bf16 or fp8) file map")
+    for name, p in placements.items():
+        if p.resident_blocks is not None and p.storage not in STREAMABLE.get(name, ()):
+            raise MemoryPlanError("only the transformer and the text encoder can be streamed, and only from their "
+                                  "read-only file maps")
 
 
 def _load_transformer(d: Path, p: Placement):
@@ -80,13 +96,44 @@ def _load_transformer(d: Path, p: Placement):
     return model
 
 
+def _load_transformer_as_placed(d: Path, p: Placement):
+    model = _load_transformer(d, p)
+    _apply_speed_options(model, p)
+    return model
+
+
+def _apply_speed_options(model, p: Placement) -> None:
+    """How the transformer computes, as the plan decided: set once per load, before its first forward."""
+    from . import kernels
+
+    if p.fp8_matmul:
+        from .fp8 import set_fp8_matmul
+
+        log.info("fp8 matmul in %d Linears", set_fp8_matmul(model, True))
+    kernels.set_attention(model, p.attention)
+    if p.compile:
+        kernels.compile_blocks(model)  # lazy: each block compiles on its first call
+
+
+def _load_text_encoders(d: Path, p: Placement):
+    if p.resident_blocks is None:
+        text_encoder = loading.load_text_encoder(d, p.dtype, p.device, p.storage)
+    else:
+        text_encoder = loading.load_text_encoder_streamed(d, p.dtype, p.device, p.resident_blocks)
+    return (*loading.load_tokenizers(d), text_encoder, loading.load_text_encoder_2(d, p.dtype, p.device, p.storage))
+
+
+def _streamers(model) -> list:
+    """The block streamers of a loaded entry (a model, or a tuple of them such as the text encoders)."""
+    parts = model if isinstance(model, tuple) else (model,)
+    return [s for s in (getattr(m, "_framepack_streamer", None) for m in parts) if s is not None]
+
+
 _LOADERS: dict[str, Callable] = {
-    "text_encoders": lambda d, p: (*loading.load_tokenizers(d),
-                                   loading.load_text_encoder(d, p.dtype, p.device, p.storage),
-                                   loading.load_text_encoder_2(d, p.dtype, p.device, p.storage)),
+    "text_encoders": _load_text_encoders,
     "image_encoder": lambda d, p: loading.load_image_encoder(d, p.dtype, p.device),
     "vae": lambda d, p: loading.load_vae(d, p.dtype, p.device, p.vae_tiling),
-    "transformer": _load_transformer,
+    "transformer": _load_transformer_as_placed,
 }
 
 
@@ -134,6 +181,7 @@ class ModelManager:
         self.commit_allocator = commit_allocator
         self.on_prewarm = on_prewarm
         self.prewarm_count = 0  # pre-warms that reserved something (tests)
+        self.park_count = 0  # times the transformer's resident blocks were parked for the VAE (tests)
         self._lock = threading.RLock()  # the idle timer frees from its own thread
         self._in_use = 0
         self._idle_timer: threading.Timer | None = None
@@ -148,8 +196,10 @@ class ModelManager:
             self._cancel_idle_timer()
             self._generation += 1
             self._in_use += 1
+        parked = None
         try:
             with self._lock:
+                parked = self._park_for(name)
                 if name not in self._loaded:
                     p = self.placements[name]
                     log.info("loading %s (%s, %s, %s)", name, p.device, p.dtype,
@@ -165,7 +215,28 @@ class ModelManager:
                     self.free(name)
         finally:
             with self._lock:
+                self._restore(parked)
                 self._in_use -= 1
+
+    def _park_for(self, name: str):
+        """Using the VAE while a streamed transformer is loaded, where the plan says the decode needs the room:
+        park its resident blocks (streaming.BlockStreamer.park). Returns (model, streamer) to restore, or None."""
+        transformer = self._loaded.get("transformer")
+        if name != "vae" or transformer is None or not self.placements["transformer"].park_for_decode:
+            return None
+        streamer = getattr(transformer, "_framepack_streamer", None)
+        if streamer is None or streamer.parked:
+            return None
+        streamer.park()
+        self.park_count += 1
+        return transformer, streamer
+
+    def _restore(self, parked) -> None:
+        if parked is None:
+            return
+        transformer, streamer = parked
+        if self._loaded.get("transformer") is transformer:  # not freed meanwhile
+            streamer.restore()
 
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
@@ -178,8 +249,7 @@ class ModelManager:
             for key in [name] if name else list(self._loaded):
                 model = self._loaded.pop(key, None)
                 if model is not None:
-                    streamer = getattr(model, "_framepack_streamer", None)
-                    if streamer is not None:
+                    for streamer in _streamers(model):
                         streamer.close()  # waits for in-flight copies, removes its hooks
                     log.info("freed %s", key)
         gc.collect()

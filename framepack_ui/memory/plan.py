@@ -10,12 +10,17 @@ predicted peak is the largest phase, not the sum of all models:
     text      the text encoders (freed after)
     image     SigLIP (freed after) and the VAE (kept: it decodes every section)
     sampling  the transformer (kept for the whole job) and the VAE
-    decode    the VAE decoding a section, the transformer still loaded
+    decode    the VAE decoding a section, the transformer still loaded (a streamed one with its resident blocks
+              parked when the decode needs their VRAM: streaming.BlockStreamer.park)
+
+The transformer's speed options (torch.compile of its blocks, the attention backend, fp8 matmuls) are decided here
+too, from what the probe read (`Machine.compile_supported`, `Machine.cuda_capability`), unless overridden.
 
 Where a component lives:
     gpu           resident in VRAM (loaded from the read-only file map where it can be: no RAM copy)
-    gpu-streamed  N transformer blocks resident in VRAM, the others copied in from the read-only file map each
-                  step through two block-sized pinned buffers (memory/streaming.py)
+    gpu-streamed  N blocks resident in VRAM, the others copied in from the read-only file map each step through
+                  two block-sized pinned buffers (memory/streaming.py): the transformer's blocks, or the text
+                  encoder's decoder layers (once per prompt)
     cpu           a private copy in RAM, computed on the CPU
     mmap          computed on the CPU straight from the read-only file map: not charged to the commit limit,
                   the OS can drop and re-read its pages, each module upcast to float32 only while it runs
@@ -86,6 +91,7 @@ GPU_DTYPE = {"text_encoders": "float16", "image_encoder": "float16", "vae": "flo
 CPU_DTYPE = "float32"
 SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn"}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
+FP8_MATMUL_CAPABILITY = (8, 9)  # e4m3 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0) and later
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,10 @@ class PlanOverrides:
     resident_blocks: int | None = None  # gpu-streamed: force N resident blocks
     vae_tiling: bool | None = None  # None: tile only when untiled decode does not fit
     fp8: bool = False  # transformer blocks stored as fp8 (memory/fp8.py): about half the bytes, bf16 compute
+    # How the transformer computes (kernels.py, fp8.py); None: decided from the machine
+    compile: bool | None = None  # torch.compile of each block's forward (auto: CUDA with Triton)
+    attention: str | None = None  # one of kernels.ATTENTION_BACKENDS; None: diffusers' default (SDPA's choice)
+    fp8_matmul: bool | None = None  # e4m3 matmuls (auto: fp8 storage on a GPU of compute capability 8.9+)
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,14 @@ class ComponentPlan:
     vae_tiling: bool = False
     file_bytes: int = 0
     note: str = ""
+    # gpu-streamed: the VRAM it holds with its resident blocks parked, and whether it parks them while the VAE
+    # decodes (only where the decode needs their room)
+    parked_vram_bytes: int = 0
+    park_for_decode: bool = False
+    # transformer speed options (kernels.py, fp8.py)
+    compile: bool = False
+    attention: str | None = None
+    fp8_matmul: bool = False
 
     @property
     def device(self) -> str:
@@ -191,7 +209,7 @@ class LoadPlan:
                        f"{'map' if c.storage in ('map', 'fp8') else 'copy'}")
             lines.append(f"{c.name:<14}{where:<20}{storage:<16}{c.compute_dtype:<10}{_gb(c.file_bytes):>9}"
                          f"{_gb(c.ram_bytes):>9}{_gb(c.commit_bytes):>9}{_gb(c.vram_bytes):>9}"
-                         f"{_gb(c.page_cache_bytes):>9}  {c.note}")
+                         f"{_gb(c.page_cache_bytes):>9}  {'; '.join(_component_notes(c))}")
         lines += ["", f"{'phase':<14}{'models':<34}{'RAM':>9}{'commit':>9}{'VRAM':>9}{'cache':>9}"]
         for p in self.phases:
             lines.append(f"{p.phase:<14}{', '.join(p.entries):<34}{_gb(p.ram_bytes):>9}{_gb(p.commit_bytes):>9}"
@@ -200,6 +218,18 @@ class LoadPlan:
                      f"{_gb(self.peak_vram_bytes):>9}")
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _component_notes(c: ComponentPlan) -> list[str]:
+    notes = [c.note] if c.note else []
+    if c.park_for_decode:
+        notes.append(f"resident blocks parked while the VAE decodes ({_gb(c.parked_vram_bytes)} VRAM then)")
+    if c.name == "transformer" and (c.device == "cuda" or c.compile or c.attention or c.fp8_matmul):
+        notes.append("compiled" if c.compile else "not compiled")
+        notes.append(f"attention {c.attention or 'default'}")
+        if c.storage == "fp8":
+            notes.append("fp8 matmul" if c.fp8_matmul else "no fp8 matmul (dequantized to bf16)")
+    return notes
 
 
 def _gb(n: int | None) -> str:
@@ -216,10 +246,12 @@ def real_weights() -> dict[str, ComponentWeights]:
     # ~141.5 M (computed from the block shapes at width 3072); 20 + 40 blocks are ~97 % of the 25.7 GB.
     dual, single = 340_000_000 * 2, 141_500_000 * 2
     t_bytes = COMPONENTS["transformer"].approx_bytes
+    # Llama-3-8B decoder layer in fp16: q, o 4096^2; k, v 4096x1024; gate, up, down 4096x14336; two norms
+    llama_layer = (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) * 2
     return {
         "text_encoder": ComponentWeights("text_encoder", COMPONENTS["text_encoder"].approx_bytes,
                                          COMPONENTS["text_encoder"].approx_bytes // 2, 2, 117_440_512,
-                                         hidden_size=4096, heads=32, on_disk=False),
+                                         block_bytes=(llama_layer,) * 32, hidden_size=4096, heads=32, on_disk=False),
         "text_encoder_2": ComponentWeights("text_encoder_2", COMPONENTS["text_encoder_2"].approx_bytes,
                                            COMPONENTS["text_encoder_2"].approx_bytes // 2, 2, 4_718_592,
                                            hidden_size=768, heads=12, on_disk=False),
@@ -320,7 +352,8 @@ def _place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int 
         return ComponentPlan(entry, where, "map", storage_dtype, GPU_DTYPE[entry], KEEP[entry],
                              pinned, pinned, rest + resident + spare, streamed,
                              resident_blocks=n, total_blocks=len(blocks), file_bytes=w.file_bytes,
-                             note=note or f"{_gb(streamed)} streamed from the file map per step")
+                             note=note or f"{_gb(streamed)} streamed from the file map per step",
+                             parked_vram_bytes=rest + spare)
     if where == "cpu":
         ram = w.params * ITEMSIZE[CPU_DTYPE]
         return ComponentPlan(entry, where, "ram", storage_dtype, CPU_DTYPE, KEEP[entry], ram, ram, 0, 0,
@@ -388,13 +421,18 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     # -- image encoder: small; on the GPU when there is one
     plans["image_encoder"] = _place("image_encoder", w["image_encoder"], "gpu" if cuda else "cpu")
 
-    # -- text encoders: used once per prompt. On the GPU when they fit; otherwise on the CPU from the read-only
-    #    map (nothing charged, pages dropped after; GPU streaming of the text encoder is a later slice).
+    # -- text encoders: used once per prompt. On the GPU when they fit; else their decoder layers streamed to the
+    #    GPU, as many resident as fit (8 B params computed on a laptop CPU take minutes); without a GPU (or room
+    #    for even the embeddings and two layers), on the CPU from the read-only map (nothing charged).
     te = w["text_encoders"]
+    te_layers = _most_resident("text_encoders", te, vram_budget - text_act) if cuda else None
     if o.plan == "cpu":
         plans["text_encoders"] = _place("text_encoders", te, "cpu")
     elif cuda and te.params * half + text_act <= vram_budget:
         plans["text_encoders"] = _place("text_encoders", te, "gpu")
+    elif te_layers is not None:
+        plans["text_encoders"] = _place("text_encoders", te, "gpu-streamed", resident_blocks=te_layers,
+                                        note="decoder layers streamed from the file map (once per prompt)")
     else:
         plans["text_encoders"] = _place("text_encoders", te, "mmap", note="read-only file map, CPU (once per prompt)")
 
@@ -406,20 +444,27 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     elif not cuda:
         plans["transformer"] = _place("transformer", t, "mmap")
     else:
-        # The transformer stays in VRAM through the decode (the engine decodes inside its `use`), so it shares
-        # the VAE's decode room. (Releasing the resident blocks while the VAE decodes would let more stay
-        # resident on 8 GB cards: not done yet.)
-        room = vram_budget - plans["vae"].vram_bytes - max(t_act, decode_act)
+        # The transformer stays loaded through the decode (the engine decodes inside its `use`). Resident, it
+        # shares the VAE's decode room; streamed, it can park its resident blocks while the VAE decodes (the
+        # manager does: streaming.BlockStreamer.park), so only the sampling phase bounds them.
+        sampling_room = vram_budget - plans["vae"].vram_bytes - t_act
+        decode_room = vram_budget - plans["vae"].vram_bytes - decode_act
+        room = min(sampling_room, decode_room)
         full = _place("transformer", t, "gpu")
         if o.plan != "streamed" and full.vram_bytes <= room and o.resident_blocks is None:
             plans["transformer"] = full
         else:
             n = o.resident_blocks
             if n is None:
-                n = len(t.block_bytes)
-                while n > 0 and _place("transformer", t, "gpu-streamed", resident_blocks=n).vram_bytes > room:
-                    n -= 1
-            plans["transformer"] = _place("transformer", t, "gpu-streamed", resident_blocks=n)
+                n = _most_resident("transformer", t, room) or 0
+                if _place("transformer", t, "gpu-streamed", resident_blocks=0).vram_bytes <= decode_room:
+                    n = max(n, _most_resident("transformer", t, sampling_room) or 0)  # parked while decoding
+            streamed = _place("transformer", t, "gpu-streamed", resident_blocks=n)
+            if streamed.vram_bytes > decode_room:  # parked while the VAE decodes, copied back from the map after
+                resident = streamed.vram_bytes - streamed.parked_vram_bytes
+                streamed = replace(streamed, park_for_decode=True,
+                                   page_cache_bytes=streamed.page_cache_bytes + resident)
+            plans["transformer"] = streamed
             if o.plan == "gpu":
                 raise MemoryPlanError(_shortfall("the transformer resident in VRAM", full.vram_bytes - room,
                                                  "VRAM", "use --plan streamed or auto"))
@@ -429,11 +474,40 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
         notes.append(f"fp8: the transformer blocks' Linear weights as e4m3fn with per-channel scales "
                      f"({_gb(t.file_bytes)} on disk), converted once from the bf16 shards into the fp8/ cache "
                      f"(needs that much free disk the first time)")
+    plans["transformer"] = replace(plans["transformer"], **_speed_options(machine, plans["transformer"], o))
     phases = _phases(plans, baseline_ram, baseline_commit, 0 if cuda else t_act, t_act if cuda else 0, text_act,
                      decode_act)
     plan = LoadPlan(machine, "cuda" if cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS}, phases,
                     ram_budget, vram_budget, commit_budget, o.resolution, tuple(notes))
     return _check(plan, weights)
+
+
+def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
+    """The most blocks that can stay resident with the rest streamed within `room` bytes of VRAM; None when
+    not even all-streamed fits (or the weights list no blocks)."""
+    if not w.block_bytes or _place(entry, w, "gpu-streamed", resident_blocks=0).vram_bytes > room:
+        return None
+    n = len(w.block_bytes)
+    while n > 0 and _place(entry, w, "gpu-streamed", resident_blocks=n).vram_bytes > room:
+        n -= 1
+    return n
+
+
+def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict:
+    """How the transformer computes: compiled block forwards where Triton can generate GPU code, the attention
+    backend asked for, fp8 matmuls where the weights are fp8 and the GPU has e4m3 tensor cores."""
+    on_gpu = t.device == "cuda"
+    if o.attention is not None:
+        from .kernels import ATTENTION_BACKENDS  # torch: imported only when a backend is asked for
+
+        if o.attention not in ATTENTION_BACKENDS:
+            raise MemoryPlanError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {o.attention!r}")
+    compile_ = on_gpu and machine.compile_supported if o.compile is None else o.compile
+    fp8_able = on_gpu and t.storage == "fp8" and machine.cuda_capability >= FP8_MATMUL_CAPABILITY
+    fp8_matmul = fp8_able if o.fp8_matmul is None else o.fp8_matmul
+    if fp8_matmul and t.storage != "fp8":
+        raise MemoryPlanError("--fp8-matmul needs the transformer stored as fp8 (add --fp8)")
+    return {"compile": bool(compile_), "attention": o.attention, "fp8_matmul": bool(fp8_matmul)}
 
 
 def _phases(plans: dict[str, ComponentPlan], baseline_ram: int, baseline_commit: int, cpu_act: int, gpu_act: int,
@@ -443,7 +517,8 @@ def _phases(plans: dict[str, ComponentPlan], baseline_ram: int, baseline_commit:
         entries = PHASE_ENTRIES[phase]
         ram = baseline_ram + sum(plans[e].ram_bytes for e in entries)
         commit = baseline_commit + sum(plans[e].commit_bytes for e in entries)
-        vram = sum(plans[e].vram_bytes for e in entries)
+        vram = sum(plans[e].parked_vram_bytes if phase == "decode" and plans[e].park_for_decode
+                   else plans[e].vram_bytes for e in entries)
         cache = sum(plans[e].page_cache_bytes for e in entries)
         # loading is transient: the entry loaded in this phase may briefly need more
         fresh = [e for e in entries if not (phase in ("sampling", "decode") and e == "vae")

@@ -30,7 +30,9 @@ WEIGHT_FILES = {
     "vae": (None, "diffusion_pytorch_model.safetensors"),
     "transformer": ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"),
 }
-_BLOCK_KEY = re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\.")
+# The blocks a streamer can move one at a time: the transformer's dual and single blocks, Llama's decoder layers
+_BLOCK_KEYS = {"transformer": re.compile(r"^((?:single_)?transformer_blocks)\.(\d+)\."),
+               "text_encoder": re.compile(r"^((?:model\.)?layers)\.(\d+)\.")}
 _EMBEDDING_TABLE = re.compile(r"(embed_tokens|token_embedding|position_embedding)\.weight$")
 # The tensor whose shape gives a component's width (for activation estimates), and which axis
 _WIDTH_KEYS = {"text_encoder": ("embed_tokens.weight", 1),
@@ -54,6 +56,8 @@ class Machine:
     vram_total_bytes: int = 0  # 0: no CUDA device
     vram_free_bytes: int = 0
     gpu_name: str = ""
+    cuda_capability: tuple[int, int] = (0, 0)  # (major, minor) of CUDA device 0; fp8 matmuls need (8, 9)
+    compile_supported: bool = False  # torch.compile can generate code for the GPU (kernels.compile_supported)
     disk_free_bytes: int | None = None  # on the models folder's volume
     os_name: str = "linux"  # "linux" | "windows" | "darwin"
     # Windows with a system-managed pagefile: commit can grow (pre-warm, prewarm.py) as far as the disk allows
@@ -82,7 +86,7 @@ class ComponentWeights:
     params: int  # elements
     storage_itemsize: int  # bytes per element of the dtype holding most bytes (2 = bf16/fp16)
     largest_tensor_bytes: int  # as stored; embedding tables left out (an upcast converts only the rows looked up)
-    block_bytes: tuple[int, ...] = ()  # transformer: bytes of each of its blocks (dual then single), as stored
+    block_bytes: tuple[int, ...] = ()  # bytes of each block as stored: transformer dual then single, Llama layers
     hidden_size: int = 0  # transformer width (heads x head dim), for activation estimates
     heads: int = 0
     tokens: int = 0  # image encoder: tokens per image (position embedding rows; 729 for the real SigLIP)
@@ -170,8 +174,12 @@ def _cuda() -> dict:
         return {}
     if not torch.cuda.is_available():
         return {}
+    from .kernels import compile_supported
+
     free, total = torch.cuda.mem_get_info(0)
-    return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(0))
+    return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(0),
+                cuda_capability=tuple(torch.cuda.get_device_capability(0)),
+                compile_supported=compile_supported(torch.device("cuda", 0)))
 
 
 def disk_free_bytes(path: Path) -> int | None:
@@ -243,7 +251,7 @@ def weights_on_disk(models_dir: Path) -> dict[str, ComponentWeights]:
                     width = e.shape[_WIDTH_KEYS[name][1]]
                 if name == "image_encoder" and e.name.endswith("embeddings.position_embedding.weight"):
                     tokens = e.shape[0]
-                match = _BLOCK_KEY.match(e.name)
+                match = _BLOCK_KEYS[name].match(e.name) if name in _BLOCK_KEYS else None
                 if match:
                     key = (match.group(1), int(match.group(2)))
                     blocks[key] = blocks.get(key, 0) + e.nbytes

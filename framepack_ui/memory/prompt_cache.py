@@ -8,6 +8,10 @@ equal what a fresh encode would give). Entries are plain tensors and notices: th
 engine (imports flow engine -> memory). Files on disk are safetensors with the key and the
 notices in their metadata, written to a temporary name and renamed: a crash never leaves a half-written entry
 that looks valid, and an unreadable entry is a miss (and is removed), never an error.
+
+The disk cache is capped (DISK_BYTES, 256 MB: about 60 real prompts): after each write the least recently used
+entries go first. "Used" is the file's mtime, set on every write and hit (memory hits too), so the order holds
+across processes; it is set from the Python clock in nanoseconds, not left to the file system's coarser tick.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import logging
 import os
 import struct
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,6 +35,8 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 ENCODER_COMPONENTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
 MEMORY_ENTRIES = 16  # a prompt is ~256 x 4096 floats (4 MB) with the real encoder: 16 of them is ~64 MB at most
+DISK_BYTES = 256 * 1024 * 1024  # the disk cache's cap; least recently used entries are removed past it
+ENTRY_SUFFIX = ".safetensors"
 
 
 def encoder_identity(models_dir: Path) -> str:
@@ -50,13 +57,15 @@ class PromptCache:
     """`get(prompt, variant)` -> (tensors, notices) or None; `put(prompt, variant, tensors, notices)`.
     Thread-safe.
 
-    `cache_dir=None`: memory only.
+    `cache_dir=None`: memory only. `max_disk_bytes`: the disk cache's cap (None: unbounded).
     """
 
-    def __init__(self, models_dir: Path, cache_dir: Path | None, memory_entries: int = MEMORY_ENTRIES):
+    def __init__(self, models_dir: Path, cache_dir: Path | None, memory_entries: int = MEMORY_ENTRIES,
+                 max_disk_bytes: int | None = DISK_BYTES):
         self.models_dir = Path(models_dir)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.memory_entries = memory_entries
+        self.max_disk_bytes = max_disk_bytes
         self._memory: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -69,7 +78,7 @@ class PromptCache:
         return h.hexdigest()
 
     def _path(self, key: str) -> Path:
-        return self.cache_dir / f"{key}.safetensors"
+        return self.cache_dir / f"{key}{ENTRY_SUFFIX}"
 
     def get(self, prompt: str, variant: str = ""):
         key = self.key(prompt, variant)
@@ -86,7 +95,10 @@ class PromptCache:
                 self.misses += 1
             else:
                 self.hits += 1
-        return _copy(embeds) if embeds is not None else None
+        if embeds is None:
+            return None
+        self._touch(key)
+        return _copy(embeds)
 
     def put(self, prompt: str, variant: str, tensors: dict[str, torch.Tensor], notices=()) -> None:
         key = self.key(prompt, variant)
@@ -95,6 +107,8 @@ class PromptCache:
         if self.cache_dir is not None:
             try:
                 self._write(key, embeds)
+                self._touch(key)
+                self._prune(keep=key)
             except OSError as exc:  # a full or read-only disk costs a re-encode next time, nothing more
                 log.warning("could not write the prompt cache entry in %s: %s", self.cache_dir, exc)
 
@@ -108,6 +122,38 @@ class PromptCache:
             self._memory.move_to_end(key)
             while len(self._memory) > self.memory_entries:
                 self._memory.popitem(last=False)
+
+    def _touch(self, key: str) -> None:
+        """Mark an entry used now (its mtime orders the pruning)."""
+        if self.cache_dir is None:
+            return
+        now = time.time_ns()
+        try:
+            os.utime(self._path(key), ns=(now, now))
+        except OSError:
+            pass  # not on disk (memory only, or removed by another process): nothing to order
+
+    def _prune(self, keep: str) -> None:
+        """Remove the least recently used entries until the disk cache is within `max_disk_bytes` (never `keep`,
+        the entry just written)."""
+        if self.max_disk_bytes is None:
+            return
+        entries = []
+        for path in self.cache_dir.glob(f"*{ENTRY_SUFFIX}"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue  # removed meanwhile
+            entries.append((st.st_mtime_ns, path.name, path, st.st_size))
+        total = sum(size for *_, size in entries)
+        for _, _, path, size in sorted(entries):
+            if total <= self.max_disk_bytes:
+                break
+            if path == self._path(keep):
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            log.info("prompt cache: removed the least recently used entry %s", path.name)
 
     def _write(self, key: str, embeds) -> None:
         from safetensors.torch import save

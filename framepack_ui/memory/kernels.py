@@ -1,0 +1,52 @@
+"""Which kernels the transformer runs: compiled block forwards and the attention backend.
+
+Placed here because the memory manager hands the engine a ready model: how it computes is decided with where it
+lives (the plan), and applied once per load, not per job.
+
+Measured on an H100 (docs/benchmarks.md): compiling each block's forward took a step from 1.163 to 0.865 s
+(it fuses the RoPE, norm and cast element-wise work that was 35 % of GPU time). Only `block.forward` is compiled,
+never `Module.compile()`: that traces the block's hooks too, and the streamer's weight swap breaks the graph.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# diffusers' attention dispatcher names that need nothing beyond torch (the others need flash-attn or sageattention)
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+def compile_supported(device: torch.device | str) -> bool:
+    """torch.compile's GPU code generator is Triton: CUDA only (Triton on Windows is a separate, optional package)."""
+    return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def _blocks(transformer) -> list[torch.nn.Module]:
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def compile_blocks(transformer) -> bool:
+    """Compile each block's forward (idempotent). Returns whether they are compiled now.
+
+    `dynamic=False`: the token count is the same for every call of a job (F1's context is fixed-size), and a
+    new resolution only recompiles (once per shape)."""
+    if getattr(transformer, "_framepack_compiled", False):
+        return True
+    for block in _blocks(transformer):
+        block.forward = torch.compile(block.forward, dynamic=False)
+    transformer._framepack_compiled = True
+    log.info("transformer blocks compiled (the first step of a new resolution takes longer)")
+    return True
+
+
+def set_attention(transformer, backend: str | None) -> None:
+    """Use one of ATTENTION_BACKENDS for every attention call (None: diffusers' default, torch's SDPA choice)."""
+    if backend is None:
+        return
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    transformer.set_attention_backend(backend)

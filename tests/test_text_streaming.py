@@ -1,0 +1,64 @@
+"""The Llama text encoder with its decoder layers streamed (streaming.py), on the CPU: the same embeddings as the
+resident encoder, and the manager loads, uses and frees it as the plan's gpu-streamed placement says."""
+from __future__ import annotations
+
+import torch
+
+from framepack_ui.engine import text
+from framepack_ui.memory import loading
+from framepack_ui.memory import manager as manager_mod
+from framepack_ui.memory.manager import ModelManager, Placement
+
+PROMPT = "a cat walks on the grass"
+
+
+def test_streamed_text_encoder_gives_the_resident_embeddings(tiny_models_dir):
+    cpu = torch.device("cpu")
+    tokenizer, tokenizer_2 = loading.load_tokenizers(tiny_models_dir)
+    clip = loading.load_text_encoder_2(tiny_models_dir, torch.float32, cpu, "map")
+    resident = loading.load_text_encoder(tiny_models_dir, torch.float32, cpu, "map")
+    streamed = loading.load_text_encoder_streamed(tiny_models_dir, torch.float32, cpu, resident_layers=1)
+    streamer = streamed._framepack_streamer
+    try:
+        assert len(streamer.resident) == 1 and len(streamer.streamed) == len(streamed.layers) - 1 >= 2
+        slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer._slots]
+        ran_from_slot = []
+        for layer in streamer.streamed:  # registered after the streamer's hooks: sees the swapped weights
+            layer.register_forward_pre_hook(lambda m, a: ran_from_slot.append(all(
+                any(lo <= p.data_ptr() < hi for lo, hi in slot_ranges) for p in m.parameters())))
+        expected = text.encode_prompt(PROMPT, tokenizer, resident, tokenizer_2, clip)
+        first = text.encode_prompt(PROMPT, tokenizer, streamed, tokenizer_2, clip)
+        second = text.encode_prompt(PROMPT, tokenizer, streamed, tokenizer_2, clip)  # after the wrap-around
+    finally:
+        streamer.close()
+    for got in (first, second):
+        torch.testing.assert_close(got.llama, expected.llama, rtol=0, atol=0)
+        assert torch.equal(got.llama_mask, expected.llama_mask)
+    assert ran_from_slot and all(ran_from_slot)  # the streamed layers computed from their slot copies
+    layer_bytes = sum(p.numel() * p.element_size() for layer in streamer.streamed for p in layer.parameters())
+    assert streamer.bytes_streamed >= 2 * layer_bytes  # every streamed layer copied in for each forward
+
+
+def test_manager_streams_the_text_encoder_when_placed_so_and_closes_the_streamer(tiny_models_dir, monkeypatch):
+    cpu = torch.device("cpu")
+    loaded, load = [], loading.load_text_encoder_streamed
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr(manager_mod.loading, "load_text_encoder_streamed", spy)
+    plain = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None)
+    streamed = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
+        **plain.placements, "text_encoders": Placement(cpu, torch.float32, False, "map", resident_blocks=1)})
+    (expected,), _ = text.encode_prompts([PROMPT], plain)
+    assert not loaded
+    (got,), encoded = text.encode_prompts([PROMPT], streamed)
+    assert encoded and len(loaded) == 1
+    torch.testing.assert_close(got.llama, expected.llama, rtol=0, atol=0)
+    torch.testing.assert_close(got.clip_pooled, expected.clip_pooled, rtol=0, atol=0)
+    streamer = loaded[0]._framepack_streamer
+    assert streamer.bytes_streamed > 0
+    # not kept: freed after its phase, and freeing closed the streamer (hooks removed, copier shut down)
+    assert not streamed.is_loaded("text_encoders") and streamer._copier._shutdown
