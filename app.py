@@ -78,11 +78,20 @@ def lan_addresses() -> list[str]:
                    if a.family == socket.AF_INET and not a.address.startswith("127.")})
 
 
+# Set before gradio or huggingface_hub is imported (both read them once): no analytics, no version check, no
+# telemetry. Forced, not defaulted: a local app must not call home whatever the shell environment says.
+NO_CALLS_HOME = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def stay_home() -> None:
+    os.environ.update(NO_CALLS_HOME)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("framepack_ui").setLevel(logging.INFO)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no calls home
+    stay_home()
 
     from framepack_ui.ui import CSS, build_ui
     from framepack_ui.worker import Worker
@@ -101,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         demo = build_ui(worker)
         demo.queue()
         host = "0.0.0.0" if args.listen else "127.0.0.1"
-        # Gradio prints several lines (more when the share tunnel fails); say it in our own few lines instead.
-        with contextlib.redirect_stdout(io.StringIO()):
-            demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
-                        auth=args.credentials or None,
-                        allowed_paths=[str(args.outputs.resolve())], prevent_thread_lock=True, quiet=True, css=CSS)
+        # Gradio prints several lines, and a failed share tunnel a paragraph (and frpc's log): say it in our own
+        # few lines instead; a launch that fails outright (the port is taken) gets one line too.
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
+                            auth=args.credentials or None, allowed_paths=[str(args.outputs.resolve())],
+                            prevent_thread_lock=True, quiet=True, css=CSS)
+        except OSError as exc:  # e.g. the port is taken
+            log.error("could not start the web server: %s", " ".join(str(exc).split()))
+            return 1
         log.info("FramePack UI running at http://127.0.0.1:%d", args.port)
         if args.listen:
             for address in lan_addresses():

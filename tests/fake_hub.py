@@ -8,7 +8,8 @@ X-Linked-Etag (the sha256), and the CDN honours `Range` with 206. Any other path
 logged and answered 404, so a test can see that nothing else was asked for.
 
 Every request is recorded (method, path, Range header) and the body bytes served per file are counted,
-so tests can assert exactly what was fetched. `cut()` injects a dropped connection part-way through a file.
+so tests can assert exactly what was fetched. `cut()` injects a dropped connection part-way through a file;
+`hold()` pauses one part-way, so a test can act (cancel) while a download is surely running.
 """
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ class Request:
     path: str  # url path as sent, e.g. "/owner/repo/resolve/main/vae/config.json" or "/blobs/<sha256>"
     range: str | None  # the Range header, if any
     origin: str  # "hub" or "cdn"
+
+
+@dataclass
+class _Hold:
+    at: int  # absolute offset in the file where the next GET pauses
+    reached: threading.Event  # set once the bytes before `at` are sent
+    release: threading.Event  # the rest is sent once this is set
 
 
 @dataclass
@@ -55,6 +63,7 @@ class FakeHub:
         self.bytes_served: dict[tuple[str, str], int] = {}  # (repo, path) -> body bytes sent by GETs
         self._blobs: dict[str, tuple[str, str]] = {}  # sha256 -> (repo, path), for CDN urls
         self._cuts: dict[tuple[str, str], _Cut] = {}
+        self._holds: dict[tuple[str, str], _Hold] = {}
         self._lock = threading.Lock()
         self._servers: list[http.server.ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
@@ -73,6 +82,14 @@ class FakeHub:
         """
         with self._lock:
             self._cuts[(repo, path)] = _Cut(at, times)
+
+    def hold(self, repo: str, path: str, *, at: int) -> tuple[threading.Event, threading.Event]:
+        """Pause the next GET of the file after its first `at` bytes; returns (reached, release): `reached` is set
+        once those bytes are sent, and the rest follows once the test sets `release` (or after 60 s)."""
+        held = _Hold(at, threading.Event(), threading.Event())
+        with self._lock:
+            self._holds[(repo, path)] = held
+        return held.reached, held.release
 
     def requested_paths(self, method: str | None = None) -> list[str]:
         with self._lock:
@@ -135,6 +152,14 @@ class FakeHub:
                 return None
             cut.times -= 1
             return cut.at
+
+    def _take_hold(self, key: tuple[str, str], start: int, end: int) -> _Hold | None:
+        with self._lock:
+            held = self._holds.get(key)
+            if held is None or not start < held.at < end:
+                return None
+            del self._holds[key]
+            return held
 
     def _count(self, key: tuple[str, str], n: int) -> None:
         with self._lock:
@@ -223,6 +248,13 @@ def _make_handler(hub: FakeHub, origin: str):
             cut_at = hub._take_cut(key)
             stop = end if cut_at is None else max(start, min(end, cut_at))
             hub._count(key, stop - start)  # before sending: the client may be done before this thread goes on
+            held = hub._take_hold(key, start, stop)
+            if held is not None:  # injected pause: the first part, then wait for the test
+                self.wfile.write(data[start:held.at])
+                self.wfile.flush()
+                held.reached.set()
+                held.release.wait(60)
+                start = held.at
             self.wfile.write(data[start:stop])
             self.wfile.flush()
             if stop < end:  # injected fault: drop the connection mid-body

@@ -165,6 +165,37 @@ def test_cancel_from_progress_keeps_partial_for_next_run(hub, models):
     assert [r.range for r in hub.requests if r.method == "GET" and r.origin == "cdn"] == [f"bytes={kept}-"]
 
 
+def test_cancel_event_stops_after_a_chunk_and_the_next_run_resumes(hub, models):
+    import threading
+
+    data = hub.repos[layout.HUNYUAN_REPO][VAE_WEIGHTS]
+    cancel = threading.Event()
+
+    def cancel_midway(event: DownloadProgress) -> None:  # as a Cancel button would, from another thread
+        if event.file == "diffusion_pytorch_model.safetensors" and event.done_bytes >= 3 * CHUNK:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        ensure_models(models, ("vae",), endpoint=hub.url, progress=cancel_midway, cancel=cancel)
+    assert not (models / layout.HUNYUAN_REPO / VAE_WEIGHTS).exists()  # nothing half-fetched looks complete
+    [partial] = _leftovers(models)
+    kept = partial.stat().st_size  # the chunk that set it was written; the next one was not
+    assert 3 * CHUNK <= kept < 5 * CHUNK and partial.read_bytes() == data[:kept]
+
+    hub.clear_log()
+    with pytest.raises(Cancelled):  # still set: stops before fetching any byte
+        ensure_models(models, ("vae",), endpoint=hub.url, cancel=cancel)
+    assert hub.requested_paths("GET") == [] and _size_of(partial) == kept
+
+    ensure_models(models, ("vae",), endpoint=hub.url, cancel=threading.Event())
+    assert (models / layout.HUNYUAN_REPO / VAE_WEIGHTS).read_bytes() == data
+    assert [r.range for r in hub.requests if r.method == "GET" and r.origin == "cdn"] == [f"bytes={kept}-"]
+
+
+def _size_of(path: Path) -> int:
+    return path.stat().st_size
+
+
 def test_offline_message_names_missing_files_and_destination(hub, models, monkeypatch):
     (models / layout.F1_REPO).mkdir(parents=True)
     (models / layout.F1_REPO / "config.json").write_text("{}")

@@ -59,7 +59,7 @@ def run_app(models_dir, outputs, *args, env=None, name="app"):
     """`python app.py` on a free port, stopped by its pid afterwards; yields (url, pid)."""
     port = _free_port()
     log_path = outputs.parent / f"{name}.log"
-    env = {**os.environ, **(env or {}), "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "app.py", "--models", str(models_dir), "--outputs",
                                  str(outputs), "--port", str(port), *args], cwd=REPO, env=env, stdout=log,
@@ -90,10 +90,17 @@ def run_app(models_dir, outputs, *args, env=None, name="app"):
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir, tmp_path_factory):
-    """The app on the tiny models, no password; yields (url, pid, outputs dir)."""
+    """The app on the tiny models, no password; yields (url, pid, outputs dir). Gradio's cache is the `gradio`
+    folder beside the outputs."""
     outputs = tmp_path_factory.mktemp("outputs")
-    with run_app(tiny_models_dir, outputs) as (url, pid):
+    cache = outputs.parent / "gradio"
+    with run_app(tiny_models_dir, outputs, env={"GRADIO_TEMP_DIR": str(cache)}) as (url, pid):
         yield url, pid, outputs
+
+
+def cached_copies(outputs: Path, name: str) -> list[Path]:
+    """Copies of the video `name` in the server's Gradio cache."""
+    return [p for p in (outputs.parent / "gradio").rglob("*.mp4") if p.name == name]
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +241,12 @@ def test_generate_shows_preview_section_video_gauges_and_final_video(server, ope
     assert final_src and final_src != first_src  # the section video was shown before the whole one
     name = re.search(r"saved as (\S+\.mp4)", done).group(1)
     assert count_frames(outputs / name) == 73
+    # The growing video is served in place, under a new link name per section; Gradio's cache holds at most the
+    # final video's one copy, never one per section (quadratic in the video's length).
+    assert len(cached_copies(outputs, name)) <= 1
+    assert "/.live/" in first_src and name.removesuffix(".mp4") in first_src
+    assert video_src(page, "section_video") != first_src  # the second section: a new URL, so the browser reloads
+    assert not [p for p in (outputs.parent / "gradio").rglob("*.mp4") if ".s1." in p.name or ".s2." in p.name]
     assert page.evaluate("""async () => {  // the browser can play what it was sent
         const v = document.querySelector('#final_video video');
         if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
@@ -255,26 +268,160 @@ def test_stop_midway_keeps_a_playable_video(server, open_page, start_image):
     video_src(page, "final_video")  # what was kept is shown
 
 
+def job_id_of(page) -> str:
+    """The id of the job this page follows, from its progress line (the shared server numbers jobs across the
+    module's tests, so no test may assume a count)."""
+    return re.search(r"Job (\d+)", wait_text(page, "progress", r"Job \d+")).group(1)
+
+
 def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image):
     url, _, outputs = server
     first, second = open_page(url), open_page(url)  # two browser contexts: two users
     fill_form(first, start_image, seconds=1.2, prompt="first page")
-    fill_form(second, start_image, seconds=1.2, prompt="second page")
+    fill_form(second, start_image, seconds=2.4, prompt="second page")  # 2 sections: still running when `late` opens
     first.locator("#generate").click()
-    wait_text(first, "progress", r"Job \d+")
+    job_1 = job_id_of(first)
     second.locator("#generate").click()
     wait_text(second, "progress", r"waiting in the queue \(position 1\)|Starting|Encoding|section")
+    job_2 = job_id_of(second)
+    assert job_1 != job_2
 
-    late = open_page(url)  # a page opened mid-job follows the running job
-    job_of_first = re.search(r"Job (\d+)", text(first, "progress")).group(1)
-    wait_text(late, "progress", rf"Job {job_of_first}\b", timeout_s=30)
+    late = open_page(url)  # a page opened mid-job follows the running job: the first, or the second by then
+    followed = wait_text(late, "progress", rf"Job ({job_1}|{job_2})\b", timeout_s=30)
+    assert re.search(r"Job (\d+)", followed).group(1) in (job_1, job_2)
 
-    done_1 = wait_text(first, "progress", r"Done: 37 frames")
-    done_2 = wait_text(second, "progress", r"Done: 37 frames")
+    done_1 = wait_text(first, "progress", rf"Job {job_1} · Done: 37 frames")
+    done_2 = wait_text(second, "progress", rf"Job {job_2} · Done: 73 frames")
     names = [re.search(r"saved as (\S+\.mp4)", done).group(1) for done in (done_1, done_2)]
     assert names[0] != names[1]
-    assert all(count_frames(outputs / name) == 37 for name in names)
+    assert [count_frames(outputs / name) for name in names] == [37, 73]
     wait_text(second, "jobs", r"second page", timeout_s=10)
+
+
+def test_closing_the_tab_mid_job_does_not_stop_it(server, browser, open_page, start_image):
+    """The job lives in the worker, not in the tab: close the only page mid-job, open a new one, and it shows
+    the same job going on and finishing."""
+    url, _, outputs = server
+    context = browser.new_context(viewport={"width": 1400, "height": 1500})
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
+        fill_form(page, start_image, seconds=8.4, steps=4, prompt="tab closed mid-job")  # 7 sections: time to reopen
+        page.locator("#generate").click()
+        wait_text(page, "progress", r"section [1-3]/7")  # sampling, with most of the job still to come
+        job = job_id_of(page)
+        page.close()  # the tab, and with it the stream that followed the job
+    finally:
+        context.close()
+
+    later = open_page(url)
+    still = wait_text(later, "progress", rf"Job {job} · (?!Done)", timeout_s=30)  # found again, not yet ended
+    assert "Stopped" not in still and "Failed" not in still
+    done = wait_text(later, "progress", rf"Job {job} · Done: 253 frames")
+    name = re.search(r"saved as (\S+\.mp4)", done).group(1)
+    assert count_frames(outputs / name) == 253
+    video_src(later, "final_video")
+
+
+# A sitecustomize.py for the app's process (and any Python child): every name lookup or connection to a host
+# that is not loopback is written to $FRAMEPACK_TEST_NET_LOG and refused as if there were no internet (a failed
+# DNS lookup), so no test sends a packet out, and a test can see what the app tried.
+NET_GUARD = """
+import os, socket
+
+_LOG = os.environ["FRAMEPACK_TEST_NET_LOG"]
+_LOCAL = {None, "", "localhost", "::1", "::", "0.0.0.0"}
+
+
+def _local(host):
+    host = host.decode() if isinstance(host, bytes) else host
+    return host in _LOCAL or str(host).startswith("127.")
+
+
+def _refuse(host, port):
+    with open(_LOG, "a", encoding="utf-8") as log:
+        log.write(f"{host} {port}\\n")
+    raise socket.gaierror(socket.EAI_NONAME, f"test: no internet ({host} is not loopback)")
+
+
+_getaddrinfo, _connect, _connect_ex = socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex
+
+
+def getaddrinfo(host, port, *args, **kwargs):
+    if not _local(host):
+        _refuse(host, port)
+    return _getaddrinfo(host, port, *args, **kwargs)
+
+
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+        _refuse(*address[:2])
+    return _connect(self, address)
+
+
+def connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and not _local(address[0]):
+        _refuse(*address[:2])
+    return _connect_ex(self, address)
+
+
+socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex = getaddrinfo, connect, connect_ex
+"""
+
+
+def net_guard(folder: Path) -> tuple[dict, Path]:
+    """(env for run_app, the log of refused non-loopback hosts): see NET_GUARD."""
+    seam = folder / "net_guard"
+    seam.mkdir()
+    (seam / "sitecustomize.py").write_text(NET_GUARD)
+    log = folder / "non_loopback.log"
+    log.write_text("")
+    path = os.pathsep.join(p for p in (str(seam), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "FRAMEPACK_TEST_NET_LOG": str(log)}, log
+
+
+def test_start_and_a_page_load_contact_nothing_but_loopback(tiny_models_dir, tmp_path, open_page):
+    """No analytics, no version check, no telemetry: app.py turns them off itself (here the shell asks for them),
+    and the page fetches nothing from elsewhere (fonts, scripts)."""
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    env, refused = net_guard(tmp_path)
+    env.update(GRADIO_ANALYTICS_ENABLED="True", HF_HUB_DISABLE_TELEMETRY="0")
+    with run_app(tiny_models_dir, outputs, env=env, name="app_offline") as (url, pid):
+        page = open_page(url)
+        requested: list[str] = []
+        page.on("request", lambda request: requested.append(request.url))
+        page.reload()
+        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
+        wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
+        wait_text(page, "plan", r"no CUDA GPU", timeout_s=60)
+        time.sleep(3)  # anything sent from a background thread at start has had its chance
+        assert psutil.Process(pid).is_running()
+    assert refused.read_text() == ""  # the seam works: see test_share_without_internet_... for a refused host
+    hosts = {re.match(r"\w+://([^/:]+)", u).group(1) for u in requested if u.startswith(("http:", "https:"))}
+    assert requested and hosts == {"127.0.0.1"}, hosts
+
+
+def test_share_without_internet_says_so_in_one_line_and_serves_locally(tiny_models_dir, tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    env, refused = net_guard(tmp_path)
+    with run_app(tiny_models_dir, outputs, "--share", env=env, name="app_share") as (url, pid):
+        log_path = outputs.parent / "app_share.log"
+        deadline = time.monotonic() + 60  # the warning follows the server's start
+        while "share link" not in (log_text := log_path.read_text()):
+            assert time.monotonic() < deadline, log_text[-2000:]
+            time.sleep(0.2)
+        status, body = http_get(url)
+        assert status == 200 and b"FramePack UI" in body  # still serving, on this machine
+        assert psutil.Process(pid).is_running()
+    assert "api.gradio.app" in refused.read_text()  # it did try (and only loopback was reached)
+    lines = log_text.splitlines()
+    share_lines = [line for line in lines if re.search(r"share|gradio\.live|tunnel|public", line, re.I)]
+    assert len(share_lines) == 1, lines
+    assert "could not make a share link" in share_lines[0] and "serving locally" in share_lines[0]
+    assert "Traceback" not in log_text and "running at http://127.0.0.1:" in log_text
 
 
 def http_get(url: str) -> tuple[int, bytes]:
@@ -395,8 +542,8 @@ def test_auth_file_a_stranger_gets_the_login_page_and_no_file(auth_server, brows
         context.close()
 
 
-def test_missing_models_download_button_fills_the_folder_then_a_job_runs(tiny_models_dir, tmp_path, open_page,
-                                                                         start_image):
+def test_download_button_cancel_then_resume_fills_the_folder_and_a_job_runs(tiny_models_dir, tmp_path, open_page,
+                                                                            start_image):
     from fake_hub import FakeHub
     from framepack_ui.weights import layout
 
@@ -418,7 +565,25 @@ def test_missing_models_download_button_fills_the_folder_then_a_job_runs(tiny_mo
             assert "text_encoder" in banner and re.search(r"About \d+\.\d+ GB to download; [\d.]+ GB free", banner)
             page.locator("#generate").click()  # refused in one line, nothing queued
             page.get_by_text("model files are missing").first.wait_for(timeout=30_000)
+
+            # Cancel mid-download: the hub holds the first transformer shard half-sent until Cancel is pressed.
+            shard = "diffusion_pytorch_model-00001-of-00003.safetensors"
+            reached, release = hub.hold(layout.F1_REPO, shard, at=len(repos[layout.F1_REPO][shard]) // 2)
             page.locator("#download_models").click()
+            assert reached.wait(120), "the download never reached the transformer"
+            page.locator("#download_cancel").click()
+            time.sleep(1)  # the click reaches the worker before the held bytes come
+            release.set()
+            stopped = wait_text(page, "download_progress", r"Download stopped", timeout_s=60).strip()
+            assert "\n" not in stopped and "press Download models to resume" in stopped
+            assert page.locator("#models_banner").is_visible() and layout.missing(models)
+            dest = layout.COMPONENTS["transformer"].folder(models) / shard
+            assert not dest.exists()  # nothing half-fetched looks complete
+            kept = {p for p in models.rglob("*") if p.is_file() and p.suffix != ".incomplete" and "lock" not in p.name}
+            assert kept  # the files fetched before the cancel
+            hub.clear_log()
+
+            page.locator("#download_models").click()  # resumes: what was fetched is not fetched again
             shown, deadline = set(), time.monotonic() + 120
             while page.locator("#models_banner").is_visible():  # until the banner goes away
                 shown.add(page.locator("#download_progress").inner_text().strip())
@@ -428,6 +593,8 @@ def test_missing_models_download_button_fills_the_folder_then_a_job_runs(tiny_mo
             print("download progress shown:", shown)  # the percentage lines, when the page polled in time
             assert layout.missing(models) == {}
             assert any("/resolve/" in p for p in hub.requested_paths("GET"))
+            fetched_again = {(models / repo / path) for repo, path in hub.files_requested()}
+            assert fetched_again and not fetched_again & kept and dest in fetched_again
             fill_form(page, start_image, seconds=1.2)
             page.locator("#generate").click()
             wait_text(page, "progress", r"Done: 37 frames")

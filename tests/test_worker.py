@@ -1,6 +1,7 @@
 """The worker: one thread, its own FIFO queue, events kept per job; the real F1 engine on tiny models."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -293,3 +294,70 @@ def test_keep_models_holds_them_for_the_idle_timeout_then_frees(make_worker, ima
     assert isinstance(events[-1], Finished)
     assert worker._manager.is_loaded("transformer")  # kept for a quick next job
     wait_until(lambda: not worker._manager.is_loaded("transformer"))  # then given back
+
+
+def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resumes(make_worker, tiny_models_dir,
+                                                                                     tmp_path, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
+    from framepack_ui.weights import layout
+
+    repos: dict = {}
+    for component in layout.COMPONENTS.values():
+        for name in component.files:
+            path = f"{component.subfolder}/{name}" if component.subfolder else name
+            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    shard = "diffusion_pytorch_model-00001-of-00003.safetensors"
+    data = repos[layout.F1_REPO][shard]
+    guard_loopback_only(monkeypatch)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # several chunks per file: cancel lands mid-file
+    with FakeHub(repos) as hub:
+        isolate_hf(monkeypatch, tmp_path, hub.url)
+        models = tmp_path / "models"
+        worker = make_worker(models_dir=models)
+        assert not worker.cancel_download()  # nothing to stop yet
+        reached, release = hub.hold(layout.F1_REPO, shard, at=len(data) // 2)
+        assert worker.start_download()
+        assert reached.wait(TIMEOUT_S), "the download never reached the transformer shard"
+        on_shard = lambda: worker.download_status().file.endswith(shard)  # noqa: E731
+        wait_until(on_shard)
+        start = worker.download_status().done_bytes
+        wait_until(lambda: on_shard() and worker.download_status().done_bytes >= start + len(data) // 4)
+        assert worker.cancel_download()  # while the hub holds the rest of the shard back
+        release.set()
+        wait_until(lambda: worker.download_status().state != "running")
+        stopped = worker.download_status()
+        assert stopped.state == "stopped", stopped
+        line = present.download_text(stopped)
+        assert "\n" not in line and re.match(r"Download stopped at \d+%: .* press Download models to resume", line)
+        dest = layout.COMPONENTS["transformer"].folder(models) / shard
+        assert not dest.exists()  # nothing half-fetched looks complete
+        [partial] = dest.parent.glob(f"{shard}.*.incomplete")
+        kept = partial.stat().st_size
+        assert 0 < kept < len(data) and partial.read_bytes() == data[:kept]
+        assert "transformer (" in worker.missing_models()
+
+        hub.clear_log()
+        assert worker.start_download()
+        wait_until(lambda: worker.download_status().state != "running")
+        assert worker.download_status().state == "done", worker.download_status().message
+        assert dest.read_bytes() == data and worker.missing_models() == ""
+        ranges = [r.range for r in hub.requests if r.method == "GET" and r.origin == "cdn" and
+                  r.path.endswith(hashlib.sha256(data).hexdigest())]
+        assert ranges == [f"bytes={kept}-"]  # resumed where the partial file ended
+
+
+def test_section_video_is_a_new_name_per_section_with_no_copy(make_worker, tmp_path):
+    worker = make_worker(run_job=lambda *args, **kwargs: None)
+    video = tmp_path / "outputs" / "20260101_120000_7.mp4"
+    video.parent.mkdir(parents=True, exist_ok=True)
+    video.write_bytes(b"section one")
+    names = [worker.section_video(str(video), n) for n in (1, 2, 3)]
+    assert len(set(names)) == 3 and all(Path(n).parent == worker.live_dir() for n in names)  # a new URL each
+    video.write_bytes(b"section one, section two")  # the engine rewrites the file in place
+    assert Path(names[-1]).read_bytes() == video.read_bytes() and os.path.samefile(names[-1], video)  # no copy
+    assert sorted(p.name for p in worker.live_dir().iterdir()) == [Path(n).name for n in names[1:]]  # 2 kept
+    assert [e.name for e in worker.past_outputs()] == [video.name]  # the links are not past outputs
+    make_worker(run_job=lambda *args, **kwargs: None)  # the next start clears what an earlier run left
+    assert not worker.live_dir().exists()

@@ -21,6 +21,7 @@ class Page:
     models_banner: gr.Column  # shown only while model files are missing
     models_notice: gr.Markdown
     download: gr.Button
+    download_cancel: gr.Button  # stops the download; the next one resumes it
     download_progress: gr.Markdown
     image: gr.Image
     prompt: gr.Textbox
@@ -79,7 +80,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
     d = JobSpec(image="", prompt="")
     with gr.Column(visible=bool(models_notice), elem_id="models_banner") as banner:
         notice = gr.Markdown(models_notice, elem_id="models_notice")
-        download = gr.Button("Download models", variant="primary", elem_id="download_models", size="sm")
+        with gr.Row():
+            download = gr.Button("Download models", variant="primary", elem_id="download_models", size="sm")
+            download_cancel = gr.Button("Cancel download", variant="stop", elem_id="download_cancel", size="sm")
     download_progress = gr.Markdown("", elem_id="download_progress")  # stays to say the download ended
     with gr.Row():
         with gr.Column(scale=1):
@@ -140,8 +143,8 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                                          height=300)
                 gallery_settings = gr.Markdown(present.gallery_details(None), elem_id="gallery_settings")
                 use_settings = gr.Button("Use these settings", elem_id="use_settings")
-    return Page(banner, notice, download, download_progress, image, prompt, negative, seconds, length, seed,
-                randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile, plan,
-                generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
+    return Page(banner, notice, download, download_cancel, download_progress, image, prompt, negative, seconds,
+                length, seed, randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile,
+                plan, generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
                 use_settings, gr.State(None))

@@ -298,6 +298,9 @@ def download_text(status) -> str:
     """The download's progress (worker.DownloadStatus) in one line."""
     if status.state == "failed":
         return f"Download failed: {status.message}"
+    if status.state == "stopped":
+        kept = f" at {100 * status.done_bytes / status.total_bytes:.0f}%" if status.total_bytes else ""
+        return f"Download stopped{kept}: what it fetched is kept; press Download models to resume."
     if status.state == "done":
         return "Models downloaded."
     if status.state == "idle":

@@ -29,9 +29,10 @@ TERMINAL = (Finished, Stopped, Failed)
 
 def build_ui(worker) -> gr.Blocks:
     """The whole app page for `worker` (see framepack_ui.worker.Worker). Launch it with `css=layout.CSS`."""
-    # Every section shown copies the growing MP4 into Gradio's cache (a new name per content, so the browser
-    # fetches the longer video): drop cached copies after a day (uploads too; queued jobs wait far less).
-    with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S) as demo:
+    # The growing section video is served in place under a new name per section (worker/live.py), never
+    # copied; final videos, gallery videos and uploads go through Gradio's cache: drop them after a day.
+    gr.set_static_paths([worker.live_dir()])
+    with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S, analytics_enabled=False) as demo:
         gr.Markdown("# FramePack UI\nFramePack F1 image-to-video, on this machine.")
         page = build_page(_notice(worker), worker.plan_choices(), worker.profile)
         _wire(demo, page, worker)
@@ -62,7 +63,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
                     for event in batch:
                         if isinstance(event, Failed):
                             gr.Warning(event.message)
-                    yield _updates(job_id if old is None else gr.skip(), present.changes(old, view))
+                    yield _updates(job_id if old is None else gr.skip(), served(present.changes(old, view), view))
                     old = view
                 if batch and isinstance(batch[-1], TERMINAL):
                     return
@@ -71,6 +72,12 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         finally:
             if following.get(session) == job_id:
                 del following[session]
+
+    def served(changed: dict, view: present.JobView) -> dict:
+        """`changed`, with the growing section video under its name for this section (no copy per section)."""
+        if changed.get("section_video"):
+            changed["section_video"] = worker.section_video(changed["section_video"], view.sections_saved)
+        return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
                  resolution, crf, sampler, profile, request: gr.Request):
@@ -117,7 +124,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         worker.start_download()  # False when one is running already: this page then follows it
         while True:
             status = worker.download_status()
-            if status.state in ("done", "failed"):
+            if status.state in ("done", "stopped", "failed"):
                 break
             yield gr.skip(), gr.skip(), present.download_text(status)
             time.sleep(DOWNLOAD_POLL_S)
@@ -125,6 +132,10 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
             gr.Warning(status.message)
         notice = _notice(worker)
         yield gr.update(visible=bool(notice)), notice or gr.skip(), present.download_text(status)
+
+    def cancel_download():
+        if not worker.cancel_download():
+            gr.Info("No download is running.")
 
     def show_plan(profile, resolution):
         return f"```\n{worker.plan_text(profile, int(resolution or 640))}\n```"
@@ -160,6 +171,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     demo.load(refresh_notice, None, [page.models_banner, page.models_notice], queue=False)
     demo.load(reattach, None, page.job_outputs(), **stream)
     page.download.click(download, None, [page.models_banner, page.models_notice, page.download_progress], **stream)
+    page.download_cancel.click(cancel_download, None, None, **stream)
     planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
     demo.load(show_plan, [page.profile, page.resolution], page.plan, **planning)
     page.profile.change(show_plan, [page.profile, page.resolution], page.plan, **planning)

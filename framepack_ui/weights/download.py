@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,7 +34,7 @@ from huggingface_hub.utils import build_hf_headers
 from tqdm.std import tqdm
 
 from framepack_ui import __version__
-from framepack_ui.errors import ModelFilesError
+from framepack_ui.errors import Cancelled, ModelFilesError
 from framepack_ui.weights import layout
 
 log = logging.getLogger(__name__)
@@ -143,13 +144,15 @@ def ensure_models(
     allow_download: bool = True,
     progress: ProgressCallback | None = None,
     endpoint: str | None = None,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Make sure every file of the named components (all by default) is under `models_dir`, fetching what lacks.
 
     Touches the network only when a file is missing. Raises ModelFilesError (one line) when files are missing
     and cannot be fetched: downloads off, offline, hub error, or not enough disk space. An exception raised by
     `progress` (e.g. Cancelled) stops the download and propagates; partial files are kept and the next call
-    resumes them.
+    resumes them. Setting `cancel` does the same from another thread: checked before each file and after each
+    chunk, it raises Cancelled.
     """
     models_dir = Path(models_dir)
     if not layout.missing(models_dir, names):
@@ -172,7 +175,7 @@ def ensure_models(
             return
         _ask_hub(items, models_dir, names, endpoint)
         _check_space(items, models_dir)
-        _fetch_all(items, models_dir, names, endpoint, progress)
+        _fetch_all(items, models_dir, names, endpoint, progress, cancel)
     finally:
         lock.release()
 
@@ -237,13 +240,14 @@ def _check_space(items: list[_Item], models_dir: Path) -> None:
 
 
 def _fetch_all(items: list[_Item], models_dir: Path, names: tuple[str, ...] | None, endpoint: str,
-               progress: ProgressCallback | None) -> None:
+               progress: ProgressCallback | None, cancel: threading.Event | None = None) -> None:
     done = {id(item): min(_size(item.partial()), item.estimate) for item in items}
     overall_total = sum(item.estimate for item in items)
 
     sent: dict[int, int] = {}
 
     def report(item: _Item, file_done: int) -> None:
+        _check(cancel)  # per chunk, before http_get writes it: the partial file stays a prefix of the real one
         done[id(item)] = file_done
         if progress is not None and sent.get(id(item)) != file_done:
             sent[id(item)] = file_done
@@ -253,6 +257,7 @@ def _fetch_all(items: list[_Item], models_dir: Path, names: tuple[str, ...] | No
     headers = _headers()
     headers["Accept-Encoding"] = "identity"  # byte offsets of the file itself, so a Range resume lines up
     for item in items:
+        _check(cancel)
         partial = item.partial()
         for stale in partial.parent.glob(f"{item.dest.name}.*.incomplete"):
             if stale != partial:  # left by an older version of the file on the hub
@@ -285,6 +290,11 @@ def _fetch_all(items: list[_Item], models_dir: Path, names: tuple[str, ...] | No
             )
         os.replace(partial, item.dest)
         report(item, got)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled()
 
 
 # httpx2 raises these when there is no network; huggingface_hub raises OfflineModeIsEnabled (HF_HUB_OFFLINE).

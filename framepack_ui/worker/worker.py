@@ -7,7 +7,8 @@ importing this module stays light.
 
 Each job runs under a memory plan (memory/plan.py) made for its memory profile ("auto" or a forced placement)
 and resolution just before it starts; the ModelManager is rebuilt only when the placements change. Missing model
-files can be fetched in a background thread the worker owns (`start_download`, `download_status`).
+files can be fetched in a background thread the worker owns (`start_download`, `download_status`,
+`cancel_download`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
+from .live import clear_live, live_dir, section_link
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,11 @@ GB = 1_000_000_000
 @dataclass(frozen=True)
 class DownloadStatus:
     """Where the model download stands (one per worker; a second start while one runs is refused)."""
-    state: str = "idle"  # idle, running, done, failed
+    state: str = "idle"  # idle, running, done, stopped (cancelled; partial files kept), failed
     file: str = ""  # the file being fetched
     done_bytes: int = 0
     total_bytes: int = 0
-    message: str = ""  # one line: why it failed
+    message: str = ""  # one line: why it failed or stopped
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Worker:
         self._manager_key = None  # the placements the current manager applies
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
+        self._download_cancel = threading.Event()
         self._profiles = self.plan_choices()  # read once: submit stays quick
         self._cond = threading.Condition()
         self._jobs: dict[str, _Job] = {}  # in submission order
@@ -111,6 +114,7 @@ class Worker:
         self._running: _Job | None = None
         self._closed = False
         self._ids = itertools.count(1)
+        clear_live(self.outputs_dir)
         self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
         self._thread.start()
 
@@ -227,6 +231,14 @@ class Worker:
             running = self._running.id if self._running is not None else None
         return running, listing_signature(self.outputs_dir)
 
+    def live_dir(self) -> Path:
+        """Where section_video's links live (serve it in place: see live.py)."""
+        return live_dir(self.outputs_dir)
+
+    def section_video(self, path: str, sections: int) -> str:
+        """The growing video `path` under a name new for each finished section, without a copy (live.py)."""
+        return section_link(path, sections, self.outputs_dir)
+
     # ------------------------------------------------------------------------------------- model download
 
     def download_need(self) -> tuple[int, int | None]:
@@ -254,9 +266,20 @@ class Worker:
             if self._closed or (self._download_thread is not None and self._download_thread.is_alive()):
                 return False
             self._download = DownloadStatus("running")
+            self._download_cancel.clear()
             self._download_thread = threading.Thread(target=self._fetch_models, name="framepack-download",
                                                      daemon=True)
             self._download_thread.start()
+        return True
+
+    def cancel_download(self) -> bool:
+        """Stop the running download after its current chunk; the partial files are kept, so the next start
+        resumes them. False when no download is running."""
+        with self._cond:
+            if self._download.state != "running":
+                return False
+            self._download_cancel.set()
+        log.info("model download: stop asked")
         return True
 
     def download_status(self) -> DownloadStatus:
@@ -268,17 +291,17 @@ class Worker:
 
         def progress(p) -> None:
             with self._cond:
-                if self._closed:
-                    raise Cancelled()
                 self._download = DownloadStatus("running", f"{p.component}/{p.file}", p.overall_done,
                                                 p.overall_total)
 
         log.info("downloading the missing model files into %s", self.models_dir)
         try:
-            ensure_models(self.models_dir, progress=progress)
+            ensure_models(self.models_dir, progress=progress, cancel=self._download_cancel)
             status = DownloadStatus("done", "", self._download.total_bytes, self._download.total_bytes)
         except Cancelled:
-            status = DownloadStatus("failed", message="download stopped; start it again to resume")
+            got = self._download
+            status = DownloadStatus("stopped", got.file, got.done_bytes, got.total_bytes,
+                                    "download stopped; what it fetched is kept, start it again to resume")
         except UserError as exc:
             status = DownloadStatus("failed", message=exc.message)
         except Exception as exc:  # one line for the user, the traceback in the log
@@ -293,6 +316,7 @@ class Worker:
         """Drop the queue, stop the running job (its finished sections are kept) and end the thread."""
         with self._cond:
             self._closed = True
+            self._download_cancel.set()
             while self._queue:
                 self._end(self._queue.popleft(), Stopped(None, 0))
             if self._running is not None:
@@ -352,8 +376,8 @@ class Worker:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
             # line), not half-way through. The same placements keep the manager and the models it holds.
             plan = self._make_plan(job.profile, job.spec.resolution)
-            key = tuple((c.name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling)
-                        for c in plan.components.values())
+            key = tuple((c.name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling,
+                         c.park_for_decode, c.compile, c.attention, c.fp8_matmul) for c in plan.components.values())
             if self._manager is None or key != self._manager_key:
                 from ..memory.manager import ModelManager
 
