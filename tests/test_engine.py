@@ -135,6 +135,48 @@ def test_failure_in_a_later_section_keeps_the_finished_ones(manager, start_image
     assert end.path and count_frames(end.path) == 37
 
 
+def test_encoding_overlaps_the_next_sections_sampling(manager, start_image, tmp_path):
+    """Section 0 is encoded on the encoder thread while section 1 samples: its frame sink waits for section 1's
+    first Step, which an inline encode would hold back (the wait then gives up and the test fails)."""
+    next_section_started = threading.Event()
+    overlapped: list[bool] = []
+    events = []
+
+    def sink(rgb):
+        if not overlapped:  # 60 s only guards against a hang if encoding went inline again; not a timing assert
+            overlapped.append(next_section_started.wait(timeout=60))
+
+    def emit(event):
+        events.append(event)
+        if isinstance(event, Step) and event.section == 1:
+            next_section_started.set()
+
+    spec = JobSpec(image=start_image, prompt="overlap", **{**FAST, "seconds": 2.4})
+    end = f1.run(spec, tmp_path / "o.mp4", manager, emit, frame_sink=sink)
+    assert overlapped == [True]
+    assert isinstance(end, Finished) and end.frames == 1 + 36 * 2 and count_frames(end.path) == 1 + 36 * 2
+    kinds = [(type(e).__name__, getattr(e, "section", None)) for e in events]
+    assert kinds.index(("Step", 1)) < kinds.index(("SectionSaved", 0))  # saved once really in the file
+    assert kinds[-2:] == [("SectionSaved", 1), ("Finished", None)]  # every section is written before the end
+
+
+def test_an_encoder_failure_fails_the_job_and_keeps_the_written_sections(manager, start_image, tmp_path):
+    calls = []
+
+    def sink(rgb):
+        calls.append(len(rgb))
+        if len(calls) == 2:  # section 1's first chunk (section 0 hands over its 5 final frames in one)
+            raise OSError("No space left on device (injected)")
+
+    events = []
+    spec = JobSpec(image=start_image, prompt="disk full", **{**FAST, "seconds": 3.6})
+    end = f1.run(spec, tmp_path / "d.mp4", manager, events.append, frame_sink=sink)
+    assert isinstance(end, Failed) and "No space left on device" in end.message and "\n" not in end.message
+    assert [e.section for e in events if isinstance(e, SectionSaved)] == [0]
+    assert end.path and count_frames(end.path) == 37  # section 0 whole: its held-back frames flushed on close
+    assert json.loads(sidecar_path(tmp_path / "d.mp4").read_text())["status"] == "failed"
+
+
 def test_teacache_threshold_zero_equals_off_and_positive_skips(manager, start_image, tmp_path):
     _, off = run_job(manager, tmp_path / "off.mp4", image=start_image, teacache=False, steps=12)
     _, zero = run_job(manager, tmp_path / "zero.mp4", image=start_image, teacache=True, teacache_threshold=0.0,
@@ -188,6 +230,28 @@ def test_text_encoder_is_freed_before_sampling(manager, start_image, tmp_path):
 
     assert isinstance(f1.run(spec, tmp_path / "m.mp4", manager, emit), Finished)
     assert seen and not any(seen)
+
+
+def test_no_image_encoder_object_survives_into_sampling(manager, start_image, tmp_path):
+    """Freed by the manager is not enough: a local of the job holding SigLIP kept it in VRAM through the whole
+    job (found at full size: the 8 GB run ran out of memory). No SigLIP module may be alive while sampling."""
+    import gc
+    import warnings
+
+    from transformers import SiglipVisionModel
+
+    alive = []
+    spec = JobSpec(image=start_image, prompt="siglip freed", **FAST)
+
+    def emit(event):
+        if isinstance(event, Step) and not alive:
+            gc.collect()
+            with warnings.catch_warnings():  # isinstance on some torch module proxies warns of deprecations
+                warnings.simplefilter("ignore")
+                alive.append(sum(isinstance(o, SiglipVisionModel) for o in gc.get_objects()))
+
+    assert isinstance(f1.run(spec, tmp_path / "s.mp4", manager, emit), Finished)
+    assert alive == [0]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -286,3 +350,23 @@ def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_model
     assert proc.returncode == 0, proc.stderr
     assert "download " in proc.stdout and layout.missing(empty) == {}
     assert count_frames(tmp_path / "d.mp4") == 37
+
+
+def test_a_compiled_model_says_it_compiles_once_per_size(manager, start_image, tmp_path):
+    """The first step of a compiled transformer is ~20 s slower: the job says so, once per size. (The flag
+    memory/kernels.py sets stands in for real compilation, which is slow on the CPU.)"""
+    from framepack_ui.events import Phase
+
+    def compiling_notices(name):
+        events, end = run_job(manager, tmp_path / name, image=start_image)
+        assert isinstance(end, Finished), end
+        return [e for e in events if isinstance(e, Phase) and "compiling" in e.detail]
+
+    with manager.use("transformer") as transformer:
+        transformer._framepack_compiled = True
+    try:
+        assert len(compiling_notices("a.mp4")) == 1
+        assert compiling_notices("b.mp4") == []  # same size: compiled already
+    finally:
+        with manager.use("transformer") as transformer:
+            del transformer._framepack_compiled, transformer._framepack_compiled_sizes

@@ -36,7 +36,7 @@ def test_engine_matches_diffusers_framepack_pipeline_euler(tiny_models_dir, star
 
     seed, steps, gs, prompt = 123, 6, 10.0, "a gradient slowly turns"
     spec = JobSpec(image=start_image, prompt=prompt, seconds=2.4, seed=seed, steps=steps, gs=gs, resolution=64,
-                   sampler="euler", teacache=False)
+                   sampler="euler", teacache=False, fast_decode=False)
     manager = ModelManager(tiny_models_dir, "cpu")
     engine_frames = []
     end = f1.run(spec, tmp_path / "engine.mp4", manager, lambda e: None, frame_sink=engine_frames.append)

@@ -14,6 +14,7 @@ from framepack_ui.engine.video import (
     OVERLAP_FRAMES,
     SectionVideoWriter,
     count_frames,
+    crossfade_weights,
     read_metadata,
     soft_append,
     to_uint8,
@@ -74,6 +75,37 @@ def test_streamed_frames_equal_soft_append_irregular(tmp_path, lengths, overlap)
     expected = to_uint8(history).permute(1, 2, 3, 0).numpy()
     assert np.array_equal(np.concatenate(chunks), expected)
     assert count_frames(tmp_path / "v.mp4") == history.shape[1] == writer.frames_written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_short_fades_equal_soft_append_with_the_official_ramp(tmp_path, dtype):
+    # the context decode (f1.section_frames): sections of 36 new frames after a fade of 33 (official), 5, 17 or 1
+    g = torch.Generator().manual_seed(3)
+    fades = [None, 33, 5, 17, 1, 33]
+    sections = [(torch.rand(3, FIRST if f is None else 36 + f, H, W, generator=g) * 2.2 - 1.1).to(dtype)
+                for f in fades]
+    chunks: list[np.ndarray] = []
+    with SectionVideoWriter(tmp_path / "v.mp4", W, H, frame_sink=chunks.append) as writer:
+        for section, fade in zip(sections, fades):
+            writer.add_section(section, fade)
+            assert writer.held_frames == OVERLAP_FRAMES - 1  # still only the frames a next section may change
+    video = sections[0].float()
+    for section, fade in zip(sections[1:], fades[1:]):
+        video = soft_append(video, section.float(), fade, ramp=OVERLAP_FRAMES)
+    assert video.shape[1] == 1 + 36 * (len(fades))
+    assert np.array_equal(np.concatenate(chunks), to_uint8(video).permute(1, 2, 3, 0).numpy())
+    assert count_frames(tmp_path / "v.mp4") == video.shape[1]
+
+
+def test_crossfade_weights_end_like_the_official_fade():
+    official = torch.linspace(1, 0, OVERLAP_FRAMES)
+    assert torch.equal(crossfade_weights(OVERLAP_FRAMES), official)
+    assert torch.equal(crossfade_weights(OVERLAP_FRAMES, OVERLAP_FRAMES), official)
+    short = crossfade_weights(5, OVERLAP_FRAMES)
+    assert short[0] == 1 and torch.equal(short[1:], official[-4:])  # old[-5] stays; then the official weights
+    assert torch.equal(crossfade_weights(1, OVERLAP_FRAMES), torch.ones(1))
+    with pytest.raises(ValueError):
+        crossfade_weights(34, OVERLAP_FRAMES)
 
 
 def test_soft_append_matches_formula():

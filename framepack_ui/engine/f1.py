@@ -1,4 +1,5 @@
-"""The FramePack F1 section loop: history -> clean latents -> sample -> append -> decode the tail -> write.
+"""The FramePack F1 section loop: history -> clean latents -> sample -> append -> decode the tail -> write (on
+an encoder thread, beside the next section's sampling).
 
 `generate(spec, out_path, manager, cancel)` yields typed events (see events.py). Each section predicts 9 new
 latent frames (36 video frames) conditioned on the start latent and the last 16 + 2 + 1 history frames at 4x,
@@ -26,13 +27,24 @@ from . import image as image_ops
 from . import text, vae as vae_ops
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .teacache import apply_teacache, remove_teacache
-from .video import SectionVideoWriter
+from .video import BackgroundWriter, SectionVideoWriter
 
 log = logging.getLogger(__name__)
 
 HISTORY_SIZES = (16, 2, 1)  # history latent frames fed at 4x, 2x and 1x compression (oldest first)
 DECODE_LATENTS = 2 * LATENT_WINDOW  # later sections decode 18 latents and cross-fade 33 of the 69 frames
 OVERLAP_FRAMES = LATENT_WINDOW * 4 - 3  # 33
+FRAMES_PER_SECTION = LATENT_WINDOW * 4  # 36 new frames per section
+# The context decode (`decode_context` k): a later section decodes its 9 new latents after k older ones instead
+# of the official 18. diffusers decodes frame tiles of 16 frames at a stride of 12 (3 latents) counted from the
+# first latent it is given, each tile on its own: a k that is a multiple of 3 keeps the official tile grid, so
+# the new latents' frames come out bit for bit as in the official decode (checked on the tiny VAE); other k move
+# every tile boundary. k = 3 is the smallest such. The official loop cross-fades 33 frames of two decodes; the
+# context decode fades only the frames it reproduces exactly (see section_overlap).
+ALIGNED_CONTEXT = 3
+# Section 1 decodes officially: section 0's decode starts one latent earlier (the start latent), so its tile grid
+# is one latent off and only the full 18-latent decode reproduces the official fade between the two.
+CONTEXT_FROM_SECTION = 2
 GUIDANCE_SCALE = 1000.0  # distilled guidance is fed to the model as gs * 1000
 TIMESTEP_SCALE = 1000.0  # the model's timestep is sigma * 1000
 
@@ -67,6 +79,49 @@ class History:
         # Only the newest frames are ever read (19 for conditioning, 18 for decoding): keep memory flat.
         keep = max(sum(HISTORY_SIZES), DECODE_LATENTS)
         self.latents = torch.cat([self.latents, new_latents], dim=2)[:, :, -keep:]
+
+
+def _context(section: int, decode_context: int | None, from_section: int) -> int | None:
+    """The context this section decodes with; None: the official decode."""
+    if decode_context is None or section < from_section or decode_context >= LATENT_WINDOW:
+        return None
+    return decode_context
+
+
+def decode_latent_count(section: int, decode_context: int | None = None,
+                        from_section: int = CONTEXT_FROM_SECTION) -> int:
+    """Latents a section decodes: the first its 9 and the start latent; a later one the last 18 (official) or,
+    with a context from `from_section` on, its 9 new ones after `decode_context` older ones."""
+    if section == 0:
+        return LATENT_WINDOW + 1
+    context = _context(section, decode_context, from_section)
+    return DECODE_LATENTS if context is None else LATENT_WINDOW + context
+
+
+def section_overlap(section: int, decode_context: int | None = None, from_section: int = CONTEXT_FROM_SECTION) -> int:
+    """Frames before a later section's last 36 that cross-fade into the video (official: 33, its whole old part).
+
+    A context decode of k latents gives 1 frame for the first and 4 for each other; the first two latents' frames
+    differ from the official decode (its own first frame; a tile not blended with the one before), so only the
+    remaining 4k - 8 frames fade in, with the end of the official weights; the frame before them keeps weight 1.
+    """
+    context = _context(section, decode_context, from_section)
+    return OVERLAP_FRAMES if context is None else max(1, 4 * context - 7)
+
+
+def section_frames(pixels: torch.Tensor, section: int, decode_context: int | None = None,
+                   from_section: int = CONTEXT_FROM_SECTION) -> tuple[torch.Tensor, int | None]:
+    """A section's decoded frames as the writer takes them, and their cross-fade length (None for section 0)."""
+    if section == 0:
+        return pixels, None
+    fade = section_overlap(section, decode_context, from_section)
+    return pixels[:, -(FRAMES_PER_SECTION + fade):], fade
+
+
+def check_decode_context(decode_context: int | None) -> int | None:
+    if decode_context is not None and not 1 <= decode_context <= LATENT_WINDOW:
+        raise ValueError(f"decode_context must be None or 1..{LATENT_WINDOW}, got {decode_context}")
+    return decode_context
 
 
 class Denoiser:
@@ -129,15 +184,18 @@ def _settings(spec: JobSpec, height: int, width: int, sections: int) -> dict:
             "models": {name: COMPONENTS[name].repo for name in ("transformer", "text_encoder", "image_encoder")}}
 
 
+_FROM_SPEC = object()  # decode_context not given: the spec's fast_decode decides
+
+
 def generate(spec: JobSpec, out_path: str | Path, manager, cancel: threading.Event | None = None,
-             section_hook=None, frame_sink=None):
+             section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC):
     """Iterate the events of one job (see `run`); the job runs in a helper thread while you iterate."""
     events: queue.Queue = queue.Queue()
     end = object()
 
     def job():
         try:
-            run(spec, out_path, manager, events.put, cancel, section_hook, frame_sink)
+            run(spec, out_path, manager, events.put, cancel, section_hook, frame_sink, decode_context)
         finally:
             events.put(end)
 
@@ -149,20 +207,28 @@ def generate(spec: JobSpec, out_path: str | Path, manager, cancel: threading.Eve
 
 
 def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Event | None = None,
-        section_hook=None, frame_sink=None):
+        section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
 
     `section_hook(section_index)` is a seam for fault injection at a section boundary (tests);
-    `frame_sink(uint8 (N, H, W, 3))` sees every frame as it goes to the encoder.
+    `frame_sink(uint8 (N, H, W, 3))` sees every frame as it goes to the encoder (on the encoder thread).
+    `decode_context`: None decodes as the official loop (18 latents per later section); k (1..9) decodes the 9
+    new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see ALIGNED_CONTEXT).
+    Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None.
+    Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
+    once the section is in the file, so it may come after the next section's first Steps.
     """
     cancel = cancel or threading.Event()
     started = time.monotonic()
     out_path = Path(out_path)
-    writer = settings = None
+    encoder = settings = None
     try:
         spec = spec.validate().with_seed()
+        if decode_context is _FROM_SPEC:
+            decode_context = ALIGNED_CONTEXT if spec.fast_decode else None
+        check_decode_context(decode_context)
         source = image_ops.load_image(spec.image)
         height, width = image_ops.nearest_bucket(*source.shape[:2], resolution=spec.resolution)
         start_image = image_ops.resize_and_center_crop(source, width, height)
@@ -185,8 +251,7 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
         _check_cancel(cancel)
 
         emit(Phase("image", "encoding the start image"))
-        with manager.use("image_encoder") as (processor, image_encoder):
-            image_embeds = image_ops.encode_siglip(start_image, processor, image_encoder)
+        image_embeds = _encode_image(manager, start_image)
         generator = torch.Generator("cpu").manual_seed(spec.seed)
         with manager.use("vae") as vae:
             start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), generator)
@@ -194,6 +259,9 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
 
         emit(Phase("transformer", "loading the video model"))
         with manager.use("transformer") as transformer:
+            if _first_compiled_run(transformer, (height, width)):
+                emit(Phase("transformer", "compiling the model for this size: the first step takes about 20 s "
+                                          "longer (once per size)"))
             device, dtype = transformer.device, transformer.dtype
             guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
             pos_inputs = _model_inputs(positive, image_embeds, guidance, device, dtype)
@@ -203,6 +271,11 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
                 history = History.start(start_latent)
                 writer = SectionVideoWriter(out_path, width, height, crf=spec.crf, frame_sink=frame_sink,
                                             metadata={"framepack_settings": json.dumps(settings, sort_keys=True)})
+
+                def saved(section, frames_written):  # on the encoder thread, once the section is in the file
+                    emit(SectionSaved(section, sections, str(out_path), frames_written, time.monotonic() - started))
+
+                encoder = BackgroundWriter(writer, saved)
                 clock = _Clock(started, spec.steps, sections)
                 for section in range(sections):
                     if section_hook:
@@ -216,34 +289,36 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
                     emit(Phase("decode", f"decoding section {section + 1}/{sections}"))
                     finishing_started = time.monotonic()
                     with manager.use("vae") as vae:
-                        tail = history.latents[:, :, -(LATENT_WINDOW + 1 if section == 0 else DECODE_LATENTS):]
-                        writer.add_section(vae_ops.decode(vae, tail))
+                        tail = history.latents[:, :, -decode_latent_count(section, decode_context):]
+                        pixels = vae_ops.decode(vae, tail)
+                    # the clock counts the decode only: the encode overlaps the next section's sampling
                     clock.section_finished(time.monotonic() - finishing_started)
-                    emit(SectionSaved(section, sections, str(out_path), writer.frames_written,
-                                      time.monotonic() - started))
+                    encoder.put(section, *section_frames(pixels, section, decode_context))
+                    del pixels  # the encoder thread frees them once written
             finally:
                 if teacache is not None:
                     remove_teacache(transformer)
-        frames = _close(writer)
+        encoder.finish()  # every section in the file; an encoder error fails the job here
+        frames = _close(encoder)
         _record_end(out_path, settings, spec, "finished", frames)
         result = Finished(str(out_path), str(settings_path), frames, time.monotonic() - started)
     except (Cancelled, KeyboardInterrupt):  # Ctrl+C in the CLI is a stop too: keep what is done
-        frames = _close(writer)
+        frames = _close(encoder)
         _record_end(out_path, settings, spec, "stopped", frames)
         result = Stopped(str(out_path) if frames else None, frames)
     except UserError as exc:
-        frames = _close(writer)
+        frames = _close(encoder)
         _record_end(out_path, settings, spec, "failed", frames, exc.message)
         result = Failed(exc.message, str(out_path) if frames else None, exc.reason)
     except torch.OutOfMemoryError as exc:
-        frames = _close(writer)
+        frames = _close(encoder)
         message = ("out of memory: " + " ".join(str(exc).split())[:160] +
                    " (try a lower resolution, or close other programs using the GPU)")
         _record_end(out_path, settings, spec, "failed", frames, message)
         result = Failed(message, str(out_path) if frames else None, "memory")
     except Exception as exc:  # an internal error: one line for the user, the traceback in the log
         log.exception("generation failed")
-        frames = _close(writer)
+        frames = _close(encoder)
         message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
         _record_end(out_path, settings, spec, "failed", frames, message)
         result = Failed(message, str(out_path) if frames else None)
@@ -252,7 +327,8 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
 
 
 class _Clock:
-    """Elapsed time and ETA from this job's own measured time per step and per section decode + write."""
+    """Elapsed time and ETA from this job's own measured time per step and per section decode (the encode runs
+    beside the next section's sampling)."""
 
     def __init__(self, started: float, steps: int, sections: int):
         self.started, self.steps, self.sections = started, steps, sections
@@ -292,19 +368,39 @@ def _sample_section(spec, section, sections, denoiser, start_latent, generator, 
     return sampler(denoiser, noise, sigmas, callback=on_step).float().cpu()  # (1, 16, 9, h, w)
 
 
+def _first_compiled_run(transformer, size: tuple[int, int]) -> bool:
+    """True the first time a compiled transformer (memory/kernels.py) runs at this size: compiling takes 18-20 s
+    on an H100 (docs/benchmarks.md), long enough that the user should know why the first step is slow."""
+    if not getattr(transformer, "_framepack_compiled", False):
+        return False
+    seen = transformer.__dict__.setdefault("_framepack_compiled_sizes", set())
+    if size in seen:
+        return False
+    seen.add(size)
+    return True
+
+
+def _encode_image(manager, start_image):
+    """SigLIP's embedding of the start image. A function of its own so that no local of the job keeps the model
+    alive after the manager frees it: held by `run`'s locals it stayed in VRAM through the whole job (0.8 GB of
+    an 8 GB card: the full-size run of bench/bench_run.py ran out of memory sampling)."""
+    with manager.use("image_encoder") as (processor, image_encoder):
+        return image_ops.encode_siglip(start_image, processor, image_encoder)
+
+
 def _check_cancel(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise Cancelled()
 
 
-def _close(writer) -> int:
-    if writer is None:
+def _close(encoder) -> int:
+    if encoder is None:
         return 0
     try:
-        writer.close()  # flushes the held-back frames: they are final once no section follows
+        return encoder.close()
     except Exception:  # never let a failing close hide the original outcome
         log.exception("closing the video failed")
-    return writer.frames_written
+        return encoder.writer.frames_written
 
 
 def _record_end(out_path, settings, spec, status, frames, message=None):

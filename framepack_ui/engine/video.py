@@ -5,7 +5,8 @@ after each section. F1 sections overlap: section 0 gives 37 frames, each later o
 cross-faded into the last 33 frames of the video so far (weights ``linspace(1, 0, 33)``), net +36 frames. Since
 the first weight is 1, ``old[-33]`` never changes: only the last ``overlap - 1`` (32) frames of the video can
 still change when the next section arrives. ``SectionVideoWriter`` therefore encodes everything else at once and
-holds back just those 32 frames until the next section or ``close()``.
+holds back just those 32 frames until the next section or ``close()``. A section may also fade over fewer
+frames (the context decode of f1.py), with the end of the same 33 weights.
 
 The MP4 is fragmented (one fragment per frame, ``empty_moov``) and flushed per packet, so after each
 ``add_section`` the file on disk plays with all but the last written frame (the muxer keeps the newest packet
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -34,18 +37,37 @@ _ENCODE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time: bounds the temp
 FrameSink = Callable[[np.ndarray], None]  # receives uint8 (N, H, W, 3) exactly as handed to the encoder
 
 
-def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int) -> torch.Tensor:
+def crossfade_weights(overlap: int, ramp: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The weights of the old video over the last ``overlap`` frames: ``linspace(1, 0, overlap)`` by default.
+
+    With ``ramp`` > ``overlap`` they are the last ``overlap`` values of ``linspace(1, 0, ramp)`` with the first set
+    to 1: a short fade that ends exactly as the official 33-frame one does (the context decode has only the last
+    few old frames to fade with). The first weight is always 1, so ``old[-overlap]`` never changes.
+    """
+    ramp = overlap if ramp is None else ramp
+    if not 1 <= overlap <= ramp:
+        raise ValueError(f"need 1 <= overlap <= ramp, got overlap {overlap}, ramp {ramp}")
+    weights = torch.linspace(1, 0, ramp, dtype=dtype)[ramp - overlap :].clone()
+    weights[0] = 1
+    return weights
+
+
+def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int, ramp: int | None = None) -> torch.Tensor:
     """Whole-tensor reference of the official ``soft_append_bcthw``: time is dim -3 ((C,T,H,W) or (B,C,T,H,W)).
 
     ``history[-overlap:]`` and ``current[:overlap]`` are cross-faded with weights ``linspace(1, 0, overlap)`` in
-    ``history``'s dtype, then ``current[overlap:]`` is appended. Kept for tests and as the definition the
-    streaming writer must match.
+    ``history``'s dtype (``crossfade_weights(overlap, ramp)`` when ``ramp`` is given), then ``current[overlap:]``
+    is appended. Kept for tests and as the definition the streaming writer must match.
     """
     if overlap <= 0:
         return torch.cat([history, current], dim=-3)
     if history.shape[-3] < overlap or current.shape[-3] < overlap:
         raise ValueError(f"both videos need at least {overlap} frames: {history.shape[-3]}, {current.shape[-3]}")
-    weights = torch.linspace(1, 0, overlap, dtype=history.dtype, device=history.device).view(-1, 1, 1)  # (T,1,1)
+    if ramp is None:
+        weights = torch.linspace(1, 0, overlap, dtype=history.dtype, device=history.device)
+    else:
+        weights = crossfade_weights(overlap, ramp, history.dtype).to(history.device)
+    weights = weights.view(-1, 1, 1)  # (T, 1, 1)
     blended = weights * history[..., -overlap:, :, :] + (1 - weights) * current[..., :overlap, :, :]
     out = torch.cat([history[..., :-overlap, :, :], blended, current[..., overlap:, :, :]], dim=-3)
     return out.to(history)
@@ -60,7 +82,8 @@ class SectionVideoWriter:
     """Writes F1 sections (pixels (3, T, H, W) in [-1, 1]) to an H.264 MP4 that plays while it grows.
 
     Holds at most ``overlap - 1`` frames between calls (in the sections' float dtype, float32 once blended);
-    never the whole video. Blending is done in float32.
+    never the whole video. Blending is done in float32. A section may fade over fewer frames than ``overlap``
+    (``add_section(pixels, fade)``): then with the end of the ``overlap``-frame fade (see ``crossfade_weights``).
     ``frame_sink`` (tests, previews) receives each uint8 (N, H, W, 3) chunk as it goes to the encoder.
     """
 
@@ -90,7 +113,7 @@ class SectionVideoWriter:
         # (3, <= overlap-1, H, W) on the CPU: the frames the next section may still change. Raw section frames keep
         # the section's float dtype (fp16 -> fp32 is exact, and half the RAM: 75 MB at 640x608); blended ones fp32.
         self._held: torch.Tensor | None = None
-        self._weights = torch.linspace(1, 0, self.overlap, dtype=torch.float32)  # same values as soft_append's
+        self._weights = crossfade_weights(self.overlap)  # same values as soft_append's
         self._closed = False
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,36 +162,35 @@ class SectionVideoWriter:
     def closed(self) -> bool:
         return self._closed
 
-    def add_section(self, pixels: torch.Tensor) -> None:
-        """Append one decoded section: (3, T, H, W) or (1, 3, T, H, W), floats in [-1, 1], any device."""
+    def add_section(self, pixels: torch.Tensor, fade: int | None = None) -> None:
+        """Append one decoded section: (3, T, H, W) or (1, 3, T, H, W), floats in [-1, 1], any device.
+
+        Its first ``fade`` frames (default ``overlap``, at most that) are cross-faded into the video's last ones;
+        soft_append(video, pixels, fade, ramp=overlap) is the reference.
+        """
         if self._closed:
             raise RuntimeError("writer is closed")
+        fade = self.overlap if fade is None else int(fade)
+        if not 1 <= fade <= self.overlap:
+            raise ValueError(f"fade must be 1..{self.overlap}, got {fade}")
         pixels = self._check(pixels)
         frames = pixels.shape[1]
         keep = self.overlap - 1
         if self._frames_total == 0:
             segments = [pixels]
         else:
-            if self._frames_total < self.overlap or frames < self.overlap:
+            if self._frames_total < self.overlap or frames < fade:
                 raise ValueError(
-                    f"cross-fade needs {self.overlap} frames on both sides: video has {self._frames_total}, "
-                    f"section has {frames}"
+                    f"cross-fade needs {self.overlap} frames in the video and {fade} in the section: video has "
+                    f"{self._frames_total}, section has {frames}"
                 )
             assert self.held_frames == keep
-            # soft_append's blended[i] = w[i] * old[-overlap + i] + (1 - w[i]) * new[i]. blended[0] = old[-overlap]
-            # (w[0] = 1) is already written; the held frames are old[-overlap + 1:], i.e. i = 1 .. overlap - 1.
-            segments = [pixels[:, self.overlap :]]
-            if keep:
-                w = self._weights[1:].view(-1, 1, 1)  # (keep, 1, 1)
-                new = pixels[:, 1 : self.overlap].to(device="cpu", dtype=torch.float32)
-                blended = w * self._held.float() + (1 - w) * new  # (3, keep, H, W) fp32, soft_append's expression
-                del new
-                segments.insert(0, blended)
+            segments = [*self._fade(pixels, fade), pixels[:, fade:]]
         tail = sum(s.shape[1] for s in segments)  # frames not yet written
         n_write = max(tail - keep, 0)
         self._write_segments(segments, n_write)
         self._held = self._slice_tail(segments, n_write)
-        self._frames_total += frames if self._frames_total == 0 else frames - self.overlap
+        self._frames_total += frames if self._frames_total == 0 else frames - fade
 
     def close(self) -> None:
         """Encode the held-back frames and finalise the file. Safe to call twice."""
@@ -201,6 +223,18 @@ class SectionVideoWriter:
             log.exception("closing %s after an error failed", self.path)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _fade(self, pixels: torch.Tensor, fade: int) -> list[torch.Tensor]:
+        """The held frames with the section's first ``fade`` frames cross-faded into their end."""
+        # soft_append's blended[i] = w[i] * old[-fade + i] + (1 - w[i]) * new[i]. blended[0] = old[-fade] (w[0] = 1)
+        # stays as it is; old[-fade + 1:] are the last fade - 1 held frames, i = 1 .. fade - 1.
+        if fade == 1:
+            return [] if self._held is None else [self._held]
+        w = (self._weights if fade == self.overlap else crossfade_weights(fade, self.overlap))[1:].view(-1, 1, 1)
+        new = pixels[:, 1:fade].to(device="cpu", dtype=torch.float32)
+        blended = w * self._held[:, -(fade - 1):].float() + (1 - w) * new  # fp32, soft_append's expression
+        untouched = self._held[:, : self._held.shape[1] - (fade - 1)]
+        return [untouched, blended] if untouched.shape[1] else [blended]
 
     def _check(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dim() == 5 and pixels.shape[0] == 1:
@@ -251,6 +285,71 @@ class SectionVideoWriter:
             # copy=True: never keep a view into the caller's whole section (or a larger blend buffer) alive
             return parts[0].to(device="cpu", copy=True)
         return torch.cat([p.to(device="cpu", dtype=torch.float32) for p in parts], dim=1)  # a new tensor
+
+
+class BackgroundWriter:
+    """Runs `writer.add_section` on a helper thread, so x264 (about 0.5 s a section on an H100 host) overlaps
+    the next section's sampling instead of delaying it.
+
+    At most one section waits in the queue (`put` blocks while one does): with the one being written and the
+    one being decoded that bounds the pixels in RAM to three sections (in practice one: encoding a section
+    takes far less than sampling the next). `on_saved(section, frames_written)` runs on the helper thread once
+    the section is in the file. An error there is kept, the sections after it are dropped, and the next `put`
+    or `finish` raises it on the job's thread, where it fails the job as an inline error would.
+    """
+
+    def __init__(self, writer: SectionVideoWriter, on_saved):
+        self.writer = writer
+        self._on_saved = on_saved
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._error: BaseException | None = None
+        self._raised = False
+        self._end_sent = False
+        self._thread = threading.Thread(target=self._loop, name="f1-encoder", daemon=True)
+        self._thread.start()
+
+    def put(self, section: int, pixels: torch.Tensor, fade: int | None = None) -> None:
+        self._raise()
+        self._queue.put((section, pixels, fade))
+
+    def finish(self) -> None:
+        """Wait until every queued section is written (safe to call again); raise the encoder's error, once."""
+        if not self._end_sent:  # once: a second None would block the full queue of a finished thread
+            self._queue.put(None)
+            self._end_sent = True
+        self._thread.join()
+        self._raise()
+
+    def close(self) -> int:
+        """Finish (an error is logged, not raised: the job's outcome is already decided), close the file;
+        returns the frames in it."""
+        try:
+            self.finish()
+        except Exception:
+            log.exception("encoding a section failed")
+        self.writer.close()  # flushes the held-back frames: they are final once no section follows
+        return self.writer.frames_written
+
+    def _raise(self) -> None:
+        if self._error is not None and not self._raised:
+            self._raised = True
+            raise self._error
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:  # after an error the job is failing: drop the rest
+                self._write(*item)
+            del item  # free this section's pixels before waiting for the next
+
+    def _write(self, section: int, pixels: torch.Tensor, fade: int | None) -> None:
+        try:
+            self.writer.add_section(pixels, fade)
+            self._on_saved(section, self.writer.frames_written)
+        except BaseException as exc:  # noqa: BLE001 - handed to the job's thread
+            self._error = exc
 
 
 def count_frames(path: str | os.PathLike[str]) -> int:
