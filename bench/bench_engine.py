@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 from framepack_ui.engine import f1, sampling, teacache as teacache_ops, vae as vae_ops  # noqa: E402
 from framepack_ui.engine.video import SectionVideoWriter  # noqa: E402
+from framepack_ui.memory import kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
 REAL_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
@@ -121,9 +122,10 @@ def streamed_profile(transformer, make_denoiser, noise, a, device) -> dict:
     torch.cuda.empty_cache()
     used = torch.cuda.memory_allocated()
     free, _ = torch.cuda.mem_get_info()
-    filler = torch.empty(max(0, int(free - (a.vram_gb * 2**30 - used))), dtype=torch.uint8, device=device)
-    torch.cuda.reset_peak_memory_stats()
+    filler = None
     try:
+        filler = torch.empty(max(0, int(free - (a.vram_gb * 2**30 - used))), dtype=torch.uint8, device=device)
+        torch.cuda.reset_peak_memory_stats()
         d = make_denoiser()
         out = d(noise, sigma)
         res["max_abs_diff_vs_resident"] = (out - reference).abs().max().item()
@@ -178,10 +180,7 @@ def main() -> None:
     R["params_B"] = sum(q.numel() for q in transformer.parameters()) / 1e9
     R["build_s"] = now() - t
     if a.compile:
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-            # forward only, not Module.compile(): that would trace the streamer's hooks too (their weight swap
-            # breaks the graph: measured), while hooks around a compiled forward stay eager
-            block.forward = torch.compile(block.forward, dynamic=False)
+        kernels.compile_blocks(transformer)  # the app's own: each block's forward (see memory/kernels.py)
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
     noise = torch.randn(1, 16, 9, lh, lw, generator=g)

@@ -33,7 +33,7 @@ FRAMES_PER_SECTION = 36
 
 
 def drop_from_page_cache(folder: Path) -> None:
-    for path in folder.glob("*.safetensors"):
+    for path in folder.rglob("*.safetensors"):  # the bf16 shards and the fp8 cache under fp8/
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -42,7 +42,7 @@ def drop_from_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def prepare(folder: Path) -> None:
+def prepare(folder: Path, with_fp8: bool) -> None:
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     model = build(HunyuanVideoFramepackTransformer3DModel, REAL_TRANSFORMER, torch.device("cuda"), torch.bfloat16)
@@ -50,6 +50,14 @@ def prepare(folder: Path) -> None:
     model.save_pretrained(folder, max_shard_size="10GB")
     print(f"wrote {sum(p.stat().st_size for p in folder.glob('*.safetensors')) / 1e9:.1f} GB in "
           f"{time.perf_counter() - t:.0f} s", flush=True)
+    del model
+    if with_fp8:
+        from framepack_ui.memory import fp8
+
+        t = time.perf_counter()
+        fp8.ensure_cache(folder)  # the app's own one-time conversion, verified
+        print(f"fp8 cache {sum(p.stat().st_size for p in fp8.cache_dir(folder).glob('*.safetensors')) / 1e9:.1f} GB "
+              f"in {time.perf_counter() - t:.0f} s", flush=True)
     drop_from_page_cache(folder)
 
 
@@ -67,19 +75,30 @@ def cgroup_memory() -> dict:
         return {"error": str(exc)}
 
 
-def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: str) -> None:
+def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: str, storage: str = "map",
+        compile_blocks: bool = False, fp8_matmul: bool = False) -> None:
     device = torch.device("cuda")
     R: dict = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-               "vram_gb": vram_gb}
+               "vram_gb": vram_gb, "storage": storage, "compile": compile_blocks, "fp8_matmul": fp8_matmul}
     read0, t = disk_read_bytes(), now()
-    transformer = load_mapped_transformer(folder, compute_dtype=None)  # bf16 files: compute in bf16 on the GPU
+    if storage == "fp8":
+        from framepack_ui.memory import fp8
+
+        transformer = fp8.load_fp8_transformer(folder, torch.bfloat16)  # maps the verified fp8 cache
+        fp8.set_fp8_matmul(transformer, fp8_matmul)
+    else:
+        transformer = load_mapped_transformer(folder, compute_dtype=None)  # bf16 files: compute in bf16
+    if compile_blocks:
+        from framepack_ui.memory import kernels
+
+        kernels.compile_blocks(transformer)
     R["map_s"] = now() - t
     blocks = transformer_blocks(transformer)
     resident = resident_blocks_for(transformer, vram_gb, reserve_gb)
     streamer = stream_transformer(transformer, device, resident)
     used = torch.cuda.memory_allocated()
     free, _ = torch.cuda.mem_get_info()
-    filler = torch.empty(max(0, int(free - (vram_gb * 2**30 - used))), dtype=torch.uint8, device=device)
+    filler = torch.empty(max(0, int(free - max(vram_gb * 2**30 - used, 0))), dtype=torch.uint8, device=device)
     torch.cuda.reset_peak_memory_stats()
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(REAL_TRANSFORMER, 80, 76, device, torch.bfloat16, g)
@@ -88,7 +107,7 @@ def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: 
                     conditioning=history.conditioning(start_latent))
     sigmas = torch.linspace(1, 0.1, timed_steps + 1)
     t = now()
-    d(noise, sigmas[0])  # the first step reads the weights from disk
+    d(noise, sigmas[0])  # the first step reads the weights from disk (and compiles)
     R["first_step_s"] = now() - t
     R["first_step_disk_read_GB"] = (disk_read_bytes() - read0) / 1e9
     times, read1 = [], disk_read_bytes()
@@ -116,12 +135,16 @@ def main() -> None:
     p.add_argument("--vram-gb", type=float, default=8)
     p.add_argument("--timed-steps", type=int, default=3)
     p.add_argument("--activation-reserve-gb", type=float, default=2.5)
+    p.add_argument("--fp8", action="store_true", help="prepare: also write the fp8 cache; run: map it")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fp8-matmul", action="store_true")
     p.add_argument("--out", default="ram-ceiling.json")
     a = p.parse_args()
     if a.mode == "prepare":
-        prepare(a.dir)
+        prepare(a.dir, a.fp8)
     else:
-        run(a.dir, a.vram_gb, a.timed_steps, a.activation_reserve_gb, a.out)
+        run(a.dir, a.vram_gb, a.timed_steps, a.activation_reserve_gb, a.out, "fp8" if a.fp8 else "map",
+            a.compile, a.fp8_matmul)
 
 
 if __name__ == "__main__":

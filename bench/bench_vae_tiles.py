@@ -2,6 +2,9 @@
 against the untiled decode of the same latents (a tiling counts only if its frames match).
 
     python bench/bench_vae_tiles.py --out vae-tiles.json
+
+A whole multi-section video (the context decode, cudnn.benchmark, PSNR of the stitched video) is measured by
+bench/bench_decode.py.
 """
 from __future__ import annotations
 
