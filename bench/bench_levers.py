@@ -1,9 +1,11 @@
 """The speed levers of issue 5, each measured on its own against the same eager baseline, in one run:
 attention kernel, torch.compile of the blocks (element-wise fusion, with a GPU-time breakdown before and after),
-streaming blocks through pinned memory (8 GB card), fp8 matmul (`torch._scaled_mm`) against fp8 storage
+streaming blocks through pinned memory (8 GB card; `--pinned` adds rows with the streamed blocks held in
+page-locked RAM), torch.compile modes (`--compile-modes`), fp8 matmul (`torch._scaled_mm`) against fp8 storage
 with a per-call dequantize, and mean GPU utilisation (NVML) for each.
 
-    python bench/bench_levers.py --out levers.json [--timed-steps 3] [--vram-gb 8] [--tiny]
+    python bench/bench_levers.py --out levers.json [--timed-steps 3] [--vram-gb 8] [--pinned]
+        [--compile-modes max-autotune-no-cudagraphs] [--tiny]
 
 Full-size F1 transformer (12.9 B params, random weights, bf16) at 640x608 with a mid-video history, as
 bench_engine.py. `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
@@ -123,13 +125,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def streamed(transformer, make, noise, a, util, device) -> dict:
+def streamed(transformer, make, noise, a, util, device, pin: bool = False) -> dict:
     """8 GB card: as many blocks resident as fit, the rest streamed through pinned buffers; a filler
-    allocation leaves `--vram-gb` to the process. The streamed blocks' sources sit in pageable RAM."""
+    allocation leaves `--vram-gb` to the process. The streamed blocks' sources sit in pageable RAM, or with
+    `pin` in page-locked RAM (uploaded from there)."""
     blocks = transformer_blocks(transformer)
     resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
     before_GiB = torch.cuda.memory_allocated() / 2**30
-    streamer = stream_transformer(transformer, device, resident)
+    t = now()
+    streamer = stream_transformer(transformer, device, resident, pin_sources=pin)
+    setup_s = now() - t
     filler = None
     try:
         gc.collect()
@@ -146,6 +151,7 @@ def streamed(transformer, make, noise, a, util, device) -> dict:
         r["GB_streamed_per_step"] = (streamer.bytes_streamed - before) / (a.timed_steps + 1) / 1e9
         r["upload_GBps_needed_to_hide"] = r["GB_streamed_per_step"] / r["s_per_step"]
         r["resident_blocks"], r["streamed_blocks"] = resident, len(blocks) - resident
+        r["pinned_sources"], r["streamer_setup_s"] = streamer.pinned_sources, setup_s
         r["allocated_GiB_before_streaming"] = before_GiB
         r["allocated_GiB_streaming_setup"] = in_use / 2**30
         r["live_cuda_tensors_GiB_by_shape"] = live_cuda_tensors()
@@ -166,6 +172,10 @@ def main() -> None:
     p.add_argument("--attention", default="_native_flash,_native_cudnn,_native_efficient",
                    help="comma-separated diffusers attention backends to compare ('' skips the comparison)")
     p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--no-streamed", action="store_true", help="skip the 8 GB card rows")
+    p.add_argument("--pinned", action="store_true", help="also stream from page-locked RAM (each streamed row)")
+    p.add_argument("--compile-modes", default="", help="comma-separated torch.compile modes to time after the "
+                                                        "default one, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--out", default="levers.json")
     a = p.parse_args()
     from diffusers import HunyuanVideoFramepackTransformer3DModel
@@ -214,15 +224,25 @@ def main() -> None:
     kernels.set_attention(model, best)
     R["best_attention"] = best
 
-    if cuda:
-        row(f"eager, {a.vram_gb:g} GB card", lambda: streamed(model, make, noise, a, util, device))
+    def streamed_rows(name: str) -> None:
+        if not cuda or a.no_streamed:
+            return
+        row(f"{name}, {a.vram_gb:g} GB card", lambda: streamed(model, make, noise, a, util, device))
+        if a.pinned:
+            row(f"{name}, {a.vram_gb:g} GB card, page-locked sources",
+                lambda: streamed(model, make, noise, a, util, device, pin=True))
+
+    streamed_rows("eager")
     kernels.compile_blocks(model)
     row(f"compiled blocks, attention {best}", lambda: {**timed(make(), noise, a.timed_steps, util),
                                                        **(gpu_time_breakdown(make(), noise) if cuda else {}),
                                                        "x0_rel_diff": rel(make()(noise, sigma), reference)})
-    if cuda:
-        row(f"compiled, {a.vram_gb:g} GB card ",
-            lambda: streamed(model, make, noise, a, util, device))
+    streamed_rows("compiled")
+    for mode in [m for m in a.compile_modes.split(",") if m]:
+        kernels.compile_blocks(model, mode)
+        row(f"compiled blocks, mode {mode}", lambda: {**timed(make(), noise, a.timed_steps, util),
+                                                      "x0_rel_diff": rel(make()(noise, sigma), reference)})
+        kernels.compile_blocks(model)  # the rows below keep the default mode (the app's)
 
     if a.no_fp8:
         Path(a.out).write_text(json.dumps(R, indent=1))
@@ -242,8 +262,7 @@ def main() -> None:
 
     row("compiled, fp8 storage (dequantize per call)", lambda: fp8_row(False))
     row("compiled, fp8 matmul", lambda: fp8_row(True))
-    if cuda:
-        row(f"compiled, fp8 matmul, {a.vram_gb:g} GB card", lambda: streamed(model, make, noise, a, util, device))
+    streamed_rows("compiled, fp8 matmul")
 
     print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")
     for name, r in rows.items():

@@ -1,7 +1,8 @@
 """A whole multi-section job through the real engine (`framepack_ui.engine.f1.run`) at full size: sampling, VAE
 decode and video encode of every section, timed from the engine's own events.
 
-    python bench/bench_run.py --seconds 6 --out run.json [--compile] [--vram-gb 8] [--teacache] [--tiny]
+    python bench/bench_run.py --seconds 6 --out run.json [--compile] [--vram-gb 8 [--pinned] [--vae-tile 320/256]]
+        [--teacache] [--tiny]
 
 The models are the real configs with random weights, built on the GPU and lent to the engine by a stand-in for
 the memory manager (same `use(name)` contract). The text encoders are replaced by random prompt embeddings of
@@ -113,6 +114,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="compile the transformer blocks (memory/kernels.py)")
     p.add_argument("--vram-gb", type=float, default=None, help="simulate a card with this much VRAM")
     p.add_argument("--tiled-decode", action="store_true", help="tile the VAE decode (always with --vram-gb)")
+    p.add_argument("--vae-tile", default=None, metavar="TILE/STRIDE",
+                   help="spatial tile and stride in px (default: diffusers' 256/192)")
+    p.add_argument("--pinned", action="store_true", help="with --vram-gb: streamed blocks in page-locked RAM")
     p.add_argument("--decode-context", type=int, default=None,
                    help="later sections decode their 9 new latents after this many older ones (engine option)")
     p.add_argument("--out", default="run.json")
@@ -129,12 +133,19 @@ def main() -> None:
                "decode_context": a.decode_context, "compile": a.compile, "vram_gb": a.vram_gb}
     if a.vram_gb:
         resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
-        streamer = stream_transformer(transformer, device, resident)
+        t = time.perf_counter()
+        streamer = stream_transformer(transformer, device, resident, pin_sources=a.pinned)
+        R["streamer_setup_s"], R["pinned_sources"] = time.perf_counter() - t, streamer.pinned_sources
         gc.collect()
         torch.cuda.empty_cache()
         R["resident_blocks"] = resident
-    if a.vram_gb or a.tiled_decode:
-        vae.enable_tiling()
+    if a.vram_gb or a.tiled_decode or a.vae_tile:
+        if a.vae_tile:
+            tile, stride = (int(v) for v in a.vae_tile.split("/"))
+            vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
+                              tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+        else:
+            vae.enable_tiling()
     manager = LendingManager({"transformer": transformer, "vae": vae, "image_encoder": image_encoder},
                              RandomPrompts(cfg), streamer)
     del image_encoder  # the manager stand-in holds the only reference: it frees SigLIP after the image phase

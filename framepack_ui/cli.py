@@ -91,13 +91,16 @@ def _add_speed_options(parser) -> None:
                              "(default: diffusers' choice)")
     parser.add_argument("--fp8-matmul", action=argparse.BooleanOptionalAction, default=None,
                         help="with --fp8: multiply in fp8 (default: on GPUs of compute capability 8.9+)")
+    parser.add_argument("--pin-streamed", action=argparse.BooleanOptionalAction, default=None,
+                        help="hold the streamed transformer blocks in page-locked RAM (default: where 8 GB of RAM "
+                             "stays free beside them)")
 
 
 def _plan_overrides(args):
     from .memory.plan import PlanOverrides
 
     return PlanOverrides(args.plan, resolution=args.resolution, fp8=args.fp8, compile=args.compile,
-                         attention=args.attention, fp8_matmul=args.fp8_matmul)
+                         attention=args.attention, fp8_matmul=args.fp8_matmul, pin_streamed=args.pin_streamed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,8 @@ from PIL import Image
 from framepack_ui.cli import main as cli_main
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager, Placement, placements_from_plan
-from framepack_ui.memory.plan import (GB, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights)
+from framepack_ui.memory.plan import (GB, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan,
+                                      real_weights)
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, parse_meminfo, probe_machine, weights_bytes,
                                        weights_on_disk, windows_memory_from)
 
@@ -40,14 +41,37 @@ def test_plan_80gb_gpu_keeps_everything_resident():
 
 
 def test_plan_24gb_desktop_streams_part_of_the_transformer():
-    plan = supposed(64, 24)
+    plan = make_plan(Machine.supposed(64, 24), REAL, PlanOverrides(pin_streamed=False))
     t = plan.components["transformer"]
     assert plan.components["text_encoders"].where == "gpu"  # 15 GB fits alone in its phase
-    assert t.where == "gpu-streamed" and t.storage == "map"
+    assert t.where == "gpu-streamed" and t.storage == "map" and not t.pinned_sources
     assert 30 <= t.resident_blocks < t.total_blocks == 60  # most blocks stay resident
     assert plan.components["vae"].vae_tiling  # 21.8 GB untiled would not fit beside the resident blocks
     assert plan.peak_vram_bytes <= plan.vram_budget_bytes
     assert plan.peak_ram_bytes < 4 * GB
+
+
+def test_plan_pins_the_streamed_blocks_only_where_ram_is_plentiful():
+    """Page-locked sources skip a host copy per step (the 8 GB bf16 profile was bound by it on the H100), but
+    pinned memory cannot be paged: chosen only where PIN_HEADROOM_BYTES stays free beside the largest phase."""
+    streamed_bytes = {n: sum(REAL["transformer"].block_bytes[supposed(n, 8).components["transformer"]
+                                                             .resident_blocks:]) for n in (32, 64)}
+    roomy, laptop = supposed(64, 8), supposed(32, 8)
+    t = roomy.components["transformer"]
+    assert t.where == "gpu-streamed" and t.pinned_sources
+    assert t.ram_bytes == t.commit_bytes == streamed_bytes[64] > 15 * GB  # charged: page-locked, never paged
+    assert t.page_cache_bytes < streamed_bytes[64]  # nothing re-read from the map each step
+    assert roomy.peak_ram_bytes + PIN_HEADROOM_BYTES <= roomy.ram_budget_bytes
+    assert any("page-locked" in n for n in roomy.notes) and "page-locked RAM" in roomy.explain()
+    assert not laptop.components["transformer"].pinned_sources  # 21.5 GB pinned of 32 would starve the system
+    assert laptop.peak_ram_bytes < 8 * GB
+    refused = make_plan(Machine.supposed(64, 8), REAL, PlanOverrides(pin_streamed=False))
+    assert not refused.components["transformer"].pinned_sources and refused.peak_ram_bytes < 8 * GB
+    forced = make_plan(Machine.supposed(32, 8), REAL, PlanOverrides(pin_streamed=True))
+    assert forced.components["transformer"].pinned_sources
+    assert not supposed(128, 80).components["transformer"].pinned_sources  # resident: nothing streamed
+    cuda_placement = placements_from_plan(roomy)["transformer"]
+    assert cuda_placement.pin_sources and not placements_from_plan(laptop)["transformer"].pin_sources
 
 
 def test_plan_8gb_laptop_32gb_ram_maps_and_streams():
@@ -174,19 +198,25 @@ def test_manager_streams_the_transformer_when_the_plan_says_so(tiny_models_dir, 
     resident = ModelManager(tiny_models_dir, "cpu")
     streamed = ModelManager(tiny_models_dir, "cpu", placements={
         **resident.placements, "transformer": Placement(cpu, torch.float32, True, "map", resident_blocks=1)})
+    pinned = ModelManager(tiny_models_dir, "cpu", placements={
+        **resident.placements, "transformer": Placement(cpu, torch.float32, True, "map", resident_blocks=1,
+                                                        pin_sources=True)})
     image = tmp_path / "start.png"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
     frames = {}
-    for name, manager in (("resident", resident), ("streamed", streamed)):
+    for name, manager in (("resident", resident), ("streamed", streamed), ("pinned", pinned)):
         sink = []
         spec = JobSpec(image=str(image), prompt="a grey square", resolution=64, steps=2, seconds=1.2)
         assert isinstance(f1.run(spec, tmp_path / f"{name}.mp4", manager, lambda e: None, frame_sink=sink.append),
                           Finished)
         frames[name] = np.concatenate(sink)
     assert np.array_equal(frames["resident"], frames["streamed"])
+    assert np.array_equal(frames["resident"], frames["pinned"])
+    with pinned.use("transformer") as transformer:
+        assert transformer._framepack_streamer.pinned_sources
     with streamed.use("transformer") as transformer:
         streamer = transformer._framepack_streamer
-        assert len(streamer.streamed) == 1 and streamer.bytes_streamed > 0
+        assert len(streamer.streamed) == 1 and streamer.bytes_streamed > 0 and not streamer.pinned_sources
     streamed.free()
     assert not streamed.is_loaded("transformer") and streamer._copier._shutdown
 

@@ -54,9 +54,65 @@ def test_park_points_the_resident_blocks_at_their_sources_and_restore_gives_the_
             streamer.park()
             assert streamer.parked and all(on_sources())
             assert all(p.untyped_storage().data_ptr() == sources[id(p)].untyped_storage().data_ptr() for p in resident)
+            assert streamer._slots == [] and not streamer._pending  # the slots' VRAM is the VAE's too
             streamer.restore()
             assert not streamer.parked and not any(on_sources())
+            assert len(streamer._slots) == 2 and 0 in streamer._pending  # the next forward's first block
             after = transformer(**inputs)[0]
         finally:
             streamer.close()
     assert torch.equal(before, expected) and torch.equal(after, expected)
+
+
+def test_pinned_sources_hold_each_streamed_block_once_in_host_buffers_and_give_the_same_output(tiny_models_dir):
+    """pin_sources: each streamed block is copied once into its own host buffer (page-locked on CUDA) and
+    uploaded from there with no staging copy; the file map is no longer referenced; the output is unchanged."""
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"), storage="map")
+    inputs = transformer_inputs(transformer)
+    blocks = transformer_blocks(transformer)
+    mapped = {id(p): p.untyped_storage().data_ptr() for b in blocks for p in b.parameters()}
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        streamer = stream_transformer(transformer, "cpu", resident_blocks=1, pin_sources=True)
+        try:
+            buffers = [(h.tensor.data_ptr(), h.tensor.data_ptr() + h.tensor.numel()) for h in streamer._host_buffers]
+            assert len(buffers) == len(blocks) - 1 and not streamer._staging
+            for index, block in enumerate(blocks[1:]):
+                lo, hi = buffers[index]
+                assert all(lo <= p.data_ptr() < hi and p.untyped_storage().data_ptr() != mapped[id(p)]
+                           for p in block.parameters())
+            first = transformer(**inputs)[0]
+            second = transformer(**inputs)[0]
+        finally:
+            streamer.close()
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    block_bytes = sum(p.numel() * p.element_size() for b in blocks[1:] for p in b.parameters())
+    assert streamer.bytes_streamed >= 2 * block_bytes
+
+
+def test_pinned_sources_fall_back_to_staging_when_the_os_refuses_page_locked_memory(tiny_models_dir, monkeypatch):
+    """Fault injected at the allocation boundary (Windows may refuse to lock gigabytes): the streamer streams
+    from the file map through its staging buffers instead of failing the load, with the same output."""
+    from framepack_ui.memory import streaming
+
+    made = []
+
+    class RefusesTheSecond(streaming._HostBuffer):
+        def __init__(self, nbytes, pinned):
+            made.append(nbytes)
+            if len(made) == 2:
+                raise RuntimeError("cudaHostRegister: out of memory")
+            super().__init__(nbytes, pinned)
+
+    monkeypatch.setattr(streaming, "_HostBuffer", RefusesTheSecond)
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"), storage="map")
+    inputs = transformer_inputs(transformer)
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        streamer = stream_transformer(transformer, "cpu", resident_blocks=0, pin_sources=True)
+        try:
+            got = transformer(**inputs)[0]
+        finally:
+            streamer.close()
+    assert not streamer.pinned_sources and len(made) == 4  # two refused-or-released tries, then two staging buffers
+    assert torch.equal(got, expected)

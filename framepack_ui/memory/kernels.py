@@ -29,16 +29,17 @@ def _blocks(transformer) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
-def compile_blocks(transformer) -> bool:
-    """Compile each block's forward (idempotent). Returns whether they are compiled now.
+def compile_blocks(transformer, mode: str | None = None) -> bool:
+    """Compile each block's forward (idempotent per `mode`, torch.compile's). Returns whether they are compiled now.
 
     `dynamic=False`: the token count is the same for every call of a job (F1's context is fixed-size), and a
     new resolution only recompiles (once per shape)."""
-    if getattr(transformer, "_framepack_compiled", False):
+    if getattr(transformer, "_framepack_compiled", False) == (mode or "default"):
         return True
     for block in _blocks(transformer):
-        block.forward = torch.compile(block.forward, dynamic=False)
-    transformer._framepack_compiled = True
+        eager = block.__dict__.setdefault("_framepack_eager_forward", block.forward)
+        block.forward = torch.compile(eager, dynamic=False, mode=mode)
+    transformer._framepack_compiled = mode or "default"
     log.info("transformer blocks compiled (the first step of a new resolution takes longer)")
     return True
 

@@ -44,6 +44,7 @@ class Placement:
     compile: bool = False
     attention: str | None = None
     fp8_matmul: bool = False
+    pin_sources: bool = False  # streamed transformer: its streamed blocks held in page-locked RAM (streaming.py)
 
 
 def default_placements(device: torch.device) -> dict[str, Placement]:
@@ -68,7 +69,7 @@ def placements_from_plan(plan) -> dict[str, Placement]:
     for name, c in plan.components.items():
         result[name] = Placement(torch.device(c.device), _DTYPES[c.compute_dtype], c.keep, c.storage,
                                  c.resident_blocks if c.where == "gpu-streamed" else None, c.vae_tiling,
-                                 c.park_for_decode, c.compile, c.attention, c.fp8_matmul)
+                                 c.park_for_decode, c.compile, c.attention, c.fp8_matmul, c.pinned_sources)
     return result
 
 
@@ -92,7 +93,7 @@ def _load_transformer(d: Path, p: Placement):
     # embedders and the first `resident_blocks` blocks go to the device and the rest pass through the
     # streamer's two pinned block buffers each forward.
     model = loading.load_transformer(d, p.dtype, torch.device("cpu"), p.storage)
-    model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks)
+    model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks, p.pin_sources)
     return model
 
 

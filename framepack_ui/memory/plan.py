@@ -20,7 +20,9 @@ Where a component lives:
     gpu           resident in VRAM (loaded from the read-only file map where it can be: no RAM copy)
     gpu-streamed  N blocks resident in VRAM, the others copied in from the read-only file map each step through
                   two block-sized pinned buffers (memory/streaming.py): the transformer's blocks, or the text
-                  encoder's decoder layers (once per prompt)
+                  encoder's decoder layers (once per prompt). Where RAM is plentiful (PIN_HEADROOM_BYTES left
+                  beside it), the transformer's streamed blocks are held in page-locked RAM instead and uploaded
+                  from there: one host copy fewer per step
     cpu           a private copy in RAM, computed on the CPU
     mmap          computed on the CPU straight from the read-only file map: not charged to the commit limit,
                   the OS can drop and re-read its pages, each module upcast to float32 only while it runs
@@ -67,6 +69,10 @@ CUDA_HOST_OVERHEAD_BYTES = 1 * GB  # host-side CUDA/cuBLAS/cuDNN state: an estim
 # block of the 13B model is ~0.68 GB): the block computing and the one being prefetched.
 STREAM_STAGING_BUFFERS = 2
 STREAM_SPARE_BLOCKS = 2
+# Page-locked memory cannot be paged out or dropped: the streamed blocks are pinned only where this much RAM (and
+# commit) stays free beside the plan's largest phase, for the next prompt's text encoder (loaded while the
+# transformer is kept), the page cache, the browser and other programs.
+PIN_HEADROOM_BYTES = 8 * GB
 # Activations: the largest block holds about this many hidden-state-sized tensors at once (q, k, v, attention
 # output, the 4x MLP and its activation, the residual streams). Estimate from the block's shapes, not measured.
 ACTIVATION_COPIES = 16
@@ -106,6 +112,7 @@ class PlanOverrides:
     compile: bool | None = None  # torch.compile of each block's forward (auto: CUDA with Triton)
     attention: str | None = None  # one of kernels.ATTENTION_BACKENDS; None: diffusers' default (SDPA's choice)
     fp8_matmul: bool | None = None  # e4m3 matmuls (auto: fp8 storage on a GPU of compute capability 8.9+)
+    pin_streamed: bool | None = None  # streamed transformer blocks in page-locked RAM (auto: where RAM allows)
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,7 @@ class ComponentPlan:
     # decodes (only where the decode needs their room)
     parked_vram_bytes: int = 0
     park_for_decode: bool = False
+    pinned_sources: bool = False  # gpu-streamed: the streamed blocks held in page-locked RAM, not read from the map
     # transformer speed options (kernels.py, fp8.py)
     compile: bool = False
     attention: str | None = None
@@ -353,7 +361,7 @@ def _place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int 
                              pinned, pinned, rest + resident + spare, streamed,
                              resident_blocks=n, total_blocks=len(blocks), file_bytes=w.file_bytes,
                              note=note or f"{_gb(streamed)} streamed from the file map per step",
-                             parked_vram_bytes=rest + spare)
+                             parked_vram_bytes=rest)  # park() frees the slots too
     if where == "cpu":
         ram = w.params * ITEMSIZE[CPU_DTYPE]
         return ComponentPlan(entry, where, "ram", storage_dtype, CPU_DTYPE, KEEP[entry], ram, ram, 0, 0,
@@ -461,9 +469,8 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
                     n = max(n, _most_resident("transformer", t, sampling_room) or 0)  # parked while decoding
             streamed = _place("transformer", t, "gpu-streamed", resident_blocks=n)
             if streamed.vram_bytes > decode_room:  # parked while the VAE decodes, copied back from the map after
-                resident = streamed.vram_bytes - streamed.parked_vram_bytes
                 streamed = replace(streamed, park_for_decode=True,
-                                   page_cache_bytes=streamed.page_cache_bytes + resident)
+                                   page_cache_bytes=streamed.page_cache_bytes + sum(t.block_bytes[:n]))
             plans["transformer"] = streamed
             if o.plan == "gpu":
                 raise MemoryPlanError(_shortfall("the transformer resident in VRAM", full.vram_bytes - room,
@@ -475,11 +482,32 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
                      f"({_gb(t.file_bytes)} on disk), converted once from the bf16 shards into the fp8/ cache "
                      f"(needs that much free disk the first time)")
     plans["transformer"] = replace(plans["transformer"], **_speed_options(machine, plans["transformer"], o))
-    phases = _phases(plans, baseline_ram, baseline_commit, 0 if cuda else t_act, t_act if cuda else 0, text_act,
-                     decode_act)
+
+    def phases_of(candidate: dict[str, ComponentPlan]) -> tuple[PhaseCost, ...]:
+        return _phases(candidate, baseline_ram, baseline_commit, 0 if cuda else t_act, t_act if cuda else 0,
+                       text_act, decode_act)
+
+    phases = phases_of(plans)
+    if plans["transformer"].where == "gpu-streamed" and o.pin_streamed is not False:
+        pinned = {**plans, "transformer": _with_pinned_sources(plans["transformer"], t)}
+        pinned_phases = phases_of(pinned)
+        fits = (max(p.ram_bytes for p in pinned_phases) + PIN_HEADROOM_BYTES <= ram_budget
+                and (commit_budget is None
+                     or max(p.commit_bytes for p in pinned_phases) + PIN_HEADROOM_BYTES <= commit_budget))
+        if fits or o.pin_streamed:
+            plans, phases = pinned, pinned_phases
     plan = LoadPlan(machine, "cuda" if cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS}, phases,
                     ram_budget, vram_budget, commit_budget, o.resolution, tuple(notes))
     return _check(plan, weights)
+
+
+def _with_pinned_sources(c: ComponentPlan, w: ComponentWeights) -> ComponentPlan:
+    """A streamed placement whose streamed blocks are copied once into page-locked RAM (charged to RAM and
+    commit, never paged) and uploaded from there: no staging buffers, nothing re-read from the map per step
+    (parked resident blocks still come back from it)."""
+    streamed = sum(w.block_bytes[c.resident_blocks:])
+    return replace(c, ram_bytes=streamed, commit_bytes=streamed, page_cache_bytes=c.page_cache_bytes - streamed,
+                   pinned_sources=True, note=f"{_gb(streamed)} streamed per step from page-locked RAM")
 
 
 def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
@@ -583,7 +611,11 @@ def _check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
     missing = sorted(n for n, w in weights.items() if not w.on_disk)
     if missing:
         notes.append(f"expected sizes (not on disk): {', '.join(missing)}")
-    if any(c.where == "gpu-streamed" for c in plan.components.values()):
+    pinned = plan.components["transformer"].pinned_sources
+    if any(c.where == "gpu-streamed" and not c.pinned_sources for c in plan.components.values()):
         notes.append("gpu-streamed: blocks beyond the resident ones are copied from the read-only map each step "
-                     "through two pinned block buffers (the only pinned memory)")
+                     "through two pinned block buffers" + ("" if pinned else " (the only pinned memory)"))
+    if pinned:
+        notes.append(f"pinned: the transformer's streamed blocks are held in page-locked RAM (uploaded without a "
+                     f"host copy; {PIN_HEADROOM_BYTES / GB:.0f} GB of RAM stays free beside the largest phase)")
     return replace(plan, notes=tuple(notes))

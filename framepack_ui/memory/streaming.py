@@ -8,7 +8,14 @@ the memory manager put them (RAM or a read-only file map) and pass through two b
 buffers: a helper thread copies block i+1 into pinned memory and starts its upload on a side stream while the
 GPU computes block i, so with a fast enough link the upload hides under compute.
 
-Mechanism only: which blocks stay resident is the memory plan's decision.
+With `pin_sources` (the plan's choice where RAM is plentiful) the streamed blocks are copied once into page-locked
+RAM and uploaded from there, skipping the per-step memcpy: on the H100 the two-hop path (pageable -> pinned ->
+GPU reads host memory twice) delivered about 22.6 GB/s, short of the 24 GB/s a compiled step at 8 GB needs
+(0.953 s/step, 1.08x of resident: docs/benchmarks.md). Pinned memory is registered with `cudaHostRegister`
+rather than allocated through torch's pinned allocator, which rounds each allocation up to a power of two
+(a 0.68 GB block would pin 1.07 GB).
+
+Mechanism only: which blocks stay resident, and whether their sources are pinned, is the memory plan's decision.
 """
 from __future__ import annotations
 
@@ -37,6 +44,25 @@ def _view(buffer: torch.Tensor, offset: int, size: int, like: torch.Tensor) -> t
     return buffer[offset:offset + size].view(like.dtype).view(like.shape)
 
 
+class _HostBuffer:
+    """`nbytes` of host memory, page-locked with cudaHostRegister when `pinned` (plain RAM without CUDA)."""
+
+    def __init__(self, nbytes: int, pinned: bool):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.registered = False
+        if pinned and nbytes:
+            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"could not page-lock {nbytes / 1e9:.2f} GB of RAM for streaming (CUDA error "
+                                   f"{int(err)}): use a plan that streams from the file map")
+            self.registered = True
+
+    def release(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.registered = False
+
+
 class BlockStreamer:
     """Streams `blocks[resident:]` (each held on the CPU) through `slots` GPU buffers during each forward.
 
@@ -44,7 +70,8 @@ class BlockStreamer:
     TeaCache's skipped calls simply leave the prefetched block unused until the next forward).
     """
 
-    def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str, resident: int, slots: int = 2):
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str, resident: int, slots: int = 2,
+                 pin_sources: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.resident = blocks[:resident]
@@ -64,11 +91,22 @@ class BlockStreamer:
             for param in block.parameters():
                 if param.device.type != "cpu":
                     param.data = param.data.to("cpu")
-        self._cpu_data = [[p.data for p, _, _ in entries] for entries, _ in self._layouts]
+        self._host_buffers = self._pin_all() if pin_sources else []
+        self.pinned_sources = pin_sources and len(self._host_buffers) == len(self.streamed)
+        if self._host_buffers:  # each streamed block laid out once in page-locked RAM: uploaded from there
+            self._cpu_data = []
+            for (entries, _), host in zip(self._layouts, self._host_buffers):
+                self._cpu_data.append([_view(host.tensor, offset, size, p.data).copy_(p.data)
+                                       for p, offset, size in entries])
+                for (param, _, _), pinned in zip(entries, self._cpu_data[-1]):
+                    param.data = pinned  # the file map's pages are no longer referenced: the OS may drop them
+        else:
+            self._cpu_data = [[p.data for p, _, _ in entries] for entries, _ in self._layouts]
         slot_bytes = max((size for _, size in self._layouts), default=0)
         self.slot_bytes = slot_bytes
-        self._slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(slots)]
-        self._staging = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(2)]
+        self._slot_count = slots
+        self._slots = self._new_slots()
+        self._staging = [] if self.pinned_sources else [_HostBuffer(slot_bytes, self.cuda) for _ in range(2)]
         self._stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._uploaded = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
         self._slot_free = [torch.cuda.Event() if self.cuda else None for _ in range(slots)]
@@ -85,6 +123,23 @@ class BlockStreamer:
             self._handles.append(block.register_forward_hook(self._make_post_hook(index)))
         if self.streamed:
             self._prefetch(0)
+
+    def _new_slots(self) -> list[torch.Tensor]:
+        return [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self._slot_count)]
+
+    def _pin_all(self) -> list[_HostBuffer]:
+        """One host buffer per streamed block, all or none: where the OS refuses that much page-locked (or any)
+        memory, the blocks keep streaming from their sources through the staging buffers instead."""
+        buffers: list[_HostBuffer] = []
+        try:
+            for _, total in self._layouts:
+                buffers.append(_HostBuffer(total, self.cuda))
+        except (RuntimeError, MemoryError) as exc:
+            for host in buffers:
+                host.release()
+            log.warning("streaming from the file map instead of page-locked RAM: %s", exc)
+            return []
+        return buffers
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
@@ -124,27 +179,31 @@ class BlockStreamer:
             return
         sequence = self._uploads
         self._uploads += 1
-        slot = sequence % len(self._slots)
+        slot = sequence % self._slot_count
         self._pending[index] = (self._copier.submit(self._copy_in, index, slot, sequence % 2), slot)
 
     def _copy_in(self, index: int, slot: int, staging_index: int) -> None:
         # One memcpy of the whole block, then one upload. Chunking it (32 MB pieces, each uploaded as soon as it
         # was staged, so the memcpy overlaps the upload) measured no faster on the H100: 0.960 against 0.953
         # s/step compiled at 8 GB, 1.205 against 1.180 eager (bench/bench_levers.py, docs/benchmarks.md).
-        staging = self._staging[staging_index]
         entries, total = self._layouts[index]
-        if self.cuda:
-            self._staging_free[staging_index].synchronize()  # its previous upload has finished reading it
-        for (param, offset, size), cpu in zip(entries, self._cpu_data[index]):
-            _view(staging, offset, size, cpu).copy_(cpu)  # RAM / page cache -> pinned (multithreaded memcpy)
+        if self.pinned_sources:
+            source = self._host_buffers[index].tensor
+        else:
+            source = self._staging[staging_index].tensor
+            if self.cuda:
+                self._staging_free[staging_index].synchronize()  # its previous upload has finished reading it
+            for (param, offset, size), cpu in zip(entries, self._cpu_data[index]):
+                _view(source, offset, size, cpu).copy_(cpu)  # RAM / page cache -> pinned (multithreaded memcpy)
         if self.cuda:
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(self._slot_free[slot])  # the block that used this slot has finished
-                self._slots[slot][:total].copy_(staging[:total], non_blocking=True)
+                self._slots[slot][:total].copy_(source[:total], non_blocking=True)
                 self._uploaded[slot].record(self._stream)
-                self._staging_free[staging_index].record(self._stream)
+                if not self.pinned_sources:
+                    self._staging_free[staging_index].record(self._stream)
         else:
-            self._slots[slot][:total].copy_(staging[:total])
+            self._slots[slot][:total].copy_(source[:total])
         with self._lock:
             self.bytes_streamed += total
 
@@ -152,11 +211,19 @@ class BlockStreamer:
 
     def park(self) -> None:
         """Drop the resident blocks' device copies: their parameters point at their CPU sources again (the
-        read-only map: nothing is copied to RAM). Call between forwards only; restore() before the next one."""
+        read-only map: nothing is copied to RAM), and free the streaming slots (two blocks' worth of VRAM, which
+        lets the VAE decode in larger tiles on an 8 GB card). Call between forwards only; restore() before the
+        next one."""
         if self.parked:
             return
         for param, source in self._resident_sources:
             param.data = source
+        for future, _ in self._pending.values():  # the next forward's first block, prefetched into a slot
+            future.result()
+        self._pending.clear()
+        if self.cuda:
+            self._stream.synchronize()
+        self._slots = []
         self.parked = True
         log.debug("parked %d resident blocks", len(self.resident))
 
@@ -164,7 +231,10 @@ class BlockStreamer:
         """Copy the parked resident blocks to the device again."""
         if self.parked:
             self._copy_resident_in()
+            self._slots = self._new_slots()
             self.parked = False
+            if self.streamed:
+                self._prefetch(0)
             log.debug("restored %d resident blocks", len(self.resident))
 
     def _copy_resident_in(self) -> None:
@@ -182,6 +252,9 @@ class BlockStreamer:
         self._copier.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        for host in self._host_buffers + self._staging:  # unlocked only: pinned sources stay the blocks' RAM
+            host.release()
+        self._host_buffers, self._staging = [], []
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -189,13 +262,14 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
     return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
-def stream_transformer(transformer, device: torch.device | str, resident_blocks: int) -> BlockStreamer:
+def stream_transformer(transformer, device: torch.device | str, resident_blocks: int,
+                       pin_sources: bool = False) -> BlockStreamer:
     """Everything but the streamed blocks goes to `device`; blocks past `resident_blocks` are streamed."""
-    return stream_model(transformer, transformer_blocks(transformer), device, resident_blocks)
+    return stream_model(transformer, transformer_blocks(transformer), device, resident_blocks, pin_sources)
 
 
 def stream_model(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device | str,
-                 resident_blocks: int) -> BlockStreamer:
+                 resident_blocks: int, pin_sources: bool = False) -> BlockStreamer:
     """`model`'s parts outside `blocks` go to `device` (embedders, norms: small, resident); the first
     `resident_blocks` blocks are made resident by the streamer (which keeps their sources for park()), the rest
     streamed. Works for any model whose blocks run once each, in list order, per forward (Llama's layers too)."""
@@ -206,7 +280,7 @@ def stream_model(model: torch.nn.Module, blocks: list[torch.nn.Module], device: 
                 param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
-    return BlockStreamer(blocks, device, resident_blocks)
+    return BlockStreamer(blocks, device, resident_blocks, pin_sources=pin_sources)
 
 
 def _buffers_to(module: torch.nn.Module, device: torch.device) -> None:

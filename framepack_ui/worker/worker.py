@@ -377,7 +377,8 @@ class Worker:
             # line), not half-way through. The same placements keep the manager and the models it holds.
             plan = self._make_plan(job.profile, job.spec.resolution)
             key = tuple((c.name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling,
-                         c.park_for_decode, c.compile, c.attention, c.fp8_matmul) for c in plan.components.values())
+                         c.park_for_decode, c.compile, c.attention, c.fp8_matmul, c.pinned_sources)
+                        for c in plan.components.values())
             if self._manager is None or key != self._manager_key:
                 from ..memory.manager import ModelManager
 
