@@ -31,7 +31,7 @@ from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, FRAMES_PER_SECTION
                           resident_blocks_for)
 from bench_fp8 import quantize_in_place  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
-from framepack_ui.memory import fp8, kernels  # noqa: E402
+from framepack_ui.memory import allocator, fp8, kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
 
@@ -105,7 +105,34 @@ def gpu_time_breakdown(denoiser, noise) -> dict:
         else:
             buckets["other"] += us
     total = sum(buckets.values()) or 1.0
-    return {"gpu_ms": total / 1e3, **{f"{k}_share": v / total for k, v in buckets.items()}}
+    return {"gpu_ms": total / 1e3, **{f"{k}_share": v / total for k, v in buckets.items()}, **_gpu_idle_or_why(prof)}
+
+
+def _gpu_idle_or_why(prof) -> dict:
+    try:
+        return gpu_idle(prof)
+    except Exception as exc:  # a profiler API change must not lose the row
+        return {"gpu_idle_error": f"{exc.__class__.__name__}: {exc}"[:200]}
+
+
+def gpu_idle(prof, top: int = 6) -> dict:
+    """Where the GPU waits inside one forward: the span from the first kernel's start to the last one's end, the
+    time no kernel ran, and the largest gaps with the kernels on each side (what the CPU was doing then)."""
+    kernels = sorted(((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda k: k[0])
+    if not kernels:
+        return {}
+    gaps, end, before = [], kernels[0][1], kernels[0][2]
+    for start, stop, name in kernels[1:]:
+        if start > end:
+            gaps.append((start - end, before[:40], name[:40]))
+        if stop > end:
+            end, before = stop, name
+    idle = sum(g for g, _, _ in gaps)
+    span = end - kernels[0][0]
+    return {"gpu_span_ms": span / 1e3, "gpu_idle_ms": idle / 1e3, "gaps_over_50us_ms": sum(g for g, _, _ in gaps
+                                                                                          if g > 50) / 1e3,
+            "largest_gaps": [f"{g / 1e3:.2f} ms after {a} before {b}" for g, a, b in sorted(gaps)[::-1][:top]]}
 
 
 def live_cuda_tensors(top: int = 8) -> dict:
@@ -178,6 +205,7 @@ def main() -> None:
                                                         "default one, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--out", default="levers.json")
     a = p.parse_args()
+    allocator.configure()  # as the app does, before CUDA starts
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -270,7 +298,8 @@ def main() -> None:
             print(f"{name:58} {'-':>7} {'-':>8} {'-':>6}  {r['error'][:80]}")
             continue
         notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in ("s_per_step", "sampling_s_per_frame",
-                                                                                "gpu_util_pct") and v is not None)
+                                                                                "gpu_util_pct")
+                          and isinstance(v, (int, float)))
         pct = f"{r['gpu_util_pct']:.0f}" if r.get("gpu_util_pct") is not None else "-"
         print(f"{name:58} {r['s_per_step']:7.3f} {r['sampling_s_per_frame']:8.3f} {pct:>6}  {notes}")
     Path(a.out).write_text(json.dumps(R, indent=1))

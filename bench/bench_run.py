@@ -35,7 +35,7 @@ from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, TINY_VAE, TEXT_TOK
 from bench_levers import Utilisation  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
 from framepack_ui.events import Phase, Step  # noqa: E402
-from framepack_ui.memory import kernels  # noqa: E402
+from framepack_ui.memory import allocator, kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
 from framepack_ui.spec import JobSpec  # noqa: E402
 
@@ -66,6 +66,7 @@ class LendingManager:
     def __init__(self, models: dict, prompt_cache, streamer=None):
         self.models, self.prompt_cache, self.streamer = models, prompt_cache, streamer
         self.on_transformer = None
+        self.vae_timings: list[dict] = []  # per VAE use: park, use (the decode), restore seconds
 
     def placement(self, name):
         return None
@@ -75,12 +76,19 @@ class LendingManager:
         if name == "transformer" and self.on_transformer is not None:
             self.on_transformer()  # the app loads it after SigLIP is freed: the VRAM budget starts here
             self.on_transformer = None
-        if name == "vae" and self.streamer is not None:
-            self.streamer.park()
+        if name == "vae":
+            t0 = time.perf_counter()
+            if self.streamer is not None:
+                self.streamer.park()
+            t1 = time.perf_counter()
             try:
                 yield self.models[name]
             finally:
-                self.streamer.restore()
+                t2 = time.perf_counter()
+                if self.streamer is not None:
+                    self.streamer.restore()
+                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                self.vae_timings.append({"park_s": t1 - t0, "vae_s": t2 - t1, "restore_s": time.perf_counter() - t2})
             return
         yield self.models[name]
         if name == "image_encoder":  # once per job: freed after use, as the manager does (placement keep=False)
@@ -121,6 +129,7 @@ def main() -> None:
                    help="later sections decode their 9 new latents after this many older ones (engine option)")
     p.add_argument("--out", default="run.json")
     a = p.parse_args()
+    allocator.configure()  # as the app does, before CUDA starts
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -181,6 +190,7 @@ def main() -> None:
                             decode_context=a.decode_context)
         wall = time.perf_counter() - started
     R.update(summarise(events, result, wall, a))
+    R["vae_uses"] = manager.vae_timings
     R["gpu_util_pct"] = util.mean
     if cuda:
         R["peak_vram_GiB_excluding_filler"] = (torch.cuda.max_memory_allocated()

@@ -112,14 +112,20 @@ def load_image_encoder(models_dir: Path, dtype: torch.dtype, device: torch.devic
     return processor, model.to(device).eval().requires_grad_(False)
 
 
-def load_vae(models_dir: Path, dtype: torch.dtype, device: torch.device, tiling: bool = False):
+def load_vae(models_dir: Path, dtype: torch.dtype, device: torch.device, tiling: bool = False,
+             tile_px: int = 256):
     from diffusers import AutoencoderKLHunyuanVideo
+
+    from .plan import VAE_TILE_OVERLAP_PX
 
     folder = _folder(models_dir, "vae")
     with _explain_failures("vae", folder):
         model = AutoencoderKLHunyuanVideo.from_pretrained(folder, torch_dtype=dtype)
-    if tiling:  # the plan asks for it when an untiled decode would not fit (21.8 GB vs 4.4 GB at 640 px)
-        model.enable_tiling()
+    if tiling:  # the plan asks for it when an untiled decode would not fit (21.8 GB at 640 px), in the largest
+        # tiles that fit (frame tiles stay diffusers' 16/12: the context decode relies on that grid)
+        stride = tile_px - VAE_TILE_OVERLAP_PX
+        model.enable_tiling(tile_sample_min_height=tile_px, tile_sample_min_width=tile_px,
+                            tile_sample_stride_height=stride, tile_sample_stride_width=stride)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -39,6 +39,7 @@ class Placement:
     storage: str = "ram"  # "map": weights read-only-mapped from the files (storage.py); "ram": the library's loader
     resident_blocks: int | None = None  # set: stream the other blocks (layers) to the GPU (streaming.py)
     vae_tiling: bool = False
+    vae_tile_px: int = 256  # with vae_tiling: spatial tile size (the plan picks the largest that fits)
     park_for_decode: bool = False  # streamed transformer: its resident blocks leave VRAM while the VAE is used
     # transformer: how it computes (kernels.py, fp8.py), applied once per load
     compile: bool = False
@@ -69,7 +70,8 @@ def placements_from_plan(plan) -> dict[str, Placement]:
     for name, c in plan.components.items():
         result[name] = Placement(torch.device(c.device), _DTYPES[c.compute_dtype], c.keep, c.storage,
                                  c.resident_blocks if c.where == "gpu-streamed" else None, c.vae_tiling,
-                                 c.park_for_decode, c.compile, c.attention, c.fp8_matmul, c.pinned_sources)
+                                 c.vae_tile_px, c.park_for_decode, c.compile, c.attention, c.fp8_matmul,
+                                 c.pinned_sources)
     return result
 
 
@@ -133,7 +135,7 @@ def _streamers(model) -> list:
 _LOADERS: dict[str, Callable] = {
     "text_encoders": _load_text_encoders,
     "image_encoder": lambda d, p: loading.load_image_encoder(d, p.dtype, p.device),
-    "vae": lambda d, p: loading.load_vae(d, p.dtype, p.device, p.vae_tiling),
+    "vae": lambda d, p: loading.load_vae(d, p.dtype, p.device, p.vae_tiling, p.vae_tile_px),
     "transformer": _load_transformer_as_placed,
 }
 

@@ -86,10 +86,16 @@ IMAGE_TOKENS = 729  # SigLIP tokens of the real model
 # transformer (largest module 32 MB in float32, activations ~35 MB).
 UPCAST_COPIES = 2
 LATENT_WINDOW = 9
-# VAE decode of 18 latents (69 frames) at 640x608, measured on the H100: 21.8 GB untiled, 4.4 GB tiled.
+# VAE decode of 18 latents (69 frames) at 640x608, measured on the H100: 21.8 GB untiled.
 VAE_DECODE_REF_PIXELS = 69 * 640 * 608
 VAE_DECODE_REF_UNTILED_BYTES = int(21.8 * GB)
-VAE_DECODE_TILED_BYTES = int(4.4 * GB)
+# Spatial tiles (px; diffusers' overlap of 64 px), largest first, and what the same decode allocates with them
+# beyond the VAE's 0.49 GB of weights: bench/bench_decode.py peaks of 4.25 GiB (256 px, H100), 6.23, 7.37 and
+# 8.63 GiB (320, 352, 384 px, H200), 2026-11-28. Larger tiles are faster: a later section's context decode took
+# 4.39, 3.55, 3.37 and 2.87 s (untiled 2.45 s), so the decode takes the largest that fits beside the transformer.
+VAE_TILE_DECODE_BYTES = {384: int(8.77 * GB), 352: int(7.42 * GB), 320: int(6.20 * GB), 256: int(4.07 * GB)}
+VAE_TILE_OVERLAP_PX = 64
+VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)
 VAE_REAL_TOP_WIDTH = 128  # channels of the real VAE decoder's last block: activation size scales with it
 # Half precision on the GPU as the official demo; float32 on the CPU (half-precision CPU kernels are 2-3x slower:
 # a bf16 transformer forward took 82-95 s against 31-34 s in float32 here).
@@ -133,6 +139,7 @@ class ComponentPlan:
     resident_blocks: int | None = None  # gpu-streamed
     total_blocks: int | None = None
     vae_tiling: bool = False
+    vae_tile_px: int = VAE_SMALLEST_TILE_PX  # with vae_tiling: the spatial tile (stride: VAE_TILE_OVERLAP_PX less)
     file_bytes: int = 0
     note: str = ""
     # gpu-streamed: the VRAM it holds with its resident blocks parked, and whether it parks them while the VAE
@@ -304,12 +311,13 @@ def _sampling_activations(t: ComponentWeights, image: ComponentWeights, resoluti
     return tokens * (t.hidden_size or 3072) * itemsize * ACTIVATION_COPIES
 
 
-def _decode_activations(vae: ComponentWeights, resolution: int, tiled: bool, itemsize: int) -> int:
-    """VAE decode of 18 latents: the H100 figures scaled by pixels (untiled only: tiles have a fixed size), by
-    the decoder's width (the tiny test VAE is 16x narrower) and by the dtype."""
+def _decode_activations(vae: ComponentWeights, resolution: int, tile_px: int | None, itemsize: int) -> int:
+    """VAE decode of 18 latents, untiled (tile_px None) or in tiles of `tile_px`: the measured figures scaled by
+    pixels (untiled only: tiles have a fixed size), by the decoder's width (the tiny test VAE is 16x narrower) and
+    by the dtype."""
     scale = (vae.hidden_size or VAE_REAL_TOP_WIDTH) / VAE_REAL_TOP_WIDTH * itemsize / 2
     untiled = VAE_DECODE_REF_UNTILED_BYTES * 69 * resolution * resolution / VAE_DECODE_REF_PIXELS
-    return int(scale * (min(untiled, VAE_DECODE_TILED_BYTES) if tiled else untiled))
+    return int(scale * (untiled if tile_px is None else min(untiled, VAE_TILE_DECODE_BYTES[tile_px])))
 
 
 def _text_activations(te: ComponentWeights, itemsize: int) -> int:
@@ -406,9 +414,11 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     t_act = _sampling_activations(w["transformer"], w["image_encoder"], o.resolution, itemsize=half if cuda else 4)
     text_act = _text_activations(weights["text_encoder"], half if cuda else 4)
 
-    # -- VAE: on the GPU when it and its decode fit; tiled decode when untiled does not fit
-    def vae_decode(tiled: bool) -> int:
-        return _decode_activations(w["vae"], o.resolution, tiled, half if cuda else 4)
+    # -- VAE: on the GPU when it and its decode fit; tiled decode when untiled does not fit (in the smallest
+    #    tiles while the transformer is placed; grown to the largest that fit beside it after)
+    def vae_decode(tiled: bool | int) -> int:
+        tile = None if tiled is False else VAE_SMALLEST_TILE_PX if tiled is True else tiled
+        return _decode_activations(w["vae"], o.resolution, tile, half if cuda else 4)
 
     if cuda:
         # Untiled decode is faster (3.9 s against 6.9 s per section on the H100) but needs 21.8 GB at 640 px:
@@ -483,19 +493,29 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
                      f"(needs that much free disk the first time)")
     plans["transformer"] = replace(plans["transformer"], **_speed_options(machine, plans["transformer"], o))
 
-    def phases_of(candidate: dict[str, ComponentPlan]) -> tuple[PhaseCost, ...]:
+    def phases_of(candidate: dict[str, ComponentPlan], decode_bytes: int) -> tuple[PhaseCost, ...]:
         return _phases(candidate, baseline_ram, baseline_commit, 0 if cuda else t_act, t_act if cuda else 0,
-                       text_act, decode_act)
+                       text_act, decode_bytes)
 
-    phases = phases_of(plans)
+    phases = phases_of(plans, decode_act)
     if plans["transformer"].where == "gpu-streamed" and o.pin_streamed is not False:
         pinned = {**plans, "transformer": _with_pinned_sources(plans["transformer"], t)}
-        pinned_phases = phases_of(pinned)
+        pinned_phases = phases_of(pinned, decode_act)
         fits = (max(p.ram_bytes for p in pinned_phases) + PIN_HEADROOM_BYTES <= ram_budget
                 and (commit_budget is None
                      or max(p.commit_bytes for p in pinned_phases) + PIN_HEADROOM_BYTES <= commit_budget))
         if fits or o.pin_streamed:
             plans, phases = pinned, pinned_phases
+    if cuda and plans["vae"].vae_tiling:
+        # Larger tiles decode faster: take the largest that fits in what the decode phase leaves free beside the
+        # transformer as placed (its resident blocks parked where the plan parks them), so the tile never costs
+        # the transformer a resident block.
+        t_plan = plans["transformer"]
+        held = t_plan.parked_vram_bytes if t_plan.park_for_decode else t_plan.vram_bytes
+        room = vram_budget - plans["vae"].vram_bytes - held
+        tile = next((px for px in VAE_TILE_DECODE_BYTES if vae_decode(px) <= room), VAE_SMALLEST_TILE_PX)
+        plans["vae"] = replace(plans["vae"], vae_tile_px=tile, note=f"tiled decode, {tile} px tiles")
+        phases = phases_of(plans, vae_decode(tile))
     plan = LoadPlan(machine, "cuda" if cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS}, phases,
                     ram_budget, vram_budget, commit_budget, o.resolution, tuple(notes))
     return _check(plan, weights)

@@ -167,7 +167,11 @@ def _psutil_memory() -> dict:  # macOS and anything else: no commit figures
 # --- GPU and disk -----------------------------------------------------------------------------------------------
 
 def _cuda() -> dict:
-    """Free and total memory of CUDA device 0, if torch sees one (this creates the CUDA context)."""
+    """Free and total memory of CUDA device 0, if torch sees one (this creates the CUDA context: the first CUDA
+    use of the app and the CLI, whose plans are made before anything loads, so the allocator is set up here)."""
+    from . import allocator
+
+    allocator.configure()
     try:
         import torch
     except ImportError:

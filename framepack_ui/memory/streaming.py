@@ -230,6 +230,11 @@ class BlockStreamer:
     def restore(self) -> None:
         """Copy the parked resident blocks to the device again."""
         if self.parked:
+            if self.cuda:
+                # The decode's activations sit in the allocator's cache, split around whatever small tensors it
+                # left: re-allocating the blocks and slots among them fragmented an 8 GB budget until a sampling
+                # activation (650 MiB) failed (H200, bench/bench_run.py --vram-gb 8). Hand them back first.
+                torch.cuda.empty_cache()
             self._copy_resident_in()
             self._slots = self._new_slots()
             self.parked = False

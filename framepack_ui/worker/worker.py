@@ -376,12 +376,10 @@ class Worker:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
             # line), not half-way through. The same placements keep the manager and the models it holds.
             plan = self._make_plan(job.profile, job.spec.resolution)
-            key = tuple((c.name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling,
-                         c.park_for_decode, c.compile, c.attention, c.fp8_matmul, c.pinned_sources)
-                        for c in plan.components.values())
-            if self._manager is None or key != self._manager_key:
-                from ..memory.manager import ModelManager
+            from ..memory.manager import ModelManager, placements_from_plan
 
+            key = placements_from_plan(plan)  # what the manager applies: the same placements keep its models
+            if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
                 self._manager = None  # free first: the old and the new models never share the memory
