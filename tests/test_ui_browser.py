@@ -630,3 +630,19 @@ def test_listen_binds_all_interfaces_and_prints_the_lan_addresses(tiny_models_di
         while not all(line in (log_text := (outputs.parent / "app_lan.log").read_text()) for line in expected):
             assert time.monotonic() < deadline, log_text[-2000:]
             time.sleep(0.2)
+
+
+def test_a_taken_port_gets_one_line_and_exit_code_1(tiny_models_dir, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "app.py", "--models", str(tiny_models_dir), "--outputs",
+                               str(tmp_path / "outputs"), "--port", str(port)], cwd=REPO, capture_output=True,
+                              text=True, timeout=SERVER_START_S,
+                              env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-2000:]
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "could not start the web server" in errors[0], output[-2000:]
+    assert "Traceback" not in output
