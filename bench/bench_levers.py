@@ -130,8 +130,8 @@ def gpu_idle(prof, top: int = 6) -> dict:
             end, before = stop, name
     idle = sum(g for g, _, _ in gaps)
     span = end - kernels[0][0]
-    return {"gpu_span_ms": span / 1e3, "gpu_idle_ms": idle / 1e3, "gaps_over_50us_ms": sum(g for g, _, _ in gaps
-                                                                                          if g > 50) / 1e3,
+    return {"gpu_span_ms": span / 1e3, "gpu_idle_ms": idle / 1e3,
+            "gaps_over_50us_ms": sum(g for g, _, _ in gaps if g > 50) / 1e3,
             "largest_gaps": [f"{g / 1e3:.2f} ms after {a} before {b}" for g, a, b in sorted(gaps)[::-1][:top]]}
 
 
