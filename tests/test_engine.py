@@ -352,15 +352,20 @@ def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_model
     assert count_frames(tmp_path / "d.mp4") == 37
 
 
+def _phases_saying(manager, out, image, text: str) -> list:
+    """Run a job to the end; its Phase events whose detail contains `text`."""
+    from framepack_ui.events import Phase
+
+    events, end = run_job(manager, out, image=image)
+    assert isinstance(end, Finished), end
+    return [e for e in events if isinstance(e, Phase) and text in e.detail]
+
+
 def test_a_compiled_model_says_it_compiles_once_per_size(manager, start_image, tmp_path):
     """The first step of a compiled transformer is ~20 s slower: the job says so, once per size. (The flag
     memory/kernels.py sets stands in for real compilation, which is slow on the CPU.)"""
-    from framepack_ui.events import Phase
-
     def compiling_notices(name):
-        events, end = run_job(manager, tmp_path / name, image=start_image)
-        assert isinstance(end, Finished), end
-        return [e for e in events if isinstance(e, Phase) and "compiling" in e.detail]
+        return _phases_saying(manager, tmp_path / name, start_image, "compiling the model")
 
     with manager.use("transformer") as transformer:
         transformer._framepack_compiled = True
@@ -370,3 +375,21 @@ def test_a_compiled_model_says_it_compiles_once_per_size(manager, start_image, t
     finally:
         with manager.use("transformer") as transformer:
             del transformer._framepack_compiled, transformer._framepack_compiled_sizes
+
+
+def test_a_compiled_vae_decoder_says_it_compiles_once(manager, start_image, tmp_path):
+    """The first decode of a compiled VAE decoder waits for the compiler (~2 min on the H200's host): the job
+    says so at that decode, and no later decode or job does. (The flag memory/kernels.py sets stands in for
+    real compilation, which is slow on the CPU.)"""
+    def decoder_notices(name):
+        return _phases_saying(manager, tmp_path / name, start_image, "compiling the VAE decoder")
+
+    with manager.use("vae") as vae:
+        vae._framepack_compiled_decoder = True
+    try:
+        first = decoder_notices("a.mp4")
+        assert len(first) == 1 and first[0].name == "decode"
+        assert decoder_notices("b.mp4") == []
+    finally:
+        with manager.use("vae") as vae:
+            del vae._framepack_compiled_decoder, vae._framepack_decoder_warm

@@ -59,7 +59,10 @@ def test_plan_pins_the_streamed_blocks_only_where_ram_is_plentiful():
     roomy, laptop = supposed(64, 8), supposed(32, 8)
     t = roomy.components["transformer"]
     assert t.where == "gpu-streamed" and t.pinned_sources
-    assert t.ram_bytes == t.commit_bytes == streamed_bytes[64] > 15 * GB  # charged: page-locked, never paged
+    # charged: page-locked, never paged; the resident blocks too, which are parked for the decode and come back
+    # asynchronously from their own page-locked copies
+    assert t.park_for_decode and t.ram_bytes == t.commit_bytes == sum(REAL["transformer"].block_bytes)
+    assert streamed_bytes[64] > 15 * GB
     assert t.page_cache_bytes < streamed_bytes[64]  # nothing re-read from the map each step
     assert roomy.peak_ram_bytes + PIN_HEADROOM_BYTES <= roomy.ram_budget_bytes
     assert any("page-locked" in n for n in roomy.notes) and "page-locked RAM" in roomy.explain()
@@ -279,6 +282,63 @@ def test_plan_speed_options_follow_the_machine():
         make_plan(triton_ada, REAL, PlanOverrides(fp8_matmul=True))  # needs fp8 weights
 
 
+def test_plan_compiles_the_vae_decoder_where_its_smaller_footprint_buys_a_faster_decode():
+    """The compiled decoder peaks a third lower but decodes the same tiles hardly faster, and compiling it costs
+    minutes once per app run (bench/bench_decode.py --compiled-pass): the plan compiles it where the room it
+    frees buys a decode at least a quarter faster (8 GB: 384 px tiles instead of 256; 48 GB: untiled instead of
+    384 px tiles) or is the only plan that fits (6 GB), and not on an 80 GB card (untiled either way); never
+    without Triton, with --no-compile or without CUDA."""
+    triton = replace(Machine.supposed(32, 8), compile_supported=True, cuda_capability=(8, 9))
+    compiled = make_plan(triton, REAL)
+    eager = make_plan(replace(triton, compile_supported=False), REAL)
+    vae = compiled.components["vae"]
+    assert vae.compile and compiled.components["transformer"].compile
+    assert vae.vae_tiling and vae.vae_tile_px == 384 and eager.components["vae"].vae_tile_px == 256
+    assert not eager.components["vae"].compile
+    assert compiled.phase("decode").vram_bytes <= compiled.vram_budget_bytes
+    assert "compiled decoder" in compiled.explain() and "compiled decoder" not in eager.explain()
+    assert not make_plan(triton, REAL, PlanOverrides(compile=False)).components["vae"].compile
+    assert not make_plan(replace(Machine.supposed(32, 0), compile_supported=True), REAL).components["vae"].compile
+    assert placements_from_plan(compiled)["vae"].compile
+    assert any("VAE decoder compiled" in n and "384 px tiles instead of in 256 px" in n for n in compiled.notes)
+    big = make_plan(replace(Machine.supposed(128, 80), compile_supported=True), REAL).components["vae"]
+    assert not big.compile and not big.vae_tiling
+    roomy = make_plan(replace(Machine.supposed(64, 48), compile_supported=True), REAL).components["vae"]
+    assert roomy.compile and not roomy.vae_tiling
+    assert not supposed(64, 48).components["vae"].compile and supposed(64, 48).components["vae"].vae_tiling
+    small = replace(Machine.supposed(32, 6), compile_supported=True)
+    assert make_plan(small, REAL).components["vae"].compile
+    with pytest.raises(MemoryPlanError, match="decode phase"):
+        make_plan(replace(small, compile_supported=False), REAL)
+
+
+def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_models_dir, monkeypatch, caplog):
+    """Fault injected at the compiler boundary (a compiler missing or broken on the user's machine): the decode
+    still succeeds, equal to the eager one, with one warning, and later decodes skip the compiler."""
+    from framepack_ui.engine import vae as vae_ops
+    from framepack_ui.memory import kernels, loading
+
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            raise RuntimeError("InductorError: no working C compiler")
+        return compiled
+
+    vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
+    latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = vae_ops.decode(vae, latents)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert kernels.compile_vae_decoder(vae) and vae._framepack_compiled_decoder
+    with caplog.at_level("WARNING"):
+        first = vae_ops.decode(vae, latents)
+        second = vae_ops.decode(vae, latents)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert calls == [1] and not vae._framepack_compiled_decoder  # tried once, then eager for good
+    assert sum("compiled VAE decoder failed" in r.message for r in caplog.records) == 1
+
+
 def _job_frames(manager, image, out) -> np.ndarray:
     from framepack_ui.engine import f1
     from framepack_ui.events import Finished
@@ -338,6 +398,12 @@ def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_mo
         assert transformer._framepack_compiled and switched == [True]
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
         assert all("forward" in vars(b) for b in blocks)  # the compiled wrapper replaced each block's forward
+    with plain.use("vae") as vae:
+        assert not getattr(vae, "_framepack_compiled_decoder", False) and "forward" not in vars(vae.decoder)
+    compiled_vae = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
+        **base, "vae": replace(base["vae"], compile=True)})
+    with compiled_vae.use("vae") as vae:  # lazily: it compiles at the first decode
+        assert vae._framepack_compiled_decoder and "forward" in vars(vae.decoder)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------

@@ -8,6 +8,24 @@ from framepack_ui.memory.streaming import stream_transformer, transformer_blocks
 from model_inputs import transformer_inputs
 
 
+def _refuse_host_buffer(monkeypatch, nth: int) -> list[int]:
+    """Make the streamer's `nth` host buffer fail as cudaHostRegister does when the OS refuses to lock memory;
+    returns the sizes of every buffer asked for."""
+    from framepack_ui.memory import streaming
+
+    made: list[int] = []
+
+    class Refusing(streaming._HostBuffer):
+        def __init__(self, nbytes, pinned):
+            made.append(nbytes)
+            if len(made) == nth:
+                raise RuntimeError("cudaHostRegister: out of memory")
+            super().__init__(nbytes, pinned)
+
+    monkeypatch.setattr(streaming, "_HostBuffer", Refusing)
+    return made
+
+
 def test_streamed_blocks_give_the_resident_output_exactly(tiny_models_dir):
     transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))
     inputs = transformer_inputs(transformer)
@@ -93,18 +111,7 @@ def test_pinned_sources_hold_each_streamed_block_once_in_host_buffers_and_give_t
 def test_pinned_sources_fall_back_to_staging_when_the_os_refuses_page_locked_memory(tiny_models_dir, monkeypatch):
     """Fault injected at the allocation boundary (Windows may refuse to lock gigabytes): the streamer streams
     from the file map through its staging buffers instead of failing the load, with the same output."""
-    from framepack_ui.memory import streaming
-
-    made = []
-
-    class RefusesTheSecond(streaming._HostBuffer):
-        def __init__(self, nbytes, pinned):
-            made.append(nbytes)
-            if len(made) == 2:
-                raise RuntimeError("cudaHostRegister: out of memory")
-            super().__init__(nbytes, pinned)
-
-    monkeypatch.setattr(streaming, "_HostBuffer", RefusesTheSecond)
+    made = _refuse_host_buffer(monkeypatch, 2)
     transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"), storage="map")
     inputs = transformer_inputs(transformer)
     with torch.no_grad():
@@ -115,4 +122,52 @@ def test_pinned_sources_fall_back_to_staging_when_the_os_refuses_page_locked_mem
         finally:
             streamer.close()
     assert not streamer.pinned_sources and len(made) == 4  # two refused-or-released tries, then two staging buffers
+    assert torch.equal(got, expected)
+
+
+def test_parked_blocks_come_back_from_their_own_host_buffers_with_pin_parked(tiny_models_dir):
+    """pin_parked: the resident blocks' sources are copied once into host buffers (page-locked on CUDA, where
+    restore() then uploads them asynchronously), no longer the file map; park() points the parameters there,
+    restore() copies them back, and the output is unchanged."""
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"), storage="map")
+    inputs = transformer_inputs(transformer)
+    blocks = transformer_blocks(transformer)
+    mapped = {id(p): p.untyped_storage().data_ptr() for p in blocks[0].parameters()}
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        streamer = stream_transformer(transformer, "cpu", resident_blocks=1, pin_sources=True, pin_parked=True)
+        try:
+            assert streamer.pinned_parked and len(streamer._resident_host) == 1
+            host = streamer._resident_host[0].tensor
+            lo, hi = host.data_ptr(), host.data_ptr() + host.numel()
+            assert all(lo <= source.data_ptr() < hi and source.untyped_storage().data_ptr() != mapped[id(param)]
+                       for param, source in streamer._resident_sources)
+            streamer.park()
+            assert all(lo <= p.data_ptr() < hi for p in blocks[0].parameters())
+            streamer.restore()
+            assert not any(lo <= p.data_ptr() < hi for p in blocks[0].parameters())
+            after = transformer(**inputs)[0]
+        finally:
+            streamer.close()
+    assert torch.equal(after, expected)
+    assert streamer._resident_host == []  # released with the streamer
+
+
+def test_pin_parked_falls_back_to_the_map_when_the_os_refuses(tiny_models_dir, monkeypatch):
+    """Fault injected at the allocation: the parked blocks keep their mapped sources (restored synchronously)."""
+    _refuse_host_buffer(monkeypatch, 1)  # the parked block's buffer; the staging buffers come after
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"), storage="map")
+    inputs = transformer_inputs(transformer)
+    mapped = {id(p): p.data_ptr() for p in transformer_blocks(transformer)[0].parameters()}
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        streamer = stream_transformer(transformer, "cpu", resident_blocks=1, pin_parked=True)
+        try:
+            assert not streamer.pinned_parked
+            assert all(source.data_ptr() == mapped[id(param)] for param, source in streamer._resident_sources)
+            streamer.park()
+            streamer.restore()
+            got = transformer(**inputs)[0]
+        finally:
+            streamer.close()
     assert torch.equal(got, expected)

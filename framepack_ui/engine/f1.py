@@ -289,6 +289,9 @@ def run(spec: JobSpec, out_path: str | Path, manager, emit, cancel: threading.Ev
                     emit(Phase("decode", f"decoding section {section + 1}/{sections}"))
                     finishing_started = time.monotonic()
                     with manager.use("vae") as vae:
+                        if _first_compiled_decode(vae):
+                            emit(Phase("decode", "compiling the VAE decoder: the first decodes after the app "
+                                                 "starts take minutes longer (then each is faster)"))
                         tail = history.latents[:, :, -decode_latent_count(section, decode_context):]
                         pixels = vae_ops.decode(vae, tail)
                     # the clock counts the decode only: the encode overlaps the next section's sampling
@@ -377,6 +380,15 @@ def _first_compiled_run(transformer, size: tuple[int, int]) -> bool:
     if size in seen:
         return False
     seen.add(size)
+    return True
+
+
+def _first_compiled_decode(vae) -> bool:
+    """True at the first decode of a compiled VAE decoder (memory/kernels.py): about 2 min of compiling on the
+    H200's host, and some seconds more at each new tile or latent count (docs/benchmarks.md)."""
+    if not getattr(vae, "_framepack_compiled_decoder", False) or vae.__dict__.get("_framepack_decoder_warm"):
+        return False
+    vae._framepack_decoder_warm = True
     return True
 
 

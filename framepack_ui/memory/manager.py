@@ -95,7 +95,8 @@ def _load_transformer(d: Path, p: Placement):
     # embedders and the first `resident_blocks` blocks go to the device and the rest pass through the
     # streamer's two pinned block buffers each forward.
     model = loading.load_transformer(d, p.dtype, torch.device("cpu"), p.storage)
-    model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks, p.pin_sources)
+    model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks, p.pin_sources,
+                                                   pin_parked=p.pin_sources and p.park_for_decode)
     return model
 
 
@@ -118,6 +119,15 @@ def _apply_speed_options(model, p: Placement) -> None:
         kernels.compile_blocks(model)  # lazy: each block compiles on its first call
 
 
+def _load_vae(d: Path, p: Placement):
+    model = loading.load_vae(d, p.dtype, p.device, p.vae_tiling, p.vae_tile_px)
+    if p.compile:
+        from . import kernels
+
+        kernels.compile_vae_decoder(model)  # lazy: compiles at the first decode
+    return model
+
+
 def _load_text_encoders(d: Path, p: Placement):
     if p.resident_blocks is None:
         text_encoder = loading.load_text_encoder(d, p.dtype, p.device, p.storage)
@@ -135,7 +145,7 @@ def _streamers(model) -> list:
 _LOADERS: dict[str, Callable] = {
     "text_encoders": _load_text_encoders,
     "image_encoder": lambda d, p: loading.load_image_encoder(d, p.dtype, p.device),
-    "vae": lambda d, p: loading.load_vae(d, p.dtype, p.device, p.vae_tiling, p.vae_tile_px),
+    "vae": _load_vae,
     "transformer": _load_transformer_as_placed,
 }
 

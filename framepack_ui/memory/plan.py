@@ -94,6 +94,21 @@ VAE_DECODE_REF_UNTILED_BYTES = int(21.8 * GB)
 # 8.63 GiB (320, 352, 384 px, H200), 2026-11-28. Larger tiles are faster: a later section's context decode took
 # 4.39, 3.55, 3.37 and 2.87 s (untiled 2.45 s), so the decode takes the largest that fits beside the transformer.
 VAE_TILE_DECODE_BYTES = {384: int(8.77 * GB), 352: int(7.42 * GB), 320: int(6.20 * GB), 256: int(4.07 * GB)}
+# With the decoder compiled (kernels.compile_vae_decoder: the element-wise work between the convolutions fuses) the
+# same decodes peak a third lower: 14.07 GiB untiled (21.63 eager), 2.97 / 4.23 / 4.96 / 5.75 / 7.58 GiB in
+# 256 / 320 / 352 / 384 / 448 px tiles, VAE weights included (bench/bench_decode.py --compiled-pass, H200,
+# 2026-11-29).
+VAE_COMPILED_UNTILED_RATIO = 0.65
+VAE_TILE_DECODE_BYTES_COMPILED = {448: int(7.65 * GB), 384: int(5.68 * GB), 352: int(4.84 * GB), 320: int(4.05 * GB),
+                                  256: int(2.70 * GB)}
+# Seconds per later section (context decode, 640x608; None: untiled), eager and compiled with dynamic shapes (one
+# compile for every tile): H200 2026-11-28/29, 256 px eager H100. Compiled, the decode is hardly faster in the
+# same tiles; what it buys is room for larger ones. The compile (about 2 min on the H200's host, longer on a
+# laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at least
+# VAE_COMPILE_MIN_GAIN faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.53 s), not 384 -> 448 px (2.86 -> 2.67 s).
+VAE_DECODE_SECONDS = {None: 2.45, 384: 2.86, 352: 3.37, 320: 3.55, 256: 4.39}
+VAE_DECODE_SECONDS_COMPILED = {None: 2.11, 448: 2.67, 384: 2.53, 352: 3.42, 320: 3.17, 256: 4.61}
+VAE_COMPILE_MIN_GAIN = 0.25
 VAE_TILE_OVERLAP_PX = 64
 VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)
 VAE_REAL_TOP_WIDTH = 128  # channels of the real VAE decoder's last block: activation size scales with it
@@ -239,6 +254,8 @@ def _component_notes(c: ComponentPlan) -> list[str]:
     notes = [c.note] if c.note else []
     if c.park_for_decode:
         notes.append(f"resident blocks parked while the VAE decodes ({_gb(c.parked_vram_bytes)} VRAM then)")
+    if c.name == "vae" and c.compile:
+        notes.append("compiled decoder")
     if c.name == "transformer" and (c.device == "cuda" or c.compile or c.attention or c.fp8_matmul):
         notes.append("compiled" if c.compile else "not compiled")
         notes.append(f"attention {c.attention or 'default'}")
@@ -311,13 +328,21 @@ def _sampling_activations(t: ComponentWeights, image: ComponentWeights, resoluti
     return tokens * (t.hidden_size or 3072) * itemsize * ACTIVATION_COPIES
 
 
-def _decode_activations(vae: ComponentWeights, resolution: int, tile_px: int | None, itemsize: int) -> int:
-    """VAE decode of 18 latents, untiled (tile_px None) or in tiles of `tile_px`: the measured figures scaled by
-    pixels (untiled only: tiles have a fixed size), by the decoder's width (the tiny test VAE is 16x narrower) and
-    by the dtype."""
+def _decode_activations(vae: ComponentWeights, resolution: int, tile_px: int | None, itemsize: int,
+                        compiled: bool = False) -> int:
+    """VAE decode of 18 latents, untiled (tile_px None) or in tiles of `tile_px`, eager or with the decoder
+    compiled: the measured figures scaled by pixels (untiled only: tiles have a fixed size), by the decoder's
+    width (the tiny test VAE is 16x narrower) and by the dtype."""
     scale = (vae.hidden_size or VAE_REAL_TOP_WIDTH) / VAE_REAL_TOP_WIDTH * itemsize / 2
     untiled = VAE_DECODE_REF_UNTILED_BYTES * 69 * resolution * resolution / VAE_DECODE_REF_PIXELS
-    return int(scale * (untiled if tile_px is None else min(untiled, VAE_TILE_DECODE_BYTES[tile_px])))
+    if compiled:
+        untiled *= VAE_COMPILED_UNTILED_RATIO
+    tiles = _tile_table(compiled)
+    return int(scale * (untiled if tile_px is None else min(untiled, tiles[tile_px])))
+
+
+def _tile_table(compiled: bool) -> dict[int, int]:
+    return VAE_TILE_DECODE_BYTES_COMPILED if compiled else VAE_TILE_DECODE_BYTES
 
 
 def _text_activations(te: ComponentWeights, itemsize: int) -> int:
@@ -387,8 +412,46 @@ def _place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int 
 
 def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
               overrides: PlanOverrides | None = None) -> LoadPlan:
-    """Decide every placement (auto unless overridden) and predict each phase; raise if it cannot fit."""
+    """Decide every placement (auto unless overridden) and predict each phase; raise if it cannot fit.
+
+    Where torch.compile works, the plan is made twice, with the VAE decoder eager and compiled, and the compiled
+    one is taken where its smaller decode footprint buys a decode at least VAE_COMPILE_MIN_GAIN faster (larger
+    tiles, or none) or is the only one that fits."""
     o = overrides or PlanOverrides()
+    compile_able = (machine.has_cuda and o.plan not in ("mmap", "cpu")
+                    and (machine.compile_supported if o.compile is None else o.compile))
+    if not compile_able:
+        return _make_plan(machine, weights, o, compile_decoder=False)
+    try:
+        eager = _make_plan(machine, weights, o, compile_decoder=False)
+    except MemoryPlanError:
+        return _make_plan(machine, weights, o, compile_decoder=True)
+    try:
+        compiled = _make_plan(machine, weights, o, compile_decoder=True)
+    except MemoryPlanError:
+        return eager
+    before, after = _decode_seconds(eager), _decode_seconds(compiled)
+    if after > (1 - VAE_COMPILE_MIN_GAIN) * before:
+        return eager
+    return replace(compiled, notes=compiled.notes + (
+        f"VAE decoder compiled: a third less VRAM, so it decodes {_decode_name(compiled)} instead of "
+        f"{_decode_name(eager)} (about {before / after:.1f}x faster; the first decodes after the app starts "
+        f"compile it: minutes)",))
+
+
+def _decode_seconds(plan: LoadPlan) -> float:
+    vae = plan.components["vae"]
+    tile = vae.vae_tile_px if vae.vae_tiling else None
+    return (VAE_DECODE_SECONDS_COMPILED if vae.compile else VAE_DECODE_SECONDS)[tile]
+
+
+def _decode_name(plan: LoadPlan) -> str:
+    vae = plan.components["vae"]
+    return f"in {vae.vae_tile_px} px tiles" if vae.vae_tiling else "untiled"
+
+
+def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,
+               compile_decoder: bool) -> LoadPlan:
     if o.plan not in PLAN_CHOICES:
         raise MemoryPlanError(f"--plan must be one of {', '.join(PLAN_CHOICES)}, not {o.plan!r}")
     weights = with_real_defaults(weights)
@@ -418,7 +481,7 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     #    tiles while the transformer is placed; grown to the largest that fit beside it after)
     def vae_decode(tiled: bool | int) -> int:
         tile = None if tiled is False else VAE_SMALLEST_TILE_PX if tiled is True else tiled
-        return _decode_activations(w["vae"], o.resolution, tile, half if cuda else 4)
+        return _decode_activations(w["vae"], o.resolution, tile, half if cuda else 4, compile_decoder)
 
     if cuda:
         # Untiled decode is faster (3.9 s against 6.9 s per section on the H100) but needs 21.8 GB at 640 px:
@@ -428,8 +491,8 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
                         <= vram_budget)
         tiled = (o.vae_tiling if o.vae_tiling is not None
                  else not untiled_fits and vae_decode(True) < vae_decode(False))
-        plans = {"vae": _place("vae", w["vae"], "gpu", vae_tiling=tiled,
-                               note="tiled decode" if tiled else "")}
+        plans = {"vae": replace(_place("vae", w["vae"], "gpu", vae_tiling=tiled, note="tiled decode" if tiled else ""),
+                                compile=compile_decoder)}
         decode_act = vae_decode(tiled)
     else:
         tiled = o.vae_tiling if o.vae_tiling is not None else vae_decode(False) > ram_budget // 2
@@ -513,7 +576,7 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
         t_plan = plans["transformer"]
         held = t_plan.parked_vram_bytes if t_plan.park_for_decode else t_plan.vram_bytes
         room = vram_budget - plans["vae"].vram_bytes - held
-        tile = next((px for px in VAE_TILE_DECODE_BYTES if vae_decode(px) <= room), VAE_SMALLEST_TILE_PX)
+        tile = next((px for px in _tile_table(compile_decoder) if vae_decode(px) <= room), VAE_SMALLEST_TILE_PX)
         plans["vae"] = replace(plans["vae"], vae_tile_px=tile, note=f"tiled decode, {tile} px tiles")
         phases = phases_of(plans, vae_decode(tile))
     plan = LoadPlan(machine, "cuda" if cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS}, phases,
@@ -523,10 +586,12 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
 
 def _with_pinned_sources(c: ComponentPlan, w: ComponentWeights) -> ComponentPlan:
     """A streamed placement whose streamed blocks are copied once into page-locked RAM (charged to RAM and
-    commit, never paged) and uploaded from there: no staging buffers, nothing re-read from the map per step
-    (parked resident blocks still come back from it)."""
+    commit, never paged) and uploaded from there: no staging buffers, nothing re-read from the map per step.
+    Resident blocks that are parked for the decode are pinned too, so they come back asynchronously
+    (streaming.BlockStreamer.restore)."""
     streamed = sum(w.block_bytes[c.resident_blocks:])
-    return replace(c, ram_bytes=streamed, commit_bytes=streamed, page_cache_bytes=c.page_cache_bytes - streamed,
+    pinned = streamed + (sum(w.block_bytes[:c.resident_blocks]) if c.park_for_decode else 0)
+    return replace(c, ram_bytes=pinned, commit_bytes=pinned, page_cache_bytes=c.page_cache_bytes - pinned,
                    pinned_sources=True, note=f"{_gb(streamed)} streamed per step from page-locked RAM")
 
 

@@ -15,6 +15,13 @@ GPU reads host memory twice) delivered about 22.6 GB/s, short of the 24 GB/s a c
 rather than allocated through torch's pinned allocator, which rounds each allocation up to a power of two
 (a 0.68 GB block would pin 1.07 GB).
 
+Parked resident blocks (the VAE decode borrows their VRAM) come back from their sources after the decode. From
+the file map that is a synchronous pageable copy: 0.44-0.60 s per section for 5 blocks on the H200 at 8 GB
+(docs/benchmarks.md, session 4). With `pin_parked` their sources are page-locked too, and restore() only queues
+the copies on the side stream: each resident block's first forward waits for its own copy, so the uploads overlap
+the blocks computing before them. Measured (bench/bench_restore.py, H200, 3.4 GB parked): 0.078 s per section,
+against 0.092 s for a synchronous copy from the same page-locked copies.
+
 Mechanism only: which blocks stay resident, and whether their sources are pinned, is the memory plan's decision.
 """
 from __future__ import annotations
@@ -71,7 +78,7 @@ class BlockStreamer:
     """
 
     def __init__(self, blocks: list[torch.nn.Module], device: torch.device | str, resident: int, slots: int = 2,
-                 pin_sources: bool = False):
+                 pin_sources: bool = False, pin_parked: bool = False):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.resident = blocks[:resident]
@@ -83,9 +90,12 @@ class BlockStreamer:
         self._resident_sources = [(p, p.data if p.device.type == "cpu" else p.data.to("cpu"))
                                   for b in self.resident for p in b.parameters()]
         self.parked = False
+        self._resident_host = self._pin_resident() if pin_parked else []
+        self.pinned_parked = bool(self._resident_host)
+        self._resident_ready: list = [None] * len(self.resident)  # per resident block: its restore's copy event
         for block in self.resident:
             _buffers_to(block, self.device)
-        self._copy_resident_in()
+        self._copy_resident_in(asynchronous=False)
         self._layouts = [_layout(b) for b in self.streamed]
         for block in self.streamed:  # the sources stay on the CPU (RAM or a read-only map): never pinned whole
             for param in block.parameters():
@@ -117,12 +127,34 @@ class BlockStreamer:
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-stream")
         self._lock = threading.Lock()
         self.bytes_streamed = 0  # since construction: lets benchmarks report bytes per step
-        self._handles = []
+        self._handles = [block.register_forward_pre_hook(self._make_resident_pre_hook(index))
+                         for index, block in enumerate(self.resident)]
         for index, block in enumerate(self.streamed):
             self._handles.append(block.register_forward_pre_hook(self._make_pre_hook(index)))
             self._handles.append(block.register_forward_hook(self._make_post_hook(index)))
         if self.streamed:
             self._prefetch(0)
+
+    def _pin_resident(self) -> list[_HostBuffer]:
+        """The resident blocks' sources copied into page-locked RAM (one buffer per block), so that restore() can
+        upload them asynchronously; [] (sources stay where they are) where the OS refuses."""
+        buffers: list[_HostBuffer] = []
+        try:
+            for block in self.resident:
+                buffers.append(_HostBuffer(_layout(block)[1], self.cuda))
+        except (RuntimeError, MemoryError) as exc:
+            for host in buffers:
+                host.release()
+            log.warning("parked blocks come back from the file map (synchronous copy): %s", exc)
+            return []
+        sources = dict(self._resident_sources)
+        pinned = {}
+        for block, host in zip(self.resident, buffers):
+            entries, _ = _layout(block)
+            for param, offset, size in entries:
+                pinned[param] = _view(host.tensor, offset, size, sources[param]).copy_(sources[param])
+        self._resident_sources = [(param, pinned[param]) for param, _ in self._resident_sources]
+        return buffers
 
     def _new_slots(self) -> list[torch.Tensor]:
         return [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self._slot_count)]
@@ -142,6 +174,15 @@ class BlockStreamer:
         return buffers
 
     # -- hooks ---------------------------------------------------------------------------------------------------
+
+    def _make_resident_pre_hook(self, index: int):
+        def pre_hook(module, args):
+            ready = self._resident_ready[index]
+            if ready is not None:  # restored asynchronously: compute waits for this block's copy only
+                torch.cuda.current_stream(self.device).wait_event(ready)
+                self._resident_ready[index] = None
+            return None
+        return pre_hook
 
     def _make_pre_hook(self, index: int):
         def pre_hook(module, args):
@@ -218,6 +259,7 @@ class BlockStreamer:
             return
         for param, source in self._resident_sources:
             param.data = source
+        self._resident_ready = [None] * len(self.resident)  # park() waits for the side stream below
         for future, _ in self._pending.values():  # the next forward's first block, prefetched into a slot
             future.result()
         self._pending.clear()
@@ -235,17 +277,38 @@ class BlockStreamer:
                 # left: re-allocating the blocks and slots among them fragmented an 8 GB budget until a sampling
                 # activation (650 MiB) failed (H200, bench/bench_run.py --vram-gb 8). Hand them back first.
                 torch.cuda.empty_cache()
-            self._copy_resident_in()
+            self._copy_resident_in(asynchronous=self.cuda and self.pinned_parked)
             self._slots = self._new_slots()
             self.parked = False
             if self.streamed:
                 self._prefetch(0)
             log.debug("restored %d resident blocks", len(self.resident))
 
-    def _copy_resident_in(self) -> None:
+    def _copy_resident_in(self, asynchronous: bool) -> None:
+        if asynchronous:
+            self._copy_resident_in_async()
+            return
         # copy=True: a device copy even on the CPU, so parking means the same thing on every device
         for param, source in self._resident_sources:
             param.data = source.to(self.device, copy=True)
+
+    def _copy_resident_in_async(self) -> None:
+        """Queue each resident block's upload on the side stream and record when it lands. The device tensors are
+        allocated on the compute stream (their last user), and the side stream first waits for the work already
+        queued there, which may still be using the memory they reuse (the decode just freed it)."""
+        compute = torch.cuda.current_stream(self.device)
+        sources = dict(self._resident_sources)
+        self._stream.wait_stream(compute)
+        for index, block in enumerate(self.resident):
+            targets = [(param, torch.empty_like(sources[param], device=self.device)) for param in block.parameters()]
+            with torch.cuda.stream(self._stream):
+                for param, target in targets:
+                    target.copy_(sources[param], non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(self._stream)
+            for param, target in targets:
+                param.data = target
+            self._resident_ready[index] = ready
 
     def close(self) -> None:
         """Remove the hooks and wait for in-flight copies; the streamed blocks stay on the CPU."""
@@ -257,9 +320,9 @@ class BlockStreamer:
         self._copier.shutdown(wait=True)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        for host in self._host_buffers + self._staging:  # unlocked only: pinned sources stay the blocks' RAM
-            host.release()
-        self._host_buffers, self._staging = [], []
+        for host in self._host_buffers + self._staging + self._resident_host:  # unlocked only: pinned
+            host.release()  # sources stay the blocks' RAM
+        self._host_buffers, self._staging, self._resident_host = [], [], []
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -268,13 +331,14 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
 
 
 def stream_transformer(transformer, device: torch.device | str, resident_blocks: int,
-                       pin_sources: bool = False) -> BlockStreamer:
+                       pin_sources: bool = False, pin_parked: bool = False) -> BlockStreamer:
     """Everything but the streamed blocks goes to `device`; blocks past `resident_blocks` are streamed."""
-    return stream_model(transformer, transformer_blocks(transformer), device, resident_blocks, pin_sources)
+    return stream_model(transformer, transformer_blocks(transformer), device, resident_blocks, pin_sources,
+                        pin_parked)
 
 
 def stream_model(model: torch.nn.Module, blocks: list[torch.nn.Module], device: torch.device | str,
-                 resident_blocks: int, pin_sources: bool = False) -> BlockStreamer:
+                 resident_blocks: int, pin_sources: bool = False, pin_parked: bool = False) -> BlockStreamer:
     """`model`'s parts outside `blocks` go to `device` (embedders, norms: small, resident); the first
     `resident_blocks` blocks are made resident by the streamer (which keeps their sources for park()), the rest
     streamed. Works for any model whose blocks run once each, in list order, per forward (Llama's layers too)."""
@@ -285,7 +349,7 @@ def stream_model(model: torch.nn.Module, blocks: list[torch.nn.Module], device: 
                 param.data = param.data.to(device)
         for name, buffer in module.named_buffers(recurse=False):
             module._buffers[name] = buffer.to(device)
-    return BlockStreamer(blocks, device, resident_blocks, pin_sources=pin_sources)
+    return BlockStreamer(blocks, device, resident_blocks, pin_sources=pin_sources, pin_parked=pin_parked)
 
 
 def _buffers_to(module: torch.nn.Module, device: torch.device) -> None:
