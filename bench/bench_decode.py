@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from bench_engine import build  # noqa: E402
 from framepack_ui.engine import f1, vae as vae_ops  # noqa: E402
 from framepack_ui.engine.video import soft_append  # noqa: E402
+from framepack_ui.memory import kernels  # noqa: E402
 
 FRAME_TILE, FRAME_STRIDE = 16, 12  # diffusers' default frame tiling, the only one that blends correctly
 OFFICIAL = "official"
@@ -152,30 +153,45 @@ def full_pass(vae, latents, tilings, contexts_untiled, contexts_tiled, device, f
     return rows
 
 
-def timing_pass(vae, latents, tilings, contexts_tiled, device):
-    """cudnn.benchmark on: a warm-up decode per tiling (tunes the shapes), then one later section per decode."""
+def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
+    """cudnn.benchmark on: a warm-up decode per tiling (tunes the shapes), then one later section per decode.
+    `compiled`: the decoder's forward under torch.compile as the app compiles it (memory/kernels.py; the first
+    warm-up compiles, its seconds are reported), and each row's PSNR against the eager decode of the same tail."""
     torch.backends.cudnn.benchmark = True
     last = (latents.shape[2] - 1) // f1.LATENT_WINDOW - 1
+    eager_forward = vae.decoder.forward
+    if compiled:
+        kernels.compile_vae_decoder(vae)  # as the app does: dynamic shapes, one compile for every tiling
+    compiled_forward = vae.decoder.forward
     rows = []
     for tiling in tilings:
         set_tiling(vae, tiling)
         try:
+            t = now(device)
             vae_ops.decode(vae, section_tail(latents, last, None))  # warm-up: cudnn tunes this tiling's shapes
+            warm_up_s = now(device) - t
         except torch.OutOfMemoryError as exc:
             rows.append({"tiling": tiling, "decode": "all", "cudnn_benchmark": True, "error": f"OOM {exc}"[:160]})
             continue
         for context in [None, *contexts_tiled]:
             row = {"tiling": tiling, "decode": OFFICIAL if context is None else f"context {context}",
-                   "context": context, "cudnn_benchmark": True,
-                   "latents_per_section": f1.decode_latent_count(last, context)}
+                   "context": context, "cudnn_benchmark": True, "compiled_decoder": compiled,
+                   "warm_up_s": warm_up_s, "latents_per_section": f1.decode_latent_count(last, context)}
+            tail = section_tail(latents, last, context)
             try:
-                _, seconds, peak = timed_decode(vae, section_tail(latents, last, context), device)
+                pixels, seconds, peak = timed_decode(vae, tail, device)
             except torch.OutOfMemoryError as exc:
                 rows.append({**row, "error": f"OOM {exc}"[:160]})
                 continue
             row.update(s_per_later_section=seconds, peak_GiB=peak)
+            if compiled:
+                vae.decoder.forward = eager_forward
+                row["psnr_vs_eager_same_tiling_dB"] = psnr(pixels, vae_ops.decode(vae, tail))
+                vae.decoder.forward = compiled_forward
             rows.append(row)
             print(_line(row), flush=True)
+    vae.decoder.forward = eager_forward
+    vae.__dict__.pop("_framepack_compiled_decoder", None)
     return rows
 
 
@@ -190,11 +206,14 @@ def _tiling_name(tiling) -> str:
 
 
 def _line(row) -> str:
-    return (f"| {_tiling_name(row['tiling'])} | {row['decode']} | {'on' if row['cudnn_benchmark'] else 'off'} | "
+    decode = row["decode"] + (" (compiled decoder)" if row.get("compiled_decoder") else "")
+    return (f"| {_tiling_name(row['tiling'])} | {decode} | {'on' if row['cudnn_benchmark'] else 'off'} | "
             f"{_fmt(row.get('s_per_later_section'))} | {_fmt(row.get('peak_GiB'))} | "
             f"{_fmt(row.get('psnr_vs_official_untiled_dB'), '.1f')} | {_fmt(row.get('psnr_min_section_dB'), '.1f')} | "
             f"{_fmt(row.get('psnr_vs_official_same_tiling_dB'), '.1f')} | "
-            f"{_fmt(row.get('psnr_vs_full_decode_dB'), '.1f')} |" + (f" {row['error']}" if "error" in row else ""))
+            f"{_fmt(row.get('psnr_vs_full_decode_dB'), '.1f')} |" + (f" {row['error']}" if "error" in row else "")
+            + (f" {_fmt(row['psnr_vs_eager_same_tiling_dB'], '.1f')} dB vs eager, warm-up {row['warm_up_s']:.0f} s"
+               if "psnr_vs_eager_same_tiling_dB" in row else ""))
 
 
 HEADER = ("| tiling | decode | cudnn.benchmark | s per later section | peak VRAM GiB | PSNR vs official untiled dB | "
@@ -224,6 +243,9 @@ def main() -> None:
     p.add_argument("--contexts", default="2,3,6", help="context latents tried untiled")
     p.add_argument("--tiled-contexts", default="3", help="context latents tried with each spatial tiling")
     p.add_argument("--no-timing-pass", action="store_true", help="skip the cudnn.benchmark-on pass")
+    p.add_argument("--compiled-pass", action="store_true",
+                   help="time each tiling again with the decoder under torch.compile")
+    p.add_argument("--no-full-pass", action="store_true", help="skip the PSNR pass (timing passes only)")
     p.add_argument("--no-full-decode", action="store_true", help="skip the one-decode reference of all latents")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="decode.json")
@@ -260,9 +282,12 @@ def main() -> None:
         R["full_decode"] = {"s": seconds, "peak_GiB": peak, "frames": full_video.shape[1]}
         print(f"one decode of all {latents.shape[2]} latents: {seconds:.2f} s, peak {_fmt(peak)} GiB", flush=True)
     print(HEADER, flush=True)
-    rows = full_pass(vae, latents, tilings, parse_ints(a.contexts), parse_ints(a.tiled_contexts), device, full_video)
+    rows = [] if a.no_full_pass else full_pass(vae, latents, tilings, parse_ints(a.contexts),
+                                               parse_ints(a.tiled_contexts), device, full_video)
     if not a.no_timing_pass:
         rows += timing_pass(vae, latents, tilings, parse_ints(a.tiled_contexts), device)
+    if a.compiled_pass:
+        rows += timing_pass(vae, latents, tilings, parse_ints(a.tiled_contexts), device, compiled=True)
     R["rows"] = rows
     R["total_s"] = time.perf_counter() - started
 

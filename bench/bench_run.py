@@ -86,8 +86,7 @@ class LendingManager:
             finally:
                 t2 = time.perf_counter()
                 if self.streamer is not None:
-                    self.streamer.restore()
-                    torch.cuda.synchronize() if torch.cuda.is_available() else None
+                    self.streamer.restore()  # no synchronize: with pinned sources the copies overlap the next step
                 self.vae_timings.append({"park_s": t1 - t0, "vae_s": t2 - t1, "restore_s": time.perf_counter() - t2})
             return
         yield self.models[name]
@@ -120,11 +119,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--teacache", action="store_true")
     p.add_argument("--compile", action="store_true", help="compile the transformer blocks (memory/kernels.py)")
+    p.add_argument("--compile-vae", action="store_true",
+                   help="compile the VAE decoder (kernels.compile_vae_decoder; the plan does where it buys a tile)")
     p.add_argument("--vram-gb", type=float, default=None, help="simulate a card with this much VRAM")
     p.add_argument("--tiled-decode", action="store_true", help="tile the VAE decode (always with --vram-gb)")
     p.add_argument("--vae-tile", default=None, metavar="TILE/STRIDE",
                    help="spatial tile and stride in px (default: diffusers' 256/192)")
-    p.add_argument("--pinned", action="store_true", help="with --vram-gb: streamed blocks in page-locked RAM")
+    p.add_argument("--pinned", action="store_true", help="with --vram-gb: streamed and parked blocks in "
+                   "page-locked RAM (the plan's choice where RAM allows)")
     p.add_argument("--decode-context", type=int, default=None,
                    help="later sections decode their 9 new latents after this many older ones (engine option)")
     p.add_argument("--out", default="run.json")
@@ -136,15 +138,19 @@ def main() -> None:
     cfg, transformer, vae, image_encoder = build_models(a, device)
     if a.compile:
         kernels.compile_blocks(transformer)
+    if a.compile_vae:
+        kernels.compile_vae_decoder(vae)
     streamer = None
     R: dict = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name() if cuda else "cpu",
                "torch": torch.__version__, "command": " ".join(sys.argv), "tiny": a.tiny,
-               "decode_context": a.decode_context, "compile": a.compile, "vram_gb": a.vram_gb}
+               "decode_context": a.decode_context, "compile": a.compile, "compile_vae": a.compile_vae,
+               "vram_gb": a.vram_gb}
     if a.vram_gb:
         resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
         t = time.perf_counter()
-        streamer = stream_transformer(transformer, device, resident, pin_sources=a.pinned)
+        streamer = stream_transformer(transformer, device, resident, pin_sources=a.pinned, pin_parked=a.pinned)
         R["streamer_setup_s"], R["pinned_sources"] = time.perf_counter() - t, streamer.pinned_sources
+        R["pinned_parked"] = streamer.pinned_parked
         gc.collect()
         torch.cuda.empty_cache()
         R["resident_blocks"] = resident
@@ -189,6 +195,9 @@ def main() -> None:
                             lambda e: events.append((time.perf_counter() - started, e)),
                             decode_context=a.decode_context)
         wall = time.perf_counter() - started
+    R["events"] = [(round(t, 3), type(e).__name__, getattr(e, "detail", None) or getattr(e, "section", None))
+                   for t, e in events if not type(e).__name__.startswith("Preview")]
+    Path(a.out).write_text(json.dumps(R, indent=1, default=str))  # the timeline survives a failing summary
     R.update(summarise(events, result, wall, a))
     R["vae_uses"] = manager.vae_timings
     R["gpu_util_pct"] = util.mean
@@ -207,8 +216,8 @@ def summarise(events, result, wall: float, a) -> dict:
         return {"result": repr(result)}
     decode_starts, steps = [], {}
     for t, e in events:
-        if isinstance(e, Phase) and e.name == "decode":
-            decode_starts.append(t)
+        if isinstance(e, Phase) and e.name == "decode" and e.detail.startswith("decoding section"):
+            decode_starts.append(t)  # not the compile notice a compiled decoder adds at its first decode
         if isinstance(e, Step):
             steps.setdefault(e.section, []).append(t)
     rows = []
