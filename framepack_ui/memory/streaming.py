@@ -138,10 +138,11 @@ class BlockStreamer:
     def _pin_resident(self) -> list[_HostBuffer]:
         """The resident blocks' sources copied into page-locked RAM (one buffer per block), so that restore() can
         upload them asynchronously; [] (sources stay where they are) where the OS refuses."""
+        layouts = [_layout(block) for block in self.resident]
         buffers: list[_HostBuffer] = []
         try:
-            for block in self.resident:
-                buffers.append(_HostBuffer(_layout(block)[1], self.cuda))
+            for _, total in layouts:
+                buffers.append(_HostBuffer(total, self.cuda))
         except (RuntimeError, MemoryError) as exc:
             for host in buffers:
                 host.release()
@@ -149,8 +150,7 @@ class BlockStreamer:
             return []
         sources = dict(self._resident_sources)
         pinned = {}
-        for block, host in zip(self.resident, buffers):
-            entries, _ = _layout(block)
+        for (entries, _), host in zip(layouts, buffers):
             for param, offset, size in entries:
                 pinned[param] = _view(host.tensor, offset, size, sources[param]).copy_(sources[param])
         self._resident_sources = [(param, pinned[param]) for param, _ in self._resident_sources]
