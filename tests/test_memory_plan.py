@@ -304,7 +304,7 @@ def test_plan_compiles_the_vae_decoder_where_its_smaller_footprint_buys_a_faster
     big = make_plan(replace(Machine.supposed(128, 80), compile_supported=True), REAL).components["vae"]
     assert not big.compile and not big.vae_tiling
     roomy = make_plan(replace(Machine.supposed(64, 48), compile_supported=True), REAL).components["vae"]
-    assert roomy.compile and not roomy.vae_tiling
+    assert not roomy.compile and roomy.vae_tiling  # untiled compiled (2.19 s) is not 25 % faster than 384 px (2.86)
     assert not supposed(64, 48).components["vae"].compile and supposed(64, 48).components["vae"].vae_tiling
     small = replace(Machine.supposed(32, 6), compile_supported=True)
     assert make_plan(small, REAL).components["vae"].compile
@@ -327,14 +327,14 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
         return compiled
 
     vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
-    latents = torch.randn(1, 16, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # a full frame window
     expected = vae_ops.decode(vae, latents)
     monkeypatch.setattr(torch, "compile", broken_compile)
     assert kernels.compile_vae_decoder(vae) and vae._framepack_compiled_decoder
     with caplog.at_level("WARNING"):
         first = vae_ops.decode(vae, latents)
         second = vae_ops.decode(vae, latents)
-    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert torch.allclose(first, expected, atol=1e-5) and torch.allclose(second, expected, atol=1e-5)
     assert calls == [1] and not vae._framepack_compiled_decoder  # tried once, then eager for good
     assert sum("compiled VAE decoder failed" in r.message for r in caplog.records) == 1
 

@@ -219,7 +219,7 @@ def test_generate_shows_preview_section_video_gauges_and_final_video(server, ope
     page.locator("#generate").click()  # no image yet: one line says what to do, nothing is queued
     page.get_by_text("upload a start image first").wait_for(timeout=30_000)
     fill_form(page, start_image, seconds=2.4, steps=3)
-    assert "2 sections, 73 frames" in text(page, "length")
+    wait_text(page, "length", "2 sections, 73 frames", timeout_s=30)  # updated by a round trip after the change
     gauges_before = wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
     assert "no NVIDIA GPU found" in gauges_before  # this machine has none: the panel says so in words
     page.locator("#generate").click()

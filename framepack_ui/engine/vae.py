@@ -1,6 +1,8 @@
 """VAE encode/decode and the cheap latent-to-RGB preview."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -30,9 +32,91 @@ def encode(vae, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents (1, 16, T, h, w) -> pixels (3, 1 + 4 (T - 1), 8h, 8w), float32 in about [-1, 1], CPU."""
+    """Scaled latents (1, 16, T, h, w) -> pixels (3, 1 + 4 (T - 1), 8h, 8w), float32 in about [-1, 1], CPU.
+
+    diffusers' own tiling, unless the memory manager compiled the decoder (memory/kernels.py): then tiles of one
+    shape (decode_in_even_tiles)."""
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    if getattr(vae, "_framepack_even_tiles", False):
+        return decode_in_even_tiles(vae, latents)[0].float().cpu()
     return vae.decode(latents).sample[0].float().cpu()
+
+
+def window_starts(length: int, window: int, stride: int) -> list[int]:
+    """diffusers' frame windows over `length` latents (a window of `window` every `stride`, the last ones cut
+    short; none at all up to window - 1), less a last window of one latent: its only frame would be dropped."""
+    if length < window:
+        return [0]
+    return [start for start in range(0, length, stride) if start == 0 or start < length - 1]
+
+
+def balanced_tiles(length: int, largest: int, overlap: int) -> tuple[int, list[int]]:
+    """(size, starts) of the fewest equal tiles no larger than `largest` that cover `length`, each overlapping the
+    next by at least `overlap`: as few tiles as diffusers' grid, no thin edge tile."""
+    if length <= largest:
+        return length, [0]
+    count = math.ceil((length - overlap) / (largest - overlap))
+    size = math.ceil((length + (count - 1) * overlap) / count)
+    return size, [round(i * (length - size) / (count - 1)) for i in range(count)]
+
+
+def _ramp(n: int, like: torch.Tensor) -> torch.Tensor:
+    """diffusers' blend weights of the newer tile over its first n rows: 0, 1/n, ..., (n - 1)/n."""
+    return torch.arange(n, device=like.device, dtype=like.dtype) / n
+
+
+@torch.no_grad()
+def decode_in_even_tiles(vae, z: torch.Tensor) -> torch.Tensor:
+    """Unscaled latents (1, 16, T, h, w) on the VAE's device -> pixels (1, 3, 1 + 4 (T - 1), 8h, 8w) there.
+
+    Why: a compiled decoder is specialised to the shapes it sees. diffusers' tiler cuts thin edge tiles (at
+    640x608 with 384 px tiles: 48 or 40 by 48 or 36 latents), and an 8 GB job spent minutes compiling
+    (docs/benchmarks.md, session 5). Here the spatial tiles are equal, as many as diffusers', overlapping at least as
+    much and blended with its ramp; the frame windows are exactly diffusers' (moving a window changes every frame
+    of it: its GroupNorm sees the whole window), so the last, shorter window is a second shape: the compiled
+    decoder runs it eagerly (memory/kernels.py).
+    """
+    s_ratio, t_ratio = vae.spatial_compression_ratio, vae.temporal_compression_ratio
+    z = vae.post_quant_conv(z)  # a 1x1x1 convolution: the same on the whole as per tile
+    _, _, frames_in, height, width = z.shape
+    if vae.use_tiling:
+        overlap = (vae.tile_sample_min_height - vae.tile_sample_stride_height) // s_ratio
+        tile_h, rows = balanced_tiles(height, vae.tile_sample_min_height // s_ratio, overlap)
+        tile_w, cols = balanced_tiles(width, vae.tile_sample_min_width // s_ratio, overlap)
+    else:
+        (tile_h, rows), (tile_w, cols) = (height, [0]), (width, [0])
+    blend_px = vae.tile_sample_min_height - vae.tile_sample_stride_height
+    window = vae.tile_sample_min_num_frames // t_ratio + 1
+    blend_frames = vae.tile_sample_min_num_frames - vae.tile_sample_stride_num_frames
+
+    out = None
+    for t0 in window_starts(frames_in, window, vae.tile_sample_stride_num_frames // t_ratio):
+        chunk = None
+        for y0 in rows:
+            for x0 in cols:
+                # a copy, not a view: dynamo guards a view's base, whose size changes with the latent count
+                tile = vae.decoder(z[:, :, t0:t0 + window, y0:y0 + tile_h, x0:x0 + tile_w].clone())
+                if chunk is None:
+                    chunk = tile.new_zeros(*tile.shape[:3], height * s_ratio, width * s_ratio)
+                weight = torch.ones_like(tile[0, 0, 0])
+                if y0:
+                    weight[:blend_px] *= _ramp(blend_px, weight)[:, None]
+                if x0:
+                    weight[:, :blend_px] *= _ramp(blend_px, weight)[None, :]
+                y, x = y0 * s_ratio, x0 * s_ratio
+                chunk[..., y:y + tile.shape[-2], x:x + tile.shape[-1]].lerp_(tile, weight)
+                del tile
+        if out is None:
+            out = chunk.new_zeros(*chunk.shape[:2], 1 + t_ratio * (frames_in - 1), *chunk.shape[3:])
+            out[:, :, :chunk.shape[2]] = chunk
+            continue
+        chunk = chunk[:, :, 1:]  # a later window's first frame is decoded as a video's first: dropped, as diffusers
+        start = 1 + t_ratio * t0
+        blend = min(blend_frames, chunk.shape[2])  # diffusers' blend_t: over fewer frames if the window has fewer
+        weight = torch.ones(chunk.shape[2], 1, 1, device=chunk.device, dtype=chunk.dtype)
+        weight[:blend, 0, 0] = _ramp(blend, weight)
+        out[:, :, start:start + chunk.shape[2]].lerp_(chunk, weight)
+    return out
 
 
 def preview_strip(latents: torch.Tensor) -> np.ndarray:

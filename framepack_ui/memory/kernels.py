@@ -44,6 +44,13 @@ def compile_blocks(transformer, mode: str | None = None) -> bool:
     return True
 
 
+# Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
+# a decode); traced, 5 and 4 share one compiled graph and 3 needs another (tests/test_vae_tiles.py), minutes on a
+# GPU. Eager, a 3-latent window (9 frames against 17) peaks below a compiled full one (1.5x the memory, 9/17 the
+# frames), so it fits the compiled plan's budget.
+VAE_COMPILED_MIN_LATENTS = 4
+
+
 def compile_vae_decoder(vae) -> bool:
     """Compile the VAE decoder's forward (idempotent). Returns whether it is compiled now.
 
@@ -54,17 +61,21 @@ def compile_vae_decoder(vae) -> bool:
     room buys larger tiles (memory/plan.py). `dynamic=True`: the first decode compiles for about 2 min (H200
     host) and a new tile or latent count adds seconds (a new tiling's first decode took 11-14 s, decode
     included), instead of a full compile per shape (a static compile decoded untiled in 1.47 s, but took 86 s for
-    each of a job's shapes). Should compiling fail (a compiler missing or broken on the user's machine), the
-    decoder goes back to eager for good rather than failing the job."""
+    each of a job's shapes). Even so each new shape regime recompiles: the engine decodes a compiled decoder's
+    latents in spatial tiles of one size (engine/vae.py decode_in_even_tiles), and the short last frame window
+    runs eagerly (VAE_COMPILED_MIN_LATENTS), so a job compiles once. Should compiling fail (a compiler missing or
+    broken on the user's machine), the decoder goes back to eager for good rather than failing the job."""
     if getattr(vae, "_framepack_compiled_decoder", False):
         return True
     decoder = vae.decoder
     eager = decoder.forward
     compiled = torch.compile(eager, dynamic=True)
 
-    def forward(*args, **kwargs):
+    def forward(z, *args, **kwargs):
+        if z.shape[2] < VAE_COMPILED_MIN_LATENTS:
+            return eager(z, *args, **kwargs)
         try:
-            return compiled(*args, **kwargs)
+            return compiled(z, *args, **kwargs)
         except torch.OutOfMemoryError:
             raise  # a real shortage: the plan and the job's error handling deal with it
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder still works
@@ -72,10 +83,11 @@ def compile_vae_decoder(vae) -> bool:
                         str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
             decoder.forward = eager
             vae._framepack_compiled_decoder = False
-            return eager(*args, **kwargs)
+            return eager(z, *args, **kwargs)
 
     decoder.forward = forward
     vae._framepack_compiled_decoder = True
+    vae._framepack_even_tiles = True  # engine/vae.py: spatial tiles of one size
     log.info("VAE decoder compiled (the first decode takes longer)")
     return True
 

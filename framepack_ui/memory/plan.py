@@ -101,13 +101,16 @@ VAE_TILE_DECODE_BYTES = {384: int(8.77 * GB), 352: int(7.42 * GB), 320: int(6.20
 VAE_COMPILED_UNTILED_RATIO = 0.65
 VAE_TILE_DECODE_BYTES_COMPILED = {448: int(7.65 * GB), 384: int(5.68 * GB), 352: int(4.84 * GB), 320: int(4.05 * GB),
                                   256: int(2.70 * GB)}
-# Seconds per later section (context decode, 640x608; None: untiled), eager and compiled with dynamic shapes (one
-# compile for every tile): H200 2026-11-28/29, 256 px eager H100. Compiled, the decode is hardly faster in the
-# same tiles; what it buys is room for larger ones. The compile (about 2 min on the H200's host, longer on a
-# laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at least
-# VAE_COMPILE_MIN_GAIN faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.53 s), not 384 -> 448 px (2.86 -> 2.67 s).
+# Seconds per later section (context decode, 640x608; None: untiled), eager and compiled with dynamic shapes:
+# H200 2026-11-28/29, 256 px eager H100. Compiled, the decode runs in tiles of one size (engine/vae.py
+# decode_in_even_tiles: one compile per job; its peak is at most the table's, measured with diffusers' largest tile):
+# at 640x608, tiles of 352-448 px all come out 44x42 latents (2.58 s, 4.74 GiB) and 256-320 px 32x31 (3.34 s,
+# 2.85 GiB: 9 tiles where diffusers cuts 16). What compiling buys is room for larger tiles; the compile (about
+# 100 s on the H200's host, longer on a laptop's CPU) runs once per app run, so the plan compiles the decoder only
+# where the decode it allows is at least VAE_COMPILE_MIN_GAIN faster: 256 -> 384 px on an 8 GB card
+# (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card (2.86 -> 2.19 s).
 VAE_DECODE_SECONDS = {None: 2.45, 384: 2.86, 352: 3.37, 320: 3.55, 256: 4.39}
-VAE_DECODE_SECONDS_COMPILED = {None: 2.11, 448: 2.67, 384: 2.53, 352: 3.42, 320: 3.17, 256: 4.61}
+VAE_DECODE_SECONDS_COMPILED = {None: 2.19, 448: 2.58, 384: 2.58, 352: 2.58, 320: 3.34, 256: 3.34}
 VAE_COMPILE_MIN_GAIN = 0.25
 VAE_TILE_OVERLAP_PX = 64
 VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)

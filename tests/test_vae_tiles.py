@@ -1,0 +1,126 @@
+"""A compiled VAE decoder decodes in spatial tiles of one size (engine/vae.py decode_in_even_tiles) and runs the
+short last frame window eagerly (memory/kernels.py): diffusers' own tiler feeds it thin edge tiles of several
+shapes, and each new shape regime is a compile of minutes on a GPU."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from framepack_ui.engine import f1, vae as vae_ops
+from framepack_ui.memory import kernels, loading
+
+TILE_PX, STRIDE_PX = 48, 32  # the tiny VAE's tiles: 6 latents, overlapping by 2 (the app's: 8 of 32-56)
+LATENT_H, LATENT_W = 12, 10  # 3 and 2 tiles: diffusers cuts the last ones short (4 and 2 latents)
+JOB_LATENT_COUNTS = sorted({f1.decode_latent_count(s, c) for s in range(4) for c in (None, f1.ALIGNED_CONTEXT)})
+TILED_PSNR_SLACK_DB = 3.0  # against the untiled decode, even tiles may be this much further than diffusers'
+
+
+@pytest.fixture
+def tiled_vae(tiny_models_dir):
+    vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
+    set_tiles(vae, True)
+    return vae
+
+
+def set_tiles(vae, tiled: bool) -> None:
+    if tiled:
+        vae.enable_tiling(tile_sample_min_height=TILE_PX, tile_sample_min_width=TILE_PX,
+                          tile_sample_stride_height=STRIDE_PX, tile_sample_stride_width=STRIDE_PX)
+    else:
+        vae.disable_tiling()
+
+
+def _latents(frames: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(1, 16, frames, LATENT_H, LATENT_W, generator=torch.Generator().manual_seed(seed))
+
+
+def _decoder_input_shapes(vae, latent_counts) -> set[tuple[int, ...]]:
+    shapes = set()
+    forward = vae.decoder.forward
+
+    def spy(z, *args, **kwargs):
+        shapes.add(tuple(z.shape[2:]))
+        return forward(z, *args, **kwargs)
+
+    vae.decoder.forward = spy
+    try:
+        for count in latent_counts:
+            vae_ops.decode(vae, _latents(count))
+    finally:
+        vae.decoder.forward = forward
+    return shapes
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
+
+
+@pytest.mark.parametrize("length", range(1, 40))
+def test_windows_are_diffusers_and_tiles_are_equal_and_overlap(length):
+    diffusers_windows = [0] if length <= 4 else list(range(0, length, 3))
+    starts = vae_ops.window_starts(length, 5, 3)
+    assert starts == [s for s in diffusers_windows if s == 0 or s < length - 1]  # less a one-latent window
+    for largest, overlap in ((48, 8), (40, 8), (6, 2)):
+        size, starts = vae_ops.balanced_tiles(length, largest, overlap)
+        assert size <= largest and starts[0] == 0 and starts[-1] + size == length
+        assert all(0 < b - a <= size - overlap for a, b in zip(starts, starts[1:]))
+        diffusers_count = len(range(0, length, largest - overlap)) if length > largest else 1
+        assert len(starts) <= diffusers_count
+
+
+def test_a_job_feeds_the_decoder_spatial_tiles_of_one_size(tiled_vae):
+    assert len({shape[1:] for shape in _decoder_input_shapes(tiled_vae, JOB_LATENT_COUNTS)}) == 4  # diffusers'
+    tiled_vae._framepack_even_tiles = True
+    shapes = _decoder_input_shapes(tiled_vae, JOB_LATENT_COUNTS)
+    assert {shape[1:] for shape in shapes} == {(6, 6)}
+    assert {shape[0] for shape in shapes} == {3, 4, 5}  # diffusers' frame windows (no 1-latent one: dropped)
+
+
+def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
+    for count in JOB_LATENT_COUNTS:  # without spatial tiles: diffusers' frame windows and blend, exactly
+        set_tiles(tiled_vae, False)
+        tiled_vae._framepack_even_tiles = False
+        expected = vae_ops.decode(tiled_vae, _latents(count, seed=count))
+        tiled_vae._framepack_even_tiles = True
+        assert torch.allclose(vae_ops.decode(tiled_vae, _latents(count, seed=count)), expected, atol=1e-5), count
+
+    latents = _latents(f1.decode_latent_count(2, f1.ALIGNED_CONTEXT), seed=1)
+    untiled = vae_ops.decode(tiled_vae, latents)
+    set_tiles(tiled_vae, True)
+    even = vae_ops.decode(tiled_vae, latents)
+    tiled_vae._framepack_even_tiles = False
+    reference = vae_ops.decode(tiled_vae, latents)
+    assert even.shape == reference.shape
+    # where both tilers decode the same tile (the top left corner), the same pixels
+    only_first_tile = STRIDE_PX - (TILE_PX - STRIDE_PX)
+    corner = (slice(None), slice(None), slice(0, only_first_tile), slice(0, only_first_tile))
+    assert torch.allclose(even[corner], reference[corner], atol=1e-5)
+    # elsewhere the tiles differ, and this random VAE's GroupNorm and attention see each tile whole: compare with
+    # the untiled decode, as far from it as diffusers' tiles are (the real VAE's figures: docs/benchmarks.md)
+    assert _psnr(even, untiled) >= _psnr(reference, untiled) - TILED_PSNR_SLACK_DB
+
+
+def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
+    """The real compile path (kernels.compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
+    counts graphs: the guards, and so the recompiles, are dynamo's on any backend (a GPU's convolution choice may
+    add its own). CPU inductor itself cannot lower this decoder's dynamic conv3d (see the fallback)."""
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    torch._dynamo.reset()
+    try:
+        assert kernels.compile_vae_decoder(tiled_vae) and tiled_vae._framepack_even_tiles
+        for count in JOB_LATENT_COUNTS:
+            vae_ops.decode(tiled_vae, _latents(count))
+        assert tiled_vae._framepack_compiled_decoder  # nothing fell back to eager
+        assert len(graphs) == 1
+    finally:
+        torch._dynamo.reset()
