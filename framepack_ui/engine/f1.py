@@ -133,9 +133,10 @@ class Denoiser:
         device, dtype = transformer.device, transformer.dtype
         cond = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
                 for k, v in (conditioning or {}).items()}
+        _mask_to_device(transformer)
         self.transformer = transformer
-        self.positive = {**positive, **cond}
-        self.negative = {**negative, **cond} if negative is not None and cfg != 1 else None
+        self.positive = _with_host_mask({**positive, **cond}, device)
+        self.negative = _with_host_mask({**negative, **cond}, device) if negative is not None and cfg != 1 else None
         self.cfg, self.rs, self.steps, self.teacache = cfg, rs, steps, teacache
         self.step = 0
         self.calls = 0
@@ -150,10 +151,12 @@ class Denoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        sigma = float(sigma)
         dtype, device = self.transformer.dtype, self.transformer.device
+        # sigma stays a tensor where the sampler keeps it (on the GPU: reading it would wait for the GPU); the
+        # timestep is rounded from float64 as the official float(sigma) * 1000 is
+        sigma = torch.as_tensor(sigma, dtype=torch.float32).to(device)
         x_model = x.to(device, dtype)  # (1, 16, 9, h, w)
-        timestep = torch.tensor([sigma * TIMESTEP_SCALE], device=device, dtype=dtype)
+        timestep = (sigma.double() * TIMESTEP_SCALE).to(dtype).reshape(1)
         velocity = self._velocity(x_model, timestep, self.positive, "positive")
         if self.negative is not None:
             negative = self._velocity(x_model, timestep, self.negative, "negative")
@@ -177,6 +180,33 @@ def _model_inputs(embeds: text.PromptEmbeds, image_embeds: torch.Tensor, pooled_
     e = embeds.to(device, dtype)
     return dict(encoder_hidden_states=e.llama, encoder_attention_mask=e.llama_mask, pooled_projections=e.clip_pooled,
                 image_embeds=image_embeds.to(device, dtype), guidance=pooled_guidance)
+
+
+def _with_host_mask(inputs: dict, device) -> dict:
+    """The text mask moved to the host: diffusers' forward cuts the text tokens at the mask's sum (batch 1), and
+    with the mask on the GPU that read waits for the GPU to finish the previous step, every step. The context
+    embedder, the one user of the mask on the device, gets a copy (_mask_to_device)."""
+    mask = inputs.get("encoder_attention_mask")
+    if mask is None:
+        return inputs
+    mask = mask.cpu()
+    return {**inputs, "encoder_attention_mask": mask.pin_memory() if torch.device(device).type == "cuda" else mask}
+
+
+def _mask_to_device(transformer) -> None:
+    """Let the transformer take the text mask on the host (see _with_host_mask); idempotent."""
+    embedder = transformer.context_embedder
+    if "_framepack_host_mask" in vars(embedder):
+        return
+    forward = embedder.forward
+
+    def forward_with_mask_on_device(hidden_states, timestep, attention_mask=None):
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(hidden_states.device, non_blocking=True)
+        return forward(hidden_states, timestep, attention_mask)
+
+    embedder.forward = forward_with_mask_on_device
+    embedder._framepack_host_mask = True
 
 
 def _settings(spec: JobSpec, height: int, width: int, sections: int) -> dict:
@@ -359,16 +389,29 @@ def _sample_section(spec, section, sections, denoiser, start_latent, generator, 
     seq_len = LATENT_WINDOW * h * w // 4  # new-latent tokens after the 2x2 patching
     sigmas = flux_sigmas(spec.steps, flux_mu(seq_len))
     last = [time.monotonic()]
+    unreported = []  # the step the GPU may still be running: reported once it is done, while the next one runs
 
-    def on_step(info):
+    def report(i: int, preview: vae_ops.PendingPreview) -> None:
+        strip = preview.wait()
         now = time.monotonic()
         elapsed, eta = clock.step(now - last[0])
         last[0] = now
-        emit(Step(section, sections, info["i"] + 1, spec.steps, elapsed, eta, vae_ops.preview_strip(info["denoised"])))
+        emit(Step(section, sections, i + 1, spec.steps, elapsed, eta, strip))
+
+    def on_step(info):
+        preview = vae_ops.PendingPreview(info["denoised"])
+        if unreported:
+            report(*unreported.pop())
+        unreported.append((info["i"], preview))
         _check_cancel(cancel)  # a stop is honoured between steps
 
     sampler = sample_unipc if spec.sampler == "unipc" else sample_euler
-    return sampler(denoiser, noise, sigmas, callback=on_step).float().cpu()  # (1, 16, 9, h, w)
+    # the sampler runs where the model does: on the host, its arithmetic and the copies made every step wait for
+    # the GPU and then left it idle (docs/benchmarks.md, session 6)
+    latents = sampler(denoiser, noise.to(denoiser.transformer.device), sigmas, callback=on_step)
+    if unreported:
+        report(*unreported.pop())
+    return latents.float().cpu()  # (1, 16, 9, h, w)
 
 
 def _first_compiled_run(transformer, size: tuple[int, int]) -> bool:

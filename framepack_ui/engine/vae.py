@@ -121,8 +121,42 @@ def decode_in_even_tiles(vae, z: torch.Tensor) -> torch.Tensor:
 
 def preview_strip(latents: torch.Tensor) -> np.ndarray:
     """Denoised latents (1, 16, T, h, w) -> uint8 (h, T*w, 3): the section's frames side by side."""
-    weight = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32).T[:, :, None, None, None]  # (3, 16, 1, 1, 1)
-    bias = torch.tensor(LATENT_RGB_BIAS, dtype=torch.float32)
-    rgb = torch.nn.functional.conv3d(latents.float().cpu(), weight, bias).clamp(0, 1)  # (1, 3, T, h, w)
-    strip = rgb[0].permute(2, 1, 3, 0).flatten(1, 2)  # (h, T*w, 3)
-    return (strip * 255).round().to(torch.uint8).numpy()
+    return PendingPreview(latents).wait()
+
+
+class PendingPreview:
+    """preview_strip computed where the latents are, its copy to the host started without waiting for the GPU.
+
+    Why: copying each step's latents to the host made every step wait for the GPU to drain and then left it idle
+    while the host worked (docs/benchmarks.md, session 6). `wait()` returns the strip once the GPU got there."""
+
+    _rgb_maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __init__(self, latents: torch.Tensor):
+        weight, bias = self._rgb_map(latents.device)
+        rgb = torch.nn.functional.conv3d(latents.float(), weight, bias).clamp(0, 1)
+        strip = (rgb[0].permute(2, 1, 3, 0).flatten(1, 2) * 255).round().to(torch.uint8)  # (h, T*w, 3)
+        self._event = None
+        if strip.is_cuda:
+            self._strip = torch.empty(strip.shape, dtype=torch.uint8, pin_memory=True)
+            self._strip.copy_(strip, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._strip = strip
+
+    @classmethod
+    def _rgb_map(cls, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 16 -> 3 map on `device`, made once: copying it there each step would wait for the GPU each step."""
+        if device not in cls._rgb_maps:
+            weight = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32).T[:, :, None, None, None]  # (3, 16, 1, 1, 1)
+            cls._rgb_maps[device] = (weight.to(device), torch.tensor(LATENT_RGB_BIAS, dtype=torch.float32).to(device))
+        return cls._rgb_maps[device]
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+            # a copy, so the page-locked buffer goes back to torch's cache for the next step: one held by the UI
+            # would make each step allocate page-locked memory anew (cudaHostAlloc can wait for the GPU)
+            return self._strip.numpy().copy()
+        return self._strip.numpy()
