@@ -34,8 +34,8 @@ def encode(vae, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents (1, 16, T, h, w) -> pixels (3, 1 + 4 (T - 1), 8h, 8w), float32 in about [-1, 1], CPU.
 
-    diffusers' own tiling, unless the memory manager compiled the decoder (memory/kernels.py): then tiles of one
-    shape (decode_in_even_tiles)."""
+    diffusers' own tiling, unless the memory manager compiled the decoder (memory/kernels.py): then spatial tiles
+    of one size (decode_in_even_tiles)."""
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
     if getattr(vae, "_framepack_even_tiles", False):
         return decode_in_even_tiles(vae, latents)[0].float().cpu()
