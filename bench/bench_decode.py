@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
 from bench_engine import build  # noqa: E402
 from framepack_ui.engine import f1, vae as vae_ops  # noqa: E402
@@ -156,7 +157,7 @@ def full_pass(vae, latents, tilings, contexts_untiled, contexts_tiled, device, f
 def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
     """cudnn.benchmark on: a warm-up decode per tiling (tunes the shapes), then one later section per decode.
     `compiled`: the decoder's forward under torch.compile as the app compiles it (memory/kernels.py; the first
-    warm-up compiles, its seconds are reported), in tiles of one shape (engine/vae.py decode_in_even_tiles),
+    warm-up compiles, its seconds are reported), in spatial tiles of one size (engine/vae.py decode_in_even_tiles),
     and each row's PSNR against the eager decode of the same tail in diffusers' tiles."""
     torch.backends.cudnn.benchmark = True
     last = (latents.shape[2] - 1) // f1.LATENT_WINDOW - 1
@@ -186,8 +187,8 @@ def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
                 continue
             row.update(s_per_later_section=seconds, peak_GiB=peak)
             if compiled:
-                from torch._dynamo.utils import counters
-                row["graphs_compiled_so_far"] = counters["stats"]["unique_graphs"]  # against diffusers' own tiles, eager: the compile's and the uniform tiles' error together
+                row["graphs_compiled_so_far"] = dynamo_counters["stats"]["unique_graphs"]
+                # against diffusers' own tiles, eager: the compile's and the even tiles' error together
                 vae.decoder.forward, vae._framepack_even_tiles = eager_forward, False
                 row["psnr_vs_eager_same_tiling_dB"] = psnr(pixels, vae_ops.decode(vae, tail))
                 vae.decoder.forward, vae._framepack_even_tiles = compiled_forward, True

@@ -328,13 +328,14 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
 
     vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
     latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # a full frame window
+    vae._framepack_even_tiles = True  # as a compiled decoder decodes, so that only the compiler differs
     expected = vae_ops.decode(vae, latents)
     monkeypatch.setattr(torch, "compile", broken_compile)
     assert kernels.compile_vae_decoder(vae) and vae._framepack_compiled_decoder
     with caplog.at_level("WARNING"):
         first = vae_ops.decode(vae, latents)
         second = vae_ops.decode(vae, latents)
-    assert torch.allclose(first, expected, atol=1e-5) and torch.allclose(second, expected, atol=1e-5)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
     assert calls == [1] and not vae._framepack_compiled_decoder  # tried once, then eager for good
     assert sum("compiled VAE decoder failed" in r.message for r in caplog.records) == 1
 

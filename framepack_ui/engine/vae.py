@@ -119,13 +119,9 @@ def decode_in_even_tiles(vae, z: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def preview_strip(latents: torch.Tensor) -> np.ndarray:
-    """Denoised latents (1, 16, T, h, w) -> uint8 (h, T*w, 3): the section's frames side by side."""
-    return PendingPreview(latents).wait()
-
-
 class PendingPreview:
-    """preview_strip computed where the latents are, its copy to the host started without waiting for the GPU.
+    """Denoised latents (1, 16, T, h, w) -> uint8 (h, T*w, 3), the section's frames side by side, computed where
+    the latents are, its copy to the host started without waiting for the GPU.
 
     Why: copying each step's latents to the host made every step wait for the GPU to drain and then left it idle
     while the host worked (docs/benchmarks.md, session 6). `wait()` returns the strip once the GPU got there."""
