@@ -5,7 +5,7 @@ page-locked RAM), torch.compile modes (`--compile-modes`), fp8 matmul (`torch._s
 with a per-call dequantize, and mean GPU utilisation (NVML) for each.
 
     python bench/bench_levers.py --out levers.json [--timed-steps 3] [--vram-gb 8] [--pinned]
-        [--compile-modes max-autotune-no-cudagraphs] [--tiny]
+        [--compile-modes max-autotune-no-cudagraphs] [--fp8-attention cudnn_fp8] [--tiny]
 
 Full-size F1 transformer (12.9 B params, random weights, bf16) at 640x608 with a mid-video history, as
 bench_engine.py. `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--attention", default="_native_flash,_native_cudnn,_native_efficient",
                    help="comma-separated diffusers attention backends to compare ('' skips the comparison)")
     p.add_argument("--no-fp8", action="store_true")
+    p.add_argument("--fp8-attention", default="", help="comma-separated attention backends to time again with fp8 "
+                                                       "matmul, after the best one's row (e.g. sage1)")
     p.add_argument("--no-streamed", action="store_true", help="skip the 8 GB card rows")
     p.add_argument("--pinned", action="store_true", help="also stream from page-locked RAM (each streamed row)")
     p.add_argument("--compile-modes", default="", help="comma-separated torch.compile modes to time after the "
@@ -206,6 +208,9 @@ def main() -> None:
     p.add_argument("--out", default="levers.json")
     a = p.parse_args()
     allocator.configure()  # as the app does, before CUDA starts
+    # each lever row changes what the compiled blocks trace (attention backend, fp8): past dynamo's default 8
+    # versions a block silently runs eagerly, which once made a row 30 % slower than it is
+    torch._dynamo.config.cache_size_limit = 64
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -290,6 +295,10 @@ def main() -> None:
 
     row("compiled, fp8 storage (dequantize per call)", lambda: fp8_row(False))
     row("compiled, fp8 matmul", lambda: fp8_row(True))
+    for backend in [b for b in a.fp8_attention.split(",") if b and b != best]:
+        kernels.set_attention(model, backend)
+        row(f"compiled, fp8 matmul, attention {backend}", lambda: fp8_row(True))
+    kernels.set_attention(model, best)
     streamed_rows("compiled, fp8 matmul")
 
     print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")

@@ -2,7 +2,7 @@
 decode and video encode of every section, timed from the engine's own events.
 
     python bench/bench_run.py --seconds 6 --out run.json [--compile] [--vram-gb 8 [--pinned] [--vae-tile 320/256]]
-        [--teacache] [--tiny]
+        [--teacache] [--fp8-matmul] [--attention NAME] [--tiny]
 
 The models are the real configs with random weights, built on the GPU and lent to the engine by a stand-in for
 the memory manager (same `use(name)` contract). The text encoders are replaced by random prompt embeddings of
@@ -35,7 +35,8 @@ from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, TINY_VAE, TEXT_TOK
 from bench_levers import Utilisation  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
 from framepack_ui.events import Phase, Step  # noqa: E402
-from framepack_ui.memory import allocator, kernels  # noqa: E402
+from bench_fp8 import quantize_in_place  # noqa: E402
+from framepack_ui.memory import allocator, fp8, kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
 from framepack_ui.spec import JobSpec  # noqa: E402
 
@@ -129,6 +130,9 @@ def main() -> None:
                    "page-locked RAM (the plan's choice where RAM allows)")
     p.add_argument("--decode-context", type=int, default=None,
                    help="later sections decode their 9 new latents after this many older ones (engine option)")
+    p.add_argument("--fp8-matmul", action="store_true", help="the block Linears stored in fp8 and multiplied in fp8 "
+                                                             "(memory/fp8.py), as the app does with --fp8")
+    p.add_argument("--attention", default=None, help="one of memory/kernels.py ATTENTION_BACKENDS")
     p.add_argument("--out", default="run.json")
     a = p.parse_args()
     allocator.configure()  # as the app does, before CUDA starts
@@ -136,6 +140,12 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     cfg, transformer, vae, image_encoder = build_models(a, device)
+    if a.fp8_matmul:
+        quantize_in_place(transformer)
+        fp8.apply_fp8_compute(transformer, torch.bfloat16)
+        fp8.set_fp8_matmul(transformer, True)
+        torch.cuda.empty_cache()
+    kernels.set_attention(transformer, a.attention)
     if a.compile:
         kernels.compile_blocks(transformer)
     if a.compile_vae:
@@ -144,7 +154,7 @@ def main() -> None:
     R: dict = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name() if cuda else "cpu",
                "torch": torch.__version__, "command": " ".join(sys.argv), "tiny": a.tiny,
                "decode_context": a.decode_context, "compile": a.compile, "compile_vae": a.compile_vae,
-               "vram_gb": a.vram_gb}
+               "vram_gb": a.vram_gb, "fp8_matmul": a.fp8_matmul, "attention": a.attention}
     if a.vram_gb:
         resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
         t = time.perf_counter()

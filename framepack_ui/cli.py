@@ -87,8 +87,9 @@ def _add_speed_options(parser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile each transformer block (default: on a CUDA GPU with Triton)")
     parser.add_argument("--attention", default=None, metavar="NAME",
-                        help="attention backend: native, _native_cudnn, _native_flash or _native_efficient "
-                             "(default: diffusers' choice)")
+                        help="attention backend: native, _native_cudnn, _native_flash or _native_efficient, or "
+                             "the 8-bit cudnn_fp8 (Hopper and later, nvidia-cudnn-frontend) or sage1 "
+                             "(sageattention) (default: diffusers' choice)")
     parser.add_argument("--fp8-matmul", action=argparse.BooleanOptionalAction, default=None,
                         help="with --fp8: multiply in fp8 (default: on GPUs of compute capability 8.9+)")
     parser.add_argument("--pin-streamed", action=argparse.BooleanOptionalAction, default=None,

@@ -261,6 +261,7 @@ def test_no_image_encoder_object_survives_into_sampling(manager, start_image, tm
     (["--crf", "0"], "crf"),
     (["--image", "/nonexistent/x.png"], "image not found"),
     (["--seconds", "abc"], "seconds"),
+    (["--attention", "cudnn_fp8"], "needs the transformer on a CUDA GPU"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_models_dir, start_image, tmp_path, args, needle):
     base = ["--models", str(tiny_models_dir), "--image", start_image, "--prompt", "x", "--offline",

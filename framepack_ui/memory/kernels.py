@@ -14,10 +14,14 @@ import logging
 
 import torch
 
+from . import attention
+
 log = logging.getLogger(__name__)
 
-# diffusers' attention dispatcher names that need nothing beyond torch (the others need flash-attn or sageattention)
-ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+# diffusers' attention dispatcher names that need nothing beyond torch, and the 8-bit kernels the app adapts
+# (memory/attention.py) where their packages are installed
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", attention.SAGE,
+                      attention.CUDNN_FP8)
 
 
 def compile_supported(device: torch.device | str) -> bool:
@@ -98,4 +102,9 @@ def set_attention(transformer, backend: str | None) -> None:
         return
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend in attention.ADAPTERS:
+        if not attention.package_available(backend):  # the plan says so first (memory/plan.py)
+            raise ValueError(f"attention {backend} needs the {attention.PACKAGES[backend]} package")
+        attention.use(transformer, backend)
+        return
     transformer.set_attention_backend(backend)

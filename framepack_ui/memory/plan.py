@@ -614,10 +614,14 @@ def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict
     backend asked for, fp8 matmuls where the weights are fp8 and the GPU has e4m3 tensor cores."""
     on_gpu = t.device == "cuda"
     if o.attention is not None:
-        from .kernels import ATTENTION_BACKENDS  # torch: imported only when a backend is asked for
+        from . import attention  # torch: imported only when a backend is asked for
+        from .kernels import ATTENTION_BACKENDS
 
         if o.attention not in ATTENTION_BACKENDS:
             raise MemoryPlanError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {o.attention!r}")
+        why = attention.unusable_because(o.attention, on_gpu, machine.cuda_capability)
+        if why:
+            raise MemoryPlanError(f"--attention {o.attention} {why}")
     compile_ = on_gpu and machine.compile_supported if o.compile is None else o.compile
     fp8_able = on_gpu and t.storage == "fp8" and machine.cuda_capability >= FP8_MATMUL_CAPABILITY
     fp8_matmul = fp8_able if o.fp8_matmul is None else o.fp8_matmul
