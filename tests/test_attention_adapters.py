@@ -37,6 +37,16 @@ def _forward(model):
         return model(**transformer_inputs(model))[0]
 
 
+def _native_and_with(model, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's output with torch's attention, then with `backend` (set back to native after)."""
+    want = _forward(model)
+    try:
+        kernels.set_attention(model, backend)
+        return want, _forward(model)
+    finally:
+        kernels.set_attention(model, "native")
+
+
 def test_e4m3_scales_are_powers_of_two_and_keep_the_tensor():
     x = torch.randn(1, 300, 4, 16) * 7
     x8, descale = attention.to_e4m3(x)
@@ -61,12 +71,7 @@ def test_sage1_routes_every_attention_call_through_sageattention(tiny_transforme
     monkeypatch.setitem(sys.modules, "sageattention", stand_in)
     monkeypatch.setattr(attention, "package_available", lambda backend: True)  # Triton is CUDA-only
     model = tiny_transformer
-    want = _forward(model)
-    try:
-        kernels.set_attention(model, attention.SAGE)
-        got = _forward(model)
-    finally:
-        kernels.set_attention(model, "native")
+    want, got = _native_and_with(model, attention.SAGE)
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(calls) == blocks  # every block's attention, none left on torch's SDPA
     assert max(calls) < 1e-5  # the keys reach the kernel smoothed (mean over the tokens taken out)
@@ -90,12 +95,7 @@ def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(tiny
     monkeypatch.setattr(attention._cudnn_graphs, "run", run)
     monkeypatch.setattr(attention, "package_available", lambda backend: True)
     model = tiny_transformer
-    want = _forward(model)
-    try:
-        kernels.set_attention(model, attention.CUDNN_FP8)
-        got = _forward(model)
-    finally:
-        kernels.set_attention(model, "native")
+    want, got = _native_and_with(model, attention.CUDNN_FP8)
     head_dim = model.config.attention_head_dim
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
     assert len(seen) == blocks and all(dtype == torch.float8_e4m3fn for _, _, dtype in seen)
