@@ -17,6 +17,7 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory import attention, kernels, loading
 from framepack_ui.memory.plan import PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.probe import Machine
+from framepack_ui.weights.tiny import make_tiny_models
 from model_inputs import transformer_inputs
 
 CPU = torch.device("cpu")
@@ -27,9 +28,19 @@ def tiny_transformer(tiny_models_dir):
     return loading.load_transformer(tiny_models_dir, torch.float32, CPU)
 
 
-def _sdpa_nhd(q, k, v, scale=None):
+@pytest.fixture(scope="module")
+def wide_head_transformer(tmp_path_factory):
+    """Heads of 32 (the tiny default's 8 is below what cuDNN's fp8 kernel takes)."""
+    models = tmp_path_factory.mktemp("wideheads")
+    make_tiny_models(models, transformer_mb=16, seed=0)
+    model = loading.load_transformer(models, torch.float32, CPU)
+    assert attention.cudnn_fp8_head_dim_ok(model.config.attention_head_dim)
+    return model
+
+
+def _sdpa_nhd(q, k, v, scale=None, attn_mask=None):
     return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           scale=scale).transpose(1, 2)
+                                                           attn_mask=attn_mask, scale=scale).transpose(1, 2)
 
 
 def _forward(model):
@@ -80,7 +91,7 @@ def test_sage1_routes_every_attention_call_through_sageattention(tiny_transforme
     assert len(calls) == blocks  # back on "native": the stand-in is no longer called
 
 
-def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(tiny_transformer, monkeypatch):
+def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(wide_head_transformer, monkeypatch):
     """The kernel stand-in does what cuDNN's fp8 graph does (descale Q, K, V; attend; write O times scale_o in
     e4m3) but keeps P exact: what is left is the adapter's own quantizing, which must stay within e4m3's error."""
     seen = []
@@ -94,7 +105,7 @@ def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(tiny
 
     monkeypatch.setattr(attention._cudnn_graphs, "run", run)
     monkeypatch.setattr(attention, "package_available", lambda backend: True)
-    model = tiny_transformer
+    model = wide_head_transformer
     want, got = _native_and_with(model, attention.CUDNN_FP8)
     head_dim = model.config.attention_head_dim
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
@@ -105,16 +116,22 @@ def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(tiny
     assert 0 < error < 0.05, error
 
 
-def test_a_masked_call_goes_to_torch_sdpa():
-    """Batches of unequal prompts carry a mask, which neither kernel takes: the adapters hand those to torch."""
+def test_calls_the_kernels_do_not_take_go_to_torch_sdpa(monkeypatch):
+    """Batches of unequal prompts carry a mask, which neither kernel takes, and cuDNN's fp8 kernel takes no head
+    dim of 8: the adapters hand those to torch."""
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("the kernel was called")
+
+    monkeypatch.setattr(attention._cudnn_graphs, "run", no_kernel)
+    monkeypatch.setattr(attention, "_sage_kernel", no_kernel)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 12, 2, 8, generator=g) for _ in range(3))
     mask = torch.ones(2, 1, 1, 12, dtype=torch.bool)
     mask[1, ..., 9:] = False
-    want = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                            attn_mask=mask).transpose(1, 2)
-    for adapter in (attention.sage_attention, attention.cudnn_fp8_attention):
-        torch.testing.assert_close(adapter(q, k, v, attn_mask=mask), want)
+    masked, unmasked = (_sdpa_nhd(q, k, v, attn_mask=m) for m in (mask, None))
+    torch.testing.assert_close(attention.sage_attention(q, k, v, attn_mask=mask), masked)
+    torch.testing.assert_close(attention.cudnn_fp8_attention(q, k, v, attn_mask=mask), masked)
+    torch.testing.assert_close(attention.cudnn_fp8_attention(q, k, v), unmasked)
 
 
 def test_the_plan_says_in_one_line_why_an_8bit_attention_cannot_run(monkeypatch):
