@@ -32,10 +32,10 @@ from PIL import Image  # noqa: E402
 
 from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, TINY_VAE, TEXT_TOKENS, build, proc_status_mib,  # noqa: E402
                           resident_blocks_for)
+from bench_fp8 import quantize_in_place  # noqa: E402
 from bench_levers import Utilisation  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
 from framepack_ui.events import Phase, Step  # noqa: E402
-from bench_fp8 import quantize_in_place  # noqa: E402
 from framepack_ui.memory import allocator, fp8, kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
 from framepack_ui.spec import JobSpec  # noqa: E402
