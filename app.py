@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", default="auto",
                         help="memory profile preselected for jobs: auto, gpu, streamed, mmap or cpu (default auto)")
+    parser.add_argument("--attention", default=None, metavar="NAME",
+                        help="the transformer's attention for every job, as the command line's --attention: e.g. "
+                             "cudnn_fp8 (fp8 attention, Hopper and later, needs nvidia-cudnn-frontend)")
     parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
                         help="keep the models loaded this long after the last job, for a quick next one "
                              "(default 0: give the memory back at once)")
@@ -97,12 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     from framepack_ui.worker import Worker
 
     args.outputs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models)
+    worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models,
+                    attention=args.attention)
     if args.profile not in worker.plan_choices():
         log.error("--profile must be one of %s", ", ".join(worker.plan_choices()))
         worker.shutdown()
         return 2
     worker.profile = args.profile
+    problem = worker.attention_problem()
+    if problem:
+        log.error("%s", problem)
+        worker.shutdown()
+        return 2
     try:
         missing = worker.missing_models()
         if missing:  # the page says the same, with a download button

@@ -646,3 +646,15 @@ def test_a_taken_port_gets_one_line_and_exit_code_1(tiny_models_dir, tmp_path):
     errors = [line for line in output.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "could not start the web server" in errors[0], output[-2000:]
     assert "Traceback" not in output
+
+
+def test_an_attention_this_machine_cannot_run_stops_the_app_with_one_line(tiny_models_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "app.py", "--models", str(tiny_models_dir), "--outputs",
+                           str(tmp_path / "outputs"), "--device", "cpu", "--attention", "cudnn_fp8"], cwd=REPO,
+                          capture_output=True, text=True, timeout=SERVER_START_S,
+                          env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    errors = [line for line in output.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "--attention cudnn_fp8 needs the transformer on a CUDA GPU" in errors[0], output
+    assert "Traceback" not in output

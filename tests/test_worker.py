@@ -221,6 +221,15 @@ def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, image):
         worker.submit(spec(image), profile="fast")
 
 
+def test_the_workers_attention_goes_into_every_jobs_plan(make_worker):
+    worker = make_worker()
+    assert worker.attention_problem() is None  # none given
+    worker.attention = "native"
+    assert re.search(r"attention native", worker.plan_text("cpu", 64)) and worker.attention_problem() is None
+    worker.attention = "cudnn_fp8"
+    assert worker.attention_problem() == "--attention cudnn_fp8 needs the transformer on a CUDA GPU"
+
+
 def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path):
     worker = make_worker(run_job=lambda *args, **kwargs: None)
     out = tmp_path / "outputs"

@@ -92,8 +92,9 @@ class Worker:
 
     def __init__(self, models_dir: str | Path, outputs_dir: str | Path, device: str | None = None,
                  run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
-                 keep_models_s: float | None = 0):
+                 keep_models_s: float | None = 0, attention: str | None = None):
         self.models_dir = Path(models_dir)
+        self.attention = attention  # the transformer's attention backend for every job (None: the plan's default)
         # after the queue empties: 0 frees the models at once, N keeps them N seconds for a quick next job,
         # None keeps them until the app closes
         self.keep_models_s = keep_models_s
@@ -215,7 +216,19 @@ class Worker:
 
         device = self._device or _default_device()
         machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
-        return make_plan(machine, weights_on_disk(self.models_dir), PlanOverrides(profile, resolution=resolution))
+        return make_plan(machine, weights_on_disk(self.models_dir),
+                         PlanOverrides(profile, resolution=resolution, attention=self.attention))
+
+    def attention_problem(self) -> str | None:
+        """Why jobs cannot run the attention backend the worker was given, in one line (None: they can, or none
+        was given): asked once at startup rather than failing every job."""
+        if self.attention is None:
+            return None
+        try:
+            self._make_plan(self.profile, 640)
+        except UserError as exc:  # the plan's attention check says "--attention NAME needs ..."
+            return exc.message if exc.message.startswith("--attention") else None
+        return None
 
     # -------------------------------------------------------------------------------------- past outputs
 
