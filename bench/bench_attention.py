@@ -6,9 +6,9 @@ output's error against an fp32 reference.
 
 Kernels: torch's SDPA backends (cuDNN, flash, memory-efficient) and, where their packages are installed, the
 app's 8-bit adapters (memory/attention.py): SageAttention 1 and cuDNN's fp8 attention. The adapters' times include
-their quantizing of Q, K and V (eager here; compiled blocks fuse it with the work before). The keys carry a per-channel offset as real keys do, which is what
-SageAttention's key smoothing is for; random inputs still say nothing of a real model's attention maps, so the
-model-level error is measured by bench_levers.py.
+their quantizing of Q, K and V (eager here; compiled blocks fuse it with the work before). The keys carry a
+per-channel offset as real keys do, which is what the adapters' key smoothing is for; random inputs still say
+nothing of a real model's attention maps, so the model-level error is measured by bench_levers.py.
 """
 from __future__ import annotations
 
@@ -83,10 +83,11 @@ def main() -> None:
         candidates["SageAttention 1 (app adapter)"] = attention.sage_attention
     if attention.package_available(attention.CUDNN_FP8):
         candidates["cuDNN fp8 (app adapter)"] = attention.cudnn_fp8_attention
-        (q8, dq), (k8, dk), (v8, dv) = (attention.to_e4m3(t) for t in (q, k - k.mean(dim=1, keepdim=True), v))
+        operands = attention.cudnn_fp8_operands(q, k, v, None)
 
         def kernel_only(*_):  # the same call on inputs quantized beforehand: what quantizing costs
-            return attention._cudnn_fp8_kernel(q8, k8, v8, dq, dk, dv, 0.5 / dv, HEAD_DIM ** -0.5).float() * 2 * dv
+            scale_o = operands[6]
+            return attention._cudnn_fp8_kernel(*operands).float() / scale_o
 
         candidates["cuDNN fp8, kernel only"] = kernel_only
     for name, attend in candidates.items():

@@ -208,13 +208,20 @@ def cudnn_fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     the way (never an overflow, and e4m3's 2^15 of range keeps the small outputs)."""
     if attn_mask is not None or not cudnn_fp8_head_dim_ok(query.shape[-1]):
         return _torch_sdpa(query, key, value, attn_mask, scale)
+    operands = cudnn_fp8_operands(query, key, value, scale)
+    o8 = _cudnn_fp8_kernel(*operands)
+    scale_o = operands[6]
+    return (o8.float() / scale_o).to(query.dtype)
+
+
+def cudnn_fp8_operands(query, key, value, scale: float | None) -> tuple:
+    """The fp8 kernel's arguments for one call (see cudnn_fp8_attention): e4m3 Q, smoothed K and V, their
+    descales, O's scale and the softmax scale."""
     q8, descale_q = to_e4m3(query)
     k8, descale_k = to_e4m3(key - key.mean(dim=1, keepdim=True))
     v8, descale_v = to_e4m3(value)
-    scale_o = 0.5 / descale_v
     attn_scale = scale if scale is not None else query.shape[-1] ** -0.5
-    o8 = _cudnn_fp8_kernel(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, attn_scale)
-    return (o8.float() / scale_o).to(query.dtype)
+    return q8, k8, v8, descale_q, descale_k, descale_v, 0.5 / descale_v, attn_scale
 
 
 ADAPTERS = {SAGE: (sage_attention, "_sage_qk_int8_pv_fp16_triton"), CUDNN_FP8: (cudnn_fp8_attention, "_native_xla")}
