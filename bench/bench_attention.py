@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from framepack_ui.memory import attention  # noqa: E402
+from framepack_ui.compute import attention, backends  # noqa: E402
 
 TOKENS, HEADS, HEAD_DIM = 18293, 24, 128  # tokens: measured on the real transformer's attention call
 
@@ -79,9 +79,9 @@ def main() -> None:
          "command": " ".join(sys.argv), "tokens": a.tokens, "heads": HEADS, "head_dim": HEAD_DIM, "rows": {}}
     candidates = {"cuDNN (SDPA)": sdpa(SDPBackend.CUDNN_ATTENTION), "flash (SDPA)": sdpa(SDPBackend.FLASH_ATTENTION),
                   "memory-efficient (SDPA)": sdpa(SDPBackend.EFFICIENT_ATTENTION)}
-    if attention.package_available(attention.SAGE):
+    if backends.package_available(attention.SAGE):
         candidates["SageAttention 1 (app adapter)"] = attention.sage_attention
-    if attention.package_available(attention.CUDNN_FP8):
+    if backends.package_available(attention.CUDNN_FP8):
         candidates["cuDNN fp8 (app adapter)"] = attention.cudnn_fp8_attention
         operands = attention.cudnn_fp8_operands(q, k, v, None)
 

@@ -1,6 +1,6 @@
 """Section decode of a multi-section F1 video (issue 5: "decode inside an 8 GB budget in 3.5 s or less per
 section"): the official decode (the last 18 latents of each later section, 33 frames cross-faded) against the
-context decode (`f1.decode_latent_count`: the 9 new latents after k older ones), untiled and with spatial tiles,
+context decode (`section_ops.decode_latent_count`: the 9 new latents after k older ones), untiled and with spatial tiles,
 with cudnn.benchmark off and on. Per configuration: seconds per later section, peak VRAM, and PSNR of the whole
 stitched video against the official untiled one (the alternative counts only if its frames match), also against
 a single decode of all the latents at once (the VAE's own view of the whole video).
@@ -13,7 +13,7 @@ Real VAE config, fp16, random weights; random latents of a start latent + `--sec
 Pass 1 (cudnn.benchmark off) decodes every section of the video for each (tiling, decode) and measures all of
 the above. Pass 2 (cudnn.benchmark on) only times: one warm-up decode per tiling (cudnn tunes each new shape; the
 official and the context decode share their tile shapes), then one later section per decode. Frame tiles stay
-16/12 frames (32 was measured broken); context k = 3 keeps their grid (see f1.ALIGNED_CONTEXT).
+16/12 frames (32 was measured broken); context k = 3 keeps their grid (see section_ops.ALIGNED_CONTEXT).
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ import torch  # noqa: E402
 from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
 
 from bench_engine import build  # noqa: E402
-from framepack_ui.engine import f1, vae as vae_ops  # noqa: E402
+from framepack_ui.engine import f1, sections as section_ops, vae as vae_ops  # noqa: E402
 from framepack_ui.engine.video import soft_append  # noqa: E402
-from framepack_ui.memory import kernels  # noqa: E402
+from framepack_ui.compute import attention, compile as kernels  # noqa: E402
 
 FRAME_TILE, FRAME_STRIDE = 16, 12  # diffusers' default frame tiling, the only one that blends correctly
 OFFICIAL = "official"
@@ -57,7 +57,7 @@ def section_psnrs(video: torch.Tensor, reference: torch.Tensor, sections: int) -
     out = []
     for s in range(1, sections):
         end = 1 + 36 * (s + 1)
-        out.append(psnr(video[:, end - 36 - f1.OVERLAP_FRAMES:end], reference[:, end - 36 - f1.OVERLAP_FRAMES:end]))
+        out.append(psnr(video[:, end - 36 - section_ops.OVERLAP_FRAMES:end], reference[:, end - 36 - section_ops.OVERLAP_FRAMES:end]))
     return out
 
 
@@ -72,10 +72,10 @@ def set_tiling(vae, tiling) -> None:
                       tile_sample_stride_num_frames=FRAME_STRIDE)
 
 
-def section_tail(latents: torch.Tensor, section: int, context, from_section=f1.CONTEXT_FROM_SECTION):
+def section_tail(latents: torch.Tensor, section: int, context, from_section=section_ops.CONTEXT_FROM_SECTION):
     """What the engine decodes after `section`: the newest `decode_latent_count` latents of the history."""
     end = 1 + f1.LATENT_WINDOW * (section + 1)
-    return latents[:, :, end - f1.decode_latent_count(section, context, from_section):end]
+    return latents[:, :, end - section_ops.decode_latent_count(section, context, from_section):end]
 
 
 def timed_decode(vae, tail, device) -> tuple[torch.Tensor, float, float | None]:
@@ -96,8 +96,8 @@ def decode_video(vae, latents, context, from_section, first, device):
     video, times, peaks = first[0], [], []
     for s in range(1, sections):
         pixels, seconds, peak = timed_decode(vae, section_tail(latents, s, context, from_section), device)
-        frames, fade = f1.section_frames(pixels, s, context, from_section)
-        video = soft_append(video, frames, fade, f1.OVERLAP_FRAMES)
+        frames, fade = section_ops.section_frames(pixels, s, context, from_section)
+        video = soft_append(video, frames, fade, section_ops.OVERLAP_FRAMES)
         times.append(seconds)
         peaks.append(peak)
         del pixels, frames
@@ -106,11 +106,11 @@ def decode_video(vae, latents, context, from_section, first, device):
 
 def decodes(tiling, contexts_untiled, contexts_tiled):
     """(name, context, from_section) per decode tried with this tiling; the official decode first."""
-    out = [(OFFICIAL, None, f1.CONTEXT_FROM_SECTION)]
+    out = [(OFFICIAL, None, section_ops.CONTEXT_FROM_SECTION)]
     for context in (contexts_untiled if tiling is None else contexts_tiled):
-        out.append((f"context {context}", context, f1.CONTEXT_FROM_SECTION))
-    if tiling is None and f1.ALIGNED_CONTEXT in contexts_untiled:  # why section 1 stays official
-        out.append((f"context {f1.ALIGNED_CONTEXT}, section 1 too", f1.ALIGNED_CONTEXT, 1))
+        out.append((f"context {context}", context, section_ops.CONTEXT_FROM_SECTION))
+    if tiling is None and section_ops.ALIGNED_CONTEXT in contexts_untiled:  # why section 1 stays official
+        out.append((f"context {section_ops.ALIGNED_CONTEXT}, section 1 too", section_ops.ALIGNED_CONTEXT, 1))
     return out
 
 
@@ -130,7 +130,7 @@ def full_pass(vae, latents, tilings, contexts_untiled, contexts_tiled, device, f
         for name, context, from_section in decodes(tiling, contexts_untiled, contexts_tiled):
             row = {"tiling": tiling, "decode": name, "context": context, "context_from_section": from_section,
                    "cudnn_benchmark": False, "latents_per_section": [
-                       f1.decode_latent_count(s, context, from_section) for s in range(sections)]}
+                       section_ops.decode_latent_count(s, context, from_section) for s in range(sections)]}
             try:
                 video, times, peaks = decode_video(vae, latents, context, from_section, first, device)
             except torch.OutOfMemoryError as exc:
@@ -156,15 +156,13 @@ def full_pass(vae, latents, tilings, contexts_untiled, contexts_tiled, device, f
 
 def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
     """cudnn.benchmark on: a warm-up decode per tiling (tunes the shapes), then one later section per decode.
-    `compiled`: the decoder's forward under torch.compile as the app compiles it (memory/kernels.py; the first
+    `compiled`: the decoder's forward under torch.compile as the app compiles it (compute/compile.py; the first
     warm-up compiles, its seconds are reported), in spatial tiles of one size (engine/vae.py decode_in_even_tiles),
     and each row's PSNR against the eager decode of the same tail in diffusers' tiles."""
     torch.backends.cudnn.benchmark = True
     last = (latents.shape[2] - 1) // f1.LATENT_WINDOW - 1
-    eager_forward = vae.decoder.forward
     if compiled:
         kernels.compile_vae_decoder(vae)  # as the app does: dynamic shapes, one compile for every tiling
-    compiled_forward = vae.decoder.forward
     rows = []
     for tiling in tilings:
         set_tiling(vae, tiling)
@@ -178,7 +176,7 @@ def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
         for context in [None, *contexts_tiled]:
             row = {"tiling": tiling, "decode": OFFICIAL if context is None else f"context {context}",
                    "context": context, "cudnn_benchmark": True, "compiled_decoder": compiled,
-                   "warm_up_s": warm_up_s, "latents_per_section": f1.decode_latent_count(last, context)}
+                   "warm_up_s": warm_up_s, "latents_per_section": section_ops.decode_latent_count(last, context)}
             tail = section_tail(latents, last, context)
             try:
                 pixels, seconds, peak = timed_decode(vae, tail, device)
@@ -189,14 +187,11 @@ def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
             if compiled:
                 row["graphs_compiled_so_far"] = dynamo_counters["stats"]["unique_graphs"]
                 # against diffusers' own tiles, eager: the compile's and the even tiles' error together
-                vae.decoder.forward, vae._framepack_even_tiles = eager_forward, False
-                row["psnr_vs_eager_same_tiling_dB"] = psnr(pixels, vae_ops.decode(vae, tail))
-                vae.decoder.forward, vae._framepack_even_tiles = compiled_forward, True
+                with kernels.decoder_eager(vae):
+                    row["psnr_vs_eager_same_tiling_dB"] = psnr(pixels, vae_ops.decode(vae, tail, even_tiles=False))
             rows.append(row)
             print(_line(row), flush=True)
-    vae.decoder.forward = eager_forward
-    vae.__dict__.pop("_framepack_compiled_decoder", None)
-    vae.__dict__.pop("_framepack_even_tiles", None)
+    kernels.uncompile_vae_decoder(vae)
     return rows
 
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from framepack_ui.engine import f1, sampling, teacache as teacache_ops, vae as vae_ops  # noqa: E402
+from framepack_ui.engine import denoiser, sections, sampling, teacache as teacache_ops, vae as vae_ops  # noqa: E402
 from framepack_ui.engine.video import SectionVideoWriter  # noqa: E402
-from framepack_ui.memory import kernels  # noqa: E402
+from framepack_ui.compute import attention, compile as kernels  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
 REAL_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
@@ -81,7 +81,7 @@ def inputs(cfg: dict, lh: int, lw: int, device, dtype, generator):
                   image_embeds=rnd(1, SIGLIP_TOKENS, cfg["image_proj_dim"]),
                   guidance=torch.tensor([10_000.0], device=device, dtype=dtype))
     start_latent = torch.randn(1, 16, 1, lh, lw, generator=generator)
-    history = f1.History.start(start_latent)
+    history = sections.History.start(start_latent)
     history.append(torch.randn(1, 16, 18, lh, lw, generator=generator))  # a mid-video history
     return embeds, start_latent, history
 
@@ -187,7 +187,7 @@ def main() -> None:
     cond = history.conditioning(start_latent)
 
     def denoiser(teacache=None):
-        return f1.Denoiser(transformer, embeds, None, 1.0, 0.0, a.steps, teacache, conditioning=cond)
+        return denoiser.Denoiser(transformer, embeds, None, 1.0, 0.0, a.steps, teacache, conditioning=cond)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

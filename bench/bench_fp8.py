@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import REAL_TRANSFORMER, build, inputs, time_steps  # noqa: E402
-from framepack_ui.engine import f1  # noqa: E402
+from framepack_ui.engine import denoiser  # noqa: E402
+from framepack_ui.compute import fp8_linear  # noqa: E402
 from framepack_ui.memory import fp8  # noqa: E402
 
 
@@ -28,9 +29,9 @@ def quantize_in_place(model) -> int:
     count = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and fp8.quantizable(f"{name}.weight", tuple(module.weight.shape), "BF16"):
-            q, scale = fp8.quantize(module.weight.data)
+            q, scale = fp8_linear.quantize(module.weight.data)
             module.weight = torch.nn.Parameter(q, requires_grad=False)
-            module.register_parameter(fp8.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
+            module.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
             count += 1
     return count
 
@@ -49,7 +50,7 @@ def main() -> None:
     noise = torch.randn(1, 16, 9, 80, 76, generator=g)
 
     def denoiser():
-        return f1.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=history.conditioning(start_latent))
+        return denoiser.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=history.conditioning(start_latent))
 
     R = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     sigma = torch.tensor(0.7)

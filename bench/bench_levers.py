@@ -30,8 +30,9 @@ import torch  # noqa: E402
 from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, FRAMES_PER_SECTION, build, inputs, now,  # noqa: E402
                           resident_blocks_for)
 from bench_fp8 import quantize_in_place  # noqa: E402
-from framepack_ui.engine import f1  # noqa: E402
-from framepack_ui.memory import allocator, fp8, kernels  # noqa: E402
+from framepack_ui.engine import denoiser  # noqa: E402
+from framepack_ui.compute import attention, compile as kernels, fp8_linear  # noqa: E402
+from framepack_ui.memory import allocator, fp8  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
 
@@ -229,7 +230,7 @@ def main() -> None:
     util = Utilisation()
 
     def make():
-        return f1.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)
+        return denoiser.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)
 
     def row(name: str, fn) -> dict | None:
         try:
@@ -246,7 +247,7 @@ def main() -> None:
                                              **(gpu_time_breakdown(make(), noise) if cuda else {})})
 
     def attention(backend):
-        kernels.set_attention(model, backend)
+        attention.set_attention(model, backend)
         return {**timed(make(), noise, a.timed_steps, util), "x0_rel_diff": rel(make()(noise, sigma), reference)}
 
     best, best_step = "native", rows["eager, default attention"]["s_per_step"]
@@ -254,7 +255,7 @@ def main() -> None:
         r = row(f"eager, attention {backend}", lambda: attention(backend))
         if "s_per_step" in r and r["s_per_step"] < best_step:
             best, best_step = backend, r["s_per_step"]
-    kernels.set_attention(model, best)
+    attention.set_attention(model, best)
     R["best_attention"] = best
 
     def streamed_rows(name: str) -> None:
@@ -287,7 +288,7 @@ def main() -> None:
         R["fp8_weights_GiB"] = torch.cuda.memory_allocated() / 2**30
 
     def fp8_row(matmul: bool):
-        fp8.set_fp8_matmul(model, matmul)
+        fp8_linear.set_fp8_matmul(model, matmul)
         out = make()(noise, sigma)
         # x0 = x - sigma * v: the model's own part is x - x0
         return {**timed(make(), noise, a.timed_steps, util), "velocity_rel_error": rel(noise - out, noise - reference),
@@ -296,9 +297,9 @@ def main() -> None:
     row("compiled, fp8 storage (dequantize per call)", lambda: fp8_row(False))
     row("compiled, fp8 matmul", lambda: fp8_row(True))
     for backend in [b for b in a.fp8_attention.split(",") if b and b != best]:
-        kernels.set_attention(model, backend)
+        attention.set_attention(model, backend)
         row(f"compiled, fp8 matmul, attention {backend}", lambda: fp8_row(True))
-    kernels.set_attention(model, best)
+    attention.set_attention(model, best)
     streamed_rows("compiled, fp8 matmul")
 
     print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")

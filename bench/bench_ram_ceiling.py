@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_engine import REAL_TRANSFORMER, build, inputs, now, proc_status_mib, resident_blocks_for  # noqa: E402
-from framepack_ui.engine import f1  # noqa: E402
+from framepack_ui.engine import denoiser  # noqa: E402
 from framepack_ui.memory.storage import load_mapped_transformer  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
 
@@ -52,6 +52,7 @@ def prepare(folder: Path, with_fp8: bool) -> None:
           f"{time.perf_counter() - t:.0f} s", flush=True)
     del model
     if with_fp8:
+        from framepack_ui.compute import fp8_linear
         from framepack_ui.memory import fp8
 
         t = time.perf_counter()
@@ -82,14 +83,15 @@ def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: 
                "vram_gb": vram_gb, "storage": storage, "compile": compile_blocks, "fp8_matmul": fp8_matmul}
     read0, t = disk_read_bytes(), now()
     if storage == "fp8":
+        from framepack_ui.compute import fp8_linear
         from framepack_ui.memory import fp8
 
         transformer = fp8.load_fp8_transformer(folder, torch.bfloat16)  # maps the verified fp8 cache
-        fp8.set_fp8_matmul(transformer, fp8_matmul)
+        fp8_linear.set_fp8_matmul(transformer, fp8_matmul)
     else:
         transformer = load_mapped_transformer(folder, compute_dtype=None)  # bf16 files: compute in bf16
     if compile_blocks:
-        from framepack_ui.memory import kernels
+        from framepack_ui.compute import compile as kernels
 
         kernels.compile_blocks(transformer)
     R["map_s"] = now() - t
@@ -103,7 +105,7 @@ def run(folder: Path, vram_gb: float, timed_steps: int, reserve_gb: float, out: 
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(REAL_TRANSFORMER, 80, 76, device, torch.bfloat16, g)
     noise = torch.randn(1, 16, 9, 80, 76, generator=g)
-    d = f1.Denoiser(transformer, embeds, None, 1.0, 0.0, STEPS, None,
+    d = denoiser.Denoiser(transformer, embeds, None, 1.0, 0.0, STEPS, None,
                     conditioning=history.conditioning(start_latent))
     sigmas = torch.linspace(1, 0.1, timed_steps + 1)
     t = now()

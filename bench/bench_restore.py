@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_engine import REAL_TRANSFORMER, TINY_TRANSFORMER, build, inputs, now, resident_blocks_for  # noqa: E402
-from framepack_ui.engine import f1  # noqa: E402
+from framepack_ui.engine import denoiser  # noqa: E402
 from framepack_ui.memory import allocator  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
 
@@ -69,7 +69,7 @@ def main() -> None:
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
     noise = torch.randn(1, 16, 9, lh, lw, generator=g)
-    denoise = f1.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=history.conditioning(start_latent))
+    denoise = denoiser.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=history.conditioning(start_latent))
     sigma = torch.tensor(0.7)
     resident = resident_blocks_for(model, a.vram_gb, 2.5) if cuda else 1
     t = now()

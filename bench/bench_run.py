@@ -36,7 +36,8 @@ from bench_fp8 import quantize_in_place  # noqa: E402
 from bench_levers import Utilisation  # noqa: E402
 from framepack_ui.engine import f1  # noqa: E402
 from framepack_ui.events import Phase, Step  # noqa: E402
-from framepack_ui.memory import allocator, fp8, kernels  # noqa: E402
+from framepack_ui.compute import attention, compile as kernels, fp8_linear  # noqa: E402
+from framepack_ui.memory import allocator, fp8  # noqa: E402
 from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
 from framepack_ui.spec import JobSpec  # noqa: E402
 
@@ -143,9 +144,9 @@ def main() -> None:
     if a.fp8_matmul:
         quantize_in_place(transformer)
         fp8.apply_fp8_compute(transformer, torch.bfloat16)
-        fp8.set_fp8_matmul(transformer, True)
+        fp8_linear.set_fp8_matmul(transformer, True)
         torch.cuda.empty_cache()
-    kernels.set_attention(transformer, a.attention)
+    attention.set_attention(transformer, a.attention)
     if a.compile:
         kernels.compile_blocks(transformer)
     if a.compile_vae:

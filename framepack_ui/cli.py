@@ -97,11 +97,16 @@ def _add_speed_options(parser) -> None:
                              "stays free beside them)")
 
 
+def _plan_options(args) -> dict:
+    """The plan overrides beyond the profile and the resolution (memory.plan.PlanOverrides fields)."""
+    return dict(fp8=args.fp8, compile=args.compile, attention=args.attention, fp8_matmul=args.fp8_matmul,
+                pin_streamed=args.pin_streamed)
+
+
 def _plan_overrides(args):
     from .memory.plan import PlanOverrides
 
-    return PlanOverrides(args.plan, resolution=args.resolution, fp8=args.fp8, compile=args.compile,
-                         attention=args.attention, fp8_matmul=args.fp8_matmul, pin_streamed=args.pin_streamed)
+    return PlanOverrides(args.plan, resolution=args.resolution, **_plan_options(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +136,8 @@ def _quiet_libraries() -> None:
 
 
 def _generate(args) -> int:
+    """One job through the same Worker as the web app (planning, downloads, the model lifecycle), its events
+    printed as they come; Ctrl+C stops it after the current step and keeps the finished sections."""
     from .spec import JobSpec
 
     spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
@@ -140,58 +147,60 @@ def _generate(args) -> int:
     spec.validate()  # before any heavy import: bad input answers at once
     if args.out.suffix.lower() != ".mp4":
         raise _input_error("--out must end in .mp4")
-
-    import threading
-
-    import torch
-
-    from .engine import f1
-    from .events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
-    from .memory.manager import ModelManager
-    from .weights.download import ensure_models
-
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    from .memory.plan import make_plan
-    from .memory.probe import probe_machine, weights_on_disk
+    from .events import Failed, Finished, Phase, Stopped
+    from .worker import Worker
 
-    ensure_models(args.models, allow_download=not args.offline, progress=_print_download)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    # planned before anything loads: a plan that cannot fit stops here with the shortfall, not half-way through
-    machine = probe_machine(args.models, cuda=device.startswith("cuda"))
-    plan = make_plan(machine, weights_on_disk(args.models), _plan_overrides(args))
-    _out(f"plan: {plan.summary()}")
-    cache_kwargs = ({"prompt_cache_dir": None} if args.no_prompt_cache else
-                    {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
-    manager = ModelManager(args.models, device, plan=plan, on_prewarm=_print_prewarm, **cache_kwargs)
-    cancel = threading.Event()
-
-    def show(event):
-        if isinstance(event, Phase):
-            _out(f"[{event.name}] {event.detail}")
-        elif isinstance(event, Notice):
-            _out(f"note: {event.message}")
-        elif isinstance(event, Step):
-            eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
-            _out(f"section {event.section + 1}/{event.sections} step {event.step}/{event.steps} "
-                 f"({event.elapsed_s:.1f}s{eta})")
-        elif isinstance(event, SectionSaved):
-            _out(f"section {event.section + 1}/{event.sections} saved: {event.frames_written} frames in {event.path}")
-        elif isinstance(event, Finished):
-            _out(f"done: {event.path} ({event.frames} frames, {event.elapsed_s:.1f}s); settings in {event.settings_path}")
-        elif isinstance(event, Stopped):
-            _out(f"stopped: kept {event.frames} frames in {event.path}")
-        elif isinstance(event, Failed):
-            print(f"error: {event.message}" + (f" (kept {event.path})" if event.path else ""), file=sys.stderr)
-
-    result = f1.run(spec, args.out, manager, show, cancel)  # Ctrl+C is taken as a stop that keeps the video
+    cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
+             {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
+    worker = Worker(args.models, args.out.parent, device=args.device, profile=args.plan, keep_models_s=0,
+                    download_missing=not args.offline, **cache)
+    job = worker.submit(spec, out_path=args.out, plan_options=_plan_options(args))
+    seen, started, result = 0, False, None
+    try:
+        while result is None:
+            try:
+                for event in worker.events(job, since=seen):
+                    seen += 1
+                    started = started or (isinstance(event, Phase) and event.name == "settings")
+                    _show(event)
+                    if isinstance(event, (Finished, Stopped, Failed)):
+                        result = event
+            except KeyboardInterrupt:  # a stop, not an exit: the job ends at its next step and keeps its sections
+                worker.cancel(job)
+    finally:
+        worker.shutdown()
     if isinstance(result, Finished):
         return EXIT_OK
     if isinstance(result, Stopped):
         return EXIT_STOPPED
-    return EXIT_USAGE if result.reason in ("input", "models") else EXIT_FAILED
+    # bad input, missing models, or a plan that cannot fit (refused before the job started): a usage error
+    refused = result.reason in ("input", "models") or (result.reason == "memory" and not started)
+    return EXIT_USAGE if refused else EXIT_FAILED
+
+
+def _show(event) -> None:
+    from .events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+
+    if isinstance(event, Phase):
+        _out(f"download {event.detail}" if event.name == "download" else f"[{event.name}] {event.detail}")
+    elif isinstance(event, Notice):
+        _out(f"note: {event.message}")
+    elif isinstance(event, Step):
+        eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
+        _out(f"section {event.section + 1}/{event.sections} step {event.step}/{event.steps} "
+             f"({event.elapsed_s:.1f}s{eta})")
+    elif isinstance(event, SectionSaved):
+        _out(f"section {event.section + 1}/{event.sections} saved: {event.frames_written} frames in {event.path}")
+    elif isinstance(event, Finished):
+        _out(f"done: {event.path} ({event.frames} frames, {event.elapsed_s:.1f}s); settings in {event.settings_path}")
+    elif isinstance(event, Stopped):
+        _out(f"stopped: kept {event.frames} frames in {event.path}")
+    elif isinstance(event, Failed):
+        print(f"error: {event.message}" + (f" (kept {event.path})" if event.path else ""), file=sys.stderr)
 
 
 def _plan(args) -> int:
@@ -204,8 +213,7 @@ def _plan(args) -> int:
         machine = Machine.supposed(args.ram, args.vram or 0.0)
     else:
         machine = probe_machine(args.models)
-    plan = make_plan(machine, weights_on_disk(args.models), _plan_overrides(args))
-    _out(plan.explain())
+    _out(make_plan(machine, weights_on_disk(args.models), _plan_overrides(args)).explain())
     return EXIT_OK
 
 
@@ -220,19 +228,9 @@ def _make_tiny(args) -> int:
 def _download(args) -> int:
     from .weights.download import ensure_models
 
-    ensure_models(args.models, allow_download=True, progress=_print_download)
+    ensure_models(args.models, allow_download=True, progress=lambda p: _out(f"download {p.line()}"))
     _out(f"all model files are in {args.models}")
     return EXIT_OK
-
-
-def _print_download(p) -> None:
-    _out(f"download {p.component}/{p.file}: {p.done_bytes / 1e6:.0f}/{p.total_bytes / 1e6:.0f} MB "
-         f"(all: {p.overall_done / 1e9:.2f}/{p.overall_total / 1e9:.2f} GB)")
-
-
-def _print_prewarm(p) -> None:
-    _out(f"growing the pagefile: {p.reserved_bytes / 1e9:.2f} GB reserved, {p.fraction * 100:.0f}% of "
-         f"{p.target_bytes / 1e9:.1f} GB commit")
 
 
 def _input_error(message: str):

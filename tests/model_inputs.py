@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from framepack_ui.engine import f1
+from framepack_ui.engine import sections
 
 
 def transformer_inputs(transformer, seed: int = 0) -> dict:
@@ -11,7 +11,7 @@ def transformer_inputs(transformer, seed: int = 0) -> dict:
     cfg = transformer.config
     g = torch.Generator().manual_seed(seed)
     start = torch.randn(1, 16, 1, 8, 8, generator=g)
-    history = f1.History.start(start)
+    history = sections.History.start(start)
     history.append(torch.randn(1, 16, 9, 8, 8, generator=g))
     return dict(hidden_states=torch.randn(1, 16, 9, 8, 8, generator=g), timestep=torch.tensor([700.0]),
                 encoder_hidden_states=torch.randn(1, 6, cfg.text_embed_dim, generator=g),

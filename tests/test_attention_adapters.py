@@ -1,4 +1,4 @@
-"""The 8-bit attention adapters (memory/attention.py) on the CPU: their kernels are CUDA-only, so each test stands
+"""The 8-bit attention adapters (compute/attention.py) on the CPU: their kernels are CUDA-only, so each test stands
 in for the vendor kernel at its boundary (sageattention's `sageattn`, the cuDNN graph run) and checks everything
 the app does around it: routing every attention call of the real tiny transformer through diffusers' dispatcher,
 the key smoothing, the e4m3 scales and the dequantized output. Speed and the kernels' own error are measured on
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from framepack_ui.errors import MemoryPlanError
-from framepack_ui.memory import attention, kernels, loading
+from framepack_ui.compute import attention, backends
+from framepack_ui.memory import loading
 from framepack_ui.memory.plan import PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.probe import Machine
 from framepack_ui.weights.tiny import make_tiny_models
@@ -52,10 +53,10 @@ def _native_and_with(model, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's output with torch's attention, then with `backend` (set back to native after)."""
     want = _forward(model)
     try:
-        kernels.set_attention(model, backend)
+        attention.set_attention(model, backend)
         return want, _forward(model)
     finally:
-        kernels.set_attention(model, "native")
+        attention.set_attention(model, "native")
 
 
 def test_e4m3_scales_are_powers_of_two_and_keep_the_tensor():
@@ -81,7 +82,7 @@ def test_sage1_routes_every_attention_call_through_sageattention(tiny_transforme
     stand_in.__spec__ = importlib.machinery.ModuleSpec("sageattention", None)
     stand_in.sageattn = sageattn
     monkeypatch.setitem(sys.modules, "sageattention", stand_in)
-    monkeypatch.setattr(attention, "package_available", lambda backend: True)  # Triton is CUDA-only
+    monkeypatch.setattr(backends, "package_available", lambda backend: True)  # Triton is CUDA-only
     model = tiny_transformer
     want, got = _native_and_with(model, attention.SAGE)
     blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
@@ -105,7 +106,7 @@ def test_cudnn_fp8_quantizes_around_the_kernel_and_gives_the_attention_back(wide
         return o.to(torch.float8_e4m3fn)
 
     monkeypatch.setattr(attention._cudnn_graphs, "run", run)
-    monkeypatch.setattr(attention, "package_available", lambda backend: True)
+    monkeypatch.setattr(backends, "package_available", lambda backend: True)
     model = wide_head_transformer
     want, got = _native_and_with(model, attention.CUDNN_FP8)
     head_dim = model.config.attention_head_dim
@@ -139,10 +140,10 @@ def test_the_plan_says_in_one_line_why_an_8bit_attention_cannot_run(monkeypatch)
     hopper = replace(Machine.supposed(64, 80), compile_supported=True, cuda_capability=(9, 0))
     ada = replace(hopper, cuda_capability=(8, 9))
     cpu_only = Machine.supposed(64, 0)
-    monkeypatch.setattr(attention, "package_available", lambda backend: False)
+    monkeypatch.setattr(backends, "package_available", lambda backend: False)
     with pytest.raises(MemoryPlanError, match="pip install nvidia-cudnn-frontend"):
         make_plan(hopper, real_weights(), PlanOverrides(attention=attention.CUDNN_FP8))
-    monkeypatch.setattr(attention, "package_available", lambda backend: True)
+    monkeypatch.setattr(backends, "package_available", lambda backend: True)
     with pytest.raises(MemoryPlanError, match="compute capability 9.0"):
         make_plan(ada, real_weights(), PlanOverrides(attention=attention.CUDNN_FP8))
     with pytest.raises(MemoryPlanError, match="CUDA GPU"):

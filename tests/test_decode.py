@@ -13,10 +13,10 @@ import torch
 
 from PIL import Image
 
-from framepack_ui.engine import f1, vae as vae_ops
+from framepack_ui.engine import f1, sections, vae as vae_ops
 from framepack_ui.engine.video import soft_append
 from framepack_ui.events import Finished
-from framepack_ui.memory.manager import ModelManager
+from conftest import cpu_manager
 from framepack_ui.spec import JobSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ CONTEXT_PSNR_DB = 40.0  # bound for context 3 vs the official video, tiny random
 
 @pytest.fixture(scope="module")
 def vae(tiny_models_dir):
-    with ModelManager(tiny_models_dir, "cpu").use("vae") as model:
+    with cpu_manager(tiny_models_dir).use("vae") as model:
         yield model
 
 
@@ -46,29 +46,29 @@ def _stitched(vae, latents: torch.Tensor, context) -> torch.Tensor:
     video = None
     for section in range((latents.shape[2] - 1) // f1.LATENT_WINDOW):
         end = 1 + f1.LATENT_WINDOW * (section + 1)
-        pixels = vae_ops.decode(vae, latents[:, :, end - f1.decode_latent_count(section, context):end])
-        frames, fade = f1.section_frames(pixels, section, context)
-        video = frames if video is None else soft_append(video, frames, fade, f1.OVERLAP_FRAMES)
+        pixels = vae_ops.decode(vae, latents[:, :, end - sections.decode_latent_count(section, context):end])
+        frames, fade = sections.section_frames(pixels, section, context)
+        video = frames if video is None else soft_append(video, frames, fade, sections.OVERLAP_FRAMES)
     return video
 
 
 def test_aligned_context_decodes_the_new_latents_bit_for_bit(vae):
     """k = 3 keeps diffusers' frame-tile grid: the appended frames and the faded ones equal the official decode's."""
     latents = _latents(3)
-    official = vae_ops.decode(vae, latents[:, :, -f1.DECODE_LATENTS:])
-    context = vae_ops.decode(vae, latents[:, :, -f1.decode_latent_count(2, f1.ALIGNED_CONTEXT):])
-    frames, fade = f1.section_frames(context, 2, f1.ALIGNED_CONTEXT)
-    assert context.shape[1] == 1 + 4 * (f1.LATENT_WINDOW + f1.ALIGNED_CONTEXT - 1) == 45
+    official = vae_ops.decode(vae, latents[:, :, -sections.DECODE_LATENTS:])
+    context = vae_ops.decode(vae, latents[:, :, -sections.decode_latent_count(2, sections.ALIGNED_CONTEXT):])
+    frames, fade = sections.section_frames(context, 2, sections.ALIGNED_CONTEXT)
+    assert context.shape[1] == 1 + 4 * (f1.LATENT_WINDOW + sections.ALIGNED_CONTEXT - 1) == 45
     assert fade == 5 and frames.shape[1] == 36 + fade
     assert torch.equal(frames[:, 1:], official[:, -(36 + fade - 1):])  # frames[0] keeps weight 1 in the fade
-    misaligned = vae_ops.decode(vae, latents[:, :, -f1.decode_latent_count(2, 2):])
+    misaligned = vae_ops.decode(vae, latents[:, :, -sections.decode_latent_count(2, 2):])
     assert not torch.equal(misaligned[:, -36:], official[:, -36:])  # why k must be a multiple of 3
 
 
 def test_context_decode_matches_the_official_video_within_bound(vae):
     latents = _latents(4, seed=1)
     official = _stitched(vae, latents, None)
-    context = _stitched(vae, latents, f1.ALIGNED_CONTEXT)
+    context = _stitched(vae, latents, sections.ALIGNED_CONTEXT)
     assert official.shape == context.shape and official.shape[1] == 1 + 36 * 4
     assert _psnr(context, official) >= CONTEXT_PSNR_DB
     assert not torch.equal(context, official)  # it is another decode, not the official one again
@@ -80,28 +80,28 @@ def _stitched_with_section_1(vae, latents):
     video = None
     for section in range((latents.shape[2] - 1) // f1.LATENT_WINDOW):
         end = 1 + f1.LATENT_WINDOW * (section + 1)
-        count = f1.decode_latent_count(section, f1.ALIGNED_CONTEXT, from_section=1)
-        frames, fade = f1.section_frames(vae_ops.decode(vae, latents[:, :, end - count:end]), section,
-                                         f1.ALIGNED_CONTEXT, from_section=1)
-        video = frames if video is None else soft_append(video, frames, fade, f1.OVERLAP_FRAMES)
+        count = sections.decode_latent_count(section, sections.ALIGNED_CONTEXT, from_section=1)
+        frames, fade = sections.section_frames(vae_ops.decode(vae, latents[:, :, end - count:end]), section,
+                                         sections.ALIGNED_CONTEXT, from_section=1)
+        video = frames if video is None else soft_append(video, frames, fade, sections.OVERLAP_FRAMES)
     return video
 
 
 def test_decode_counts_and_fades():
-    assert [f1.decode_latent_count(s) for s in range(4)] == [10, 18, 18, 18]
-    assert [f1.decode_latent_count(s, 3) for s in range(4)] == [10, 18, 12, 12]
-    assert [f1.section_overlap(s, 3) for s in (1, 2)] == [33, 5]
-    assert f1.decode_latent_count(2, 9) == 18 and f1.section_overlap(2, 9) == 33  # k = 9 is the official decode
-    assert f1.section_overlap(2, 1) == 1 and f1.decode_latent_count(2, 1) == 10  # 37 frames: 1 faded + 36
+    assert [sections.decode_latent_count(s) for s in range(4)] == [10, 18, 18, 18]
+    assert [sections.decode_latent_count(s, 3) for s in range(4)] == [10, 18, 12, 12]
+    assert [sections.section_overlap(s, 3) for s in (1, 2)] == [33, 5]
+    assert sections.decode_latent_count(2, 9) == 18 and sections.section_overlap(2, 9) == 33  # k = 9 is the official decode
+    assert sections.section_overlap(2, 1) == 1 and sections.decode_latent_count(2, 1) == 10  # 37 frames: 1 faded + 36
     with pytest.raises(ValueError):
-        f1.check_decode_context(0)
+        sections.check_decode_context(0)
 
 
 def test_engine_decode_context_decodes_fewer_latents_same_frame_count(tiny_models_dir, tmp_path, monkeypatch):
     image = tmp_path / "start.png"
     y, x = np.mgrid[0:64, 0:64]
     Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)).save(image)
-    manager = ModelManager(tiny_models_dir, "cpu")
+    manager = cpu_manager(tiny_models_dir)
     decoded: list[int] = []
     real_decode = vae_ops.decode
     monkeypatch.setattr(vae_ops, "decode", lambda v, z: decoded.append(z.shape[2]) or real_decode(v, z))

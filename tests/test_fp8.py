@@ -28,11 +28,13 @@ import torch
 from PIL import Image
 
 from framepack_ui.errors import MemoryPlanError, ModelFilesError
+from framepack_ui.compute import fp8_linear
 from framepack_ui.memory import fp8, loading
 from framepack_ui.memory.plan import PlanOverrides, fp8_weights, make_plan, real_weights
 from framepack_ui.memory.probe import Machine, weights_on_disk
 from framepack_ui.memory.storage import MappedFile, read_header, shard_files
-from framepack_ui.memory.streaming import stream_transformer, transformer_blocks
+from framepack_ui.compute.compile import transformer_blocks
+from framepack_ui.memory.streaming import stream_transformer
 from framepack_ui.weights.layout import COMPONENTS
 from framepack_ui.weights.tiny import make_tiny_models
 from model_inputs import transformer_inputs
@@ -67,7 +69,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _row_errors(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     w = w.float()
-    return (fp8.dequantize(q, scale, torch.float32) - w).norm(dim=1) / w.norm(dim=1)  # [out]
+    return (fp8_linear.dequantize(q, scale, torch.float32) - w).norm(dim=1) / w.norm(dim=1)  # [out]
 
 
 def _cache_state(models: Path) -> dict[str, tuple[int, int, int]]:
@@ -84,10 +86,10 @@ def test_quantize_roundtrip_error_per_channel_is_under_7_percent():
     w = z * torch.logspace(-3, 2, 256)[:, None]
     w[7] = 0  # an all-zero row: scale 1, exact zeros back
     w = w.to(torch.bfloat16)
-    q, scale = fp8.quantize(w)
+    q, scale = fp8_linear.quantize(w)
     assert q.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (256,)
     err = _row_errors(w, q, scale)
-    assert torch.equal(fp8.dequantize(q, scale, torch.float32)[7], torch.zeros(512))
+    assert torch.equal(fp8_linear.dequantize(q, scale, torch.float32)[7], torch.zeros(512))
     err = torch.cat([err[:7], err[8:]])
     assert err.max() < 0.07, err.max()
     assert 0.01 < err.median() < 0.04  # ~2.5 %: e4m3fn's 3 mantissa bits, not a broken scale
@@ -296,20 +298,20 @@ def test_streamed_fp8_blocks_equal_resident_and_dequantize_from_the_slot(fp8_mod
         streamer = stream_transformer(model, "cpu", resident_blocks=0)
         slots = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer._slots]
         seen = []
-        real = fp8.dequantize
+        real = fp8_linear.dequantize
 
         def spy(q, scale, dtype):
             seen.append(all(any(lo <= t.data_ptr() < hi for lo, hi in slots) for t in (q, scale)))
             return real(q, scale, dtype)
 
-        monkeypatch.setattr(fp8, "dequantize", spy)
+        monkeypatch.setattr(fp8_linear, "dequantize", spy)
         try:
             first = model(**inputs)[0]
             second = model(**inputs)[0]
         finally:
             streamer.close()
     assert torch.equal(first, expected) and torch.equal(second, expected)
-    fp8_linears = sum(1 for b in blocks for m in b.modules() if fp8.is_fp8_linear(m))
+    fp8_linears = sum(1 for b in blocks for m in b.modules() if fp8_linear.is_fp8_linear(m))
     assert len(seen) == 2 * fp8_linears and all(seen)  # every dequant read the slot copy of weight and scale
     assert block_params == {id(p) for b in blocks for p in b.parameters()}  # same Parameters after streaming
     assert all(p.device.type == "cpu" and p.data_ptr() != 0 for b in blocks for p in b.parameters())
@@ -366,7 +368,7 @@ def test_moving_to_a_device_keeps_fp8_and_scales_and_converts_the_rest(fp8_model
     fp8.to_device(model, CPU, torch.float16)
     assert linear.weight.dtype == torch.float8_e4m3fn and linear.weight.data_ptr() == weight_ptr  # not copied
     assert linear.weight_scale.dtype == torch.float32 and linear.bias.dtype == torch.float16
-    others = [p for m in model.modules() if not fp8.is_fp8_linear(m) for p in m.parameters(recurse=False)]
+    others = [p for m in model.modules() if not fp8_linear.is_fp8_linear(m) for p in m.parameters(recurse=False)]
     assert others and all(p.dtype == torch.float16 for p in others if p.is_floating_point())
     x = torch.randn(2, linear.in_features, dtype=torch.float16)
     with torch.no_grad():
@@ -379,16 +381,13 @@ def test_manager_streams_an_fp8_transformer_when_the_plan_says_so(tiny_models_di
 
     import torch
 
-    from framepack_ui.memory.manager import ModelManager, Placement, default_placements
+    from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 
     models = tmp_path / "models"
     shutil.copytree(tiny_models_dir, models)
-    placements = {**default_placements(torch.device("cpu")),
-                  "transformer": Placement(torch.device("cpu"), torch.float32, keep=True, storage="fp8",
-                                           resident_blocks=0)}
-    manager = ModelManager(models, "cpu", placements=placements)
+    manager = cpu_manager(models, streamed_on_cpu(cpu_plan(models), 0, storage="fp8"))
     with manager.use("transformer") as transformer:
-        assert transformer._framepack_streamer.streamed  # every block is streamed
+        assert manager.streamer("transformer").streamed  # every block is streamed
         assert any(p.dtype == torch.float8_e4m3fn for p in transformer.parameters())
     manager.free()
 
@@ -400,12 +399,12 @@ def test_fp8_matmul_switch_is_close_to_bf16_and_switches_back_exactly(fp8_models
     bf16 = loading.load_transformer(fp8_models, torch.float32, CPU, storage="map")
     f8 = loading.load_transformer(fp8_models, torch.float32, CPU, storage="fp8")
     inputs = transformer_inputs(bf16)
-    quantized = sum(fp8.is_fp8_linear(m) for m in f8.modules())
+    quantized = sum(fp8_linear.is_fp8_linear(m) for m in f8.modules())
     with torch.no_grad():
         want, dequantized = bf16(**inputs)[0], f8(**inputs)[0]
-        assert fp8.set_fp8_matmul(f8, True) == quantized > 0
+        assert fp8_linear.set_fp8_matmul(f8, True) == quantized > 0
         matmul = f8(**inputs)[0]
-        assert fp8.set_fp8_matmul(f8, False) == quantized
+        assert fp8_linear.set_fp8_matmul(f8, False) == quantized
         again = f8(**inputs)[0]
     err = _rel(matmul, want)
     logging.getLogger(__name__).info("fp8 matmul vs bf16: transformer output %.4f", err)
@@ -418,9 +417,9 @@ def test_fp8_linear_matches_a_float_matmul_of_the_quantized_operands():
     """fp8_linear = (x quantized per row) @ (w quantized per row).T with both scales applied, plus bias."""
     g = torch.Generator().manual_seed(0)
     x, w, bias = torch.randn(2, 5, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
-    q, scale = fp8.quantize(w)
-    y = fp8.fp8_linear(x, q, scale, bias)
-    xq, x_scale = fp8.quantize_rows(x.reshape(-1, 64))
+    q, scale = fp8_linear.quantize(w)
+    y = fp8_linear.fp8_linear(x, q, scale, bias)
+    xq, x_scale = fp8_linear.quantize_rows(x.reshape(-1, 64))
     want = (xq.float() * x_scale) @ (q.float() * scale[:, None]).T + bias
     assert y.shape == (2, 5, 48) and y.dtype == x.dtype
     assert torch.allclose(y.reshape(-1, 48), want, rtol=1e-4, atol=1e-4)

@@ -11,11 +11,12 @@ from PIL import Image
 
 from framepack_ui.cli import main as cli_main
 from framepack_ui.errors import MemoryPlanError
-from framepack_ui.memory.manager import ModelManager, Placement, placements_from_plan
+from framepack_ui.memory.manager import ModelManager
 from framepack_ui.memory.plan import (GB, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan,
                                       real_weights)
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, parse_meminfo, probe_machine, weights_bytes,
                                        weights_on_disk, windows_memory_from)
+from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 
 REAL = real_weights()
 OFFICIAL_DEMO_RAM_BYTES = 43 * GB  # text encoder + transformer held together in RAM by the official demo
@@ -73,8 +74,8 @@ def test_plan_pins_the_streamed_blocks_only_where_ram_is_plentiful():
     forced = make_plan(Machine.supposed(32, 8), REAL, PlanOverrides(pin_streamed=True))
     assert forced.components["transformer"].pinned_sources
     assert not supposed(128, 80).components["transformer"].pinned_sources  # resident: nothing streamed
-    cuda_placement = placements_from_plan(roomy)["transformer"]
-    assert cuda_placement.pin_sources and not placements_from_plan(laptop)["transformer"].pin_sources
+    cuda_placement = roomy.components["transformer"]
+    assert cuda_placement.pinned_sources and not laptop.components["transformer"].pinned_sources
 
 
 def test_plan_8gb_laptop_32gb_ram_maps_and_streams():
@@ -173,21 +174,20 @@ def test_plan_explain_shows_every_model_phase_and_peak():
 
 def test_manager_applies_the_plan(tiny_models_dir):
     plan = make_plan(Machine.supposed(32, 0), weights_on_disk(tiny_models_dir), PlanOverrides(resolution=64))
-    placements = placements_from_plan(plan)
-    assert placements["transformer"].storage == "map" and placements["text_encoders"].storage == "map"
-    assert placements["vae"].storage == "ram" and placements["vae"].keep and not placements["image_encoder"].keep
-    manager = ModelManager(tiny_models_dir, plan=plan)
-    assert manager.placements == placements and manager.device.type == "cpu"
-    on_8gb = placements_from_plan(make_plan(Machine.supposed(32, 8), REAL))
+    c = plan.components
+    assert c["transformer"].storage == "map" and c["text_encoders"].storage == "map"
+    assert c["vae"].storage == "ram" and c["vae"].keep and not c["image_encoder"].keep
+    manager = ModelManager(tiny_models_dir, plan)
+    assert manager.plan is plan and all(manager.device_of(name).type == "cpu" for name in c)
+    on_8gb = make_plan(Machine.supposed(32, 8), REAL).components
     streamed = on_8gb["transformer"]
-    assert streamed.device.type == "cuda" and streamed.storage == "map" and streamed.resident_blocks == 3
+    assert streamed.device == "cuda" and streamed.storage == "map" and streamed.resident_blocks == 3
     assert streamed.park_for_decode and on_8gb["text_encoders"].resident_blocks == 11
     with pytest.raises(MemoryPlanError, match="stream"):  # refused before anything loads, not half-way
-        ModelManager(tiny_models_dir, placements={**placements, "vae": Placement(torch.device("cpu"), torch.float32,
-                                                                                 True, resident_blocks=1)})
+        ModelManager(tiny_models_dir, plan.with_component("vae", where="gpu-streamed", resident_blocks=1))
     with pytest.raises(MemoryPlanError, match="stream"):  # streamed layers come from the map, never a RAM copy
-        ModelManager(tiny_models_dir, placements={**placements, "text_encoders": Placement(
-            torch.device("cpu"), torch.float32, False, "ram", resident_blocks=1)})
+        ModelManager(tiny_models_dir, plan.with_component("text_encoders", where="gpu-streamed", storage="ram",
+                                                          resident_blocks=1))
 
 
 def test_manager_streams_the_transformer_when_the_plan_says_so(tiny_models_dir, tmp_path):
@@ -197,13 +197,10 @@ def test_manager_streams_the_transformer_when_the_plan_says_so(tiny_models_dir, 
     from framepack_ui.events import Finished
     from framepack_ui.spec import JobSpec
 
-    cpu = torch.device("cpu")
-    resident = ModelManager(tiny_models_dir, "cpu")
-    streamed = ModelManager(tiny_models_dir, "cpu", placements={
-        **resident.placements, "transformer": Placement(cpu, torch.float32, True, "map", resident_blocks=1)})
-    pinned = ModelManager(tiny_models_dir, "cpu", placements={
-        **resident.placements, "transformer": Placement(cpu, torch.float32, True, "map", resident_blocks=1,
-                                                        pin_sources=True)})
+    plan = cpu_plan(tiny_models_dir)
+    resident = cpu_manager(tiny_models_dir, plan)
+    streamed = cpu_manager(tiny_models_dir, streamed_on_cpu(plan, 1))
+    pinned = cpu_manager(tiny_models_dir, streamed_on_cpu(plan, 1, pinned_sources=True))
     image = tmp_path / "start.png"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
     frames = {}
@@ -215,10 +212,10 @@ def test_manager_streams_the_transformer_when_the_plan_says_so(tiny_models_dir, 
         frames[name] = np.concatenate(sink)
     assert np.array_equal(frames["resident"], frames["streamed"])
     assert np.array_equal(frames["resident"], frames["pinned"])
-    with pinned.use("transformer") as transformer:
-        assert transformer._framepack_streamer.pinned_sources
-    with streamed.use("transformer") as transformer:
-        streamer = transformer._framepack_streamer
+    with pinned.use("transformer"):
+        assert pinned.streamer("transformer").pinned_sources
+    with streamed.use("transformer"):
+        streamer = streamed.streamer("transformer")
         assert len(streamer.streamed) == 1 and streamer.bytes_streamed > 0 and not streamer.pinned_sources
     streamed.free()
     assert not streamed.is_loaded("transformer") and streamer._copier._shutdown
@@ -299,7 +296,7 @@ def test_plan_compiles_the_vae_decoder_where_its_smaller_footprint_buys_a_faster
     assert "compiled decoder" in compiled.explain() and "compiled decoder" not in eager.explain()
     assert not make_plan(triton, REAL, PlanOverrides(compile=False)).components["vae"].compile
     assert not make_plan(replace(Machine.supposed(32, 0), compile_supported=True), REAL).components["vae"].compile
-    assert placements_from_plan(compiled)["vae"].compile
+    assert compiled.components["vae"].compile
     assert any("VAE decoder compiled" in n and "384 px tiles instead of in 256 px" in n for n in compiled.notes)
     big = make_plan(replace(Machine.supposed(128, 80), compile_supported=True), REAL).components["vae"]
     assert not big.compile and not big.vae_tiling
@@ -316,7 +313,8 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
     """Fault injected at the compiler boundary (a compiler missing or broken on the user's machine): the decode
     still succeeds, equal to the eager one, with one warning, and later decodes skip the compiler."""
     from framepack_ui.engine import vae as vae_ops
-    from framepack_ui.memory import kernels, loading
+    from framepack_ui.compute import compile as compiled
+    from framepack_ui.memory import loading
 
     calls = []
 
@@ -328,15 +326,15 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
 
     vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
     latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # a full frame window
-    vae._framepack_even_tiles = True  # as a compiled decoder decodes, so that only the compiler differs
-    expected = vae_ops.decode(vae, latents)
+    # in even tiles, as a compiled decoder decodes, so that only the compiler differs
+    expected = vae_ops.decode(vae, latents, even_tiles=True)
     monkeypatch.setattr(torch, "compile", broken_compile)
-    assert kernels.compile_vae_decoder(vae) and vae._framepack_compiled_decoder
+    assert compiled.compile_vae_decoder(vae) and compiled.decoder_compiled(vae)
     with caplog.at_level("WARNING"):
         first = vae_ops.decode(vae, latents)
         second = vae_ops.decode(vae, latents)
     assert torch.equal(first, expected) and torch.equal(second, expected)
-    assert calls == [1] and not vae._framepack_compiled_decoder  # tried once, then eager for good
+    assert calls == [1] and not compiled.decoder_compiled(vae)  # tried once, then eager for good
     assert sum("compiled VAE decoder failed" in r.message for r in caplog.records) == 1
 
 
@@ -354,19 +352,18 @@ def _job_frames(manager, image, out) -> np.ndarray:
 def test_manager_parks_the_streamed_transformer_while_the_vae_is_used(tiny_models_dir, tmp_path):
     """park_for_decode: each section's decode runs with the resident blocks parked (their parameters on their
     mapped sources), restored after; the video is identical to one made without parking."""
-    cpu = torch.device("cpu")
-    base = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None).placements
+    plan = cpu_plan(tiny_models_dir)
     image = tmp_path / "start.png"
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(image)
-    managers = {park: ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
-        **base, "transformer": Placement(cpu, torch.float32, True, "map", resident_blocks=1, park_for_decode=park)})
-        for park in (False, True)}
+    managers = {park: cpu_manager(tiny_models_dir, streamed_on_cpu(plan, 1, park_for_decode=park),
+                                  prompt_cache_dir=None)
+                for park in (False, True)}
     frames = {park: _job_frames(m, image, tmp_path / f"park-{park}.mp4") for park, m in managers.items()}
     assert np.array_equal(frames[False], frames[True])
     assert managers[True].park_count == 2 and managers[False].park_count == 0  # one decode per section
     manager = managers[True]
-    with manager.use("transformer") as transformer:
-        streamer = transformer._framepack_streamer
+    with manager.use("transformer"):
+        streamer = manager.streamer("transformer")
         on_sources = lambda: [p.data_ptr() == s.data_ptr() for p, s in streamer._resident_sources]  # noqa: E731
         assert not any(on_sources())
         with manager.use("vae"):
@@ -382,29 +379,27 @@ def test_manager_parks_the_streamed_transformer_while_the_vae_is_used(tiny_model
 def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_models_dir, monkeypatch):
     """compile=True compiles each block's forward (lazily: nothing runs here), attention and fp8 matmul are set;
     with the defaults nothing is."""
-    from framepack_ui.memory import fp8
+    from framepack_ui.compute import compile as compiled
+    from framepack_ui.memory import manager as manager_module
 
     switched = []
-    monkeypatch.setattr(fp8, "set_fp8_matmul", lambda model, enabled: switched.append(enabled) or 0)
-    cpu = torch.device("cpu")
-    base = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None).placements
-    plain = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements=base)
+    monkeypatch.setattr(manager_module, "set_fp8_matmul", lambda model, enabled: switched.append(enabled) or 0)
+    plan = cpu_plan(tiny_models_dir)
+    plain = cpu_manager(tiny_models_dir, plan, prompt_cache_dir=None)
     with plain.use("transformer") as transformer:
-        assert not getattr(transformer, "_framepack_compiled", False) and not switched
+        assert not compiled.blocks_compiled(transformer) and not switched
         assert all("forward" not in vars(b) for b in transformer.transformer_blocks)
-    fast = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
-        **base, "transformer": Placement(cpu, torch.float32, True, "map", compile=True, attention="native",
-                                         fp8_matmul=True)})
+    fast = cpu_manager(tiny_models_dir, plan.with_component("transformer", compile=True, attention="native",
+                                                            fp8_matmul=True), prompt_cache_dir=None)
     with fast.use("transformer") as transformer:
-        assert transformer._framepack_compiled and switched == [True]
+        assert compiled.blocks_compiled(transformer) and switched == [True]
         blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        assert all("forward" in vars(b) for b in blocks)  # the compiled wrapper replaced each block's forward
+        assert all("forward" in vars(b) for b in blocks)  # the compiled hook wraps each block's forward
     with plain.use("vae") as vae:
-        assert not getattr(vae, "_framepack_compiled_decoder", False) and "forward" not in vars(vae.decoder)
-    compiled_vae = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
-        **base, "vae": replace(base["vae"], compile=True)})
+        assert not compiled.decoder_compiled(vae) and "forward" not in vars(vae.decoder)
+    compiled_vae = cpu_manager(tiny_models_dir, plan.with_component("vae", compile=True), prompt_cache_dir=None)
     with compiled_vae.use("vae") as vae:  # lazily: it compiles at the first decode
-        assert vae._framepack_compiled_decoder and "forward" in vars(vae.decoder)
+        assert compiled.decoder_compiled(vae) and "forward" in vars(vae.decoder)
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------------
@@ -493,7 +488,7 @@ def test_plan_decodes_in_the_largest_vae_tiles_that_fit_beside_the_transformer()
         assert plan.peak_vram_bytes <= plan.vram_budget_bytes
     assert simulated.components["transformer"].park_for_decode  # the tile grows into the parked blocks' room
     assert simulated.phase("decode").vram_bytes > laptop.phase("decode").vram_bytes
-    assert placements_from_plan(desktop)["vae"].vae_tile_px == 384
+    assert desktop.components["vae"].vae_tile_px == 384
 
 
 def test_vae_loads_with_the_planned_tile(tiny_models_dir):

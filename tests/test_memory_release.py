@@ -11,6 +11,7 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory import manager as manager_mod
 from framepack_ui.memory import prewarm
 from framepack_ui.memory.manager import ModelManager
+from conftest import cpu_manager
 from framepack_ui.memory.plan import PlanOverrides, make_plan
 from framepack_ui.memory.probe import MEMORYSTATUSEX, Machine, weights_on_disk
 
@@ -21,7 +22,7 @@ STEP = prewarm.STEP_BYTES
 # --- release after a job ------------------------------------------------------------------------------------------
 
 def test_release_after_job_frees_now_or_after_an_idle_timeout(tiny_models_dir):
-    manager = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None)
+    manager = cpu_manager(tiny_models_dir, prompt_cache_dir=None)
     with manager.use("vae"):
         pass
     manager.release_after_job(None)  # keep
@@ -39,7 +40,7 @@ def test_release_after_job_frees_now_or_after_an_idle_timeout(tiny_models_dir):
 
 
 def test_a_new_use_cancels_the_idle_timer(tiny_models_dir):
-    manager = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, release_idle_s=0.4)
+    manager = cpu_manager(tiny_models_dir, prompt_cache_dir=None, release_idle_s=0.4)
     with manager.use("vae"):
         pass
     manager.release_after_job()
@@ -143,15 +144,14 @@ def test_manager_prewarms_before_loading_when_commit_is_short(tiny_models_dir, m
     plan = make_plan(Machine.supposed(32, 0), weights_on_disk(tiny_models_dir), PlanOverrides(resolution=64))
     fake = FakeCommit(limit=10 * GB, committed=int(9.5 * GB), max_limit=30 * GB)
     seen, at_load = [], []
-    load = manager_mod._LOADERS["transformer"]
+    load = manager_mod.BUILDERS["transformer"]
 
-    def loader(d, p):
+    def loader(d, c, device):
         at_load.append((fake.committed, len(fake.reserves)))
-        return load(d, p)
+        return load(d, c, device)
 
-    monkeypatch.setitem(manager_mod._LOADERS, "transformer", loader)
-    manager = ModelManager(tiny_models_dir, plan=plan, prompt_cache_dir=None, commit_allocator=fake,
-                           on_prewarm=seen.append)
+    manager = ModelManager(tiny_models_dir, plan, prompt_cache_dir=None, commit_allocator=fake,
+                           on_prewarm=seen.append, builders={"transformer": loader})
     with manager.use("transformer"):
         pass
     assert fake.reserves and seen and manager.prewarm_count == 1

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from framepack_ui.engine import f1, image as image_ops, text, vae as vae_ops
+from framepack_ui.engine import f1, sections, image as image_ops, text, vae as vae_ops
 from framepack_ui.events import Finished
-from framepack_ui.memory.manager import ModelManager
+from conftest import cpu_manager
 from framepack_ui.spec import JobSpec
 
 # Frames are compared in 0..255 units: the engine truncates to uint8 as the official demo does, the pipeline
@@ -37,7 +37,7 @@ def test_engine_matches_diffusers_framepack_pipeline_euler(tiny_models_dir, star
     seed, steps, gs, prompt = 123, 6, 10.0, "a gradient slowly turns"
     spec = JobSpec(image=start_image, prompt=prompt, seconds=2.4, seed=seed, steps=steps, gs=gs, resolution=64,
                    sampler="euler", teacache=False, fast_decode=False)
-    manager = ModelManager(tiny_models_dir, "cpu")
+    manager = cpu_manager(tiny_models_dir)
     engine_frames = []
     end = f1.run(spec, tmp_path / "engine.mp4", manager, lambda e: None, frame_sink=engine_frames.append)
     assert isinstance(end, Finished) and end.frames == 73

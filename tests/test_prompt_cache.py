@@ -11,7 +11,7 @@ from PIL import Image
 
 from framepack_ui.engine import f1, text
 from framepack_ui.events import Finished
-from framepack_ui.memory.manager import ModelManager
+from conftest import cpu_manager
 from framepack_ui.memory.plan import GB, make_plan, real_weights
 from framepack_ui.memory.probe import Machine
 from framepack_ui.memory.prompt_cache import PromptCache
@@ -39,7 +39,7 @@ def job(manager, out, image, **settings):
 
 def test_rerun_with_a_known_prompt_never_loads_the_text_encoders(tiny_models_dir, start_image, tmp_path):
     cache = tmp_path / "prompts"
-    manager = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=cache)
+    manager = cpu_manager(tiny_models_dir, prompt_cache_dir=cache)
     first = job(manager, tmp_path / "a.mp4", start_image)
     assert manager.load_count["text_encoders"] == 1
     again = job(manager, tmp_path / "b.mp4", start_image)
@@ -53,7 +53,7 @@ def test_rerun_with_a_known_prompt_never_loads_the_text_encoders(tiny_models_dir
     assert manager.load_count["text_encoders"] == 2
 
     # a new process (a fresh manager, empty memory cache) reads them from disk
-    fresh = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=cache)
+    fresh = cpu_manager(tiny_models_dir, prompt_cache_dir=cache)
     assert np.array_equal(job(fresh, tmp_path / "e.mp4", start_image), first)
     job(fresh, tmp_path / "f.mp4", start_image, cfg=2.0, negative="blurry")
     assert "text_encoders" not in fresh.load_count and not fresh.is_loaded("text_encoders")
@@ -63,7 +63,7 @@ def test_rerun_with_a_known_prompt_never_loads_the_text_encoders(tiny_models_dir
 def test_prompt_cache_invalidates_when_the_encoder_files_change(tiny_models_dir, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(tiny_models_dir, models, ignore=shutil.ignore_patterns(".cache"))
-    manager = ModelManager(models, "cpu", prompt_cache_dir=tmp_path / "prompts")
+    manager = cpu_manager(models, prompt_cache_dir=tmp_path / "prompts")
     (fresh,), loaded = text.encode_prompts(["a cat"], manager)
     assert loaded
     (cached,), loaded = text.encode_prompts(["a cat"], manager)

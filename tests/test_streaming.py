@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from framepack_ui.memory import loading
-from framepack_ui.memory.streaming import stream_transformer, transformer_blocks
+from framepack_ui.compute.compile import transformer_blocks
+from framepack_ui.memory.streaming import stream_transformer
 from model_inputs import transformer_inputs
 
 

@@ -7,7 +7,8 @@ import torch
 from framepack_ui.engine import text
 from framepack_ui.memory import loading
 from framepack_ui.memory import manager as manager_mod
-from framepack_ui.memory.manager import ModelManager, Placement
+from framepack_ui.memory.streaming import stream_model
+from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 
 PROMPT = "a cat walks on the grass"
 
@@ -17,8 +18,8 @@ def test_streamed_text_encoder_gives_the_resident_embeddings(tiny_models_dir):
     tokenizer, tokenizer_2 = loading.load_tokenizers(tiny_models_dir)
     clip = loading.load_text_encoder_2(tiny_models_dir, torch.float32, cpu, "map")
     resident = loading.load_text_encoder(tiny_models_dir, torch.float32, cpu, "map")
-    streamed = loading.load_text_encoder_streamed(tiny_models_dir, torch.float32, cpu, resident_layers=1)
-    streamer = streamed._framepack_streamer
+    streamed = loading.load_text_encoder(tiny_models_dir, torch.float32, cpu, "map")
+    streamer = stream_model(streamed, list(streamed.layers), cpu, 1)
     try:
         assert len(streamer.resident) == 1 and len(streamer.streamed) == len(streamed.layers) - 1 >= 2
         slot_ranges = [(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer._slots]
@@ -40,25 +41,24 @@ def test_streamed_text_encoder_gives_the_resident_embeddings(tiny_models_dir):
 
 
 def test_manager_streams_the_text_encoder_when_placed_so_and_closes_the_streamer(tiny_models_dir, monkeypatch):
-    cpu = torch.device("cpu")
-    loaded, load = [], loading.load_text_encoder_streamed
+    loaded, stream = [], manager_mod.stream_model
 
     def spy(*args, **kwargs):
-        model = load(*args, **kwargs)
-        loaded.append(model)
-        return model
+        streamer = stream(*args, **kwargs)
+        loaded.append(streamer)
+        return streamer
 
-    monkeypatch.setattr(manager_mod.loading, "load_text_encoder_streamed", spy)
-    plain = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None)
-    streamed = ModelManager(tiny_models_dir, "cpu", prompt_cache_dir=None, placements={
-        **plain.placements, "text_encoders": Placement(cpu, torch.float32, False, "map", resident_blocks=1)})
+    monkeypatch.setattr(manager_mod, "stream_model", spy)
+    plan = cpu_plan(tiny_models_dir)
+    plain = cpu_manager(tiny_models_dir, plan, prompt_cache_dir=None)
+    streamed = cpu_manager(tiny_models_dir, streamed_on_cpu(plan, 1, name="text_encoders"), prompt_cache_dir=None)
     (expected,), _ = text.encode_prompts([PROMPT], plain)
     assert not loaded
     (got,), encoded = text.encode_prompts([PROMPT], streamed)
     assert encoded and len(loaded) == 1
     torch.testing.assert_close(got.llama, expected.llama, rtol=0, atol=0)
     torch.testing.assert_close(got.clip_pooled, expected.clip_pooled, rtol=0, atol=0)
-    streamer = loaded[0]._framepack_streamer
+    streamer = loaded[0]
     assert streamer.bytes_streamed > 0
     # not kept: freed after its phase, and freeing closed the streamer (hooks removed, copier shut down)
     assert not streamed.is_loaded("text_encoders") and streamer._copier._shutdown

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from framepack_ui.engine.tokenizers import (CHECK_SENTENCE, CLIP_CHECK_SENTENCE, check_llama_tokenizer,
+from framepack_ui.weights.tokenizers import (CHECK_SENTENCE, CLIP_CHECK_SENTENCE, check_llama_tokenizer,
                                             load_clip_tokenizer, load_llama_tokenizer)
 from framepack_ui.errors import ModelFilesError
 from framepack_ui.weights import layout

@@ -1,5 +1,5 @@
 """A compiled VAE decoder decodes in spatial tiles of one size (engine/vae.py decode_in_even_tiles) and runs the
-short last frame window eagerly (memory/kernels.py): diffusers' own tiler feeds it thin edge tiles of several
+short last frame window eagerly (compute/compile.py): diffusers' own tiler feeds it thin edge tiles of several
 shapes, and each new shape regime is a compile of minutes on a GPU."""
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from framepack_ui.engine import f1, vae as vae_ops
-from framepack_ui.memory import kernels, loading
+from framepack_ui.engine import sections, vae as vae_ops
+from framepack_ui.compute import compile as compiled
+from framepack_ui.memory import loading
 
 TILE_PX, STRIDE_PX = 48, 32  # the tiny VAE's tiles: 6 latents, overlapping by 2 (the app's: 8 of 32-56)
 LATENT_H, LATENT_W = 12, 10  # 3 and 2 tiles: diffusers cuts the last ones short (4 and 2 latents)
-JOB_LATENT_COUNTS = sorted({f1.decode_latent_count(s, c) for s in range(4) for c in (None, f1.ALIGNED_CONTEXT)})
+JOB_LATENT_COUNTS = sorted({sections.decode_latent_count(s, c) for s in range(4) for c in (None, sections.ALIGNED_CONTEXT)})
 TILED_PSNR_SLACK_DB = 3.0  # against the untiled decode, even tiles may be this much further than diffusers'
 
 
@@ -36,7 +37,7 @@ def _latents(frames: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(1, 16, frames, LATENT_H, LATENT_W, generator=torch.Generator().manual_seed(seed))
 
 
-def _decoder_input_shapes(vae, latent_counts) -> set[tuple[int, ...]]:
+def _decoder_input_shapes(vae, latent_counts, even_tiles: bool | None = None) -> set[tuple[int, ...]]:
     shapes = set()
     forward = vae.decoder.forward
 
@@ -47,7 +48,7 @@ def _decoder_input_shapes(vae, latent_counts) -> set[tuple[int, ...]]:
     vae.decoder.forward = spy
     try:
         for count in latent_counts:
-            vae_ops.decode(vae, _latents(count))
+            vae_ops.decode(vae, _latents(count), even_tiles)
     finally:
         vae.decoder.forward = forward
     return shapes
@@ -73,8 +74,7 @@ def test_windows_are_diffusers_and_tiles_are_equal_and_overlap(length):
 
 def test_a_job_feeds_the_decoder_spatial_tiles_of_one_size(tiled_vae):
     assert len({shape[1:] for shape in _decoder_input_shapes(tiled_vae, JOB_LATENT_COUNTS)}) == 4  # diffusers'
-    tiled_vae._framepack_even_tiles = True
-    shapes = _decoder_input_shapes(tiled_vae, JOB_LATENT_COUNTS)
+    shapes = _decoder_input_shapes(tiled_vae, JOB_LATENT_COUNTS, even_tiles=True)
     assert {shape[1:] for shape in shapes} == {(6, 6)}
     assert {shape[0] for shape in shapes} == {3, 4, 5}  # diffusers' frame windows (no 1-latent one: dropped)
 
@@ -82,17 +82,15 @@ def test_a_job_feeds_the_decoder_spatial_tiles_of_one_size(tiled_vae):
 def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
     for count in JOB_LATENT_COUNTS:  # without spatial tiles: diffusers' frame windows and blend, exactly
         set_tiles(tiled_vae, False)
-        tiled_vae._framepack_even_tiles = False
-        expected = vae_ops.decode(tiled_vae, _latents(count, seed=count))
-        tiled_vae._framepack_even_tiles = True
-        assert torch.allclose(vae_ops.decode(tiled_vae, _latents(count, seed=count)), expected, atol=1e-5), count
+        expected = vae_ops.decode(tiled_vae, _latents(count, seed=count), even_tiles=False)
+        even = vae_ops.decode(tiled_vae, _latents(count, seed=count), even_tiles=True)
+        assert torch.allclose(even, expected, atol=1e-5), count
 
-    latents = _latents(f1.decode_latent_count(2, f1.ALIGNED_CONTEXT), seed=1)
-    untiled = vae_ops.decode(tiled_vae, latents)
+    latents = _latents(sections.decode_latent_count(2, sections.ALIGNED_CONTEXT), seed=1)
+    untiled = vae_ops.decode(tiled_vae, latents, even_tiles=True)
     set_tiles(tiled_vae, True)
-    even = vae_ops.decode(tiled_vae, latents)
-    tiled_vae._framepack_even_tiles = False
-    reference = vae_ops.decode(tiled_vae, latents)
+    even = vae_ops.decode(tiled_vae, latents, even_tiles=True)
+    reference = vae_ops.decode(tiled_vae, latents, even_tiles=False)
     assert even.shape == reference.shape
     # where both tilers decode the same tile (the top left corner), the same pixels
     only_first_tile = STRIDE_PX - (TILE_PX - STRIDE_PX)
@@ -104,7 +102,7 @@ def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
 
 
 def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
-    """The real compile path (kernels.compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
+    """The real compile path (compute/compile.py compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
     counts graphs: the guards, and so the recompiles, are dynamo's on any backend (a GPU's convolution choice may
     add its own). CPU inductor itself cannot lower this decoder's dynamic conv3d (see the fallback)."""
     graphs = []
@@ -117,10 +115,10 @@ def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
     torch._dynamo.reset()
     try:
-        assert kernels.compile_vae_decoder(tiled_vae) and tiled_vae._framepack_even_tiles
+        assert compiled.compile_vae_decoder(tiled_vae) and compiled.decodes_in_even_tiles(tiled_vae)
         for count in JOB_LATENT_COUNTS:
             vae_ops.decode(tiled_vae, _latents(count))
-        assert tiled_vae._framepack_compiled_decoder  # nothing fell back to eager
+        assert compiled.decoder_compiled(tiled_vae)  # nothing fell back to eager
         assert len(graphs) == 1
     finally:
         torch._dynamo.reset()

@@ -79,7 +79,7 @@ def test_streamed_frames_equal_soft_append_irregular(tmp_path, lengths, overlap)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_short_fades_equal_soft_append_with_the_official_ramp(tmp_path, dtype):
-    # the context decode (f1.section_frames): sections of 36 new frames after a fade of 33 (official), 5, 17 or 1
+    # the context decode (sections.section_frames): sections of 36 new frames after a fade of 33 (official), 5, 17 or 1
     g = torch.Generator().manual_seed(3)
     fades = [None, 33, 5, 17, 1, 33]
     sections = [(torch.rand(3, FIRST if f is None else 36 + f, H, W, generator=g) * 2.2 - 1.1).to(dtype)

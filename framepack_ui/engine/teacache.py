@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..compute.compile import transformer_blocks
+
 # Polynomial from the official FramePack TeaCache (fitted for HunyuanVideo), highest power first.
 RESCALE_POLY = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
 HOOK_NAME = "framepack_ui_teacache"
@@ -111,13 +113,9 @@ class _PassThroughHook(ModelHook):
         return hidden_states, encoder_hidden_states
 
 
-def _blocks(transformer) -> list[torch.nn.Module]:
-    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-
-
 def apply_teacache(transformer, threshold: float) -> TeaCache:
     cache = TeaCache(threshold)
-    blocks = _blocks(transformer)
+    blocks = transformer_blocks(transformer)
     HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_FirstBlockHook(cache), HOOK_NAME)
     for i, block in enumerate(blocks[1:], start=1):
         hook = _PassThroughHook(cache, last=i == len(blocks) - 1)
@@ -126,7 +124,7 @@ def apply_teacache(transformer, threshold: float) -> TeaCache:
 
 
 def remove_teacache(transformer) -> None:
-    for block in _blocks(transformer):
+    for block in transformer_blocks(transformer):
         registry = getattr(block, "_diffusers_hook", None)
         if registry is not None:
             registry.remove_hook(HOOK_NAME, recurse=False)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .lending import TEXT_ENCODERS, ModelLender
+
 # The HunyuanVideo "dit-llm-encode-video" template (diffusers' DEFAULT_PROMPT_TEMPLATE).
 PROMPT_TEMPLATE = (
     "<|start_header_id|>system<|end_header_id|>\n\nDescribe the video by detailing the following aspects: "
@@ -69,7 +71,7 @@ def encode_prompt(prompt: str, tokenizer, text_encoder, tokenizer_2, text_encode
     return PromptEmbeds(llama.float().cpu(), llama_mask.long().cpu(), pooled.float().cpu(), notices)
 
 
-# Part of the prompt cache's key (memory/prompt_cache.py): anything here that changes the embeddings.
+# Part of the prompt cache's key (the lender's prompt cache): anything here that changes the embeddings.
 RECIPE_VERSION = 1
 
 
@@ -81,37 +83,32 @@ def recipe_identity() -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def cache_variant(placement) -> str:
-    """The recipe plus what changes the numbers of a text-encoder placement: device type and compute dtype."""
-    if placement is None:
-        return recipe_identity()
-    return f"{recipe_identity()}:{torch.device(placement.device).type}:{str(placement.dtype).replace('torch.', '')}"
+def cache_variant(device: torch.device, dtype: torch.dtype) -> str:
+    """The recipe plus what changes the numbers of the text encoders' placement: device type and compute dtype."""
+    return f"{recipe_identity()}:{torch.device(device).type}:{str(dtype).replace('torch.', '')}"
 
 
-def encode_prompts(prompts: list[str], manager) -> tuple[list[PromptEmbeds], bool]:
-    """Embeddings of each prompt, from the manager's prompt cache where known; the text encoders are loaded only
+def encode_prompts(prompts: list[str], lender: ModelLender) -> tuple[list[PromptEmbeds], bool]:
+    """Embeddings of each prompt, from the lender's prompt cache where known; the text encoders are loaded only
     if some prompt is not cached (then once, for all the missing ones). Returns (embeds, encoders_loaded)."""
-    cache = getattr(manager, "prompt_cache", None)
-    placement = manager.placement("text_encoders") if hasattr(manager, "placement") else None
-    variant = cache_variant(placement)
+    variant = cache_variant(*lender.compute_place(TEXT_ENCODERS))
     found: list[PromptEmbeds | None] = [None] * len(prompts)
-    if cache is not None:
-        for i, prompt in enumerate(prompts):
-            hit = cache.get(prompt, variant)
-            if hit is not None:
-                tensors, notices = hit
-                found[i] = PromptEmbeds(tensors["llama"], tensors["llama_mask"], tensors["clip_pooled"], notices)
+    for i, prompt in enumerate(prompts):
+        hit = lender.cached_prompt(prompt, variant)
+        if hit is not None:
+            tensors, notices = hit
+            found[i] = PromptEmbeds(tensors["llama"], tensors["llama_mask"], tensors["clip_pooled"], notices)
     missing = [i for i, e in enumerate(found) if e is None]
     if not missing:
         return found, False
-    with manager.use("text_encoders") as (tokenizer, tokenizer_2, text_encoder, text_encoder_2):
+    with lender.use(TEXT_ENCODERS) as (tokenizer, tokenizer_2, text_encoder, text_encoder_2):
         for i in missing:
             # the same prompt twice (prompt == negative) is encoded once
             same = next((j for j in missing if j < i and prompts[j] == prompts[i]), None)
-            found[i] = found[same] if same is not None else encode_prompt(
-                prompts[i], tokenizer, text_encoder, tokenizer_2, text_encoder_2)
-            if cache is not None and same is None:
-                e = found[i]
-                cache.put(prompts[i], variant, {"llama": e.llama, "llama_mask": e.llama_mask,
-                                                "clip_pooled": e.clip_pooled}, e.notices)
+            if same is not None:
+                found[i] = found[same]
+                continue
+            e = found[i] = encode_prompt(prompts[i], tokenizer, text_encoder, tokenizer_2, text_encoder_2)
+            lender.cache_prompt(prompts[i], variant,
+                                {"llama": e.llama, "llama_mask": e.llama_mask, "clip_pooled": e.clip_pooled}, e.notices)
     return found, True

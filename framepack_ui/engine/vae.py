@@ -6,6 +6,8 @@ import math
 import numpy as np
 import torch
 
+from ..compute.compile import decodes_in_even_tiles
+
 # Linear 16 -> 3 map from latents to approximate RGB (ComfyUI's factors, used by the official demo): lets the
 # UI show every step of a section at 1/8 scale without running the VAE.
 LATENT_RGB_FACTORS = (
@@ -31,13 +33,13 @@ def encode(vae, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor
 
 
 @torch.no_grad()
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae, latents: torch.Tensor, even_tiles: bool | None = None) -> torch.Tensor:
     """Scaled latents (1, 16, T, h, w) -> pixels (3, 1 + 4 (T - 1), 8h, 8w), float32 in about [-1, 1], CPU.
 
-    diffusers' own tiling, unless the memory manager compiled the decoder (memory/kernels.py): then spatial tiles
-    of one size (decode_in_even_tiles)."""
+    diffusers' own tiling, unless the decoder is set up for compiling (compute/compile.py): then spatial tiles
+    of one size (decode_in_even_tiles). `even_tiles` forces one way or the other."""
     latents = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    if getattr(vae, "_framepack_even_tiles", False):
+    if decodes_in_even_tiles(vae) if even_tiles is None else even_tiles:
         return decode_in_even_tiles(vae, latents)[0].float().cpu()
     return vae.decode(latents).sample[0].float().cpu()
 
@@ -71,10 +73,10 @@ def decode_in_even_tiles(vae, z: torch.Tensor) -> torch.Tensor:
 
     Why: a compiled decoder is specialised to the shapes it sees. diffusers' tiler cuts thin edge tiles (at
     640x608 with 384 px tiles: 48 or 40 by 48 or 36 latents), and an 8 GB job spent minutes compiling
-    (docs/benchmarks.md, session 5). Here the spatial tiles are equal, as many as diffusers', overlapping at least as
+    (docs/benchmarks.md, "Even decode tiles"). Here the spatial tiles are equal, as many as diffusers', overlapping at least as
     much and blended with its ramp; the frame windows are exactly diffusers' (moving a window changes every frame
     of it: its GroupNorm sees the whole window), so the last, shorter window is a second shape: the compiled
-    decoder runs it eagerly (memory/kernels.py).
+    decoder runs it eagerly (compute/compile.py).
     """
     s_ratio, t_ratio = vae.spatial_compression_ratio, vae.temporal_compression_ratio
     z = vae.post_quant_conv(z)  # a 1x1x1 convolution: the same on the whole as per tile
@@ -124,7 +126,7 @@ class PendingPreview:
     the latents are, its copy to the host started without waiting for the GPU.
 
     Why: copying each step's latents to the host made every step wait for the GPU to drain and then left it idle
-    while the host worked (docs/benchmarks.md, session 6). `wait()` returns the strip once the GPU got there."""
+    while the host worked (docs/benchmarks.md, "The sampler on the model's device"). `wait()` returns the strip once the GPU got there."""
 
     _rgb_maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -65,18 +65,6 @@ def load_text_encoder(models_dir: Path, dtype: torch.dtype, device: torch.device
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_text_encoder_streamed(models_dir: Path, dtype: torch.dtype, device: torch.device, resident_layers: int):
-    """Llama read-only-mapped, its embeddings and final norm on `device`, the first `resident_layers` decoder
-    layers copied there and the others streamed from the map each forward (streaming.py): the 15 GB encoder
-    computes on an 8 GB card instead of a laptop CPU. The streamer is `model._framepack_streamer` (the manager
-    closes it when it frees the model)."""
-    from .streaming import stream_model
-
-    model = load_text_encoder(models_dir, dtype, torch.device("cpu"), "map")  # upcast hooks if dtype differs
-    model._framepack_streamer = stream_model(model, list(model.layers), device, resident_layers)
-    return model
-
-
 def load_text_encoder_2(models_dir: Path, dtype: torch.dtype, device: torch.device, storage: str = "ram"):
     from transformers import CLIPTextModel
 
@@ -89,7 +77,7 @@ def load_text_encoder_2(models_dir: Path, dtype: torch.dtype, device: torch.devi
 
 
 def load_tokenizers(models_dir: Path):
-    from ..engine.tokenizers import load_clip_tokenizer, load_llama_tokenizer
+    from ..weights.tokenizers import load_clip_tokenizer, load_llama_tokenizer
 
     return (load_llama_tokenizer(_folder(models_dir, "tokenizer")),
             load_clip_tokenizer(_folder(models_dir, "tokenizer_2")))

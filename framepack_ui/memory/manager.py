@@ -1,17 +1,17 @@
-"""Lends models to the engine and decides how long they stay.
+"""Lends models to the engine and decides nothing: it applies a LoadPlan (memory/plan) and keeps to it.
 
 The official demo loads everything at start and never frees it (~43 GB of RAM). Here a model is loaded when
 first asked for, and the big, once-per-job ones (the 15 GB text encoder, SigLIP) are freed as soon as their
 phase ends, so the peak is the largest phase rather than the sum of all models.
 
-Where each model lives comes from a LoadPlan (plan.py) turned into Placements: the manager applies it and decides
-nothing. Without a plan, `default_placements` keeps the old behaviour, except that the transformer is always read
-from its read-only file map (same numbers, no RAM copy, nothing charged to the commit limit).
+For each model the plan's ComponentPlan says where it lives (`where`), what its weights are read from
+(`storage`), its compute dtype, whether it stays loaded (`keep`) and how it computes (compile, attention, fp8
+matmul: applied through framepack_ui.compute once per load). A streamed model keeps its BlockStreamer here, and
+where the plan says `park_for_decode`, using the VAE parks the transformer's resident blocks (their VRAM goes to
+the decode) and restores them after.
 
-A streamed transformer whose placement says `park_for_decode` gives its resident blocks' VRAM to the VAE: while
-the VAE is in use they point at their mapped sources (streaming.BlockStreamer.park) and are copied back after, so
-on an 8 GB card the decode no longer caps how many blocks stay resident. After loading, the transformer gets the
-placement's speed options (compiled block forwards, attention backend, fp8 matmuls: kernels.py, fp8.py).
+The manager is the engine's `ModelLender` (engine/lending.py): `use`, `compute_place`, the prompt cache,
+`first_use_notice`. It does not import the engine.
 """
 from __future__ import annotations
 
@@ -19,170 +19,115 @@ import gc
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
+from ..compute import attention, compile as compiled
+from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
 from . import loading
+from .plan import ComponentPlan, LoadPlan
+from .prompt_cache import PromptCache
+from .streaming import BlockStreamer, stream_model, stream_transformer
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Placement:
-    device: torch.device
-    dtype: torch.dtype  # compute dtype
-    keep: bool  # stays loaded after use (reused every section) or freed at the end of the phase
-    storage: str = "ram"  # "map": weights read-only-mapped from the files (storage.py); "ram": the library's loader
-    resident_blocks: int | None = None  # set: stream the other blocks (layers) to the GPU (streaming.py)
-    vae_tiling: bool = False
-    vae_tile_px: int = 256  # with vae_tiling: spatial tile size (the plan picks the largest that fits)
-    park_for_decode: bool = False  # streamed transformer: its resident blocks leave VRAM while the VAE is used
-    # transformer: how it computes (kernels.py, fp8.py), applied once per load
-    compile: bool = False
-    attention: str | None = None
-    fp8_matmul: bool = False
-    pin_sources: bool = False  # streamed transformer: its streamed blocks held in page-locked RAM (streaming.py)
-
-
-def default_placements(device: torch.device) -> dict[str, Placement]:
-    """Half precision on the GPU as the official demo; float32 on the CPU, where half-precision kernels are slow."""
-    cuda = device.type == "cuda"
-    half = torch.float16 if cuda else torch.float32
-    brain = torch.bfloat16 if cuda else torch.float32
-    return {
-        "text_encoders": Placement(device, half, keep=False),
-        "image_encoder": Placement(device, half, keep=False),
-        "vae": Placement(device, half, keep=True),
-        "transformer": Placement(device, brain, keep=True, storage="map"),
-    }
-
+# A builder reads one entry's weights as its ComponentPlan says (storage and compute dtype) onto `device`; the
+# manager then streams, compiles and lends what it returns. Benchmarks inject builders that make random
+# full-size weights directly on the GPU.
+Builder = Callable[[Path, ComponentPlan, torch.device], Any]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def placements_from_plan(plan) -> dict[str, Placement]:
-    """A LoadPlan's decisions in the manager's terms (no decision is made here)."""
-    result = {}
-    for name, c in plan.components.items():
-        result[name] = Placement(torch.device(c.device), _DTYPES[c.compute_dtype], c.keep, c.storage,
-                                 c.resident_blocks if c.where == "gpu-streamed" else None, c.vae_tiling,
-                                 c.vae_tile_px, c.park_for_decode, c.compile, c.attention, c.fp8_matmul,
-                                 c.pinned_sources)
-    return result
-
-
 # What can be streamed, and from which storage: the blocks' sources must be the read-only map (never RAM copies)
 STREAMABLE = {"transformer": ("map", "fp8"), "text_encoders": ("map",)}
+PROMPT_CACHE_SUBDIR = Path(".cache") / "prompts"  # under the models folder unless told otherwise
+# The commit a load may take beyond the plan's figure (allocator slack, library buffers): plan.COMMIT_MARGIN_BYTES.
+PREWARM_MARGIN_BYTES = 1_000_000_000
+TRANSFORMER_COMPILE_NOTICE = ("compiling the model for this size: the first step takes about 20 s longer "
+                              "(once per size)")
+VAE_COMPILE_NOTICE = ("compiling the VAE decoder: the first decodes after the app starts take minutes longer "
+                      "(then each is faster)")
 
 
-def _check_supported(placements: dict[str, Placement]) -> None:
-    for name, p in placements.items():
-        if p.resident_blocks is not None and p.storage not in STREAMABLE.get(name, ()):
+def compute_dtype(c: ComponentPlan) -> torch.dtype:
+    return _DTYPES[c.compute_dtype]
+
+
+def streamed(c: ComponentPlan) -> bool:
+    return c.where == "gpu-streamed"
+
+
+def _build_text_encoders(models_dir: Path, c: ComponentPlan, device: torch.device):
+    """(llama tokenizer, clip tokenizer, llama, clip). A streamed Llama is read-only-mapped on the CPU: the
+    manager streams its decoder layers to `device`."""
+    dtype = compute_dtype(c)
+    llama_device = torch.device("cpu") if streamed(c) else device
+    llama_storage = "map" if streamed(c) else c.storage
+    return (*loading.load_tokenizers(models_dir),
+            loading.load_text_encoder(models_dir, dtype, llama_device, llama_storage),
+            loading.load_text_encoder_2(models_dir, dtype, device, c.storage))
+
+
+def _build_transformer(models_dir: Path, c: ComponentPlan, device: torch.device):
+    """A streamed transformer is mapped on the CPU first (the streamed blocks' sources stay there, file-backed):
+    the manager moves the embedders and the resident blocks to `device`."""
+    on = torch.device("cpu") if streamed(c) else device
+    return loading.load_transformer(models_dir, compute_dtype(c), on, c.storage)
+
+
+BUILDERS: dict[str, Builder] = {
+    "text_encoders": _build_text_encoders,
+    "image_encoder": lambda d, c, device: loading.load_image_encoder(d, compute_dtype(c), device),
+    "vae": lambda d, c, device: loading.load_vae(d, compute_dtype(c), device, c.vae_tiling, c.vae_tile_px),
+    "transformer": _build_transformer,
+}
+
+
+def _check_supported(plan: LoadPlan) -> None:
+    for name, c in plan.components.items():
+        if streamed(c) and c.storage not in STREAMABLE.get(name, ()):
             raise MemoryPlanError("only the transformer and the text encoder can be streamed, and only from their "
                                   "read-only file maps")
 
 
-def _load_transformer(d: Path, p: Placement):
-    if p.resident_blocks is None:
-        return loading.load_transformer(d, p.dtype, p.device, p.storage)
-    from .streaming import stream_transformer
-
-    # Streamed: mapped on the CPU first (the streamed blocks' sources stay there, file-backed), then the
-    # embedders and the first `resident_blocks` blocks go to the device and the rest pass through the
-    # streamer's two pinned block buffers each forward.
-    model = loading.load_transformer(d, p.dtype, torch.device("cpu"), p.storage)
-    model._framepack_streamer = stream_transformer(model, p.device, p.resident_blocks, p.pin_sources,
-                                                   pin_parked=p.pin_sources and p.park_for_decode)
-    return model
-
-
-def _load_transformer_as_placed(d: Path, p: Placement):
-    model = _load_transformer(d, p)
-    _apply_speed_options(model, p)
-    return model
-
-
-def _apply_speed_options(model, p: Placement) -> None:
-    """How the transformer computes, as the plan decided: set once per load, before its first forward."""
-    from . import kernels
-
-    if p.fp8_matmul:
-        from .fp8 import set_fp8_matmul
-
-        log.info("fp8 matmul in %d Linears", set_fp8_matmul(model, True))
-    kernels.set_attention(model, p.attention)
-    if p.compile:
-        kernels.compile_blocks(model)  # lazy: each block compiles on its first call
-
-
-def _load_vae(d: Path, p: Placement):
-    model = loading.load_vae(d, p.dtype, p.device, p.vae_tiling, p.vae_tile_px)
-    if p.compile:
-        from . import kernels
-
-        kernels.compile_vae_decoder(model)  # lazy: compiles at the first decode
-    return model
-
-
-def _load_text_encoders(d: Path, p: Placement):
-    if p.resident_blocks is None:
-        text_encoder = loading.load_text_encoder(d, p.dtype, p.device, p.storage)
-    else:
-        text_encoder = loading.load_text_encoder_streamed(d, p.dtype, p.device, p.resident_blocks)
-    return (*loading.load_tokenizers(d), text_encoder, loading.load_text_encoder_2(d, p.dtype, p.device, p.storage))
-
-
-def _streamers(model) -> list:
-    """The block streamers of a loaded entry (a model, or a tuple of them such as the text encoders)."""
-    parts = model if isinstance(model, tuple) else (model,)
-    return [s for s in (getattr(m, "_framepack_streamer", None) for m in parts) if s is not None]
-
-
-_LOADERS: dict[str, Callable] = {
-    "text_encoders": _load_text_encoders,
-    "image_encoder": lambda d, p: loading.load_image_encoder(d, p.dtype, p.device),
-    "vae": _load_vae,
-    "transformer": _load_transformer_as_placed,
-}
-
-
-PROMPT_CACHE_SUBDIR = Path(".cache") / "prompts"  # under the models folder unless told otherwise
-# The commit a load may take beyond the plan's figure (allocator slack, library buffers): plan.COMMIT_MARGIN_BYTES.
-PREWARM_MARGIN_BYTES = 1_000_000_000
+def applied_decisions(plan: LoadPlan) -> tuple:
+    """What a manager applies of a plan (not its cost estimates): two plans with equal decisions keep the same
+    models."""
+    return tuple((name, c.where, c.storage, c.compute_dtype, c.keep, c.resident_blocks, c.vae_tiling, c.vae_tile_px,
+                  c.park_for_decode, c.compile, c.attention, c.fp8_matmul, c.pinned_sources)
+                 for name, c in plan.components.items())
 
 
 class ModelManager:
-    """`with manager.use("vae") as vae:` loads on first use and frees per the placement's `keep`.
+    """`with manager.use("vae") as vae:` loads on first use and frees per the plan's `keep`.
 
-    Also owns the prompt-embedding cache (`prompt_cache`, memory + disk: see prompt_cache.py), what happens to
-    the kept models after a job (`release_after_job`) and, before a load whose commit is short, the pagefile
-    pre-warm (prewarm.py).
+    Also owns the prompt-embedding cache (memory + disk: prompt_cache.py), what happens to the kept models after a
+    job (`release_after_job`) and, before a load whose commit is short, the pagefile pre-warm (prewarm.py).
     """
 
     _DEFAULT = object()
 
-    def __init__(self, models_dir: Path, device: torch.device | str = "cpu",
-                 placements: dict[str, Placement] | None = None, plan=None, *,
+    def __init__(self, models_dir: Path, plan: LoadPlan, *, gpu: torch.device | str | None = None,
+                 builders: Mapping[str, Builder] | None = None,
                  prompt_cache_dir: Path | None | object = _DEFAULT, release_idle_s: float | None = None,
                  commit_allocator=_DEFAULT, on_prewarm: Callable | None = None):
-        """`prompt_cache_dir`: default `models_dir/.cache/prompts`; None keeps prompt embeddings in memory only.
+        """`gpu`: the device the plan's GPU placements use (default: "cuda"; tests stand the CPU in for it).
+        `builders`: replace the loaders of some entries (BUILDERS), e.g. random weights in a benchmark.
+        `prompt_cache_dir`: default `models_dir/.cache/prompts`; None keeps prompt embeddings in memory only.
         `release_idle_s`: what `release_after_job()` does: None keeps the models (the caller frees them), 0 frees
         them at once, N > 0 frees them after N seconds without use. `commit_allocator`: the OS commit calls for the
         pre-warm (prewarm.default_allocator() by default; None: never pre-warm). `on_prewarm(PrewarmProgress)`:
         progress of a pre-warm."""
-        from .prompt_cache import PromptCache
-
+        _check_supported(plan)  # before anything loads: never fail half-way through a job
         self.models_dir = Path(models_dir)
-        self.device = torch.device(plan.device if plan is not None else device)
-        self.plan = plan  # the LoadPlan applied, if any (the UI and CLI show plan.explain())
-        self.placements = placements or (placements_from_plan(plan) if plan is not None
-                                         else default_placements(self.device))
-        _check_supported(self.placements)  # before anything loads: never fail half-way through a job
-        self._loaded: dict[str, object] = {}
+        self.plan = plan  # the UI and CLI show plan.explain()
+        self.gpu = torch.device(gpu if gpu is not None else "cuda")
+        self._builders = {**BUILDERS, **(builders or {})}
+        self._loaded: dict[str, Any] = {}
+        self._streamers: dict[str, BlockStreamer] = {}
+        self._noticed: set[tuple] = set()  # (name, shape) first uses already announced since the load
         self.load_count: dict[str, int] = {}  # how often each was loaded: lets tests check eviction and reuse
         cache_dir = self.models_dir / PROMPT_CACHE_SUBDIR if prompt_cache_dir is self._DEFAULT else prompt_cache_dir
         self.prompt_cache = PromptCache(self.models_dir, cache_dir)
@@ -190,7 +135,7 @@ class ModelManager:
         if commit_allocator is self._DEFAULT:
             from .prewarm import default_allocator
 
-            commit_allocator = default_allocator() if plan is not None else None
+            commit_allocator = default_allocator()
         self.commit_allocator = commit_allocator
         self.on_prewarm = on_prewarm
         self.prewarm_count = 0  # pre-warms that reserved something (tests)
@@ -200,8 +145,36 @@ class ModelManager:
         self._idle_timer: threading.Timer | None = None
         self._generation = 0  # bumped by every use: a timer armed before it frees nothing
 
-    def placement(self, name: str) -> Placement:
-        return self.placements[name]
+    # --- the engine's ModelLender -----------------------------------------------------------------------------------
+
+    def component(self, name: str) -> ComponentPlan:
+        return self.plan.components[name]
+
+    def device_of(self, name: str) -> torch.device:
+        return self.gpu if self.component(name).device == "cuda" else torch.device("cpu")
+
+    def compute_place(self, name: str) -> tuple[torch.device, torch.dtype]:
+        return self.device_of(name), compute_dtype(self.component(name))
+
+    def cached_prompt(self, prompt: str, variant: str):
+        return self.prompt_cache.get(prompt, variant)
+
+    def cache_prompt(self, prompt: str, variant: str, tensors: dict, notices: list[str]) -> None:
+        self.prompt_cache.put(prompt, variant, tensors, notices)
+
+    def first_use_notice(self, name: str, shape: tuple[int, ...]) -> str | None:
+        """The transformer compiles once per size; the VAE decoder once per load (it decodes in even tiles)."""
+        model = self._loaded.get(name)
+        if name == "transformer" and model is not None and compiled.blocks_compiled(model):
+            key, notice = (name, tuple(shape)), TRANSFORMER_COMPILE_NOTICE
+        elif name == "vae" and model is not None and compiled.decoder_compiled(model):
+            key, notice = (name,), VAE_COMPILE_NOTICE
+        else:
+            return None
+        if key in self._noticed:
+            return None
+        self._noticed.add(key)
+        return notice
 
     @contextmanager
     def use(self, name: str):
@@ -214,31 +187,63 @@ class ModelManager:
             with self._lock:
                 parked = self._park_for(name)
                 if name not in self._loaded:
-                    p = self.placements[name]
-                    log.info("loading %s (%s, %s, %s)", name, p.device, p.dtype,
-                             "read-only file map" if p.storage == "map" else "RAM copy")
-                    self._prewarm_for(name)
-                    self._loaded[name] = _LOADERS[name](self.models_dir, self.placements[name])
-                    self.load_count[name] = self.load_count.get(name, 0) + 1
+                    self._load(name)
                 model = self._loaded[name]
             try:
                 yield model
             finally:
-                if not self.placements[name].keep:
+                if not self.component(name).keep:
                     self.free(name)
         finally:
             with self._lock:
                 self._restore(parked)
                 self._in_use -= 1
 
+    # --- loading ----------------------------------------------------------------------------------------------------
+
+    def _load(self, name: str) -> None:
+        c = self.component(name)
+        log.info("loading %s (%s, %s, %s)", name, c.where, c.compute_dtype,
+                 "read-only file map" if c.storage in ("map", "fp8") else "RAM copy")
+        self._prewarm_for(name)
+        device = self.device_of(name)
+        model = self._builders[name](self.models_dir, c, device)
+        if streamed(c):
+            self._streamers[name] = self._stream(name, model, c, device)
+        self._apply_speed_options(name, model, c)
+        self._loaded[name] = model
+        self.load_count[name] = self.load_count.get(name, 0) + 1
+
+    @staticmethod
+    def _stream(name: str, model, c: ComponentPlan, device: torch.device) -> BlockStreamer:
+        """The embedders and the first `resident_blocks` blocks (layers) go to the device; the others pass through
+        the streamer's two block buffers each forward (streaming.py)."""
+        if name == "transformer":
+            return stream_transformer(model, device, c.resident_blocks, c.pinned_sources,
+                                      pin_parked=c.pinned_sources and c.park_for_decode)
+        llama = model[2]  # text_encoders: (tokenizer, tokenizer_2, llama, clip)
+        return stream_model(llama, list(llama.layers), device, c.resident_blocks)
+
+    @staticmethod
+    def _apply_speed_options(name: str, model, c: ComponentPlan) -> None:
+        """How the model computes, as the plan decided: set once per load, before its first forward."""
+        if name == "transformer":
+            if c.fp8_matmul:
+                log.info("fp8 matmul in %d Linears", set_fp8_matmul(model, True))
+            attention.set_attention(model, c.attention)
+            if c.compile:
+                compiled.compile_blocks(model)  # lazy: each block compiles on its first call
+        elif name == "vae" and c.compile:
+            compiled.compile_vae_decoder(model)  # lazy: compiles at the first decode
+
     def _park_for(self, name: str):
         """Using the VAE while a streamed transformer is loaded, where the plan says the decode needs the room:
         park its resident blocks (streaming.BlockStreamer.park). Returns (model, streamer) to restore, or None."""
         transformer = self._loaded.get("transformer")
-        if name != "vae" or transformer is None or not self.placements["transformer"].park_for_decode:
+        streamer = self._streamers.get("transformer")
+        if name != "vae" or transformer is None or streamer is None or not self.component("transformer").park_for_decode:
             return None
-        streamer = getattr(transformer, "_framepack_streamer", None)
-        if streamer is None or streamer.parked:
+        if streamer.parked:
             return None
         streamer.park()
         self.park_count += 1
@@ -254,6 +259,10 @@ class ModelManager:
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 
+    def streamer(self, name: str) -> BlockStreamer | None:
+        """The block streamer of a loaded, streamed model (its counters: bytes streamed, parked, pinned)."""
+        return self._streamers.get(name)
+
     def free(self, name: str | None = None) -> None:
         """Drop one model (or all) and give the memory back to the system."""
         with self._lock:
@@ -262,14 +271,17 @@ class ModelManager:
             for key in [name] if name else list(self._loaded):
                 model = self._loaded.pop(key, None)
                 if model is not None:
-                    for streamer in _streamers(model):
+                    streamer = self._streamers.pop(key, None)
+                    if streamer is not None:
                         streamer.close()  # waits for in-flight copies, removes its hooks
+                    self._noticed = {n for n in self._noticed if n[0] != key}
                     log.info("freed %s", key)
+                del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # --- after a job -----------------------------------------------------------------------------------------------
+    # --- after a job ------------------------------------------------------------------------------------------------
 
     def release_after_job(self, idle_s: float | None | object = _DEFAULT) -> None:
         """A job ended: free the models now (idle_s 0), after `idle_s` seconds without use (a timer thread; any
@@ -306,20 +318,17 @@ class ModelManager:
             self._idle_timer.cancel()
             self._idle_timer = None
 
-    def close(self) -> None:
-        self.free()
-
-    # --- commit ----------------------------------------------------------------------------------------------------
+    # --- commit -----------------------------------------------------------------------------------------------------
 
     def _prewarm_for(self, name: str) -> None:
         """Before a load whose planned commit is more than is available now: grow the pagefile (Windows, system
         managed) or stop with one line (Linux with enforced commit, a fixed-size pagefile). The reservation is
         held until just before the load takes its memory, then released: the grown commit limit remains."""
-        if self.plan is None or self.commit_allocator is None or name not in self.plan.components:
+        if self.commit_allocator is None:
             return
         from . import prewarm
 
-        c = self.plan.components[name]
+        c = self.component(name)
         needed = c.commit_bytes + c.load_commit_bytes
         if needed <= 0:
             return

@@ -222,6 +222,11 @@ class LoadPlan:
     def phase(self, name: str) -> PhaseCost:
         return next(p for p in self.phases if p.phase == name)
 
+    def with_component(self, name: str, **changes) -> "LoadPlan":
+        """A copy whose component `name` has `changes` (dataclasses.replace): to force one placement, e.g. in
+        tests. The phase costs are not recomputed."""
+        return replace(self, components={**self.components, name: replace(self.components[name], **changes)})
+
     def explain(self) -> str:
         """A table for the CLI and the UI: one line per model, one per phase, then the notes."""
         m = self.machine
@@ -614,12 +619,12 @@ def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict
     backend asked for, fp8 matmuls where the weights are fp8 and the GPU has e4m3 tensor cores."""
     on_gpu = t.device == "cuda"
     if o.attention is not None:
-        from . import attention  # torch: imported only when a backend is asked for
-        from .kernels import ATTENTION_BACKENDS
+        from ..compute import backends
 
-        if o.attention not in ATTENTION_BACKENDS:
-            raise MemoryPlanError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {o.attention!r}")
-        why = attention.unusable_because(o.attention, on_gpu, machine.cuda_capability)
+        if o.attention not in backends.ATTENTION_BACKENDS:
+            raise MemoryPlanError(f"--attention must be one of {', '.join(backends.ATTENTION_BACKENDS)}, "
+                                  f"not {o.attention!r}")
+        why = backends.unusable_because(o.attention, on_gpu, machine.cuda_capability)
         if why:
             raise MemoryPlanError(f"--attention {o.attention} {why}")
     compile_ = on_gpu and machine.compile_supported if o.compile is None else o.compile

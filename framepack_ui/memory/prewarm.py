@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from ..errors import MemoryPlanError
-from .probe import MEMORYSTATUSEX, parse_meminfo
+from .probe import MEMORYSTATUSEX, parse_meminfo, pagefile_system_managed_from, windows_pagefile_system_managed
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +170,6 @@ MEM_COMMIT = 0x00001000
 MEM_RESERVE = 0x00002000
 MEM_RELEASE = 0x00008000
 PAGE_READWRITE = 0x04
-PAGING_FILES_KEY = r"SYSTEM\CurrentControlSet\Control\Session Manager\Memory Management"
-
-
-def pagefile_system_managed_from(paging_files: list[str]) -> bool:
-    """From the registry's PagingFiles (REG_MULTI_SZ): "?:\\pagefile.sys" is "automatically manage for all
-    drives"; "C:\\pagefile.sys 0 0" (or no sizes) is system managed on that drive; "C:\\pagefile.sys 4096 8192"
-    is a fixed size. System managed if any pagefile is."""
-    for entry in paging_files:
-        parts = entry.split()
-        if not parts:
-            continue
-        if parts[0].startswith("?:") or len(parts) == 1 or parts[1:3] == ["0", "0"]:
-            return True
-    return False
-
-
 class WindowsCommit:
     """VirtualAlloc(MEM_RESERVE | MEM_COMMIT) without writing: charged to the commit limit (so the pagefile grows)
     but no page is touched, so nothing is evicted. UNTESTED ON WINDOWS."""
@@ -211,14 +195,7 @@ class WindowsCommit:
         return int(status.ullAvailPageFile)
 
     def pagefile_system_managed(self) -> bool:
-        import winreg  # type: ignore[import-not-found]
-
-        try:
-            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, PAGING_FILES_KEY) as key:
-                value, _ = winreg.QueryValueEx(key, "PagingFiles")
-        except OSError:
-            return False
-        return pagefile_system_managed_from(list(value) if isinstance(value, (list, tuple)) else [str(value)])
+        return windows_pagefile_system_managed()
 
     def reserve(self, nbytes: int):
         address = self._alloc(None, nbytes, MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE)

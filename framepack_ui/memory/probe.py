@@ -178,7 +178,7 @@ def _cuda() -> dict:
         return {}
     if not torch.cuda.is_available():
         return {}
-    from .kernels import compile_supported
+    from ..compute.backends import compile_supported
 
     free, total = torch.cuda.mem_get_info(0)
     return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(0),
@@ -215,15 +215,35 @@ def probe_machine(models_dir: Path | None = None, cuda: bool = True) -> Machine:
 
 
 def _pagefile_growable(os_name: str) -> bool:
-    if os_name != "windows":
-        return False
-    from .prewarm import default_allocator  # untested on Windows: reads the PagingFiles registry value
+    return os_name == "windows" and windows_pagefile_system_managed()
 
-    allocator = default_allocator()
+
+PAGING_FILES_KEY = r"SYSTEM\CurrentControlSet\Control\Session Manager\Memory Management"
+
+
+def pagefile_system_managed_from(paging_files: list[str]) -> bool:
+    """From the registry's PagingFiles (REG_MULTI_SZ): "?:\\pagefile.sys" is "automatically manage for all
+    drives"; "C:\\pagefile.sys 0 0" (or no sizes) is system managed on that drive; "C:\\pagefile.sys 4096 8192"
+    is a fixed size. System managed if any pagefile is."""
+    for entry in paging_files:
+        parts = entry.split()
+        if not parts:
+            continue
+        if parts[0].startswith("?:") or len(parts) == 1 or parts[1:3] == ["0", "0"]:
+            return True
+    return False
+
+
+def windows_pagefile_system_managed() -> bool:
+    """Whether Windows manages a pagefile's size (so committing more grows it). UNTESTED ON WINDOWS."""
+    import winreg  # type: ignore[import-not-found]
+
     try:
-        return bool(allocator and allocator.pagefile_system_managed())
+        with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, PAGING_FILES_KEY) as key:
+            value, _ = winreg.QueryValueEx(key, "PagingFiles")
     except OSError:
         return False
+    return pagefile_system_managed_from(list(value) if isinstance(value, (list, tuple)) else [str(value)])
 
 
 # --- weights on disk --------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ changed or re-downloaded file changes the key), the encoding recipe (template, c
 and the variant the engine passes (its encoding recipe: template, crop, hidden layer, token limits; and the device
 type and compute dtype: float16 on the GPU and float32 on the CPU give different numbers, and a cached result must
 equal what a fresh encode would give). Entries are plain tensors and notices: this module knows nothing of the
-engine (imports flow engine -> memory). Files on disk are safetensors with the key and the
+engine, which reaches it through the manager (engine/lending.py). Files on disk are safetensors with the key and the
 notices in their metadata, written to a temporary name and renamed: a crash never leaves a half-written entry
 that looks valid, and an unreadable entry is a miss (and is removed), never an error.
 
@@ -111,10 +111,6 @@ class PromptCache:
                 self._prune(keep=key)
             except OSError as exc:  # a full or read-only disk costs a re-encode next time, nothing more
                 log.warning("could not write the prompt cache entry in %s: %s", self.cache_dir, exc)
-
-    def clear_memory(self) -> None:
-        with self._lock:
-            self._memory.clear()
 
     def _remember(self, key: str, embeds) -> None:
         with self._lock:

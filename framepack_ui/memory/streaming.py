@@ -32,6 +32,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..compute.compile import transformer_blocks
+
 log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype
@@ -323,11 +325,6 @@ class BlockStreamer:
         for host in self._host_buffers + self._staging + self._resident_host:  # unlocked only: pinned
             host.release()  # sources stay the blocks' RAM
         self._host_buffers, self._staging, self._resident_host = [], [], []
-
-
-def transformer_blocks(transformer) -> list[torch.nn.Module]:
-    """The F1 transformer's blocks in execution order: 20 dual-stream, then 40 single-stream."""
-    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
 
 
 def stream_transformer(transformer, device: torch.device | str, resident_blocks: int,

@@ -35,12 +35,12 @@ from tqdm.std import tqdm
 
 from framepack_ui import __version__
 from framepack_ui.errors import Cancelled, ModelFilesError
+from framepack_ui.units import GB, MB
 from framepack_ui.weights import layout
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_COMMAND = "python -m framepack_ui download"
-GB = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,10 @@ class DownloadProgress:
     total_bytes: int  # 0 when the hub did not say and there is no estimate
     overall_done: int
     overall_total: int
+
+    def line(self) -> str:
+        return (f"{self.component}/{self.file}: {self.done_bytes / MB:.0f}/{self.total_bytes / MB:.0f} MB "
+                f"(all: {self.overall_done / GB:.2f}/{self.overall_total / GB:.2f} GB)")
 
 
 ProgressCallback = Callable[[DownloadProgress], None]

@@ -26,6 +26,7 @@ from ..errors import Cancelled, InputError, UserError
 from ..events import Failed, Finished, Phase, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
+from ..units import GB
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
 from .live import clear_live, live_dir, section_link
@@ -39,7 +40,7 @@ MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones
 # f1.run(spec, out_path, manager, emit, cancel) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
-GB = 1_000_000_000
+DEFAULT_CACHE = object()  # the manager's default prompt cache folder
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class _Job:
     out_path: Path
     submitted_at: float  # time.time()
     profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
+    plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
     status: str = "queued"
@@ -92,8 +94,15 @@ class Worker:
 
     def __init__(self, models_dir: str | Path, outputs_dir: str | Path, device: str | None = None,
                  run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
-                 keep_models_s: float | None = 0, attention: str | None = None):
+                 keep_models_s: float | None = 0, attention: str | None = None,
+                 download_missing: bool | None = None, prompt_cache_dir: Path | None | object = DEFAULT_CACHE):
+        """`download_missing`: None: a job does not look for missing model files (the web app offers the download
+        itself); True: a job first fetches what is missing; False: a job with files missing fails at once, with
+        one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
+        folder; None: in memory only)."""
         self.models_dir = Path(models_dir)
+        self.download_missing = download_missing
+        self.prompt_cache_dir = prompt_cache_dir
         self.attention = attention  # the transformer's attention backend for every job (None: the plan's default)
         # after the queue empties: 0 frees the models at once, N keeps them N seconds for a quick next job,
         # None keeps them until the app closes
@@ -121,9 +130,12 @@ class Worker:
 
     # ---------------------------------------------------------------------------------------------------- API
 
-    def submit(self, spec: JobSpec, profile: str | None = None) -> str:
+    def submit(self, spec: JobSpec, profile: str | None = None, *, out_path: str | Path | None = None,
+               plan_options: dict | None = None) -> str:
         """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id.
-        `profile`: the memory profile for this job (default: the worker's `profile`)."""
+        `profile`: the memory profile for this job (default: the worker's `profile`). `out_path`: the video's path
+        (default: a new name in the outputs folder). `plan_options`: more of the memory plan's overrides
+        (memory.plan.PlanOverrides fields: fp8, compile, attention, fp8_matmul, pin_streamed)."""
         spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
         profile = profile or self.profile
         if profile not in self._profiles:
@@ -131,7 +143,8 @@ class Worker:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
-            job = _Job(str(next(self._ids)), spec, self._output_path(spec.seed), time.time(), profile)
+            path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
+            job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}))
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -173,11 +186,6 @@ class Worker:
             self._cond.wait_for(lambda: len(job.events) > since or job.result is not None, timeout_s)
             return job.events[since:]
 
-    def history(self, job_id: str) -> list:
-        """The job's events so far (a copy)."""
-        with self._cond:
-            return list(self._job(job_id).events)
-
     def jobs(self) -> list[JobInfo]:
         """A snapshot of every job the worker remembers, oldest first."""
         with self._cond:
@@ -210,14 +218,15 @@ class Worker:
         except UserError as exc:
             return f"No memory plan fits: {exc.message}"
 
-    def _make_plan(self, profile: str, resolution: int):
+    def _make_plan(self, profile: str, resolution: int, **options):
         from ..memory.plan import PlanOverrides, make_plan
         from ..memory.probe import probe_machine, weights_on_disk
 
         device = self._device or _default_device()
         machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        options.setdefault("attention", self.attention)
         return make_plan(machine, weights_on_disk(self.models_dir),
-                         PlanOverrides(profile, resolution=resolution, attention=self.attention))
+                         PlanOverrides(profile, resolution=resolution, **options))
 
     def attention_problem(self) -> str | None:
         """Why jobs cannot run the attention backend the worker was given, in one line (None: they can, or none
@@ -363,8 +372,10 @@ class Worker:
         result = None
         try:
             emit(Phase("starting", "starting the engine"))
-            run_job, manager = self._engine(job)
+            run_job, manager = self._engine(job, emit)
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel)
+        except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
+            result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
             result = Failed(exc.message, self._kept(job), exc.reason)
         except Exception as exc:  # the worker must outlive any job: one line for the user, the traceback in the log
@@ -380,26 +391,44 @@ class Worker:
                 self._end(job, result)
         log.info("job %s %s", job.id, job.status)
 
-    def _engine(self, job: _Job):
+    def _engine(self, job: _Job, emit):
         if self._run_job is None:
             from ..engine.f1 import run  # torch and diffusers: imported here, in the worker thread, once
 
             self._run_job = run
+        if self.download_missing is not None:
+            self._ensure_models(job, emit)
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
-            # line), not half-way through. The same placements keep the manager and the models it holds.
-            plan = self._make_plan(job.profile, job.spec.resolution)
-            from ..memory.manager import ModelManager, placements_from_plan
+            # line), not half-way through. The same decisions keep the manager and the models it holds.
+            plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
+            from ..memory.manager import ModelManager, applied_decisions
 
-            key = placements_from_plan(plan)  # what the manager applies: the same placements keep its models
+            key = applied_decisions(plan)
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
                 self._manager = None  # free first: the old and the new models never share the memory
-                self._manager = ModelManager(self.models_dir, self._device or plan.device, plan=plan)
+                cache = {} if self.prompt_cache_dir is DEFAULT_CACHE else {"prompt_cache_dir": self.prompt_cache_dir}
+                self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress, **cache)
                 self._manager_key = key
             log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
+            emit(Phase("plan", plan.summary()))
         return self._run_job, self._manager
+
+    def _ensure_models(self, job: _Job, emit) -> None:
+        from ..weights.download import ensure_models  # huggingface_hub: only when asked
+
+        ensure_models(self.models_dir, allow_download=self.download_missing, cancel=job.cancel,
+                      progress=lambda p: emit(Phase("download", p.line())))
+
+    def _prewarm_progress(self, p) -> None:
+        """The manager grows the pagefile before a load (Windows): said in the running job's events."""
+        with self._cond:
+            job = self._running
+        if job is not None:
+            self._emit(job, Phase("prewarm", f"growing the pagefile: {p.reserved_bytes / GB:.2f} GB reserved, "
+                                             f"{p.fraction * 100:.0f}% of {p.target_bytes / GB:.1f} GB commit"))
 
     def _record_failure(self, job: _Job, result: Failed) -> None:
         """A job that failed before the engine wrote its settings file (no plan fits, the engine did not start)

@@ -1,4 +1,4 @@
-"""8-bit attention kernels the app adapts into diffusers' attention dispatcher (kernels.set_attention picks one).
+"""8-bit attention kernels the app adapts into diffusers' attention dispatcher (`set_attention` picks one).
 
 - `sage1`: SageAttention 1 (PyPI's `sageattention` 1.0.x, Triton only): Q and K multiplied in int8 per block, P
   and V in fp16. diffusers' own sage backends want sageattention >= 2.1.1, which PyPI does not carry (CUDA builds
@@ -15,45 +15,17 @@ uses. Registering replaces diffusers' function for that name in this process.
 """
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import torch
 
-SAGE = "sage1"
-CUDNN_FP8 = "cudnn_fp8"
+from . import backends
+from .backends import ATTENTION_BACKENDS, CUDNN_FP8, PACKAGES, SAGE
+
 E4M3_MAX = 448.0
 # P (the softmax numerator, in [0, 1] inside a flash kernel) goes to e4m3 scaled by this: 1.0 maps to 256, inside
 # e4m3's range with headroom, and P down to 2^-17 stays above e4m3's smallest subnormal.
 SOFTMAX_FP8_SCALE = 256.0
-
-
-# what each adapter imports, and the pip package that provides it
-PACKAGES = {SAGE: "sageattention (and Triton)", CUDNN_FP8: "nvidia-cudnn-frontend"}
-PIP_NAMES = {SAGE: "sageattention", CUDNN_FP8: "nvidia-cudnn-frontend"}
-_MODULES = {SAGE: ("sageattention", "triton"), CUDNN_FP8: ("cudnn",)}
-
-
-# sage1: Triton's int8 tensor-core path (Ampere on); cudnn_fp8: cuDNN's fp8 attention exists from Hopper on
-MIN_CAPABILITY = {SAGE: (8, 0), CUDNN_FP8: (9, 0)}
-
-
-def package_available(backend: str) -> bool:
-    return all(importlib.util.find_spec(module) is not None for module in _MODULES[backend])
-
-
-def unusable_because(backend: str, on_gpu: bool, capability: tuple[int, int]) -> str | None:
-    """Why the adapter `backend` cannot run on this machine (None: it can, or `backend` is not an adapter)."""
-    if backend not in ADAPTERS:
-        return None
-    if not on_gpu:
-        return "needs the transformer on a CUDA GPU"
-    if tuple(capability) < MIN_CAPABILITY[backend]:
-        major, minor = MIN_CAPABILITY[backend]
-        return f"needs a GPU of compute capability {major}.{minor} or later"
-    if not package_available(backend):
-        return f"needs the {PACKAGES[backend]} package: pip install {PIP_NAMES[backend]}"
-    return None
 
 
 def _torch_sdpa(query, key, value, attn_mask, scale):
@@ -238,3 +210,17 @@ def use(transformer, backend: str) -> None:
         processor = getattr(module, "processor", None)
         if processor is not None and hasattr(processor, "_attention_backend"):
             processor._attention_backend = name
+
+
+def set_attention(transformer, backend: str | None) -> None:
+    """Use one of ATTENTION_BACKENDS for every attention call (None: diffusers' default, torch's SDPA choice)."""
+    if backend is None:
+        return
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend in ADAPTERS:
+        if not backends.package_available(backend):  # the plan says so first (memory/plan)
+            raise ValueError(f"attention {backend} needs the {PACKAGES[backend]} package")
+        use(transformer, backend)
+        return
+    transformer.set_attention_backend(backend)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer, PreTrainedTokenizerFast
 
-from framepack_ui.errors import ModelFilesError
+from ..errors import ModelFilesError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,45 @@
+"""The kernel choices the plan can make, and whether this machine can run them. No torch here: the plan is pure.
+
+The kernels themselves live beside this module (compile.py, attention.py, fp8_linear.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+SAGE = "sage1"
+CUDNN_FP8 = "cudnn_fp8"
+# The 8-bit kernels the app adapts into diffusers' attention dispatcher (attention.py)
+ADAPTED = (SAGE, CUDNN_FP8)
+# diffusers' attention dispatcher names that need nothing beyond torch, then the adapted 8-bit kernels
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient", *ADAPTED)
+
+# what each adapter imports, and the pip package that provides it
+PACKAGES = {SAGE: "sageattention (and Triton)", CUDNN_FP8: "nvidia-cudnn-frontend"}
+PIP_NAMES = {SAGE: "sageattention", CUDNN_FP8: "nvidia-cudnn-frontend"}
+_MODULES = {SAGE: ("sageattention", "triton"), CUDNN_FP8: ("cudnn",)}
+# sage1: Triton's int8 tensor-core path (Ampere on); cudnn_fp8: cuDNN's fp8 attention exists from Hopper on
+MIN_CAPABILITY = {SAGE: (8, 0), CUDNN_FP8: (9, 0)}
+FP8_MATMUL_CAPABILITY = (8, 9)  # e4m3 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0) and later
+
+
+def package_available(backend: str) -> bool:
+    return all(importlib.util.find_spec(module) is not None for module in _MODULES[backend])
+
+
+def unusable_because(backend: str, on_gpu: bool, capability: tuple[int, int]) -> str | None:
+    """Why the adapter `backend` cannot run on this machine (None: it can, or `backend` is not an adapter)."""
+    if backend not in ADAPTED:
+        return None
+    if not on_gpu:
+        return "needs the transformer on a CUDA GPU"
+    if tuple(capability) < MIN_CAPABILITY[backend]:
+        major, minor = MIN_CAPABILITY[backend]
+        return f"needs a GPU of compute capability {major}.{minor} or later"
+    if not package_available(backend):
+        return f"needs the {PACKAGES[backend]} package: pip install {PIP_NAMES[backend]}"
+    return None
+
+
+def compile_supported(device: str) -> bool:
+    """torch.compile's GPU code generator is Triton: CUDA only (Triton on Windows is a separate, optional package)."""
+    return str(device).startswith("cuda") and importlib.util.find_spec("triton") is not None

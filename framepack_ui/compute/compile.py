@@ -1,0 +1,163 @@
+"""Compiled forwards: the transformer's blocks and the VAE decoder, each behind a named, removable diffusers hook.
+
+Measured (docs/benchmarks.md, "Compiled block forwards"): compiling each block's forward took a step from 1.163
+to 0.865 s on an H100 (it fuses the RoPE, norm and cast element-wise work that was 35 % of GPU time). Only each
+block's own forward is compiled, inside the hook, never `Module.compile()`: that traces the hooks around the block
+too, and the streamer's weight swap breaks the graph. The hook itself runs eagerly, so hooks registered after it
+(TeaCache's) wrap the compiled forward without entering the graph.
+
+Whether a model is compiled is read from its hooks (`blocks_compiled`, `decoder_compiled`): no flag is hung on
+the model.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+log = logging.getLogger(__name__)
+
+BLOCK_HOOK = "framepack_compiled_block"
+DECODER_HOOK = "framepack_compiled_decoder"
+
+# Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
+# a decode); traced, 5 and 4 share one compiled graph and 3 needs another (tests/test_vae_tiles.py), minutes on a
+# GPU. Eager, a 3-latent window (9 frames against 17) peaks below a compiled full one (1.5x the memory, 9/17 the
+# frames), so it fits the compiled plan's budget.
+VAE_COMPILED_MIN_LATENTS = 4
+
+
+def _hook(module: torch.nn.Module, name: str) -> ModelHook | None:
+    registry = getattr(module, "_diffusers_hook", None)  # diffusers' own registry attribute
+    return registry.get_hook(name) if registry is not None else None
+
+
+def _register(module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
+
+
+def _remove(module: torch.nn.Module, name: str) -> None:
+    if _hook(module, name) is not None:
+        module._diffusers_hook.remove_hook(name, recurse=False)
+
+
+# --- transformer blocks --------------------------------------------------------------------------------------------
+
+class CompiledBlockForward(ModelHook):
+    """The block's own forward, run through torch.compile (compiled lazily, at its first call)."""
+
+    def __init__(self, mode: str | None):
+        super().__init__()
+        self.mode = mode
+        self._compiled = None
+
+    def new_forward(self, module, *args, **kwargs):
+        if self._compiled is None:
+            # dynamic=False: the token count is the same for every call of a job (F1's context is fixed-size), and
+            # a new resolution only recompiles (once per shape)
+            self._compiled = torch.compile(self.fn_ref.original_forward, dynamic=False, mode=self.mode)
+        return self._compiled(*args, **kwargs)
+
+
+def transformer_blocks(transformer) -> list[torch.nn.Module]:
+    """The F1 transformer's blocks in execution order: 20 dual-stream, then 40 single-stream."""
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def compile_blocks(transformer, mode: str | None = None) -> bool:
+    """Compile each block's forward (idempotent per `mode`, torch.compile's). Returns whether they are compiled now."""
+    blocks = transformer_blocks(transformer)
+    if all(getattr(_hook(b, BLOCK_HOOK), "mode", False) == mode for b in blocks):
+        return True
+    for block in blocks:
+        _remove(block, BLOCK_HOOK)
+        _register(block, CompiledBlockForward(mode), BLOCK_HOOK)
+    log.info("transformer blocks compiled (the first step of a new resolution takes longer)")
+    return True
+
+
+def blocks_compiled(transformer) -> bool:
+    return any(_hook(b, BLOCK_HOOK) is not None for b in transformer_blocks(transformer))
+
+
+def uncompile_blocks(transformer) -> None:
+    for block in transformer_blocks(transformer):
+        _remove(block, BLOCK_HOOK)
+
+
+# --- VAE decoder ---------------------------------------------------------------------------------------------------
+
+class CompiledDecoderForward(ModelHook):
+    """The VAE decoder's forward through torch.compile with dynamic shapes; short frame windows and, after a
+    compiler failure, every call run eagerly."""
+
+    def __init__(self):
+        super().__init__()
+        self._compiled = None
+        self.failed = False  # the compiler failed once: eager from then on
+
+    def new_forward(self, module, z, *args, **kwargs):
+        eager = self.fn_ref.original_forward
+        if self.failed or z.shape[2] < VAE_COMPILED_MIN_LATENTS:
+            return eager(z, *args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(eager, dynamic=True)
+        try:
+            return self._compiled(z, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # a real shortage: the plan and the job's error handling deal with it
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder still works
+            log.warning("the compiled VAE decoder failed (%s): decoding without compiling from now on",
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            self.failed = True
+            return eager(z, *args, **kwargs)
+
+
+def compile_vae_decoder(vae) -> bool:
+    """Compile the VAE decoder's forward (idempotent). Returns whether it is compiled now.
+
+    Measured (docs/benchmarks.md, "The VAE decoder compiled where it buys larger tiles"): compiled, the decode
+    peaks a third lower (5.75 GiB instead of 8.62 in 384 px tiles on an H200): the GroupNorm, SiLU and padding
+    between the 3-D convolutions fuse instead of each writing a full-resolution tensor. It is hardly faster in the
+    same tiles, so the plan compiles it only where that room buys larger tiles. `dynamic=True`: one compile of about
+    2 min (H200 host) instead of one per shape. Each new shape regime still recompiles, so the engine decodes a
+    compiled decoder's latents in spatial tiles of one size (`decodes_in_even_tiles`; engine/vae.py), and the short
+    last frame window runs eagerly (VAE_COMPILED_MIN_LATENTS): a job compiles once. Should compiling fail (a
+    compiler missing or broken on the user's machine), the decoder goes back to eager for good rather than failing
+    the job."""
+    if _hook(vae.decoder, DECODER_HOOK) is None:
+        _register(vae.decoder, CompiledDecoderForward(), DECODER_HOOK)
+        log.info("VAE decoder compiled (the first decode takes longer)")
+    return decoder_compiled(vae)
+
+
+def uncompile_vae_decoder(vae) -> None:
+    _remove(vae.decoder, DECODER_HOOK)
+
+
+@contextmanager
+def decoder_eager(vae):
+    """Inside the block the decoder runs eagerly, in the same tiles (benchmarks compare with the compiled one)."""
+    hook = _hook(vae.decoder, DECODER_HOOK)
+    failed = hook.failed if hook is not None else None
+    if hook is not None:
+        hook.failed = True
+    try:
+        yield
+    finally:
+        if hook is not None:
+            hook.failed = failed
+
+
+def decoder_compiled(vae) -> bool:
+    """The decoder runs compiled (not eager after a compiler failure)."""
+    hook = _hook(vae.decoder, DECODER_HOOK)
+    return hook is not None and not hook.failed
+
+
+def decodes_in_even_tiles(vae) -> bool:
+    """A decoder set up for compiling decodes in spatial tiles of one size, also after falling back to eager (the
+    same tiles keep its output the same)."""
+    return _hook(vae.decoder, DECODER_HOOK) is not None

@@ -1,0 +1,95 @@
+"""fp8 Linear layers: e4m3fn weights with one float32 scale per output channel, computed in the compute dtype.
+
+The numbers (quantize / dequantize per row) and the layer that computes with them. Storing the transformer's
+weights this way, and the verified cache on disk, are the memory manager's business (memory/fp8.py); how an fp8
+layer multiplies (dequantize then bf16, or fp8 tensor cores) is decided by the plan and set here.
+
+Format: weight ~= fp8.float() * scale[:, None], scale = max|row| / 448 (e4m3fn's largest finite value).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_scale"
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[out, in] float weight -> (fp8 [out, in], float32 scale [out]). An all-zero row gets scale 1."""
+    w = weight.to(torch.float32)
+    scale = row_scales(w)
+    q = (w / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def row_scales(weight: torch.Tensor) -> torch.Tensor:
+    amax = weight.abs().amax(dim=1).to(torch.float32)  # [out]; exact in the source dtype, no float32 copy
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 [out, in] and scale [out] -> [out, in] in `dtype` (a new tensor: the stored bytes are only read)."""
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+class Fp8Linear(torch.nn.Linear):
+    """nn.Linear computed from an fp8 weight and its per-row scale: dequantized into a transient tensor in the
+    compute dtype for the call only (the stored, mapped or streamed-slot, fp8 tensor is only read), or with
+    `fp8_matmul` multiplied in fp8 directly (`fp8_linear`).
+
+    It reads `self.weight` at call time, so under streaming.py it sees the block's slot copy: the streamer's
+    forward pre-hook sits on the block and runs before the block's forward calls this Linear.
+    A class swapped in (`apply_fp8_compute`), not a per-module diffusers hook: torch.compile guards on each hooked
+    module's own forward object, so with hooks every one of the 60 blocks recompiled and compile gave up after 8
+    (measured on the H100: "hit config.recompile_limit (8)"); with one class, all blocks of a kind share a graph.
+    """
+
+    compute_dtype = torch.bfloat16  # set per module by apply_fp8_compute
+    fp8_matmul = False  # set by set_fp8_matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        if bias is not None and bias.dtype != self.compute_dtype:
+            bias = bias.to(self.compute_dtype)
+        if self.fp8_matmul:
+            return fp8_linear(x.to(self.compute_dtype), self.weight, self.weight_scale, bias)
+        return F.linear(x, dequantize(self.weight, self.weight_scale, self.compute_dtype), bias)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] activations -> (fp8 [M, K], float32 scale [M, 1]): one scale per token, as the weight has one per
+    output channel, so an outlier token does not flatten the others."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ weight.T + bias with both operands in e4m3 and row-wise scales (`torch._scaled_mm`: the fp8 tensor
+    cores of Ada/Hopper and later, about twice the bf16 matmul rate); output in x's dtype."""
+    shape = x.shape
+    xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+    # weight [out, in] row-major: its transpose is the column-major [in, out] operand _scaled_mm wants
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1),
+                         bias=bias, out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:
+    """Switch every fp8 Linear of `model` between fp8 matmul and dequantize-then-bf16-matmul; returns how many.
+    The activations are quantized too, so this costs accuracy beyond the weight storage: measured in
+    bench/bench_levers.py (docs/benchmarks.md)."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Fp8Linear):
+            module.fp8_matmul = enabled
+            count += 1
+    return count
+
+
+def is_fp8_linear(module: torch.nn.Module) -> bool:
+    return (isinstance(module, torch.nn.Linear) and module._parameters.get(SCALE_PARAM) is not None
+            and module.weight.dtype == FP8_DTYPE)
