@@ -41,8 +41,9 @@ class JobSpec:
     teacache: bool = True
     teacache_threshold: float = 0.15
     crf: int = 16  # x264 quality; 0 is lossless but browsers can't play it, so 1 is the minimum
-    # Later sections decode their 9 new latents after 3 older ones (12, not the official 18): 0.64x the decode
-    # time, 56 dB PSNR against the official decode of the same latents (docs/benchmarks.md). False: official.
+    # Later sections decode their 9 new latents after 3 older ones (12, not the official 18): 0.64x the decode time, 56
+    # dB PSNR against the official decode of the same latents (docs/benchmarks.md, "Context decode of 12 latents").
+    # False: official.
     fast_decode: bool = True
 
     @property

@@ -91,7 +91,8 @@ def test_decode_counts_and_fades():
     assert [sections.decode_latent_count(s) for s in range(4)] == [10, 18, 18, 18]
     assert [sections.decode_latent_count(s, 3) for s in range(4)] == [10, 18, 12, 12]
     assert [sections.section_overlap(s, 3) for s in (1, 2)] == [33, 5]
-    assert sections.decode_latent_count(2, 9) == 18 and sections.section_overlap(2, 9) == 33  # k = 9 is the official decode
+    # k = 9 is the official decode
+    assert sections.decode_latent_count(2, 9) == 18 and sections.section_overlap(2, 9) == 33
     assert sections.section_overlap(2, 1) == 1 and sections.decode_latent_count(2, 1) == 10  # 37 frames: 1 faded + 36
     with pytest.raises(ValueError):
         sections.check_decode_context(0)

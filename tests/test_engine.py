@@ -210,7 +210,8 @@ def _tiny_denoiser(transformer, cache, steps):
                   guidance=torch.tensor([10000.0]))
     start = torch.randn(1, 16, 1, 8, 8, generator=g)
     history = sections.History.start(start)
-    return denoiser.Denoiser(transformer, embeds, None, 1.0, 0.0, steps, cache, conditioning=history.conditioning(start))
+    return denoiser.Denoiser(transformer, embeds, None, 1.0, 0.0, steps, cache,
+                             conditioning=history.conditioning(start))
 
 
 def test_long_prompt_is_truncated_with_a_notice(manager, start_image, tmp_path):

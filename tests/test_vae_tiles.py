@@ -14,7 +14,8 @@ from framepack_ui.memory import loading
 
 TILE_PX, STRIDE_PX = 48, 32  # the tiny VAE's tiles: 6 latents, overlapping by 2 (the app's: 8 of 32-56)
 LATENT_H, LATENT_W = 12, 10  # 3 and 2 tiles: diffusers cuts the last ones short (4 and 2 latents)
-JOB_LATENT_COUNTS = sorted({sections.decode_latent_count(s, c) for s in range(4) for c in (None, sections.ALIGNED_CONTEXT)})
+JOB_LATENT_COUNTS = sorted({sections.decode_latent_count(s, c)
+                           for s in range(4) for c in (None, sections.ALIGNED_CONTEXT)})
 TILED_PSNR_SLACK_DB = 3.0  # against the untiled decode, even tiles may be this much further than diffusers'
 
 
@@ -102,7 +103,7 @@ def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
 
 
 def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
-    """The real compile path (compute/compile.py compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
+    """The real compile path (compile.compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
     counts graphs: the guards, and so the recompiles, are dynamo's on any backend (a GPU's convolution choice may
     add its own). CPU inductor itself cannot lower this decoder's dynamic conv3d (see the fallback)."""
     graphs = []

@@ -2,7 +2,7 @@
 
 - `sage1`: SageAttention 1 (PyPI's `sageattention` 1.0.x, Triton only): Q and K multiplied in int8 per block, P
   and V in fp16. diffusers' own sage backends want sageattention >= 2.1.1, which PyPI does not carry (CUDA builds
-  only). Measured on an H200 (bench/bench_attention.py, docs/benchmarks.md): 430 TFLOP/s against cuDNN's 604 in
+  only). Measured on an H200 (docs/benchmarks.md, "Opt-in 8-bit attention"): 430 TFLOP/s against cuDNN's 604 in
   bf16, so slower there; it is kept for cards without Hopper's attention kernels (its int8 and fp16-accumulate
   paths are what it was built for, an Ada laptop's 4060 among them: unmeasured here).
 - `cudnn_fp8`: cuDNN's fp8 flash attention (Hopper and later) through the `cudnn` Python frontend

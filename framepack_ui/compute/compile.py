@@ -1,7 +1,7 @@
 """Compiled forwards: the transformer's blocks and the VAE decoder, each behind a named, removable diffusers hook.
 
-Measured (docs/benchmarks.md, "Compiled block forwards"): compiling each block's forward took a step from 1.163
-to 0.865 s on an H100 (it fuses the RoPE, norm and cast element-wise work that was 35 % of GPU time). Only each
+Measured (docs/benchmarks.md, "Compiled block forwards"): compiling each block's forward took a step from 1.145
+to 0.872 s on an H100 (it fuses the RoPE, norm and cast element-wise work that was 35 % of GPU time). Only each
 block's own forward is compiled, inside the hook, never `Module.compile()`: that traces the hooks around the block
 too, and the streamer's weight swap breaks the graph. The hook itself runs eagerly, so hooks registered after it
 (TeaCache's) wrap the compiled forward without entering the graph.
@@ -118,7 +118,7 @@ class CompiledDecoderForward(ModelHook):
 def compile_vae_decoder(vae) -> bool:
     """Compile the VAE decoder's forward (idempotent). Returns whether it is compiled now.
 
-    Measured (docs/benchmarks.md, "The VAE decoder compiled where it buys larger tiles"): compiled, the decode
+    Measured (docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles"): compiled, the decode
     peaks a third lower (5.75 GiB instead of 8.62 in 384 px tiles on an H200): the GroupNorm, SiLU and padding
     between the 3-D convolutions fuse instead of each writing a full-resolution tensor. It is hardly faster in the
     same tiles, so the plan compiles it only where that room buys larger tiles. `dynamic=True`: one compile of about

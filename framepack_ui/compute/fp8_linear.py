@@ -81,7 +81,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:
     """Switch every fp8 Linear of `model` between fp8 matmul and dequantize-then-bf16-matmul; returns how many.
     The activations are quantized too, so this costs accuracy beyond the weight storage: measured in
-    bench/bench_levers.py (docs/benchmarks.md)."""
+    docs/benchmarks.md, "fp8 storage and fp8 matmul"."""
     count = 0
     for module in model.modules():
         if isinstance(module, Fp8Linear):

@@ -207,8 +207,8 @@ def _sample_section(spec, section, denoiser, start_latent, generator, cancel, em
         _check_cancel(cancel)  # a stop is honoured between steps
 
     sampler = sample_unipc if spec.sampler == "unipc" else sample_euler
-    # the sampler runs where the model does: on the host, its arithmetic and the copies made every step wait for
-    # the GPU and then leave it idle (docs/benchmarks.md, "The sampler on the model's device")
+    # the sampler runs where the model does: on the host, its arithmetic and the copies made every step wait for the
+    # GPU and then leave it idle (docs/benchmarks.md, "Sampler on the device and previews without a sync")
     latents = sampler(denoiser, noise.to(denoiser.transformer.device), sigmas, callback=on_step)
     if unreported:
         report(*unreported.pop())

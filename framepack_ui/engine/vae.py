@@ -71,11 +71,11 @@ def _ramp(n: int, like: torch.Tensor) -> torch.Tensor:
 def decode_in_even_tiles(vae, z: torch.Tensor) -> torch.Tensor:
     """Unscaled latents (1, 16, T, h, w) on the VAE's device -> pixels (1, 3, 1 + 4 (T - 1), 8h, 8w) there.
 
-    Why: a compiled decoder is specialised to the shapes it sees. diffusers' tiler cuts thin edge tiles (at
-    640x608 with 384 px tiles: 48 or 40 by 48 or 36 latents), and an 8 GB job spent minutes compiling
-    (docs/benchmarks.md, "Even decode tiles"). Here the spatial tiles are equal, as many as diffusers', overlapping at least as
-    much and blended with its ramp; the frame windows are exactly diffusers' (moving a window changes every frame
-    of it: its GroupNorm sees the whole window), so the last, shorter window is a second shape: the compiled
+    Why: a compiled decoder is specialised to the shapes it sees. diffusers' tiler cuts thin edge tiles (at 640x608 with
+    384 px tiles: 48 or 40 by 48 or 36 latents), and an 8 GB job spent minutes compiling (docs/benchmarks.md, "Even
+    spatial tiles for the compiled decoder"). Here the spatial tiles are equal, as many as diffusers', overlapping at
+    least as much and blended with its ramp; the frame windows are exactly diffusers' (moving a window changes every
+    frame of it: its GroupNorm sees the whole window), so the last, shorter window is a second shape: the compiled
     decoder runs it eagerly (compute/compile.py).
     """
     s_ratio, t_ratio = vae.spatial_compression_ratio, vae.temporal_compression_ratio
@@ -125,8 +125,9 @@ class PendingPreview:
     """Denoised latents (1, 16, T, h, w) -> uint8 (h, T*w, 3), the section's frames side by side, computed where
     the latents are, its copy to the host started without waiting for the GPU.
 
-    Why: copying each step's latents to the host made every step wait for the GPU to drain and then left it idle
-    while the host worked (docs/benchmarks.md, "The sampler on the model's device"). `wait()` returns the strip once the GPU got there."""
+    Why: copying each step's latents to the host made every step wait for the GPU to drain and then left it idle while
+    the host worked (docs/benchmarks.md, "Sampler on the device and previews without a sync"). `wait()` returns the
+    strip once the GPU got there."""
 
     _rgb_maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 

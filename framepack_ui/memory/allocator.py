@@ -1,10 +1,11 @@
 """The CUDA caching allocator's settings, applied before CUDA starts: by the probe (the app's and the CLI's first CUDA
 use: a plan is made before anything loads) and by the benchmarks.
 
-Growable segments instead of fixed ones, so the VAE decode's large activations and the transformer's blocks can
-take turns in an 8 GB budget without fragmenting it: with fixed segments the simulated 8 GB card ran out of memory
-allocating 650 MiB in the first step after a decode, with 7.4 GiB of its 8 in use (H200, bench/bench_run.py
---vram-gb 8, docs/benchmarks.md). Linux only: torch does not support them on Windows. A value the user set wins.
+Growable segments instead of fixed ones, so the VAE decode's large activations and the transformer's blocks can take
+turns in an 8 GB budget without fragmenting it: with fixed segments the simulated 8 GB card ran out of memory allocating
+650 MiB in the first step after a decode, with 7.4 GiB of its 8 in use (H200, bench/bench_run.py --vram-gb 8;
+docs/benchmarks.md, "Expandable segments and the decode cache handed back"). Linux only: torch does not support them on
+Windows. A value the user set wins.
 """
 from __future__ import annotations
 

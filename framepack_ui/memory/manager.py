@@ -239,11 +239,8 @@ class ModelManager:
     def _park_for(self, name: str):
         """Using the VAE while a streamed transformer is loaded, where the plan says the decode needs the room:
         park its resident blocks (streaming.BlockStreamer.park). Returns (model, streamer) to restore, or None."""
-        transformer = self._loaded.get("transformer")
-        streamer = self._streamers.get("transformer")
-        if name != "vae" or transformer is None or streamer is None or not self.component("transformer").park_for_decode:
-            return None
-        if streamer.parked:
+        transformer, streamer = self._loaded.get("transformer"), self._streamers.get("transformer")
+        if name != "vae" or streamer is None or streamer.parked or not self.component("transformer").park_for_decode:
             return None
         streamer.park()
         self.park_count += 1

@@ -3,24 +3,25 @@
 Why our own: diffusers' `apply_group_offloading` with streams measured 1.46 s/step at 8 GB free on an H100
 (official-size F1 transformer) but pinned 38.5 GB of host memory (40 GB host in all) to get there; without
 pinning (`low_cpu_mem_usage=True`) it fell to 2.05 s/step, and block-level without streams to 19.1 s/step
-(shared/reference/framepack-f1.md). A laptop with 32 GB of RAM can pin neither. Here the weights stay where
+(shared/reference/framepack-f1.md; docs/benchmarks.md, "Own block streamer instead of diffusers group
+offloading"). A laptop with 32 GB of RAM can pin neither. Here the weights stay where
 the memory manager put them (RAM or a read-only file map) and pass through two block-sized pinned staging
 buffers: a helper thread copies block i+1 into pinned memory and starts its upload on a side stream while the
 GPU computes block i, so with a fast enough link the upload hides under compute.
 
-With `pin_sources` (the plan's choice where RAM is plentiful) the streamed blocks are copied once into page-locked
-RAM and uploaded from there, skipping the per-step memcpy: on the H100 the two-hop path (pageable -> pinned ->
-GPU reads host memory twice) delivered about 22.6 GB/s, short of the 24 GB/s a compiled step at 8 GB needs
-(0.953 s/step, 1.08x of resident: docs/benchmarks.md). Pinned memory is registered with `cudaHostRegister`
-rather than allocated through torch's pinned allocator, which rounds each allocation up to a power of two
-(a 0.68 GB block would pin 1.07 GB).
+With `pin_sources` (the plan's choice where RAM is plentiful) the streamed blocks are copied once into page-locked RAM
+and uploaded from there, skipping the per-step memcpy: on the H100 the two-hop path (pageable -> pinned -> GPU reads
+host memory twice) delivered about 22.6 GB/s, short of the 24 GB/s a compiled step at 8 GB needs (0.953 s/step, 1.08x of
+resident: docs/benchmarks.md, "Page-locked sources where RAM allows"). Pinned memory is registered with
+`cudaHostRegister` rather than allocated through torch's pinned allocator, which rounds each allocation up to a power of
+two (a 0.68 GB block would pin 1.07 GB).
 
-Parked resident blocks (the VAE decode borrows their VRAM) come back from their sources after the decode. From
-the file map that is a synchronous pageable copy: 0.44-0.60 s per section for 5 blocks on the H200 at 8 GB
-(docs/benchmarks.md, session 4). With `pin_parked` their sources are page-locked too, and restore() only queues
-the copies on the side stream: each resident block's first forward waits for its own copy, so the uploads overlap
-the blocks computing before them. Measured (bench/bench_restore.py, H200, 3.4 GB parked): 0.078 s per section,
-against 0.092 s for a synchronous copy from the same page-locked copies.
+Parked resident blocks (the VAE decode borrows their VRAM) come back from their sources after the decode. From the file
+map that is a synchronous pageable copy: 0.44-0.60 s per section for 5 blocks on the H200 at 8 GB (docs/benchmarks.md,
+"Parking resident blocks for the VAE decode"). With `pin_parked` their sources are page-locked too, and restore() only
+queues the copies on the side stream: each resident block's first forward waits for its own copy, so the uploads overlap
+the blocks computing before them. Measured (bench/bench_restore.py, H200, 3.4 GB parked): 0.078 s per section, against
+0.092 s for a synchronous copy from the same page-locked copies.
 
 Mechanism only: which blocks stay resident, and whether their sources are pinned, is the memory plan's decision.
 """
@@ -226,9 +227,9 @@ class BlockStreamer:
         self._pending[index] = (self._copier.submit(self._copy_in, index, slot, sequence % 2), slot)
 
     def _copy_in(self, index: int, slot: int, staging_index: int) -> None:
-        # One memcpy of the whole block, then one upload. Chunking it (32 MB pieces, each uploaded as soon as it
-        # was staged, so the memcpy overlaps the upload) measured no faster on the H100: 0.960 against 0.953
-        # s/step compiled at 8 GB, 1.205 against 1.180 eager (bench/bench_levers.py, docs/benchmarks.md).
+        # One memcpy of the whole block, then one upload. Chunking it (32 MB pieces, each uploaded as soon as it was
+        # staged, so the memcpy overlaps the upload) measured no faster on the H100: 0.960 against 0.953 s/step compiled
+        # at 8 GB, 1.205 against 1.180 eager (docs/benchmarks.md, "Whole-block copies through the staging buffers").
         entries, total = self._layouts[index]
         if self.pinned_sources:
             source = self._host_buffers[index].tensor
