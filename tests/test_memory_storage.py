@@ -24,11 +24,11 @@ from framepack_ui.errors import ModelFilesError
 from framepack_ui.memory import loading, storage
 from framepack_ui.memory.plan import PlanOverrides, make_plan
 from framepack_ui.memory.probe import Machine, read_process_memory, weights_on_disk
+from framepack_ui.units import MB
 from framepack_ui.weights.layout import COMPONENTS
 from framepack_ui.weights.tiny import make_tiny_models
 
 REPO = Path(__file__).resolve().parent.parent
-MB = 1_000_000
 TRANSFORMER_MB = 1500
 # Below the 1.48 GB transformer, above what `generate` needs with it mapped: measured here, peak VmData 607 MB
 # (338 MB after the imports). safetensors needs the whole file (plus ~230 MB of torch) at once.
