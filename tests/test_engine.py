@@ -11,7 +11,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.image import buckets, nearest_bucket
@@ -23,17 +22,6 @@ from framepack_ui.spec import JobSpec
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = dict(resolution=64, steps=4, seconds=1.2)  # one section of a 64-px bucket
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    """A 96x80 gradient with a square in it: not square, so the bucket and crop are exercised."""
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:80, 0:96]
-    rgb = np.stack([x * 2, y * 3, (x + y) % 255], axis=-1).astype(np.uint8)
-    rgb[20:50, 30:60] = (250, 40, 40)
-    Image.fromarray(rgb).save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from framepack_ui.errors import ModelFilesError
 from framepack_ui.memory import loading, storage
@@ -46,14 +44,6 @@ def big_models(tmp_path_factory) -> Path:
     models = tmp_path_factory.mktemp("models1500")
     make_tiny_models(models, transformer_mb=TRANSFORMER_MB, seed=0)
     return models
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:80, 0:96]
-    Image.fromarray(np.stack([x * 2, y * 3, (x + y) % 255], -1).astype(np.uint8)).save(path)
-    return str(path)
 
 
 def transformer_files(models: Path) -> list[Path]:
@@ -96,11 +86,11 @@ NEEDS_PRLIMIT = pytest.mark.skipif(shutil.which("prlimit") is None or not Path("
 
 
 @pytest.fixture(scope="module")
-def limited_generate(big_models, start_image, tmp_path_factory):
+def limited_generate(big_models, start_image_no_square, tmp_path_factory):
     """`python -m framepack_ui generate` on the 1.48 GB transformer under `prlimit --data=1e9`, sampled."""
     out = tmp_path_factory.mktemp("out") / "limited.mp4"
     cmd = ["prlimit", f"--data={DATA_LIMIT_BYTES}", sys.executable, "-m", "framepack_ui", "generate", "--models",
-           str(big_models), "--image", start_image, *GENERATE_ARGS, "--out", str(out)]
+           str(big_models), "--image", start_image_no_square, *GENERATE_ARGS, "--out", str(out)]
     started = time.monotonic()
     result, peaks = run_sampled(cmd)
     return result, peaks, out, time.monotonic() - started
