@@ -19,9 +19,9 @@ from framepack_ui.sidecar import sidecar_path
 from framepack_ui.events import Failed, Finished, Notice, SectionSaved, Step, Stopped
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.spec import JobSpec
+from job_settings import FAST
 
 REPO = Path(__file__).resolve().parent.parent
-FAST = dict(resolution=64, steps=4, seconds=1.2)  # one section of a 64-px bucket
 
 
 @pytest.fixture(scope="module")

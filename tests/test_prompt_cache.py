@@ -15,13 +15,13 @@ from framepack_ui.memory.probe import Machine
 from framepack_ui.memory.prompt_cache import PromptCache
 from framepack_ui.spec import JobSpec
 from framepack_ui.weights.layout import COMPONENTS
-
-FAST = dict(resolution=64, steps=2, seconds=1.2)
+from job_settings import FAST_2_STEPS
 
 
 def job(manager, out, image, **settings):
     frames = []
-    spec = JobSpec(image=image, prompt=settings.pop("prompt", "a square drifts"), seed=5, **{**FAST, **settings})
+    spec = JobSpec(image=image, prompt=settings.pop("prompt", "a square drifts"), seed=5,
+                   **{**FAST_2_STEPS, **settings})
     end = f1.run(spec, out, manager, lambda e: None, frame_sink=frames.append)
     assert isinstance(end, Finished), end
     return np.concatenate(frames)

@@ -19,8 +19,8 @@ from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Sto
 from framepack_ui.spec import JobSpec
 from framepack_ui.ui import present
 from framepack_ui.worker import Queued, Worker
+from job_settings import FAST_128PX
 
-FAST = dict(resolution=128, steps=2, seconds=1.2, seed=7)  # one section of a 128-px bucket
 TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit when something hangs
 
 
@@ -40,7 +40,7 @@ def make_worker(tiny_models_dir, tmp_path):
 
 
 def spec(image, prompt="a red square moves", **settings) -> JobSpec:
-    return JobSpec(image=image, prompt=prompt, **{**FAST, **settings})
+    return JobSpec(image=image, prompt=prompt, **{**FAST_128PX, **settings})
 
 
 def all_events(worker, job_id) -> list:
