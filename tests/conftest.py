@@ -1,12 +1,14 @@
 """Fixtures shared by the test files."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from framepack_ui.memory import fp8
 from framepack_ui.weights.tiny import make_tiny_models
 
 
@@ -19,6 +21,23 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     models_dir = tmp_path_factory.mktemp("models")
     make_tiny_models(models_dir, seed=0)
     return models_dir
+
+
+@pytest.fixture(scope="session")
+def fp8_models(tmp_path_factory) -> Path:
+    """Tiny models with a ~20 MB transformer (1 dual, 2 single blocks at width 288). Tests may add the fp8
+    cache to it (test_fp8.py); tests that break the cache, or need it absent, work on a copy (models_copy)."""
+    models = tmp_path_factory.mktemp("fp8models")
+    make_tiny_models(models, transformer_mb=20, seed=0)
+    return models
+
+
+@pytest.fixture
+def models_copy(fp8_models, tmp_path) -> Path:
+    """A private copy of `fp8_models` without its fp8 cache."""
+    dest = tmp_path / "models"
+    shutil.copytree(fp8_models, dest, ignore=shutil.ignore_patterns(fp8.CACHE_DIRNAME))
+    return dest
 
 
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------
