@@ -93,7 +93,7 @@ def test_cli_missing_models_offline_names_what_and_where(start_image, tmp_path):
 def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_models_dir, start_image, tmp_path):
     """The whole newcomer path through the CLI: tiny models are written in the real layout; a models folder
     without them is filled from a loopback stand-in for the hub (HF_ENDPOINT) before generating."""
-    from fake_hub import FakeHub
+    from fake_hub import FakeHub, repos_of
     from framepack_ui.weights import layout
 
     made = tmp_path / "made"
@@ -101,11 +101,7 @@ def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_model
     assert proc.returncode == 0, proc.stderr
     assert layout.missing(made) == {}
 
-    repos = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     empty = tmp_path / "models"
     env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_TOKEN", None)

@@ -535,14 +535,10 @@ def test_auth_file_a_stranger_gets_the_login_page_and_no_file(auth_server, brows
 
 def test_download_button_cancel_then_resume_fills_the_folder_and_a_job_runs(tiny_models_dir, tmp_path, open_page,
                                                                             start_image_128x96):
-    from fake_hub import FakeHub
+    from fake_hub import FakeHub, repos_of
     from framepack_ui.weights import layout
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     models, outputs = tmp_path / "models", tmp_path / "outputs"
     outputs.mkdir()
     home = tmp_path / "hf"

@@ -263,14 +263,9 @@ def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path)
 
 
 def test_download_in_the_background_fills_the_models_folder(make_worker, tiny_models_dir, tmp_path, monkeypatch):
-    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
-    from framepack_ui.weights import layout
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf, repos_of
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     guard_loopback_only(monkeypatch)
     with FakeHub(repos) as hub:
         isolate_hf(monkeypatch, tmp_path, hub.url)
@@ -299,14 +294,10 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
                                                                                      tmp_path, monkeypatch):
     from huggingface_hub import constants as hf_constants
 
-    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf, repos_of
     from framepack_ui.weights import layout
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     shard = "diffusion_pytorch_model-00001-of-00003.safetensors"
     data = repos[layout.F1_REPO][shard]
     guard_loopback_only(monkeypatch)
