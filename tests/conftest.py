@@ -8,36 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from framepack_ui.memory import fp8
 from framepack_ui.weights.tiny import make_tiny_models
-
-
-@pytest.fixture(scope="session")
-def tiny_models_dir(tmp_path_factory) -> Path:
-    """A complete tiny random model set in the real Hugging Face layout, made once per session (seed 0).
-
-    Shared by every test: treat it as read-only, and copy it before changing anything.
-    """
-    models_dir = tmp_path_factory.mktemp("models")
-    make_tiny_models(models_dir, seed=0)
-    return models_dir
-
-
-@pytest.fixture(scope="session")
-def fp8_models(tmp_path_factory) -> Path:
-    """Tiny models with a ~20 MB transformer (1 dual, 2 single blocks at width 288). Tests may add the fp8
-    cache to it (test_fp8.py); tests that break the cache, or need it absent, work on a copy (models_copy)."""
-    models = tmp_path_factory.mktemp("fp8models")
-    make_tiny_models(models, transformer_mb=20, seed=0)
-    return models
-
-
-@pytest.fixture
-def models_copy(fp8_models, tmp_path) -> Path:
-    """A private copy of `fp8_models` without its fp8 cache."""
-    dest = tmp_path / "models"
-    shutil.copytree(fp8_models, dest, ignore=shutil.ignore_patterns(fp8.CACHE_DIRNAME))
-    return dest
 
 
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------
@@ -94,3 +65,35 @@ def start_image_128x96(tmp_path_factory) -> str:
 def start_image_128x128(tmp_path_factory) -> str:
     """A 128x128 gradient whose blue falls from the top-left corner (255 - x - y // 2)."""
     return _gradient_png(tmp_path_factory, 128, 128, 2, 2, blue=lambda x, y: 255 - x - y // 2)
+
+
+# --- tiny models --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def fp8_models(tmp_path_factory) -> Path:
+    """Tiny models with a ~20 MB transformer (1 dual, 2 single blocks at width 288). Tests may add the fp8
+    cache to it (test_fp8.py); tests that break the cache, or need it absent, work on a copy (models_copy)."""
+    models = tmp_path_factory.mktemp("fp8models")
+    make_tiny_models(models, transformer_mb=20, seed=0)
+    return models
+
+
+@pytest.fixture
+def models_copy(fp8_models, tmp_path) -> Path:
+    """A private copy of `fp8_models` without its fp8 cache."""
+    from framepack_ui.memory import fp8
+
+    dest = tmp_path / "models"
+    shutil.copytree(fp8_models, dest, ignore=shutil.ignore_patterns(fp8.CACHE_DIRNAME))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory) -> Path:
+    """A complete tiny random model set in the real Hugging Face layout, made once per session (seed 0).
+
+    Shared by every test: treat it as read-only, and copy it before changing anything.
+    """
+    models_dir = tmp_path_factory.mktemp("models")
+    make_tiny_models(models_dir, seed=0)
+    return models_dir
