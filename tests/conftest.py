@@ -1,11 +1,91 @@
 """Fixtures shared by the test files."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from framepack_ui.weights.tiny import make_tiny_models
+
+
+# --- start images: PNG files made once per session; tests only read them ------------------------------------------
+# The variants differ in size and pattern; each test keeps the one it was written with.
+
+def _diagonal(x, y):
+    return (x + y) % 255
+
+
+def _gradient_png(tmp_path_factory, width: int, height: int, x_step: int, y_step: int, blue=_diagonal,
+                 square=None) -> str:
+    """A `width` x `height` RGB PNG: red x * x_step, green y * y_step, blue blue(x, y), and where `square`
+    (a numpy index of rows and columns) is given, a red (250, 40, 40) rectangle there. Returns its path."""
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * x_step, y * y_step, blue(x, y)], axis=-1).clip(0, 255).astype(np.uint8)
+    if square is not None:
+        rgb[square] = (250, 40, 40)
+    Image.fromarray(rgb).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def start_image(tmp_path_factory) -> str:
+    """A 96x80 gradient with a square in it: not square, so the bucket and crop are exercised."""
+    return _gradient_png(tmp_path_factory, 96, 80, 2, 3, square=np.s_[20:50, 30:60])
+
+
+@pytest.fixture(scope="session")
+def start_image_no_square(tmp_path_factory) -> str:
+    """The 96x80 gradient of `start_image` without the red square."""
+    return _gradient_png(tmp_path_factory, 96, 80, 2, 3)
+
+
+@pytest.fixture(scope="session")
+def start_image_64x64(tmp_path_factory) -> str:
+    """A 64x64 gradient (a square image)."""
+    return _gradient_png(tmp_path_factory, 64, 64, 3, 3)
+
+
+@pytest.fixture(scope="session")
+def start_image_80x64(tmp_path_factory) -> str:
+    """An 80x64 gradient."""
+    return _gradient_png(tmp_path_factory, 80, 64, 3, 4)
+
+
+@pytest.fixture(scope="session")
+def start_image_128x96(tmp_path_factory) -> str:
+    """A 128x96 gradient with a red rectangle in it."""
+    return _gradient_png(tmp_path_factory, 128, 96, 2, 2, square=np.s_[30:60, 40:80])
+
+
+@pytest.fixture(scope="session")
+def start_image_128x128(tmp_path_factory) -> str:
+    """A 128x128 gradient whose blue falls from the top-left corner (255 - x - y // 2)."""
+    return _gradient_png(tmp_path_factory, 128, 128, 2, 2, blue=lambda x, y: 255 - x - y // 2)
+
+
+# --- tiny models --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def fp8_models(tmp_path_factory) -> Path:
+    """Tiny models with a ~20 MB transformer (1 dual, 2 single blocks at width 288). Tests may add the fp8
+    cache to it (test_fp8.py); tests that break the cache, or need it absent, work on a copy (models_copy)."""
+    models = tmp_path_factory.mktemp("fp8models")
+    make_tiny_models(models, transformer_mb=20, seed=0)
+    return models
+
+
+@pytest.fixture
+def models_copy(fp8_models, tmp_path) -> Path:
+    """A private copy of `fp8_models` without its fp8 cache."""
+    from framepack_ui.memory import fp8
+
+    dest = tmp_path / "models"
+    shutil.copytree(fp8_models, dest, ignore=shutil.ignore_patterns(fp8.CACHE_DIRNAME))
+    return dest
 
 
 @pytest.fixture(scope="session")

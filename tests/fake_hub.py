@@ -331,3 +331,16 @@ def isolate_hf(monkeypatch, tmp_path, endpoint: str) -> None:
                         "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json")}.items():
         if hasattr(constants, name):
             monkeypatch.setattr(constants, name, value)
+
+
+def repos_of(models_dir) -> dict[str, dict[str, bytes]]:
+    """Every file the layout needs, read from a models folder in the real layout (e.g. the tiny models), as the
+    {repo_id: {path_in_repo: bytes}} a FakeHub serves."""
+    from framepack_ui.weights import layout
+
+    repos: dict[str, dict[str, bytes]] = {}
+    for component in layout.COMPONENTS.values():
+        for name in component.files:
+            path = f"{component.subfolder}/{name}" if component.subfolder else name
+            repos.setdefault(component.repo, {})[path] = (component.folder(models_dir) / name).read_bytes()
+    return repos

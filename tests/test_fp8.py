@@ -1,4 +1,5 @@
-"""fp8 storage of the transformer (memory/fp8.py): accuracy, the cache on disk, its faults, streaming, the CLI.
+"""fp8 storage of the transformer (memory/fp8.py): accuracy, the cache on disk, its faults, streaming, the plan.
+Its end-to-end run through the CLI: test_cli.py.
 
 Figures measured here (CPU, tiny random transformer of `make_tiny_models(transformer_mb=20)`, seed 0):
 - weights: per-output-channel relative error (||W - deq(q)|| / ||W|| per row): median 2.6 %, max 3.1 % over the
@@ -18,14 +19,10 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from framepack_ui.errors import MemoryPlanError, ModelFilesError
 from framepack_ui.compute import fp8_linear
@@ -36,27 +33,9 @@ from framepack_ui.memory.storage import MappedFile, read_header, shard_files
 from framepack_ui.compute.compile import transformer_blocks
 from framepack_ui.memory.streaming import stream_transformer
 from framepack_ui.weights.layout import COMPONENTS
-from framepack_ui.weights.tiny import make_tiny_models
 from model_inputs import transformer_inputs
 
-REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def fp8_models(tmp_path_factory) -> Path:
-    """Tiny models with a ~20 MB transformer (1 dual, 2 single blocks at width 288). Tests here may add the fp8
-    cache to it; tests that break the cache work on a copy."""
-    models = tmp_path_factory.mktemp("fp8models")
-    make_tiny_models(models, transformer_mb=20, seed=0)
-    return models
-
-
-@pytest.fixture
-def models_copy(fp8_models, tmp_path) -> Path:
-    dest = tmp_path / "models"
-    shutil.copytree(fp8_models, dest, ignore=shutil.ignore_patterns(fp8.CACHE_DIRNAME))
-    return dest
 
 
 def _folder(models: Path) -> Path:
@@ -317,7 +296,7 @@ def test_streamed_fp8_blocks_equal_resident_and_dequantize_from_the_slot(fp8_mod
     assert all(p.device.type == "cpu" and p.data_ptr() != 0 for b in blocks for p in b.parameters())
 
 
-# --- plan and CLI ------------------------------------------------------------------------------------------------
+# --- plan, devices, the manager, fp8 matmul ----------------------------------------------------------------------
 
 def test_plan_fp8_halves_the_transformer_and_keeps_it_mapped(fp8_models):
     machine = Machine.supposed(32, 8)
@@ -332,31 +311,6 @@ def test_plan_fp8_halves_the_transformer_and_keeps_it_mapped(fp8_models):
     assert cpu.components["transformer"].where == "mmap" and cpu.components["transformer"].storage == "fp8"
     with pytest.raises(MemoryPlanError, match="--fp8"):
         make_plan(machine, {}, PlanOverrides(plan="cpu", fp8=True))
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:80, 0:96]
-    Image.fromarray(np.stack([x * 2, y * 3, (x + y) % 255], axis=-1).astype(np.uint8)).save(path)
-    return str(path)
-
-
-def test_cli_generate_fp8_end_to_end(models_copy, start_image, tmp_path):
-    from framepack_ui.engine.video import count_frames
-
-    out = tmp_path / "fp8.mp4"
-    proc = subprocess.run(
-        [sys.executable, "-m", "framepack_ui", "generate", "--models", str(models_copy), "--image", start_image,
-         "--prompt", "a red square moves", "--resolution", "64", "--steps", "2", "--seconds", "1.2",
-         "--offline", "--device", "cpu", "--fp8", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "transformer mmap" in proc.stdout and count_frames(out) == 37
-    assert fp8.check_cache(_folder(models_copy)) is None  # converted once, into models/.../fp8/
-    plan = subprocess.run([sys.executable, "-m", "framepack_ui", "plan", "--models", str(models_copy), "--fp8"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert plan.returncode == 0 and "fp8 e4m3 map" in plan.stdout, plan.stderr
 
 
 def test_moving_to_a_device_keeps_fp8_and_scales_and_converts_the_rest(fp8_models):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from framepack_ui.cli import main as cli_main
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.memory.plan import (GB, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan,
@@ -400,35 +399,6 @@ def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_mo
     compiled_vae = cpu_manager(tiny_models_dir, plan.with_component("vae", compile=True), prompt_cache_dir=None)
     with compiled_vae.use("vae") as vae:  # lazily: it compiles at the first decode
         assert compiled.decoder_compiled(vae) and "forward" in vars(vae.decoder)
-
-
-# --- the CLI ------------------------------------------------------------------------------------------------------
-
-def test_cli_plan_for_another_machine(tmp_path, capsys):
-    assert cli_main(["plan", "--models", str(tmp_path), "--ram", "32", "--vram", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "gpu-streamed" in out and "expected sizes (not on disk)" in out and "peak" in out
-    assert cli_main(["plan", "--models", str(tmp_path), "--ram", "6", "--vram", "0"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: no plan fits") and "GB short" in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_speed_flags_reach_the_plan(tmp_path, capsys):
-    from framepack_ui.cli import _parser, _plan_overrides
-
-    base = ["generate", "--image", "x.png", "--prompt", "p", "--out", "o.mp4"]
-    defaults = _plan_overrides(_parser().parse_args(base))
-    assert (defaults.compile, defaults.attention, defaults.fp8_matmul) == (None, None, None)  # the plan decides
-    forced = _plan_overrides(_parser().parse_args(
-        base + ["--no-compile", "--attention", "_native_flash", "--fp8", "--fp8-matmul"]))
-    assert (forced.compile, forced.attention, forced.fp8_matmul, forced.fp8) == (False, "_native_flash", True, True)
-    assert _plan_overrides(_parser().parse_args(base + ["--compile", "--no-fp8-matmul"])).fp8_matmul is False
-    assert cli_main(["plan", "--models", str(tmp_path), "--ram", "32", "--vram", "8", "--compile",
-                     "--attention", "native"]) == 0
-    out = capsys.readouterr().out
-    assert "compiled" in out and "attention native" in out
-    assert cli_main(["plan", "--models", str(tmp_path), "--ram", "32", "--vram", "8", "--attention", "bogus"]) == 2
-    assert "--attention must be one of" in capsys.readouterr().err
 
 
 # --- probe --------------------------------------------------------------------------------------------------------

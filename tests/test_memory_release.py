@@ -14,8 +14,8 @@ from framepack_ui.memory.manager import ModelManager
 from conftest import cpu_manager
 from framepack_ui.memory.plan import PlanOverrides, make_plan
 from framepack_ui.memory.probe import MEMORYSTATUSEX, Machine, weights_on_disk
+from framepack_ui.units import GB
 
-GB = 1_000_000_000
 STEP = prewarm.STEP_BYTES
 
 

@@ -1,158 +1,18 @@
-"""Read-only weight storage: the transformer mapped from its files runs under a data limit below its own size,
-gives the same numbers as diffusers' loader, and every broken file becomes one line naming that file.
-
-The limit: `prlimit --data` caps private writable memory (VmData), the Linux stand-in for Windows' commit limit.
-safetensors maps files copy-on-write, which counts there in full; a read-only map does not.
+"""Read-only weight storage: the transformer mapped from its files gives the same numbers as diffusers' loader,
+and every broken file becomes one line naming that file. That `generate` runs with it under a data limit below its
+own size (`prlimit --data`), where safetensors' load of the same files fails: test_cli.py.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from framepack_ui.errors import ModelFilesError
 from framepack_ui.memory import loading, storage
-from framepack_ui.memory.plan import PlanOverrides, make_plan
-from framepack_ui.memory.probe import Machine, read_process_memory, weights_on_disk
 from framepack_ui.weights.layout import COMPONENTS
-from framepack_ui.weights.tiny import make_tiny_models
-
-REPO = Path(__file__).resolve().parent.parent
-MB = 1_000_000
-TRANSFORMER_MB = 1500
-# Below the 1.48 GB transformer, above what `generate` needs with it mapped: measured here, peak VmData 607 MB
-# (338 MB after the imports). safetensors needs the whole file (plus ~230 MB of torch) at once.
-DATA_LIMIT_BYTES = 1_000_000_000
-# Resolution 64, 2 steps: one 1.48 GB forward at ~180 tokens takes 8-15 s on 2 busy cores (128 px: ~770 tokens,
-# 30+ s per forward, too slow for the test budget).
-GENERATE_ARGS = ["--prompt", "a red square moves", "--resolution", "64", "--steps", "2", "--seconds", "1.2",
-                 "--offline"]
-PREDICTION_TOLERANCE = 0.25  # first version: |predicted - measured| <= 25 % of measured, per phase
-SAMPLE_INTERVAL_S = 0.005
-
-
-@pytest.fixture(scope="module")
-def big_models(tmp_path_factory) -> Path:
-    models = tmp_path_factory.mktemp("models1500")
-    make_tiny_models(models, transformer_mb=TRANSFORMER_MB, seed=0)
-    return models
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:80, 0:96]
-    Image.fromarray(np.stack([x * 2, y * 3, (x + y) % 255], -1).astype(np.uint8)).save(path)
-    return str(path)
-
-
-def transformer_files(models: Path) -> list[Path]:
-    folder = COMPONENTS["transformer"].folder(models)
-    return sorted(folder.glob("*.safetensors"))
-
-
-def run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, dict[str, int]]]:
-    """Run `cmd`, sampling the child's /proc/PID/status every 5 ms; peaks of VmData and RssAnon per phase, the
-    phase being the last `[name]` line the child printed. Sampling can miss a spike shorter than 5 ms."""
-    # glibc's per-thread malloc arenas keep freed blocks per thread and made RssAnon vary by ~100 MB between
-    # runs on a busy machine (one CI run measured 530 MB where others measured ~420); two arenas keep the
-    # measurement about the process's own memory
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    phase, lines, peaks = ["start"], [], {}
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("[") and "]" in line:
-                phase[0] = line[1:line.index("]")]
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    while proc.poll() is None:
-        status = read_process_memory(proc.pid)
-        if status:
-            peak = peaks.setdefault(phase[0], {})
-            for key in ("VmData", "RssAnon", "RssFile"):
-                peak[key] = max(peak.get(key, 0), status.get(key, 0))
-        time.sleep(SAMPLE_INTERVAL_S)
-    reader.join(timeout=10)
-    stderr = proc.stderr.read()
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(lines), stderr), peaks
-
-
-NEEDS_PRLIMIT = pytest.mark.skipif(shutil.which("prlimit") is None or not Path("/proc/self/status").exists(),
-                                   reason="needs Linux prlimit and /proc")
-
-
-@pytest.fixture(scope="module")
-def limited_generate(big_models, start_image, tmp_path_factory):
-    """`python -m framepack_ui generate` on the 1.48 GB transformer under `prlimit --data=1e9`, sampled."""
-    out = tmp_path_factory.mktemp("out") / "limited.mp4"
-    cmd = ["prlimit", f"--data={DATA_LIMIT_BYTES}", sys.executable, "-m", "framepack_ui", "generate", "--models",
-           str(big_models), "--image", start_image, *GENERATE_ARGS, "--out", str(out)]
-    started = time.monotonic()
-    result, peaks = run_sampled(cmd)
-    return result, peaks, out, time.monotonic() - started
-
-
-@NEEDS_PRLIMIT
-def test_generate_runs_under_data_limit_below_transformer_size(big_models, limited_generate):
-    size = sum(p.stat().st_size for p in transformer_files(big_models))
-    assert size > DATA_LIMIT_BYTES * 1.4  # the limit is well below the transformer's files
-    result, peaks, out, elapsed = limited_generate
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "done:" in result.stdout and out.is_file()
-    assert "transformer mmap" in result.stdout  # the plan line: the transformer computed from the read-only map
-    sampling = peaks["transformer"]
-    assert sampling["VmData"] < DATA_LIMIT_BYTES
-    assert sampling["RssFile"] > 0.9 * size  # the weights were read through the file map (file-backed pages)
-    assert sampling["RssAnon"] < 0.5 * size  # and were not copied into anonymous memory
-    print(f"generate under --data={DATA_LIMIT_BYTES}: {elapsed:.1f}s; peaks (MB): "
-          + json.dumps({ph: {k: v // MB for k, v in pk.items()} for ph, pk in peaks.items()}))
-
-
-@NEEDS_PRLIMIT
-def test_safetensors_load_of_the_same_files_fails_under_the_same_limit(big_models):
-    files = [str(p) for p in transformer_files(big_models)]
-    code = ("import sys\nfrom safetensors.torch import load_file\n"
-            "weights = [load_file(f) for f in sys.argv[1:]]\nprint('loaded', len(weights))\n")
-    proc = subprocess.run(["prlimit", f"--data={DATA_LIMIT_BYTES}", sys.executable, "-c", code, *files],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "loaded" not in proc.stdout
-    assert "Cannot allocate memory" in proc.stderr or "MemoryError" in proc.stderr, proc.stderr[-1000:]
-
-
-@NEEDS_PRLIMIT
-def test_predicted_vs_measured_peak_ram_and_commit_per_phase(big_models, limited_generate):
-    """First version: the plan's per-phase RssAnon and VmData against the sampled peaks, within 25 %.
-
-    Measured peaks carry what glibc keeps of earlier phases, and 5 ms sampling can miss a short spike; the
-    prediction's constants (runtime baseline, upcast copies) were measured on this machine kind.
-    """
-    result, peaks, _, _ = limited_generate
-    assert result.returncode == 0, result.stderr[-2000:]
-    machine = Machine.supposed(24, 0, os_name="linux")
-    plan = make_plan(machine, weights_on_disk(big_models), PlanOverrides(resolution=64))
-    report = []
-    for phase, label in (("text", "text"), ("image", "image"), ("sampling", "transformer"), ("decode", "decode")):
-        predicted = plan.phase(phase)
-        measured = peaks[label]
-        for what, pred, meas in (("RAM", predicted.ram_bytes, measured["RssAnon"]),
-                                 ("commit", predicted.commit_bytes, measured["VmData"])):
-            report.append(f"{phase} {what}: predicted {pred // MB} MB, measured {meas // MB} MB")
-            assert abs(pred - meas) <= PREDICTION_TOLERANCE * meas, "; ".join(report)
-    print("; ".join(report))
 
 
 # --- the map itself (tiny default model: fast) ------------------------------------------------------------------

@@ -8,7 +8,6 @@ the engine crops; with batch 1 the transformer drops the padding, so the frames 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -23,19 +22,11 @@ MAX_ABS_DIFF = 2.0
 MEAN_ABS_DIFF = 0.6
 
 
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("parity") / "start.png"
-    y, x = np.mgrid[0:128, 0:128]
-    Image.fromarray(np.stack([x * 2, y * 2, 255 - x - y // 2], -1).clip(0, 255).astype(np.uint8)).save(path)
-    return str(path)
-
-
-def test_engine_matches_diffusers_framepack_pipeline_euler(tiny_models_dir, start_image, tmp_path):
+def test_engine_matches_diffusers_framepack_pipeline_euler(tiny_models_dir, start_image_128x128, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoFramepackPipeline
 
     seed, steps, gs, prompt = 123, 6, 10.0, "a gradient slowly turns"
-    spec = JobSpec(image=start_image, prompt=prompt, seconds=2.4, seed=seed, steps=steps, gs=gs, resolution=64,
+    spec = JobSpec(image=start_image_128x128, prompt=prompt, seconds=2.4, seed=seed, steps=steps, gs=gs, resolution=64,
                    sampler="euler", teacache=False, fast_decode=False)
     manager = cpu_manager(tiny_models_dir)
     engine_frames = []
@@ -44,7 +35,7 @@ def test_engine_matches_diffusers_framepack_pipeline_euler(tiny_models_dir, star
     ours = np.concatenate(engine_frames).astype(np.float32)  # (73, H, W, 3) uint8 values
 
     # The engine's own start image, SigLIP features and start latent, recomputed deterministically.
-    source = image_ops.load_image(start_image)
+    source = image_ops.load_image(start_image_128x128)
     height, width = image_ops.nearest_bucket(*source.shape[:2], resolution=64)
     cropped = image_ops.resize_and_center_crop(source, width, height)
     with manager.use("image_encoder") as (processor, image_encoder):

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from framepack_ui.telemetry import Gauges, read_gauges, starved
+from framepack_ui.units import GB
 
 REPO = Path(__file__).resolve().parent.parent
-GB = 1_000_000_000
 
 
 class FakeNVML:

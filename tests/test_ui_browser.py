@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from PIL import Image
 
 from framepack_ui.engine.video import count_frames
 from framepack_ui.events import Finished, Phase, SectionSaved, Step, Stopped
@@ -42,16 +41,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:96, 0:128]
-    rgb = np.stack([x * 2, y * 2, (x + y) % 255], axis=-1).astype(np.uint8)
-    rgb[30:60, 40:80] = (250, 40, 40)
-    Image.fromarray(rgb).save(path)
-    return str(path)
 
 
 @contextlib.contextmanager
@@ -213,12 +202,12 @@ def test_binds_to_loopback_by_default(server):
     assert listening and all(address.ip == "127.0.0.1" for address in listening), listening
 
 
-def test_generate_shows_preview_section_video_gauges_and_final_video(server, open_page, start_image):
+def test_generate_shows_preview_section_video_gauges_and_final_video(server, open_page, start_image_128x96):
     url, _, outputs = server
     page = open_page(url)
     page.locator("#generate").click()  # no image yet: one line says what to do, nothing is queued
     page.get_by_text("upload a start image first").wait_for(timeout=30_000)
-    fill_form(page, start_image, seconds=2.4, steps=3)
+    fill_form(page, start_image_128x96, seconds=2.4, steps=3)
     wait_text(page, "length", "2 sections, 73 frames", timeout_s=30)  # updated by a round trip after the change
     gauges_before = wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
     assert "no NVIDIA GPU found" in gauges_before  # this machine has none: the panel says so in words
@@ -254,10 +243,10 @@ def test_generate_shows_preview_section_video_gauges_and_final_video(server, ope
     wait_text(page, "jobs", r"finished\s+73 frames", timeout_s=10)  # the jobs list, refreshed by the timer
 
 
-def test_stop_midway_keeps_a_playable_video(server, open_page, start_image):
+def test_stop_midway_keeps_a_playable_video(server, open_page, start_image_128x96):
     url, _, outputs = server
     page = open_page(url)
-    fill_form(page, start_image, seconds=6.0, steps=3)  # 5 sections
+    fill_form(page, start_image_128x96, seconds=6.0, steps=3)  # 5 sections
     page.locator("#generate").click()
     video_src(page, "section_video")  # the first section is on disk
     page.locator("#stop").click()
@@ -274,11 +263,12 @@ def job_id_of(page) -> str:
     return re.search(r"Job (\d+)", wait_text(page, "progress", r"Job \d+")).group(1)
 
 
-def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image):
+def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image_128x96):
     url, _, outputs = server
     first, second = open_page(url), open_page(url)  # two browser contexts: two users
-    fill_form(first, start_image, seconds=1.2, prompt="first page")
-    fill_form(second, start_image, seconds=2.4, prompt="second page")  # 2 sections: still running when `late` opens
+    fill_form(first, start_image_128x96, seconds=1.2, prompt="first page")
+    fill_form(second, start_image_128x96, seconds=2.4,
+              prompt="second page")  # 2 sections: still running when `late` opens
     first.locator("#generate").click()
     job_1 = job_id_of(first)
     second.locator("#generate").click()
@@ -298,7 +288,7 @@ def test_two_pages_queue_two_jobs_and_both_finish(server, open_page, start_image
     wait_text(second, "jobs", r"second page", timeout_s=10)
 
 
-def test_closing_the_tab_mid_job_does_not_stop_it(server, browser, open_page, start_image):
+def test_closing_the_tab_mid_job_does_not_stop_it(server, browser, open_page, start_image_128x96):
     """The job lives in the worker, not in the tab: close the only page mid-job, open a new one, and it shows
     the same job going on and finishing."""
     url, _, outputs = server
@@ -307,7 +297,8 @@ def test_closing_the_tab_mid_job_does_not_stop_it(server, browser, open_page, st
         page = context.new_page()
         page.goto(url)
         page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
-        fill_form(page, start_image, seconds=8.4, steps=4, prompt="tab closed mid-job")  # 7 sections: time to reopen
+        fill_form(page, start_image_128x96, seconds=8.4, steps=4,
+                  prompt="tab closed mid-job")  # 7 sections: time to reopen
         page.locator("#generate").click()
         wait_text(page, "progress", r"section [1-3]/7")  # sampling, with most of the job still to come
         job = job_id_of(page)
@@ -439,7 +430,7 @@ def choose(page, elem_id: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
-def test_memory_profile_shows_the_plan_and_reaches_the_job(server, open_page, start_image):
+def test_memory_profile_shows_the_plan_and_reaches_the_job(server, open_page, start_image_128x96):
     url, _, _ = server
     page = open_page(url)
     wait_text(page, "plan", r"no CUDA GPU", timeout_s=60)  # auto: planned for this machine
@@ -449,19 +440,19 @@ def test_memory_profile_shows_the_plan_and_reaches_the_job(server, open_page, st
     choose(page, "memory_profile", "gpu")  # cannot fit here: one line saying why
     refused = wait_text(page, "plan", r"No memory plan fits", timeout_s=30).strip()
     assert "\n" not in refused and "needs a CUDA GPU" in refused
-    fill_form(page, start_image, seconds=1.2)
+    fill_form(page, start_image_128x96, seconds=1.2)
     page.locator("#generate").click()  # the job gets the page's profile: planned before anything loads
     wait_text(page, "progress", r"Failed: .*needs a CUDA GPU")
     wait_text(page, "gallery", r"failed: .*needs a CUDA GPU", timeout_s=30)  # the past outputs say so too
 
 
-def test_gallery_lists_past_outputs_and_fills_the_form(server, open_page, start_image):
+def test_gallery_lists_past_outputs_and_fills_the_form(server, open_page, start_image_128x96):
     url, _, outputs = server
     failed = outputs / "19990101_000000_1.json"  # a job that failed before its first section: no video
     failed.write_text(json.dumps({"prompt": "old failure", "status": "failed", "frames": 0,
                                   "message": "out of memory: try a lower resolution"}))
     page = open_page(url)
-    fill_form(page, start_image, seconds=1.2, prompt="gallery job")
+    fill_form(page, start_image_128x96, seconds=1.2, prompt="gallery job")
     set_number(page, "seed", 4242)
     page.locator("#generate").click()
     done = wait_text(page, "progress", r"Done: 37 frames")
@@ -543,15 +534,11 @@ def test_auth_file_a_stranger_gets_the_login_page_and_no_file(auth_server, brows
 
 
 def test_download_button_cancel_then_resume_fills_the_folder_and_a_job_runs(tiny_models_dir, tmp_path, open_page,
-                                                                            start_image):
-    from fake_hub import FakeHub
+                                                                            start_image_128x96):
+    from fake_hub import FakeHub, repos_of
     from framepack_ui.weights import layout
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     models, outputs = tmp_path / "models", tmp_path / "outputs"
     outputs.mkdir()
     home = tmp_path / "hf"
@@ -595,7 +582,7 @@ def test_download_button_cancel_then_resume_fills_the_folder_and_a_job_runs(tiny
             assert any("/resolve/" in p for p in hub.requested_paths("GET"))
             fetched_again = {(models / repo / path) for repo, path in hub.files_requested()}
             assert fetched_again and not fetched_again & kept and dest in fetched_again
-            fill_form(page, start_image, seconds=1.2)
+            fill_form(page, start_image_128x96, seconds=1.2)
             page.locator("#generate").click()
             wait_text(page, "progress", r"Done: 37 frames")
 

@@ -9,9 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.video import count_frames
@@ -21,17 +19,9 @@ from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Sto
 from framepack_ui.spec import JobSpec
 from framepack_ui.ui import present
 from framepack_ui.worker import Queued, Worker
+from job_settings import FAST_128PX
 
-FAST = dict(resolution=128, steps=2, seconds=1.2, seed=7)  # one section of a 128-px bucket
 TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit when something hangs
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "start.png"
-    y, x = np.mgrid[0:64, 0:80]
-    Image.fromarray(np.stack([x * 3, y * 4, (x + y) % 255], axis=-1).astype(np.uint8)).save(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -50,7 +40,7 @@ def make_worker(tiny_models_dir, tmp_path):
 
 
 def spec(image, prompt="a red square moves", **settings) -> JobSpec:
-    return JobSpec(image=image, prompt=prompt, **{**FAST, **settings})
+    return JobSpec(image=image, prompt=prompt, **{**FAST_128PX, **settings})
 
 
 def all_events(worker, job_id) -> list:
@@ -79,12 +69,12 @@ def gated(run_job, gate: threading.Event, started: list):
     return run
 
 
-def test_two_jobs_run_in_submission_order_and_free_the_models(make_worker, image):
+def test_two_jobs_run_in_submission_order_and_free_the_models(make_worker, start_image_80x64):
     gate, started = threading.Event(), []
     worker = make_worker(gated(f1.run, gate, started))
     with worker._cond:  # both are queued before the worker thread can take the first (a busy machine)
-        first = worker.submit(spec(image, "first"))
-        second = worker.submit(spec(image, "second"))
+        first = worker.submit(spec(start_image_80x64, "first"))
+        second = worker.submit(spec(start_image_80x64, "second"))
     wait_until(lambda: started)
     assert [j.status for j in worker.jobs()] == ["running", "queued"]
     assert worker.job(second).position == 1
@@ -103,22 +93,22 @@ def test_two_jobs_run_in_submission_order_and_free_the_models(make_worker, image
     assert not worker._manager.is_loaded("transformer") and not worker._manager.is_loaded("vae")
 
 
-def test_bad_input_raises_before_anything_is_queued(make_worker, image, tmp_path):
+def test_bad_input_raises_before_anything_is_queued(make_worker, start_image_80x64, tmp_path):
     worker = make_worker()
     with pytest.raises(InputError, match="steps must be 1 to 100"):
-        worker.submit(spec(image, steps=0))
+        worker.submit(spec(start_image_80x64, steps=0))
     with pytest.raises(InputError, match="image not found"):
         worker.submit(spec(str(tmp_path / "nope.png")))
     assert worker.jobs() == []
 
 
-def test_cancel_a_queued_job_removes_it(make_worker, image):
+def test_cancel_a_queued_job_removes_it(make_worker, start_image_80x64):
     gate, started = threading.Event(), []
     worker = make_worker(gated(f1.run, gate, started))
-    first = worker.submit(spec(image, "first"))
+    first = worker.submit(spec(start_image_80x64, "first"))
     wait_until(lambda: started)  # the first job is running (held at the gate)
-    second = worker.submit(spec(image, "second"))
-    third = worker.submit(spec(image, "third"))
+    second = worker.submit(spec(start_image_80x64, "second"))
+    third = worker.submit(spec(start_image_80x64, "third"))
     assert [j.position for j in worker.jobs()] == [None, 1, 2]
     assert worker.cancel(second)
     assert [j.position for j in worker.jobs()] == [None, None, 1]  # the third moved up
@@ -134,9 +124,9 @@ def test_cancel_a_queued_job_removes_it(make_worker, image):
     assert not worker.cancel(second)  # already ended
 
 
-def test_stop_a_running_job_keeps_its_finished_sections(make_worker, image):
+def test_stop_a_running_job_keeps_its_finished_sections(make_worker, start_image_80x64):
     worker = make_worker()
-    job_id = worker.submit(spec(image, seconds=3.6))  # 3 sections
+    job_id = worker.submit(spec(start_image_80x64, seconds=3.6))  # 3 sections
     events = []
     for event in worker.events(job_id):
         events.append(event)
@@ -152,7 +142,7 @@ def test_stop_a_running_job_keeps_its_finished_sections(make_worker, image):
     assert present.gallery_status(entry) == "stopped, kept 37 frames"
 
 
-def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, image):
+def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, start_image_80x64):
     calls = []
 
     def crash_once(spec, out_path, manager, emit, cancel, **kwargs):
@@ -162,8 +152,8 @@ def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, i
         return f1.run(spec, out_path, manager, emit, cancel, **kwargs)
 
     worker = make_worker(crash_once)
-    crashed = worker.submit(spec(image, "crash"))
-    fine = worker.submit(spec(image, "fine"))
+    crashed = worker.submit(spec(start_image_80x64, "crash"))
+    fine = worker.submit(spec(start_image_80x64, "fine"))
     result = all_events(worker, crashed)[-1]
     assert isinstance(result, Failed) and result.reason == "internal"
     assert result.message == "internal error: RuntimeError: boom with a second line"
@@ -171,9 +161,9 @@ def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, i
     assert [j.status for j in worker.jobs()] == ["failed", "finished"]
 
 
-def test_a_late_subscriber_replays_from_the_start(make_worker, image):
+def test_a_late_subscriber_replays_from_the_start(make_worker, start_image_80x64):
     worker = make_worker()
-    job_id = worker.submit(spec(image, seconds=2.4))  # 2 sections
+    job_id = worker.submit(spec(start_image_80x64, seconds=2.4))  # 2 sections
     live, late = [], []
     for event in worker.events(job_id):
         live.append(event)
@@ -192,7 +182,7 @@ def test_a_late_subscriber_replays_from_the_start(make_worker, image):
     assert info.status == "finished" and info.section.section == 1 and info.step is steps[-1]
 
 
-def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, image):
+def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, start_image_80x64):
     worker = make_worker()
     assert worker.plan_choices() == ("auto", "gpu", "streamed", "mmap", "cpu")
     table = worker.plan_text("auto", 64)
@@ -202,23 +192,23 @@ def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, image):
     no_fit = worker.plan_text("gpu", 64)  # a plan that cannot fit: one line saying why
     assert "\n" not in no_fit and "needs a CUDA GPU" in no_fit
 
-    cpu_job = worker.submit(spec(image, "cpu", resolution=64), profile="cpu")
+    cpu_job = worker.submit(spec(start_image_80x64, "cpu", resolution=64), profile="cpu")
     assert isinstance(all_events(worker, cpu_job)[-1], Finished)
     assert worker._manager.plan.components["transformer"].where == "cpu"
     first_manager = worker._manager
-    mmap_job = worker.submit(spec(image, "mmap", resolution=64), profile="mmap")
+    mmap_job = worker.submit(spec(start_image_80x64, "mmap", resolution=64), profile="mmap")
     assert isinstance(all_events(worker, mmap_job)[-1], Finished)
     assert worker._manager is not first_manager  # other placements: a new manager applies them
     assert worker._manager.plan.components["transformer"].where == "mmap"
 
-    gpu_job = worker.submit(spec(image, "gpu", resolution=64), profile="gpu")
+    gpu_job = worker.submit(spec(start_image_80x64, "gpu", resolution=64), profile="gpu")
     failed = all_events(worker, gpu_job)[-1]
     assert isinstance(failed, Failed) and failed.reason == "memory" and "needs a CUDA GPU" in failed.message
     entry = worker.past_outputs()[0]  # failed before the engine started: the gallery still says so
     assert entry.status == "failed" and entry.video is None and "needs a CUDA GPU" in entry.message
     assert entry.settings["prompt"] == "gpu" and entry.image and present.gallery_status(entry).startswith("failed")
     with pytest.raises(InputError, match="memory profile must be one of"):
-        worker.submit(spec(image), profile="fast")
+        worker.submit(spec(start_image_80x64), profile="fast")
 
 
 def test_the_workers_attention_goes_into_every_jobs_plan(make_worker):
@@ -273,14 +263,9 @@ def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path)
 
 
 def test_download_in_the_background_fills_the_models_folder(make_worker, tiny_models_dir, tmp_path, monkeypatch):
-    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
-    from framepack_ui.weights import layout
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf, repos_of
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     guard_loopback_only(monkeypatch)
     with FakeHub(repos) as hub:
         isolate_hf(monkeypatch, tmp_path, hub.url)
@@ -297,9 +282,9 @@ def test_download_in_the_background_fills_the_models_folder(make_worker, tiny_mo
         assert worker.missing_models() == "" and worker.download_need()[0] == 0
 
 
-def test_keep_models_holds_them_for_the_idle_timeout_then_frees(make_worker, image):
+def test_keep_models_holds_them_for_the_idle_timeout_then_frees(make_worker, start_image_80x64):
     worker = make_worker(keep_models_s=4)
-    events = all_events(worker, worker.submit(spec(image, "kept a while")))
+    events = all_events(worker, worker.submit(spec(start_image_80x64, "kept a while")))
     assert isinstance(events[-1], Finished)
     assert worker._manager.is_loaded("transformer")  # kept for a quick next job
     wait_until(lambda: not worker._manager.is_loaded("transformer"))  # then given back
@@ -309,14 +294,10 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
                                                                                      tmp_path, monkeypatch):
     from huggingface_hub import constants as hf_constants
 
-    from fake_hub import FakeHub, guard_loopback_only, isolate_hf
+    from fake_hub import FakeHub, guard_loopback_only, isolate_hf, repos_of
     from framepack_ui.weights import layout
 
-    repos: dict = {}
-    for component in layout.COMPONENTS.values():
-        for name in component.files:
-            path = f"{component.subfolder}/{name}" if component.subfolder else name
-            repos.setdefault(component.repo, {})[path] = (component.folder(tiny_models_dir) / name).read_bytes()
+    repos = repos_of(tiny_models_dir)
     shard = "diffusion_pytorch_model-00001-of-00003.safetensors"
     data = repos[layout.F1_REPO][shard]
     guard_loopback_only(monkeypatch)
