@@ -9,7 +9,7 @@ import pytest
 
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory import manager as manager_mod
-from framepack_ui.memory import prewarm
+from framepack_ui.memory import prewarm, probe
 from framepack_ui.memory.manager import ModelManager
 from conftest import cpu_manager
 from framepack_ui.memory.plan import PlanOverrides, make_plan
@@ -128,11 +128,11 @@ def test_prewarm_does_nothing_when_enough_and_refuses_a_fixed_pagefile_or_linux(
 
 
 def test_pagefile_registry_value_and_windows_structures():
-    assert prewarm.pagefile_system_managed_from(["?:\\pagefile.sys"])
-    assert prewarm.pagefile_system_managed_from(["C:\\pagefile.sys 0 0"])
-    assert prewarm.pagefile_system_managed_from(["C:\\pagefile.sys"])
-    assert not prewarm.pagefile_system_managed_from(["C:\\pagefile.sys 4096 8192"])
-    assert not prewarm.pagefile_system_managed_from([])
+    assert probe.pagefile_system_managed_from(["?:\\pagefile.sys"])
+    assert probe.pagefile_system_managed_from(["C:\\pagefile.sys 0 0"])
+    assert probe.pagefile_system_managed_from(["C:\\pagefile.sys"])
+    assert not probe.pagefile_system_managed_from(["C:\\pagefile.sys 4096 8192"])
+    assert not probe.pagefile_system_managed_from([])
     # sysinfoapi.h: GlobalMemoryStatusEx fails unless dwLength == 64; VirtualAlloc takes a pointer-sized SIZE_T
     assert ctypes.sizeof(MEMORYSTATUSEX) == 64 and MEMORYSTATUSEX.ullAvailPageFile.offset == 32
     assert ctypes.sizeof(ctypes.c_size_t) == ctypes.sizeof(ctypes.c_void_p)

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from ..errors import MemoryPlanError
-from .probe import MEMORYSTATUSEX, parse_meminfo, pagefile_system_managed_from, windows_pagefile_system_managed
+from ..units import GB
+from .probe import MEMORYSTATUSEX, parse_meminfo, windows_pagefile_system_managed
 
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-GB = 1_000_000_000
 STEP_BYTES = 256 * MIB
 GROW_RETRIES = 3  # a commit can fail while the pagefile is still being extended: retry a step before giving up
 RETRY_PAUSE_S = 0.2

@@ -13,11 +13,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..units import GB
 from ..weights.layout import COMPONENTS
 
 log = logging.getLogger(__name__)
 
-GB = 1_000_000_000
 KIB = 1024
 
 # Components whose weights the plan places (tokenizers and the feature extractor have none worth counting).

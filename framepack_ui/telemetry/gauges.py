@@ -15,9 +15,10 @@ from pathlib import Path
 
 import psutil
 
+from ..units import MB
+
 log = logging.getLogger(__name__)
 
-MB = 1_000_000
 STARVED_GPU_UTIL_PCT = 20  # below this the GPU is mostly waiting...
 STARVED_DISK_READ_MB_S = 200  # ...while the disk reads this much: weights are being paged back in from disk
 NO_GPU_NOTE = "no NVIDIA GPU found"

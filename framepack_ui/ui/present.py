@@ -15,9 +15,9 @@ from typing import Any
 from ..errors import InputError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
 from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, frame_count, section_count
+from ..units import GB
 from ..worker.events import Queued
 
-GB = 1_000_000_000
 OUTPUTS = ("preview", "section_video", "progress", "final_video")  # the outputs a followed job drives
 MAX_NOTES = 3
 PHASES = {  # engine phase names in words (anything else shows its own detail)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..units import GB
+
 HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
 REDUX_REPO = "lllyasviel/flux_redux_bfl"
 F1_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"
@@ -36,7 +38,6 @@ def _shards(stem: str, count: int, ext: str = "safetensors") -> tuple[str, ...]:
     return tuple(f"{stem}-{i:05d}-of-{count:05d}.{ext}" for i in range(1, count + 1))
 
 
-GB = 1_000_000_000
 
 COMPONENTS: dict[str, Component] = {
     c.name: c

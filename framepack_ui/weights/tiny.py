@@ -19,11 +19,11 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from framepack_ui.units import MB
 from framepack_ui.weights.layout import COMPONENTS, F1_REPO, HUNYUAN_REPO, REDUX_REPO
 
 log = logging.getLogger(__name__)
 
-MB = 1_000_000  # transformer_mb counts decimal megabytes, like the sizes Hugging Face shows
 INIT_STD = 0.02
 
 # --- text used to train the tiny tokenizers ---------------------------------------------------------------
