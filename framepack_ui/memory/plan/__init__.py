@@ -36,9 +36,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from ..errors import MemoryPlanError
-from ..weights.layout import COMPONENTS
-from .probe import ComponentWeights, Machine
+from ...errors import MemoryPlanError
+from ...weights.layout import COMPONENTS
+from ..probe import ComponentWeights, Machine
 
 GB = 1_000_000_000
 MB = 1_000_000
@@ -614,8 +614,8 @@ def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict
     backend asked for, fp8 matmuls where the weights are fp8 and the GPU has e4m3 tensor cores."""
     on_gpu = t.device == "cuda"
     if o.attention is not None:
-        from . import attention  # torch: imported only when a backend is asked for
-        from .kernels import ATTENTION_BACKENDS
+        from .. import attention  # torch: imported only when a backend is asked for
+        from ..kernels import ATTENTION_BACKENDS
 
         if o.attention not in ATTENTION_BACKENDS:
             raise MemoryPlanError(f"--attention must be one of {', '.join(ATTENTION_BACKENDS)}, not {o.attention!r}")
