@@ -12,10 +12,10 @@ from PIL import Image
 from framepack_ui.cli import main as cli_main
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager, Placement, placements_from_plan
-from framepack_ui.memory.plan import (GB, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan,
-                                      real_weights)
+from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, parse_meminfo, probe_machine, weights_bytes,
                                        weights_on_disk, windows_memory_from)
+from framepack_ui.units import GB
 
 REAL = real_weights()
 OFFICIAL_DEMO_RAM_BYTES = 43 * GB  # text encoder + transformer held together in RAM by the official demo

@@ -12,10 +12,11 @@ from PIL import Image
 from framepack_ui.engine import f1, text
 from framepack_ui.events import Finished
 from framepack_ui.memory.manager import ModelManager
-from framepack_ui.memory.plan import GB, make_plan, real_weights
+from framepack_ui.memory.plan import make_plan, real_weights
 from framepack_ui.memory.probe import Machine
 from framepack_ui.memory.prompt_cache import PromptCache
 from framepack_ui.spec import JobSpec
+from framepack_ui.units import GB
 from framepack_ui.weights.layout import COMPONENTS
 
 FAST = dict(resolution=64, steps=2, seconds=1.2)

@@ -37,11 +37,10 @@ import math
 from dataclasses import dataclass, replace
 
 from ...errors import MemoryPlanError
+from ...spec import LATENT_WINDOW
+from ...units import GB, MB
 from ...weights.layout import COMPONENTS
 from ..probe import ComponentWeights, Machine
-
-GB = 1_000_000_000
-MB = 1_000_000
 
 PHASES = ("text", "image", "sampling", "decode")
 # Manager entries in memory during each phase, and the weight components each entry loads.
@@ -85,7 +84,6 @@ IMAGE_TOKENS = 729  # SigLIP tokens of the real model
 # freed copy around (glibc): measured +130-160 MB RssAnon over the baseline while sampling the 1.48 GB test
 # transformer (largest module 32 MB in float32, activations ~35 MB).
 UPCAST_COPIES = 2
-LATENT_WINDOW = 9
 # VAE decode of 18 latents (69 frames) at 640x608, measured on the H100: 21.8 GB untiled.
 VAE_DECODE_REF_PIXELS = 69 * 640 * 608
 VAE_DECODE_REF_UNTILED_BYTES = int(21.8 * GB)
