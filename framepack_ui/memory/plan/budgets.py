@@ -3,11 +3,11 @@ and what would make it fit)."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from ...errors import MemoryPlanError
 from ...units import GB, MB
-from ..probe import ComponentWeights
+from ..probe import ComponentWeights, Machine
 from .explain import gb_text
 from .types import LoadPlan
 
@@ -18,6 +18,24 @@ COMMIT_MARGIN_BYTES = 1 * GB
 # commit) stays free beside the plan's largest phase, for the next prompt's text encoder (loaded while the
 # transformer is kept), the page cache, the browser and other programs.
 PIN_HEADROOM_BYTES = 8 * GB
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What a plan may use of a machine, in bytes."""
+    ram: int
+    vram: int
+    commit: int | None  # None: commit is not enforced (Linux without vm.overcommit_memory=2) or not known
+
+
+def budgets_for(machine: Machine, cuda: bool) -> Budgets:
+    """RAM: what is free, at most the total less RAM_RESERVE_BYTES; VRAM: what is free less VRAM_MARGIN_BYTES
+    (none where the plan leaves the GPU unused); commit: what is left less COMMIT_MARGIN_BYTES, where enforced."""
+    ram = max(0, min(machine.ram_available_bytes, machine.ram_total_bytes - RAM_RESERVE_BYTES))
+    vram = max(0, machine.vram_free_bytes - VRAM_MARGIN_BYTES) if cuda else 0
+    commit = (machine.commit_available_bytes - COMMIT_MARGIN_BYTES
+              if machine.commit_enforced and machine.commit_available_bytes is not None else None)
+    return Budgets(ram, vram, commit)
 
 
 def shortfall(what: str, short_bytes: int, resource: str, fix: str) -> str:

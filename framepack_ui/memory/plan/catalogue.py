@@ -28,6 +28,15 @@ ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1}
 FP8_MATMUL_CAPABILITY = (8, 9)  # e4m3 tensor cores (torch._scaled_mm): Ada (8.9), Hopper (9.0) and later
 
 
+def compute_dtype(entry: str, cuda: bool) -> str:
+    """The dtype an entry computes in (and its activations are), on the GPU or on the CPU."""
+    return GPU_DTYPE[entry] if cuda else CPU_DTYPE
+
+
+def compute_itemsize(entry: str, cuda: bool) -> int:
+    return ITEMSIZE[compute_dtype(entry, cuda)]
+
+
 def storage_dtype(entry: str, w: ComponentWeights) -> str:
     """The dtype an entry's weights are stored in: as the safetensors header says, else guessed from the item
     size (2 bytes: bfloat16 for the transformer and SigLIP, float16 for the others)."""

@@ -8,10 +8,11 @@ from ...errors import MemoryPlanError
 from ...spec import LATENT_WINDOW
 from ...units import GB
 from ..probe import ComponentWeights
-from .catalogue import (CPU_DTYPE, ENTRY_COMPONENTS, GPU_DTYPE, IMAGE_TOKENS, ITEMSIZE, KEEP, MAPPABLE, PHASE_ENTRIES,
-                        PHASES, PROMPT_TOKENS, TEXT_TOKENS, VAE_REAL_TOP_WIDTH, storage_dtype)
+from .catalogue import (ENTRY_COMPONENTS, IMAGE_TOKENS, ITEMSIZE, KEEP, MAPPABLE, PHASE_ENTRIES, PHASES, PROMPT_TOKENS,
+                        TEXT_TOKENS, VAE_REAL_TOP_WIDTH, compute_dtype, storage_dtype)
 from .explain import gb_text
-from .measured import (UPCAST_COPIES, VAE_COMPILED_UNTILED_RATIO, VAE_DECODE_REF_PIXELS, VAE_DECODE_REF_UNTILED_BYTES,
+from .measured import (RUNTIME_BASELINE_COMMIT_BYTES, RUNTIME_BASELINE_RAM_BYTES, UPCAST_COPIES,
+                       VAE_COMPILED_UNTILED_RATIO, VAE_DECODE_REF_PIXELS, VAE_DECODE_REF_UNTILED_BYTES,
                        VAE_DECODE_SECONDS, VAE_DECODE_SECONDS_COMPILED, VAE_TILE_DECODE_BYTES,
                        VAE_TILE_DECODE_BYTES_COMPILED)
 from .types import ComponentPlan, LoadPlan, PhaseCost
@@ -24,6 +25,12 @@ STREAM_SPARE_BLOCKS = 2
 # Activations: the largest block holds about this many hidden-state-sized tensors at once (q, k, v, attention
 # output, the 4x MLP and its activation, the residual streams). Estimate from the block's shapes, not measured.
 ACTIVATION_COPIES = 16
+
+
+def runtime_baseline(cuda: bool) -> tuple[int, int]:
+    """RAM and commit of the process before any model, with CUDA's host-side state where the plan uses the GPU."""
+    host = CUDA_HOST_OVERHEAD_BYTES if cuda else 0
+    return RUNTIME_BASELINE_RAM_BYTES + host, RUNTIME_BASELINE_COMMIT_BYTES + host
 
 
 # --- activations ---------------------------------------------------------------------------------------------------
@@ -90,7 +97,7 @@ def place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int |
     stored = storage_dtype(entry, w)
     mapped = entry in MAPPABLE
     if where == "gpu":
-        compute = GPU_DTYPE[entry]
+        compute = compute_dtype(entry, cuda=True)
         vram = w.params * ITEMSIZE[compute]
         if stored == "float8_e4m3fn":  # fp8 stays fp8 in VRAM, each Linear dequantized per call
             vram = w.file_bytes
@@ -111,22 +118,24 @@ def place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int |
         rest = w.file_bytes - sum(blocks)  # embedders, refiner, output: always resident
         spare = STREAM_SPARE_BLOCKS * max(blocks[n:], default=0)
         pinned = STREAM_STAGING_BUFFERS * max(blocks[n:], default=0)  # pinned: resident and charged
-        return ComponentPlan(entry, where, "map", stored, GPU_DTYPE[entry], KEEP[entry],
+        return ComponentPlan(entry, where, "map", stored, compute_dtype(entry, cuda=True), KEEP[entry],
                              pinned, pinned, rest + resident + spare, streamed,
                              resident_blocks=n, total_blocks=len(blocks), file_bytes=w.file_bytes,
                              note=note or f"{gb_text(streamed)} streamed from the file map per step",
                              parked_vram_bytes=rest)  # park() frees the slots too
     if where == "cpu":
-        ram = w.params * ITEMSIZE[CPU_DTYPE]
-        return ComponentPlan(entry, where, "ram", stored, CPU_DTYPE, KEEP[entry], ram, ram, 0, 0,
+        compute = compute_dtype(entry, cuda=False)
+        ram = w.params * ITEMSIZE[compute]
+        return ComponentPlan(entry, where, "ram", stored, compute, KEEP[entry], ram, ram, 0, 0,
                              load_commit_bytes=w.file_bytes, file_bytes=w.file_bytes, vae_tiling=vae_tiling,
                              note=note)
     if where == "mmap":
         if not mapped:
             raise MemoryPlanError(f"{entry} cannot be computed from the file map (only {', '.join(MAPPABLE)})")
         # the largest module's weights exist in float32 while it runs (and the allocator keeps a freed copy)
-        upcast = UPCAST_COPIES * w.largest_tensor_bytes * ITEMSIZE[CPU_DTYPE] // max(1, w.storage_itemsize)
-        return ComponentPlan(entry, where, "map", stored, CPU_DTYPE, KEEP[entry], upcast, upcast, 0,
+        compute = compute_dtype(entry, cuda=False)
+        upcast = UPCAST_COPIES * w.largest_tensor_bytes * ITEMSIZE[compute] // max(1, w.storage_itemsize)
+        return ComponentPlan(entry, where, "map", stored, compute, KEEP[entry], upcast, upcast, 0,
                              w.file_bytes, file_bytes=w.file_bytes, note=note or "read-only file map, CPU")
     raise ValueError(f"unknown placement {where!r}")
 
