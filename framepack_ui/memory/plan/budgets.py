@@ -10,6 +10,7 @@ from ...units import GB, MB
 from ..probe import ComponentWeights, Machine
 from .explain import gb_text
 from .types import LoadPlan
+from .vocabulary import Where
 
 RAM_RESERVE_BYTES = 4 * GB  # left to the OS, browser and desktop of a laptop: planned RAM stays under total - this
 VRAM_MARGIN_BYTES = 750 * MB  # CUDA context (when the figure is supposed), cuBLAS workspaces, fragmentation
@@ -75,7 +76,7 @@ def check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
                 f"and {gb_text(plan.vram_budget_bytes)} is free: {short / GB:.1f} GB short; lower --resolution, "
                 f"close programs using the GPU, or use --plan mmap (CPU, slow)")
         t = plan.components["transformer"]
-        if t.where == "gpu-streamed":
+        if t.where == Where.GPU_STREAMED:
             cache_room = plan.ram_budget_bytes - plan.phase("sampling").ram_bytes
             if t.page_cache_bytes > cache_room:
                 notes.append(f"the page cache can keep about {gb_text(max(0, cache_room))} of the "
@@ -85,7 +86,7 @@ def check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
     if missing:
         notes.append(f"expected sizes (not on disk): {', '.join(missing)}")
     pinned = plan.components["transformer"].pinned_sources
-    if any(c.where == "gpu-streamed" and not c.pinned_sources for c in plan.components.values()):
+    if any(c.where == Where.GPU_STREAMED and not c.pinned_sources for c in plan.components.values()):
         notes.append("gpu-streamed: blocks beyond the resident ones are copied from the read-only map each step "
                      "through two pinned block buffers" + ("" if pinned else " (the only pinned memory)"))
     if pinned:

@@ -16,6 +16,7 @@ from .measured import (RUNTIME_BASELINE_COMMIT_BYTES, RUNTIME_BASELINE_RAM_BYTES
                        VAE_DECODE_SECONDS, VAE_DECODE_SECONDS_COMPILED, VAE_TILE_DECODE_BYTES,
                        VAE_TILE_DECODE_BYTES_COMPILED)
 from .types import ComponentPlan, LoadPlan, PhaseCost
+from .vocabulary import Storage, Where
 
 CUDA_HOST_OVERHEAD_BYTES = 1 * GB  # host-side CUDA/cuBLAS/cuDNN state: an estimate, not measured
 # streaming.py: two pinned host buffers and two VRAM slots, each the size of the largest streamed block (a dual
@@ -91,26 +92,26 @@ def entry_weights(entry: str, weights: dict[str, ComponentWeights]) -> Component
                    largest_tensor_bytes=max(p.largest_tensor_bytes for p in parts))
 
 
-def place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int | None = None,
+def place(entry: str, w: ComponentWeights, where: Where, *, resident_blocks: int | None = None,
           vae_tiling: bool = False, note: str = "") -> ComponentPlan:
     """The cost of one placement (no decision here)."""
     stored = storage_dtype(entry, w)
     mapped = entry in MAPPABLE
-    if where == "gpu":
+    if where == Where.GPU:
         compute = compute_dtype(entry, cuda=True)
         vram = w.params * ITEMSIZE[compute]
         if stored == "float8_e4m3fn":  # fp8 stays fp8 in VRAM, each Linear dequantized per call
             vram = w.file_bytes
         if mapped:  # read from the read-only map straight into VRAM: page cache only, nothing charged
-            return ComponentPlan(entry, where, "map", stored, compute, KEEP[entry], 0, 0, vram, 0,
+            return ComponentPlan(entry, where, Storage.MAP, stored, compute, KEEP[entry], 0, 0, vram, 0,
                                  load_ram_bytes=0, load_commit_bytes=0, file_bytes=w.file_bytes,
                                  vae_tiling=vae_tiling, note=note)
         # the library loads to the CPU first (safetensors' copy-on-write map is charged as commit), then moves it
         transient = w.params * ITEMSIZE[compute]
-        return ComponentPlan(entry, where, "ram", stored, compute, KEEP[entry], 0, 0, vram, 0,
+        return ComponentPlan(entry, where, Storage.RAM, stored, compute, KEEP[entry], 0, 0, vram, 0,
                              load_ram_bytes=transient, load_commit_bytes=transient + w.file_bytes,
                              file_bytes=w.file_bytes, vae_tiling=vae_tiling, note=note)
-    if where == "gpu-streamed":
+    if where == Where.GPU_STREAMED:
         blocks = list(w.block_bytes)
         n = len(blocks) if resident_blocks is None else max(0, min(resident_blocks, len(blocks)))
         resident = sum(blocks[:n])
@@ -118,24 +119,24 @@ def place(entry: str, w: ComponentWeights, where: str, *, resident_blocks: int |
         rest = w.file_bytes - sum(blocks)  # embedders, refiner, output: always resident
         spare = STREAM_SPARE_BLOCKS * max(blocks[n:], default=0)
         pinned = STREAM_STAGING_BUFFERS * max(blocks[n:], default=0)  # pinned: resident and charged
-        return ComponentPlan(entry, where, "map", stored, compute_dtype(entry, cuda=True), KEEP[entry],
+        return ComponentPlan(entry, where, Storage.MAP, stored, compute_dtype(entry, cuda=True), KEEP[entry],
                              pinned, pinned, rest + resident + spare, streamed,
                              resident_blocks=n, total_blocks=len(blocks), file_bytes=w.file_bytes,
                              note=note or f"{gb_text(streamed)} streamed from the file map per step",
                              parked_vram_bytes=rest)  # park() frees the slots too
-    if where == "cpu":
+    if where == Where.CPU:
         compute = compute_dtype(entry, cuda=False)
         ram = w.params * ITEMSIZE[compute]
-        return ComponentPlan(entry, where, "ram", stored, compute, KEEP[entry], ram, ram, 0, 0,
+        return ComponentPlan(entry, where, Storage.RAM, stored, compute, KEEP[entry], ram, ram, 0, 0,
                              load_commit_bytes=w.file_bytes, file_bytes=w.file_bytes, vae_tiling=vae_tiling,
                              note=note)
-    if where == "mmap":
+    if where == Where.MMAP:
         if not mapped:
             raise MemoryPlanError(f"{entry} cannot be computed from the file map (only {', '.join(MAPPABLE)})")
         # the largest module's weights exist in float32 while it runs (and the allocator keeps a freed copy)
         compute = compute_dtype(entry, cuda=False)
         upcast = UPCAST_COPIES * w.largest_tensor_bytes * ITEMSIZE[compute] // max(1, w.storage_itemsize)
-        return ComponentPlan(entry, where, "map", stored, compute, KEEP[entry], upcast, upcast, 0,
+        return ComponentPlan(entry, where, Storage.MAP, stored, compute, KEEP[entry], upcast, upcast, 0,
                              w.file_bytes, file_bytes=w.file_bytes, note=note or "read-only file map, CPU")
     raise ValueError(f"unknown placement {where!r}")
 

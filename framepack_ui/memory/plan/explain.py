@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...units import GB, MB
+from .vocabulary import Storage, Where
 
 if TYPE_CHECKING:
     from .types import ComponentPlan, LoadPlan
@@ -19,7 +20,7 @@ def gb_text(n: int | None) -> str:
 def summary_text(plan: LoadPlan) -> str:
     """One line: each model's place and the predicted peaks."""
     places = ", ".join(f"{c.name} {c.where}" + (f" {c.resident_blocks}/{c.total_blocks}"
-                                                 if c.where == "gpu-streamed" else "")
+                                                 if c.where == Where.GPU_STREAMED else "")
                        for c in plan.components.values())
     vram = f", VRAM {gb_text(plan.peak_vram_bytes)}" if plan.device == "cuda" else ""
     return (f"{places}; predicted peak RAM {gb_text(plan.peak_ram_bytes)}, commit {gb_text(plan.peak_commit_bytes)}"
@@ -41,9 +42,9 @@ def explain_text(plan: LoadPlan) -> str:
              f"{'model':<14}{'where':<20}{'storage':<16}{'compute':<10}{'on disk':>9}{'RAM':>9}{'commit':>9}"
              f"{'VRAM':>9}{'cache':>9}  notes"]
     for c in plan.components.values():
-        where = c.where + (f" {c.resident_blocks}/{c.total_blocks}" if c.where == "gpu-streamed" else "")
-        storage = (f"{'fp8 e4m3' if c.storage == 'fp8' else c.storage_dtype} "
-                   f"{'map' if c.storage in ('map', 'fp8') else 'copy'}")
+        where = f"{c.where}" + (f" {c.resident_blocks}/{c.total_blocks}" if c.where == Where.GPU_STREAMED else "")
+        storage = (f"{'fp8 e4m3' if c.storage == Storage.FP8 else c.storage_dtype} "
+                   f"{'map' if c.storage in (Storage.MAP, Storage.FP8) else 'copy'}")
         lines.append(f"{c.name:<14}{where:<20}{storage:<16}{c.compute_dtype:<10}{gb_text(c.file_bytes):>9}"
                      f"{gb_text(c.ram_bytes):>9}{gb_text(c.commit_bytes):>9}{gb_text(c.vram_bytes):>9}"
                      f"{gb_text(c.page_cache_bytes):>9}  {'; '.join(_component_notes(c))}")
@@ -66,7 +67,7 @@ def _component_notes(c: ComponentPlan) -> list[str]:
     if c.name == "transformer" and (c.device == "cuda" or c.compile or c.attention or c.fp8_matmul):
         notes.append("compiled" if c.compile else "not compiled")
         notes.append(f"attention {c.attention or 'default'}")
-        if c.storage == "fp8":
+        if c.storage == Storage.FP8:
             notes.append("fp8 matmul" if c.fp8_matmul else "no fp8 matmul (dequantized to bf16)")
     return notes
 

@@ -13,6 +13,7 @@ from .costs import (decode_activations, decode_seconds, entry_weights, phase_cos
 from .explain import decode_name, gb_text
 from .measured import VAE_SMALLEST_TILE_PX
 from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
+from .vocabulary import Storage, Where
 
 # What compiling the VAE decoder buys is room for larger tiles; the compile (about 100 s on the H200's host, longer
 # on a laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at
@@ -148,15 +149,15 @@ def _place_vae(ctx: _Context) -> ComponentPlan:
                         + max(ctx.sampling_act, untiled) <= ctx.budgets.vram)
         tiled = (o.vae_tiling if o.vae_tiling is not None
                  else not untiled_fits and ctx.vae_decode(VAE_SMALLEST_TILE_PX) < untiled)
-        return replace(place("vae", vae, "gpu", vae_tiling=tiled, note="tiled decode" if tiled else ""),
+        return replace(place("vae", vae, Where.GPU, vae_tiling=tiled, note="tiled decode" if tiled else ""),
                        compile=ctx.compile_decoder)
     tiled = o.vae_tiling if o.vae_tiling is not None else untiled > ctx.budgets.ram // 2
-    return place("vae", vae, "cpu", vae_tiling=tiled, note="tiled decode" if tiled else "")
+    return place("vae", vae, Where.CPU, vae_tiling=tiled, note="tiled decode" if tiled else "")
 
 
 def _place_image_encoder(ctx: _Context) -> ComponentPlan:
     """SigLIP: small; on the GPU where the plan uses one, else a copy in RAM."""
-    return place("image_encoder", ctx.w["image_encoder"], "gpu" if ctx.cuda else "cpu")
+    return place("image_encoder", ctx.w["image_encoder"], Where.GPU if ctx.cuda else Where.CPU)
 
 
 def _place_text_encoders(ctx: _Context) -> ComponentPlan:
@@ -166,14 +167,14 @@ def _place_text_encoders(ctx: _Context) -> ComponentPlan:
     the CPU from the read-only map (nothing charged)."""
     te = ctx.w["text_encoders"]
     if ctx.o.plan == "cpu":
-        return place("text_encoders", te, "cpu")
+        return place("text_encoders", te, Where.CPU)
     if ctx.cuda and te.params * compute_itemsize("text_encoders", cuda=True) + ctx.text_act <= ctx.budgets.vram:
-        return place("text_encoders", te, "gpu")
+        return place("text_encoders", te, Where.GPU)
     layers = _most_resident("text_encoders", te, ctx.budgets.vram - ctx.text_act) if ctx.cuda else None
     if layers is not None:
-        return place("text_encoders", te, "gpu-streamed", resident_blocks=layers,
+        return place("text_encoders", te, Where.GPU_STREAMED, resident_blocks=layers,
                      note="decoder layers streamed from the file map (once per prompt)")
-    return place("text_encoders", te, "mmap", note="read-only file map, CPU (once per prompt)")
+    return place("text_encoders", te, Where.MMAP, note="read-only file map, CPU (once per prompt)")
 
 
 def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
@@ -183,16 +184,16 @@ def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
     that does not fit resident is refused with the shortfall."""
     o, t = ctx.o, ctx.w["transformer"]
     if o.plan == "cpu":
-        return place("transformer", t, "cpu")
+        return place("transformer", t, Where.CPU)
     if not ctx.cuda:
-        return place("transformer", t, "mmap")
+        return place("transformer", t, Where.MMAP)
     # The transformer stays loaded through the decode (the engine decodes inside its `use`). Resident, it shares
     # the VAE's decode room; streamed, it can park its resident blocks while the VAE decodes (the manager does:
     # streaming.BlockStreamer.park), so only the sampling phase bounds them.
     sampling_room = ctx.budgets.vram - vae.vram_bytes - ctx.sampling_act
     decode_room = ctx.budgets.vram - vae.vram_bytes - ctx.decode_bytes(vae)
     room = min(sampling_room, decode_room)
-    full = place("transformer", t, "gpu")
+    full = place("transformer", t, Where.GPU)
     if o.plan != "streamed" and full.vram_bytes <= room and o.resident_blocks is None:
         return full
     if o.plan == "gpu":
@@ -210,9 +211,9 @@ def _stream_transformer(t: ComponentWeights, resident_blocks: int | None, sampli
     n = resident_blocks
     if n is None:
         n = _most_resident("transformer", t, min(sampling_room, decode_room)) or 0
-        if place("transformer", t, "gpu-streamed", resident_blocks=0).vram_bytes <= decode_room:
+        if place("transformer", t, Where.GPU_STREAMED, resident_blocks=0).vram_bytes <= decode_room:
             n = max(n, _most_resident("transformer", t, sampling_room) or 0)  # parked while decoding
-    streamed = place("transformer", t, "gpu-streamed", resident_blocks=n)
+    streamed = place("transformer", t, Where.GPU_STREAMED, resident_blocks=n)
     if streamed.vram_bytes > decode_room:
         streamed = replace(streamed, park_for_decode=True,
                            page_cache_bytes=streamed.page_cache_bytes + sum(t.block_bytes[:n]))
@@ -222,7 +223,7 @@ def _stream_transformer(t: ComponentWeights, resident_blocks: int | None, sampli
 def _apply_fp8(t: ComponentPlan, w: ComponentWeights) -> tuple[ComponentPlan, str]:
     """--fp8: the transformer read from its fp8 cache (memory/fp8.py) rather than the bf16 shards, and the note
     saying so. Its costs are already those of the fp8 weights (_weights_as_stored)."""
-    return replace(t, storage="fp8"), (
+    return replace(t, storage=Storage.FP8), (
         f"fp8: the transformer blocks' Linear weights as e4m3fn with per-channel scales "
         f"({gb_text(w.file_bytes)} on disk), converted once from the bf16 shards into the fp8/ cache "
         f"(needs that much free disk the first time)")
@@ -233,7 +234,7 @@ def _choose_pinning(ctx: _Context, plans: dict[str, ComponentPlan]) -> dict[str,
     PIN_HEADROOM_BYTES of RAM (and of commit, where enforced) stay free beside the largest phase, or where
     forced; never where refused (PlanOverrides.pin_streamed)."""
     t = plans["transformer"]
-    if t.where != "gpu-streamed" or ctx.o.pin_streamed is False:
+    if t.where != Where.GPU_STREAMED or ctx.o.pin_streamed is False:
         return plans
     pinned = {**plans, "transformer": with_pinned_sources(t, ctx.w["transformer"])}
     phases = ctx.phases(pinned)
@@ -259,10 +260,10 @@ def _choose_vae_tile(ctx: _Context, plans: dict[str, ComponentPlan]) -> dict[str
 def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
     """The most blocks that can stay resident with the rest streamed within `room` bytes of VRAM; None when
     not even all-streamed fits (or the weights list no blocks)."""
-    if not w.block_bytes or place(entry, w, "gpu-streamed", resident_blocks=0).vram_bytes > room:
+    if not w.block_bytes or place(entry, w, Where.GPU_STREAMED, resident_blocks=0).vram_bytes > room:
         return None
     n = len(w.block_bytes)
-    while n > 0 and place(entry, w, "gpu-streamed", resident_blocks=n).vram_bytes > room:
+    while n > 0 and place(entry, w, Where.GPU_STREAMED, resident_blocks=n).vram_bytes > room:
         n -= 1
     return n
 
@@ -281,9 +282,9 @@ def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict
         if why:
             raise MemoryPlanError(f"--attention {o.attention} {why}")
     compile_ = on_gpu and machine.compile_supported if o.compile is None else o.compile
-    fp8_able = on_gpu and t.storage == "fp8" and machine.cuda_capability >= FP8_MATMUL_CAPABILITY
+    fp8_able = on_gpu and t.storage == Storage.FP8 and machine.cuda_capability >= FP8_MATMUL_CAPABILITY
     fp8_matmul = fp8_able if o.fp8_matmul is None else o.fp8_matmul
-    if fp8_matmul and t.storage != "fp8":
+    if fp8_matmul and t.storage != Storage.FP8:
         raise MemoryPlanError("--fp8-matmul needs the transformer stored as fp8 (add --fp8)")
     return {"compile": bool(compile_), "attention": o.attention, "fp8_matmul": bool(fp8_matmul)}
 

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 from ..probe import Machine
 from .explain import explain_text, summary_text
 from .measured import VAE_SMALLEST_TILE_PX
-
-WHERE = ("gpu", "gpu-streamed", "cpu", "mmap")
+from .vocabulary import Storage, Where
 
 
 @dataclass(frozen=True)
@@ -29,8 +28,8 @@ class PlanOverrides:
 class ComponentPlan:
     """One manager entry: where it lives and what it costs while loaded (and, transiently, while loading)."""
     name: str
-    where: str  # gpu | gpu-streamed | cpu | mmap
-    storage: str  # "map" (read-only file map) or "ram" (a private copy made by the library's loader)
+    where: Where
+    storage: Storage
     storage_dtype: str
     compute_dtype: str
     keep: bool
@@ -58,7 +57,7 @@ class ComponentPlan:
 
     @property
     def device(self) -> str:
-        return "cuda" if self.where in ("gpu", "gpu-streamed") else "cpu"
+        return "cuda" if self.where in (Where.GPU, Where.GPU_STREAMED) else "cpu"
 
 
 @dataclass(frozen=True)
