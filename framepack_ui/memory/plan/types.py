@@ -1,7 +1,7 @@
 """What a plan is made of: the overrides a user may force, each entry's placement, each phase's cost, the plan."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..probe import Machine
 from .explain import explain_text, summary_text
@@ -106,3 +106,8 @@ class LoadPlan:
     def explain(self) -> str:
         """A table for the CLI and the UI: one line per model, one per phase, then the notes."""
         return explain_text(self)
+
+    def with_component(self, name: str, **changes) -> LoadPlan:
+        """A copy whose component `name` is `dataclasses.replace(old, **changes)`: for forcing one placement, e.g.
+        in tests. The phase costs are not recomputed."""
+        return replace(self, components={**self.components, name: replace(self.components[name], **changes)})
