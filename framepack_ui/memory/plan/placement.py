@@ -98,10 +98,8 @@ def _weights_as_stored(weights: dict[str, ComponentWeights], o: PlanOverrides) -
 
 @dataclass(frozen=True)
 class _Context:
-    """What every placement rule reads: the machine and the overrides, each entry's weights, the budgets, and the
-    activations of sampling and of the text encoders (they depend on the compute device only, not on where the
-    weights are)."""
-    machine: Machine
+    """What every placement rule reads: the overrides, each entry's weights, the budgets, and the activations of
+    sampling and of the text encoders (they depend on the compute device only, not on where the weights are)."""
     o: PlanOverrides
     cuda: bool  # the plan uses the GPU: there is one, and --plan is not mmap or cpu
     compile_decoder: bool
@@ -118,7 +116,7 @@ class _Context:
         sampling_act = sampling_activations(w["transformer"], w["image_encoder"], o.resolution,
                                             itemsize=compute_itemsize("transformer", cuda))
         text_act = text_activations(weights["text_encoder"], compute_itemsize("text_encoders", cuda))
-        return cls(machine, o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act)
+        return cls(o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act)
 
     def vae_decode(self, tile_px: int | None) -> int:
         """What the VAE's decode allocates, untiled (None) or in tiles of `tile_px`."""
@@ -139,8 +137,8 @@ class _Context:
 def _place_vae(ctx: _Context) -> ComponentPlan:
     """The VAE: on the GPU where the plan uses one, else on the CPU. Its decode is tiled where asked, or else where
     the untiled decode does not fit: on the GPU, beside the whole transformer resident (untiled is faster, 3.9 s
-    against 6.9 s per section on the H100, but needs 21.8 GB at 640 px); on the CPU, in half the RAM budget.
-    In the smallest tiles: _choose_vae_tile grows them once the transformer is placed."""
+    against 6.9 s per section on the H100, docs/benchmarks.md, but needs 21.8 GB at 640 px); on the CPU, in half
+    the RAM budget. In the smallest tiles: _choose_vae_tile grows them once the transformer is placed."""
     o, vae = ctx.o, ctx.w["vae"]
     untiled = ctx.vae_decode(None)
     if ctx.cuda:
@@ -180,8 +178,9 @@ def _place_text_encoders(ctx: _Context) -> ComponentPlan:
 def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
     """The transformer, kept for the whole job: a copy in RAM with --plan cpu; without the GPU, computed from the
     read-only map; else resident where it fits beside the VAE and the larger of the sampling and decode
-    activations (unless --plan streamed or --resident-blocks), or else streamed (_stream_transformer). --plan gpu
-    that does not fit resident is refused with the shortfall."""
+    activations (unless --plan streamed or PlanOverrides.resident_blocks), or else streamed
+    (_stream_transformer). --plan gpu that does not take the resident transformer is refused with the
+    shortfall."""
     o, t = ctx.o, ctx.w["transformer"]
     if o.plan == "cpu":
         return place("transformer", t, Where.CPU)
