@@ -11,10 +11,10 @@ from PIL import Image
 
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
-from framepack_ui.memory.plan import (GB, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan,
-                                      real_weights)
+from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, parse_meminfo, probe_machine, weights_bytes,
                                        weights_on_disk, windows_memory_from)
+from framepack_ui.units import GB
 from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 
 REAL = real_weights()

@@ -10,10 +10,11 @@ import torch
 from framepack_ui.engine import f1, text
 from framepack_ui.events import Finished
 from conftest import cpu_manager
-from framepack_ui.memory.plan import GB, make_plan, real_weights
+from framepack_ui.memory.plan import make_plan, real_weights
 from framepack_ui.memory.probe import Machine
 from framepack_ui.memory.prompt_cache import PromptCache
 from framepack_ui.spec import JobSpec
+from framepack_ui.units import GB
 from framepack_ui.weights.layout import COMPONENTS
 from job_settings import FAST_2_STEPS
 

@@ -1,4 +1,4 @@
-"""Reads the machine and the weights on disk. Reads only: every decision is in plan.py.
+"""Reads the machine and the weights on disk. Reads only: every decision is in the plan (memory/plan/).
 
 `probe_machine()` returns a frozen `Machine`; tests and `plan --ram/--vram` build a `Machine` directly instead.
 `weights_on_disk(models_dir)` reads the safetensors headers (not the data) of every component present.
@@ -57,7 +57,7 @@ class Machine:
     vram_free_bytes: int = 0
     gpu_name: str = ""
     cuda_capability: tuple[int, int] = (0, 0)  # (major, minor) of CUDA device 0; fp8 matmuls need (8, 9)
-    compile_supported: bool = False  # torch.compile can generate code for the GPU (kernels.compile_supported)
+    compile_supported: bool = False  # torch.compile can generate code for the GPU (compute.backends.compile_supported)
     disk_free_bytes: int | None = None  # on the models folder's volume
     os_name: str = "linux"  # "linux" | "windows" | "darwin"
     # Windows with a system-managed pagefile: commit can grow (pre-warm, prewarm.py) as far as the disk allows

@@ -5,7 +5,7 @@ start and then follows it live. Only the newest Step of a job keeps its preview 
 stays small. The engine (and with it torch) is imported in the worker thread when the first job starts, so
 importing this module stays light.
 
-Each job runs under a memory plan (memory/plan.py) made for its memory profile ("auto" or a forced placement)
+Each job runs under a memory plan (memory/plan/) made for its memory profile ("auto" or a forced placement)
 and resolution just before it starts; the ModelManager is rebuilt only when the placements change. Missing model
 files can be fetched in a background thread the worker owns (`start_download`, `download_status`,
 `cancel_download`).

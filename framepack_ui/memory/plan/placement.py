@@ -1,0 +1,288 @@
+"""The placement decisions: where each entry lives on this machine, and how the transformer computes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ...compute import backends
+from ...errors import MemoryPlanError
+from ..probe import ComponentWeights, Machine
+from .budgets import PIN_HEADROOM_BYTES, Budgets, budgets_for, check, shortfall
+from .catalogue import ENTRY_COMPONENTS, PLAN_CHOICES, compute_itemsize, fp8_weights, with_real_defaults
+from .costs import (decode_activations, decode_seconds, entry_weights, phase_costs, place, runtime_baseline,
+                    sampling_activations, text_activations, tile_table, with_pinned_sources)
+from .explain import decode_name, gb_text
+from .measured import VAE_SMALLEST_TILE_PX
+from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
+from .vocabulary import Storage, Where
+
+# What compiling the VAE decoder buys is room for larger tiles; the compile (about 100 s on the H200's host, longer
+# on a laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at
+# least this much faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card
+# (2.86 -> 2.19 s). docs/benchmarks.md, "The VAE decoder under torch.compile".
+VAE_COMPILE_MIN_GAIN = 0.25
+
+
+def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
+              overrides: PlanOverrides | None = None) -> LoadPlan:
+    """Decide every placement (auto unless overridden) and predict each phase; raise if it cannot fit.
+
+    Where torch.compile works, the plan is made twice, with the VAE decoder eager and compiled, and the compiled
+    one is taken where its smaller decode footprint buys a decode at least VAE_COMPILE_MIN_GAIN faster (larger
+    tiles, or none) or is the only one that fits."""
+    o = overrides or PlanOverrides()
+    compile_able = (machine.has_cuda and o.plan not in ("mmap", "cpu")
+                    and (machine.compile_supported if o.compile is None else o.compile))
+    if not compile_able:
+        return _make_plan(machine, weights, o, compile_decoder=False)
+    try:
+        eager = _make_plan(machine, weights, o, compile_decoder=False)
+    except MemoryPlanError:
+        return _make_plan(machine, weights, o, compile_decoder=True)
+    try:
+        compiled = _make_plan(machine, weights, o, compile_decoder=True)
+    except MemoryPlanError:
+        return eager
+    before, after = decode_seconds(eager), decode_seconds(compiled)
+    if after > (1 - VAE_COMPILE_MIN_GAIN) * before:
+        return eager
+    return replace(compiled, notes=compiled.notes + (
+        f"VAE decoder compiled: a third less VRAM, so it decodes {decode_name(compiled)} instead of "
+        f"{decode_name(eager)} (about {before / after:.1f}x faster; the first decodes after the app starts "
+        f"compile it: minutes)",))
+
+
+def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,
+               compile_decoder: bool) -> LoadPlan:
+    """One plan, the VAE decoder eager or compiled: each entry placed in turn (the VAE first, the transformer
+    last: it takes what the others leave), then the transformer's storage and speed options, where its
+    streamed blocks live and the VAE's tile; the phases costed and checked against the budgets."""
+    _refuse_impossible_overrides(machine, o)
+    weights = _weights_as_stored(weights, o)
+    ctx = _Context.of(machine, weights, o, compile_decoder)
+    plans = {"vae": _place_vae(ctx)}
+    plans["image_encoder"] = _place_image_encoder(ctx)
+    plans["text_encoders"] = _place_text_encoders(ctx)
+    plans["transformer"] = _place_transformer(ctx, plans["vae"])
+    notes = []
+    if o.fp8:
+        plans["transformer"], note = _apply_fp8(plans["transformer"], ctx.w["transformer"])
+        notes.append(note)
+    plans["transformer"] = replace(plans["transformer"], **_speed_options(machine, plans["transformer"], o))
+    plans = _choose_pinning(ctx, plans)
+    plans = _choose_vae_tile(ctx, plans)
+    plan = LoadPlan(machine, "cuda" if ctx.cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS},
+                    ctx.phases(plans), ctx.budgets.ram, ctx.budgets.vram, ctx.budgets.commit, o.resolution,
+                    tuple(notes))
+    return check(plan, weights)
+
+
+def _refuse_impossible_overrides(machine: Machine, o: PlanOverrides) -> None:
+    """An unknown --plan, --fp8 with --plan cpu (fp8 is read from its map), --plan gpu or streamed without a GPU."""
+    if o.plan not in PLAN_CHOICES:
+        raise MemoryPlanError(f"--plan must be one of {', '.join(PLAN_CHOICES)}, not {o.plan!r}")
+    if o.fp8 and o.plan == "cpu":
+        raise MemoryPlanError("--fp8 needs the read-only file map (--plan auto, gpu, streamed or mmap), "
+                              "not --plan cpu")
+    if o.plan in ("gpu", "streamed") and not machine.has_cuda:
+        raise MemoryPlanError(f"--plan {o.plan} needs a CUDA GPU, and none was found (use --plan mmap or auto)")
+
+
+def _weights_as_stored(weights: dict[str, ComponentWeights], o: PlanOverrides) -> dict[str, ComponentWeights]:
+    """The weights planned with: the real models' expected sizes for components not on disk, and with --fp8 the
+    transformer as its fp8 cache stores it."""
+    weights = with_real_defaults(weights)
+    if o.fp8:
+        weights = {**weights, "transformer": fp8_weights(weights["transformer"])}
+    return weights
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every placement rule reads: the overrides, each entry's weights, the budgets, and the activations of
+    sampling and of the text encoders (they depend on the compute device only, not on where the weights are)."""
+    o: PlanOverrides
+    cuda: bool  # the plan uses the GPU: there is one, and --plan is not mmap or cpu
+    compile_decoder: bool
+    w: dict[str, ComponentWeights]  # by manager entry
+    budgets: Budgets
+    sampling_act: int
+    text_act: int
+
+    @classmethod
+    def of(cls, machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,
+           compile_decoder: bool) -> _Context:
+        cuda = machine.has_cuda and o.plan not in ("mmap", "cpu")
+        w = {e: entry_weights(e, weights) for e in ENTRY_COMPONENTS}
+        sampling_act = sampling_activations(w["transformer"], w["image_encoder"], o.resolution,
+                                            itemsize=compute_itemsize("transformer", cuda))
+        text_act = text_activations(weights["text_encoder"], compute_itemsize("text_encoders", cuda))
+        return cls(o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act)
+
+    def vae_decode(self, tile_px: int | None) -> int:
+        """What the VAE's decode allocates, untiled (None) or in tiles of `tile_px`."""
+        return decode_activations(self.w["vae"], self.o.resolution, tile_px, compute_itemsize("vae", self.cuda),
+                                  self.compile_decoder)
+
+    def decode_bytes(self, vae: ComponentPlan) -> int:
+        """What the decode of the VAE as placed allocates."""
+        return self.vae_decode(vae.vae_tile_px if vae.vae_tiling else None)
+
+    def phases(self, plans: dict[str, ComponentPlan]) -> tuple[PhaseCost, ...]:
+        """Each phase's cost with these placements."""
+        baseline_ram, baseline_commit = runtime_baseline(self.cuda)
+        return phase_costs(plans, baseline_ram, baseline_commit, 0 if self.cuda else self.sampling_act,
+                           self.sampling_act if self.cuda else 0, self.text_act, self.decode_bytes(plans["vae"]))
+
+
+def _place_vae(ctx: _Context) -> ComponentPlan:
+    """The VAE: on the GPU where the plan uses one, else on the CPU. Its decode is tiled where asked, or else where
+    the untiled decode does not fit: on the GPU, beside the whole transformer resident (untiled is faster, 3.9 s
+    against 6.9 s per section on the H100, docs/benchmarks.md, but needs 21.8 GB at 640 px); on the CPU, in half
+    the RAM budget. In the smallest tiles: _choose_vae_tile grows them once the transformer is placed."""
+    o, vae = ctx.o, ctx.w["vae"]
+    untiled = ctx.vae_decode(None)
+    if ctx.cuda:
+        untiled_fits = (vae.params * compute_itemsize("vae", cuda=True)
+                        + ctx.w["transformer"].params * compute_itemsize("transformer", cuda=True)
+                        + max(ctx.sampling_act, untiled) <= ctx.budgets.vram)
+        tiled = (o.vae_tiling if o.vae_tiling is not None
+                 else not untiled_fits and ctx.vae_decode(VAE_SMALLEST_TILE_PX) < untiled)
+        return replace(place("vae", vae, Where.GPU, vae_tiling=tiled, note="tiled decode" if tiled else ""),
+                       compile=ctx.compile_decoder)
+    tiled = o.vae_tiling if o.vae_tiling is not None else untiled > ctx.budgets.ram // 2
+    return place("vae", vae, Where.CPU, vae_tiling=tiled, note="tiled decode" if tiled else "")
+
+
+def _place_image_encoder(ctx: _Context) -> ComponentPlan:
+    """SigLIP: small; on the GPU where the plan uses one, else a copy in RAM."""
+    return place("image_encoder", ctx.w["image_encoder"], Where.GPU if ctx.cuda else Where.CPU)
+
+
+def _place_text_encoders(ctx: _Context) -> ComponentPlan:
+    """The text encoders, used once per prompt: a copy in RAM with --plan cpu; on the GPU where they fit with
+    their activations; else their decoder layers streamed to the GPU, as many resident as fit (8 B params
+    computed on a laptop CPU take minutes); without a GPU (or room for even the embeddings and two layers), on
+    the CPU from the read-only map (nothing charged)."""
+    te = ctx.w["text_encoders"]
+    if ctx.o.plan == "cpu":
+        return place("text_encoders", te, Where.CPU)
+    if ctx.cuda and te.params * compute_itemsize("text_encoders", cuda=True) + ctx.text_act <= ctx.budgets.vram:
+        return place("text_encoders", te, Where.GPU)
+    layers = _most_resident("text_encoders", te, ctx.budgets.vram - ctx.text_act) if ctx.cuda else None
+    if layers is not None:
+        return place("text_encoders", te, Where.GPU_STREAMED, resident_blocks=layers,
+                     note="decoder layers streamed from the file map (once per prompt)")
+    return place("text_encoders", te, Where.MMAP, note="read-only file map, CPU (once per prompt)")
+
+
+def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
+    """The transformer, kept for the whole job: a copy in RAM with --plan cpu; without the GPU, computed from the
+    read-only map; else resident where it fits beside the VAE and the larger of the sampling and decode
+    activations (unless --plan streamed or PlanOverrides.resident_blocks), or else streamed
+    (_stream_transformer). --plan gpu that does not take the resident transformer is refused with the
+    shortfall."""
+    o, t = ctx.o, ctx.w["transformer"]
+    if o.plan == "cpu":
+        return place("transformer", t, Where.CPU)
+    if not ctx.cuda:
+        return place("transformer", t, Where.MMAP)
+    # The transformer stays loaded through the decode (the engine decodes inside its `use`). Resident, it shares
+    # the VAE's decode room; streamed, it can park its resident blocks while the VAE decodes (the manager does:
+    # streaming.BlockStreamer.park), so only the sampling phase bounds them.
+    sampling_room = ctx.budgets.vram - vae.vram_bytes - ctx.sampling_act
+    decode_room = ctx.budgets.vram - vae.vram_bytes - ctx.decode_bytes(vae)
+    room = min(sampling_room, decode_room)
+    full = place("transformer", t, Where.GPU)
+    if o.plan != "streamed" and full.vram_bytes <= room and o.resident_blocks is None:
+        return full
+    if o.plan == "gpu":
+        raise MemoryPlanError(shortfall("the transformer resident in VRAM", full.vram_bytes - room,
+                                        "VRAM", "use --plan streamed or auto"))
+    return _stream_transformer(t, o.resident_blocks, sampling_room, decode_room)
+
+
+def _stream_transformer(t: ComponentWeights, resident_blocks: int | None, sampling_room: int,
+                        decode_room: int) -> ComponentPlan:
+    """The transformer streamed: `resident_blocks` resident where forced; else as many as fit beside both the
+    sampling and the decode activations, or, where the all-streamed transformer fits beside the decode with its
+    resident blocks parked, as many as fit beside the sampling activations. Where the decode needs their room,
+    the resident blocks are parked while the VAE decodes and copied back from the map after (page cache)."""
+    n = resident_blocks
+    if n is None:
+        n = _most_resident("transformer", t, min(sampling_room, decode_room)) or 0
+        if place("transformer", t, Where.GPU_STREAMED, resident_blocks=0).vram_bytes <= decode_room:
+            n = max(n, _most_resident("transformer", t, sampling_room) or 0)  # parked while decoding
+    streamed = place("transformer", t, Where.GPU_STREAMED, resident_blocks=n)
+    if streamed.vram_bytes > decode_room:
+        streamed = replace(streamed, park_for_decode=True,
+                           page_cache_bytes=streamed.page_cache_bytes + sum(t.block_bytes[:n]))
+    return streamed
+
+
+def _apply_fp8(t: ComponentPlan, w: ComponentWeights) -> tuple[ComponentPlan, str]:
+    """--fp8: the transformer read from its fp8 cache (memory/fp8.py) rather than the bf16 shards, and the note
+    saying so. Its costs are already those of the fp8 weights (_weights_as_stored)."""
+    return replace(t, storage=Storage.FP8), (
+        f"fp8: the transformer blocks' Linear weights as e4m3fn with per-channel scales "
+        f"({gb_text(w.file_bytes)} on disk), converted once from the bf16 shards into the fp8/ cache "
+        f"(needs that much free disk the first time)")
+
+
+def _choose_pinning(ctx: _Context, plans: dict[str, ComponentPlan]) -> dict[str, ComponentPlan]:
+    """A streamed transformer's streamed blocks held in page-locked RAM (with_pinned_sources) where, pinned,
+    PIN_HEADROOM_BYTES of RAM (and of commit, where enforced) stay free beside the largest phase, or where
+    forced; never where refused (PlanOverrides.pin_streamed)."""
+    t = plans["transformer"]
+    if t.where != Where.GPU_STREAMED or ctx.o.pin_streamed is False:
+        return plans
+    pinned = {**plans, "transformer": with_pinned_sources(t, ctx.w["transformer"])}
+    phases = ctx.phases(pinned)
+    fits = (max(p.ram_bytes for p in phases) + PIN_HEADROOM_BYTES <= ctx.budgets.ram
+            and (ctx.budgets.commit is None
+                 or max(p.commit_bytes for p in phases) + PIN_HEADROOM_BYTES <= ctx.budgets.commit))
+    return pinned if fits or ctx.o.pin_streamed else plans
+
+
+def _choose_vae_tile(ctx: _Context, plans: dict[str, ComponentPlan]) -> dict[str, ComponentPlan]:
+    """A tiled decode on the GPU in the largest tile (larger tiles decode faster) that fits in what the decode
+    phase leaves free beside the transformer as placed (its resident blocks parked where the plan parks them),
+    so the tile never costs the transformer a resident block; in the smallest where none fits."""
+    vae, t = plans["vae"], plans["transformer"]
+    if not (ctx.cuda and vae.vae_tiling):
+        return plans
+    held = t.parked_vram_bytes if t.park_for_decode else t.vram_bytes
+    room = ctx.budgets.vram - vae.vram_bytes - held
+    tile = next((px for px in tile_table(ctx.compile_decoder) if ctx.vae_decode(px) <= room), VAE_SMALLEST_TILE_PX)
+    return {**plans, "vae": replace(vae, vae_tile_px=tile, note=f"tiled decode, {tile} px tiles")}
+
+
+def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
+    """The most blocks that can stay resident with the rest streamed within `room` bytes of VRAM; None when
+    not even all-streamed fits (or the weights list no blocks)."""
+    if not w.block_bytes or place(entry, w, Where.GPU_STREAMED, resident_blocks=0).vram_bytes > room:
+        return None
+    n = len(w.block_bytes)
+    while n > 0 and place(entry, w, Where.GPU_STREAMED, resident_blocks=n).vram_bytes > room:
+        n -= 1
+    return n
+
+
+def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict:
+    """How the transformer computes: compiled block forwards where Triton can generate GPU code, the attention
+    backend asked for, fp8 matmuls where the weights are fp8 and the GPU has e4m3 tensor cores."""
+    on_gpu = t.device == "cuda"
+    if o.attention is not None:
+        if o.attention not in backends.ATTENTION_BACKENDS:
+            raise MemoryPlanError(f"--attention must be one of {', '.join(backends.ATTENTION_BACKENDS)}, "
+                                  f"not {o.attention!r}")
+        why = backends.unusable_because(o.attention, on_gpu, machine.cuda_capability)
+        if why:
+            raise MemoryPlanError(f"--attention {o.attention} {why}")
+    compile_ = on_gpu and machine.compile_supported if o.compile is None else o.compile
+    fp8_able = on_gpu and t.storage == Storage.FP8 and machine.cuda_capability >= backends.FP8_MATMUL_CAPABILITY
+    fp8_matmul = fp8_able if o.fp8_matmul is None else o.fp8_matmul
+    if fp8_matmul and t.storage != Storage.FP8:
+        raise MemoryPlanError("--fp8-matmul needs the transformer stored as fp8 (add --fp8)")
+    return {"compile": bool(compile_), "attention": o.attention, "fp8_matmul": bool(fp8_matmul)}
+
+
