@@ -157,7 +157,7 @@ def _generate(args) -> int:
     cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
     worker = Worker(args.models, args.out.parent, device=args.device, profile=args.plan, keep_models_s=0,
-                    download_missing=not args.offline, **cache)
+                    download_missing=not args.offline, serves_pages=False, **cache)
     job = worker.submit(spec, out_path=args.out, plan_options=_plan_options(args))
     seen, started, result = 0, False, None
     try:

@@ -53,6 +53,41 @@ def test_cli_generate_frame_count_is_1_plus_36n(tiny_models_dir, start_image, tm
     assert settings["status"] == "finished" and settings["sections"] == sections and settings["seed"] == 31337
 
 
+def test_cli_generate_runs_its_job_through_the_worker(tiny_models_dir, start_image, tmp_path, monkeypatch, capsys):
+    """One path for planning, downloading and the model lifecycle: `generate` submits a JobSpec to the web app's
+    Worker, with its output path and plan options, prints the job's events (the plan among them) and leaves the
+    section-video links of an app serving the same folder alone."""
+    from framepack_ui.worker import Worker
+
+    submitted = []
+    submit = Worker.submit
+
+    def spy(self, spec, *args, **kwargs):
+        submitted.append((spec, kwargs))
+        return submit(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(Worker, "submit", spy)
+    out = tmp_path / "clip.mp4"
+    served = tmp_path / ".live" / "running.s1.mp4"  # a link the web app is serving from this folder
+    served.parent.mkdir()
+    served.write_bytes(b"x")
+    code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--prompt", "a square",
+                     "--seconds", "1.2", "--resolution", "64", "--steps", "2", "--offline", "--no-prompt-cache",
+                     "--fp8-matmul", "--no-compile", "--out", str(out)])
+    printed = capsys.readouterr()
+    assert code == 2 and "--fp8-matmul needs the transformer stored as fp8" in printed.err  # the worker's plan said
+    (spec, kwargs), = submitted
+    assert kwargs["out_path"] == out and kwargs["plan_options"]["fp8_matmul"] is True
+    assert kwargs["plan_options"]["compile"] is False and spec.steps == 2
+    code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--prompt", "a square",
+                     "--seconds", "1.2", "--resolution", "64", "--steps", "2", "--offline", "--no-prompt-cache",
+                     "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and count_frames(out) == 37
+    assert "[plan] text_encoders" in printed and "[settings] seed" in printed and "done:" in printed
+    assert served.read_bytes() == b"x"  # the command line's worker serves no pages
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--seed", "-5"], "seed"),
     (["--steps", "0"], "steps"),

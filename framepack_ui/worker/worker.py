@@ -95,11 +95,13 @@ class Worker:
     def __init__(self, models_dir: str | Path, outputs_dir: str | Path, device: str | None = None,
                  run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
                  keep_models_s: float | None = 0, attention: str | None = None,
-                 download_missing: bool | None = None, prompt_cache_dir: Path | None | object = DEFAULT_CACHE):
+                 download_missing: bool | None = None, prompt_cache_dir: Path | None | object = DEFAULT_CACHE,
+                 serves_pages: bool = True):
         """`download_missing`: None: a job does not look for missing model files (the web app offers the download
         itself); True: a job first fetches what is missing; False: a job with files missing fails at once, with
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
-        folder; None: in memory only)."""
+        folder; None: in memory only). `serves_pages`: the web app's worker, which drops the section-video links an
+        earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder."""
         self.models_dir = Path(models_dir)
         self.download_missing = download_missing
         self.prompt_cache_dir = prompt_cache_dir
@@ -124,7 +126,8 @@ class Worker:
         self._running: _Job | None = None
         self._closed = False
         self._ids = itertools.count(1)
-        clear_live(self.outputs_dir)
+        if serves_pages:
+            clear_live(self.outputs_dir)
         self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
         self._thread.start()
 
