@@ -1,194 +1,152 @@
-"""A whole multi-section job through the real engine (`framepack_ui.engine.f1.run`) at full size: sampling, VAE
-decode and video encode of every section, timed from the engine's own events.
+"""A whole multi-section job through the real engine (`framepack_ui.engine.f1.run`) at full size, its models lent
+by the app's own ModelManager applying the app's own memory plan: sampling, VAE decode and video encode of every
+section, timed from the engine's own events.
 
-    python bench/bench_run.py --seconds 6 --out run.json [--compile] [--vram-gb 8 [--pinned] [--vae-tile 320/256]]
-        [--teacache] [--fp8-matmul] [--attention NAME] [--tiny]
+    python -m bench.bench_run --seconds 4.8 --decode-context 3 --out run.json [--vram-gb 8] [--compile]
+        [--compile-vae] [--pinned] [--vae-tile 384/320] [--fp8-matmul] [--attention NAME] [--teacache] [--tiny]
 
-The models are the real configs with random weights, built on the GPU and lent to the engine by a stand-in for
-the memory manager (same `use(name)` contract). The text encoders are replaced by random prompt embeddings of
-the real shape served as prompt-cache hits (they run once per new prompt, not per section); SigLIP and the VAE
-run for real. `--vram-gb 8` simulates an 8 GB card: the transformer streamed (memory/streaming.py) beside a
-filler allocation, the VAE decoding tiled.
+The plan is `make_plan` for this machine as probed (`--vram-gb 8`: its GPU supposed to have 8 GiB, all free) and
+the real weights; what the flags force goes through `PlanOverrides` where the plan has the field, else into the
+plan's component afterwards (`LoadPlan.with_component`). The manager then loads, streams, parks, restores,
+compiles and frees as it does in the app; only the reading of the weights is replaced (bench/common.py
+`bench_manager`): random weights at the real configs, built on the GPU in the plan's dtypes. The text encoders
+never load: the prompt's embeddings (random, real shape) are in the manager's prompt cache, as for a known prompt
+(they run once per new prompt, not per section). SigLIP, the VAE and x264 run for real. With `--vram-gb` a filler
+allocation leaves the process that budget once the transformer is placed.
+
+The summary (comparable with docs/benchmarks.md's rows, same keys): per later section, the time between two decode
+starts (one sampling, one decode, whatever of the encode is not hidden) and its sampling time (the median interval
+between step events times the steps); steady figures are the median of the sections that repeat the video's decode;
+peak VRAM counts from the transformer's placement, the filler excluded; host memory; mean GPU utilisation over the
+job; each VAE use (entering: the transformer's blocks parked where the plan parks them, and the VAE's load the first
+time; leaving: their restore). `wall_s` includes building the random models (`load_s` / `build_s` say how long).
+
+`--tiny`: the same code on tiny configs at 64 px on any machine (a smoke test, not a figure), under the plan of the
+full-size run (real weights, 640 px; RAM supposed 64 GiB unless `--ram-gb`); without CUDA the plan is the CPU's,
+or with `--vram-gb` the supposed card's, run on the CPU standing in for the GPU (float32).
 """
 from __future__ import annotations
 
+if not __package__:  # run as `python bench/bench_run.py`: see bench/_repo.py
+    import _repo  # noqa: F401
+
 import argparse
-import contextlib
-import datetime
-import gc
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from bench.common import (BENCH_PROMPT, FRAMES_PER_SECTION, Utilisation, bench_machine, bench_manager, cpu_stand_in,
+                          header, plan_decisions, proc_status_mib, table, write_json)
+from framepack_ui.engine import f1
+from framepack_ui.engine.lending import TRANSFORMER, VAE
+from framepack_ui.events import Phase, Step
+from framepack_ui.memory import allocator
+from framepack_ui.memory.plan import LoadPlan, PlanOverrides, make_plan, real_weights
+from framepack_ui.spec import JobSpec
 
-from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, TINY_VAE, TEXT_TOKENS, build, proc_status_mib,  # noqa: E402
-                          resident_blocks_for)
-from bench_fp8 import quantize_in_place  # noqa: E402
-from bench_levers import Utilisation  # noqa: E402
-from framepack_ui.engine import f1  # noqa: E402
-from framepack_ui.events import Phase, Step  # noqa: E402
-from framepack_ui.compute import attention, compile as kernels, fp8_linear  # noqa: E402
-from framepack_ui.memory import allocator, fp8  # noqa: E402
-from framepack_ui.memory.streaming import stream_transformer  # noqa: E402
-from framepack_ui.spec import JobSpec  # noqa: E402
-
-REAL_SIGLIP = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                   image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-TINY_SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                   image_size=28, patch_size=14)
+TINY_PLAN_RAM_GB = 64
+SUMMARY_KEYS = ("frames", "sections", "steady_section_s", "steady_s_per_frame", "steady_sampling_s_per_frame",
+                "steady_finishing_s", "first_step_s", "wall_s", "peak_vram_GiB_excluding_filler", "gpu_util_pct",
+                "resident_blocks", "pinned_sources", "compile", "compile_vae", "vae_tile_px", "fp8_matmul",
+                "attention")
 
 
-class RandomPrompts:
-    """Prompt-cache stand-in: every prompt is a hit with random embeddings of the real shape."""
-
-    def __init__(self, cfg: dict):
-        g = torch.Generator().manual_seed(1)
-        self.tensors = {"llama": torch.randn(1, TEXT_TOKENS, cfg["text_embed_dim"], generator=g),
-                        "llama_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long),
-                        "clip_pooled": torch.randn(1, cfg["pooled_projection_dim"], generator=g)}
-
-    def get(self, prompt, variant=""):
-        return self.tensors, []
-
-
-class LendingManager:
-    """The memory manager's contract (`use(name)`, `placement`, `prompt_cache`) over models built up front.
-    With a streamer, using the VAE parks the resident blocks and restores them after, as the manager does on
-    small cards (memory/manager.py)."""
-
-    def __init__(self, models: dict, prompt_cache, streamer=None):
-        self.models, self.prompt_cache, self.streamer = models, prompt_cache, streamer
-        self.on_transformer = None
-        self.vae_timings: list[dict] = []  # per VAE use: park, use (the decode), restore seconds
-
-    def placement(self, name):
-        return None
-
-    @contextlib.contextmanager
-    def use(self, name):
-        if name == "transformer" and self.on_transformer is not None:
-            self.on_transformer()  # the app loads it after SigLIP is freed: the VRAM budget starts here
-            self.on_transformer = None
-        if name == "vae":
-            t0 = time.perf_counter()
-            if self.streamer is not None:
-                self.streamer.park()
-            t1 = time.perf_counter()
-            try:
-                yield self.models[name]
-            finally:
-                t2 = time.perf_counter()
-                if self.streamer is not None:
-                    self.streamer.restore()  # no synchronize: with pinned sources the copies overlap the next step
-                self.vae_timings.append({"park_s": t1 - t0, "vae_s": t2 - t1, "restore_s": time.perf_counter() - t2})
-            return
-        yield self.models[name]
-        if name == "image_encoder":  # once per job: freed after use, as the manager does (placement keep=False)
-            del self.models[name]
-            gc.collect()
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
-
-
-def build_models(a, device):
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    cuda = device.type == "cuda"
-    half, brain = (torch.float16, torch.bfloat16) if cuda else (torch.float32, torch.float32)
-    cfg = TINY_TRANSFORMER if a.tiny else REAL_TRANSFORMER
-    transformer = build(HunyuanVideoFramepackTransformer3DModel, cfg, device, brain)
-    vae = build(AutoencoderKLHunyuanVideo, TINY_VAE if a.tiny else {}, device, half)
-    siglip_cfg = TINY_SIGLIP if a.tiny else REAL_SIGLIP
-    siglip = build(lambda **k: SiglipVisionModel(SiglipVisionConfig(**k)), siglip_cfg, device, half)
-    size = siglip_cfg["image_size"]
-    processor = SiglipImageProcessor(size={"height": size, "width": size})
-    return cfg, transformer, vae, (processor, siglip)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--seconds", type=float, default=6.0)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    on_off = argparse.BooleanOptionalAction
+    p.add_argument("--tiny", action="store_true", help="tiny configs at 64 px: a smoke test on any machine")
+    p.add_argument("--seconds", type=float, default=6.0, help="video length (sections of 1.2 s)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--teacache", action="store_true")
-    p.add_argument("--compile", action="store_true", help="compile the transformer blocks (memory/kernels.py)")
-    p.add_argument("--compile-vae", action="store_true",
-                   help="compile the VAE decoder (kernels.compile_vae_decoder; the plan does where it buys a tile)")
-    p.add_argument("--vram-gb", type=float, default=None, help="simulate a card with this much VRAM")
-    p.add_argument("--tiled-decode", action="store_true", help="tile the VAE decode (always with --vram-gb)")
-    p.add_argument("--vae-tile", default=None, metavar="TILE/STRIDE",
-                   help="spatial tile and stride in px (default: diffusers' 256/192)")
-    p.add_argument("--pinned", action="store_true", help="with --vram-gb: streamed and parked blocks in "
-                   "page-locked RAM (the plan's choice where RAM allows)")
+    p.add_argument("--teacache", action="store_true", help="TeaCache on (threshold 0.15; off by default here)")
     p.add_argument("--decode-context", type=int, default=None,
-                   help="later sections decode their 9 new latents after this many older ones (engine option)")
-    p.add_argument("--fp8-matmul", action="store_true", help="the block Linears stored in fp8 and multiplied in fp8 "
-                                                             "(memory/fp8.py), as the app does with --fp8")
-    p.add_argument("--attention", default=None, help="one of memory/kernels.py ATTENTION_BACKENDS")
+                   help="later sections decode their 9 new latents after this many older ones (engine option; "
+                        "default: the official 18-latent decode; the app's default is 3)")
+    p.add_argument("--vram-gb", type=float, default=None,
+                   help="simulate a card with this many GiB free: the plan is made for it and a filler "
+                        "allocation leaves the process that budget")
+    p.add_argument("--ram-gb", type=float, default=None,
+                   help="plan for this many GiB of RAM (default: as probed; with --tiny: 64)")
+    p.add_argument("--compile", action=on_off, default=None,
+                   help="compile the transformer's blocks (PlanOverrides.compile; default: the plan's choice, "
+                        "on where CUDA and Triton are)")
+    p.add_argument("--compile-vae", action=on_off, default=None,
+                   help="compile the VAE decoder (forces the plan's choice, which compiles it where the room it "
+                        "frees buys a faster decode)")
+    p.add_argument("--pinned", action=on_off, default=None,
+                   help="streamed (and parked) blocks in page-locked RAM (PlanOverrides.pin_streamed; default: "
+                        "the plan's choice, where RAM allows)")
+    p.add_argument("--resident-blocks", type=int, default=None,
+                   help="stream the transformer with this many blocks resident (PlanOverrides.resident_blocks)")
+    p.add_argument("--tiled-decode", action=on_off, default=None,
+                   help="tile the VAE decode (PlanOverrides.vae_tiling; default: the plan's choice)")
+    p.add_argument("--vae-tile", default=None, metavar="TILE[/STRIDE]",
+                   help="spatial tile in px, e.g. 384/320 (forces the plan's choice; the stride is always "
+                        "TILE-64, the app's overlap), or 0 for untiled")
+    p.add_argument("--fp8", action="store_true", help="transformer blocks stored as fp8 (PlanOverrides.fp8)")
+    p.add_argument("--fp8-matmul", action=on_off, default=None,
+                   help="fp8 storage multiplied in fp8 (PlanOverrides.fp8 and fp8_matmul); --no-fp8-matmul with "
+                        "--fp8: dequantized to bf16 per call (default with --fp8: the plan's choice)")
+    p.add_argument("--attention", default=None, help="attention backend (PlanOverrides.attention: one of "
+                                                     "compute/backends.py ATTENTION_BACKENDS)")
     p.add_argument("--out", default="run.json")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def parse_tile(text: str | None) -> int | None | bool:
+    """'384/320' or '384' -> 384; '0' -> None (untiled); not given -> False (the plan's choice)."""
+    if text is None:
+        return False
+    tile, _, stride = text.partition("/")
+    tile = int(tile)
+    if tile == 0:
+        return None
+    if stride and int(stride) != tile - 64:
+        raise SystemExit(f"--vae-tile {text}: the app's tiles overlap by 64 px, so the stride is {tile - 64}")
+    return tile
+
+
+def run_plan(a: argparse.Namespace, cuda: bool) -> LoadPlan:
+    """The app's plan for this machine (or the supposed card), with what the flags force."""
+    tile = parse_tile(a.vae_tile)
+    overrides = PlanOverrides(compile=a.compile, attention=a.attention,
+                              fp8=a.fp8 or bool(a.fp8_matmul), fp8_matmul=a.fp8_matmul, pin_streamed=a.pinned,
+                              resident_blocks=a.resident_blocks,
+                              vae_tiling=(tile is not None) if tile is not False else a.tiled_decode)
+    # --tiny plans the real weights at 640 px as the full-size run does (only the models are tiny), for a machine
+    # with 64 GiB of RAM unless told: the smoke test must not depend on the RAM of the machine it runs on
+    ram_gb = a.ram_gb or (TINY_PLAN_RAM_GB if a.tiny else None)
+    plan = make_plan(bench_machine(a.vram_gb, ram_gb), real_weights(), overrides)
+    if a.compile_vae is not None:
+        plan = plan.with_component(VAE, compile=a.compile_vae)
+    if tile:
+        plan = plan.with_component(VAE, vae_tiling=True, vae_tile_px=tile)
+    if not cuda and plan.device == "cuda":
+        plan = cpu_stand_in(plan, a.tiny)
+    return plan
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
     allocator.configure()  # as the app does, before CUDA starts
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    plan = run_plan(a, cuda)
+    print(plan.explain(), flush=True)
+    t_plan, v_plan = plan.components[TRANSFORMER], plan.components[VAE]
+    R = header(a.tiny, decode_context=a.decode_context, compile=t_plan.compile, compile_vae=v_plan.compile,
+               vram_gb=a.vram_gb, fp8=t_plan.storage == "fp8", fp8_matmul=t_plan.fp8_matmul,
+               attention=t_plan.attention, vae_tiling=v_plan.vae_tiling,
+               vae_tile_px=v_plan.vae_tile_px if v_plan.vae_tiling else None,
+               resident_blocks=t_plan.resident_blocks, plan=plan.summary(), plan_components=plan_decisions(plan),
+               plan_notes=list(plan.notes))
+    manager = bench_manager(plan, tiny=a.tiny, device=device, fill_to_vram_gb=a.vram_gb if cuda else None)
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    cfg, transformer, vae, image_encoder = build_models(a, device)
-    if a.fp8_matmul:
-        quantize_in_place(transformer)
-        fp8.apply_fp8_compute(transformer, torch.bfloat16)
-        fp8_linear.set_fp8_matmul(transformer, True)
-        torch.cuda.empty_cache()
-    attention.set_attention(transformer, a.attention)
-    if a.compile:
-        kernels.compile_blocks(transformer)
-    if a.compile_vae:
-        kernels.compile_vae_decoder(vae)
-    streamer = None
-    R: dict = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name() if cuda else "cpu",
-               "torch": torch.__version__, "command": " ".join(sys.argv), "tiny": a.tiny,
-               "decode_context": a.decode_context, "compile": a.compile, "compile_vae": a.compile_vae,
-               "vram_gb": a.vram_gb, "fp8_matmul": a.fp8_matmul, "attention": a.attention}
-    if a.vram_gb:
-        resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
-        t = time.perf_counter()
-        streamer = stream_transformer(transformer, device, resident, pin_sources=a.pinned, pin_parked=a.pinned)
-        R["streamer_setup_s"], R["pinned_sources"] = time.perf_counter() - t, streamer.pinned_sources
-        R["pinned_parked"] = streamer.pinned_parked
-        gc.collect()
-        torch.cuda.empty_cache()
-        R["resident_blocks"] = resident
-    if a.vram_gb or a.tiled_decode or a.vae_tile:
-        if a.vae_tile:
-            tile, stride = (int(v) for v in a.vae_tile.split("/"))
-            vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
-                              tile_sample_stride_height=stride, tile_sample_stride_width=stride)
-        else:
-            vae.enable_tiling()
-    manager = LendingManager({"transformer": transformer, "vae": vae, "image_encoder": image_encoder},
-                             RandomPrompts(cfg), streamer)
-    del image_encoder  # the manager stand-in holds the only reference: it frees SigLIP after the image phase
-
-    fill = {}
-
-    def leave_only_the_budget():
-        gc.collect()
-        torch.cuda.empty_cache()
-        free, _ = torch.cuda.mem_get_info()
-        in_use = torch.cuda.memory_allocated()
-        fill["filler"] = torch.empty(max(0, int(free - max(a.vram_gb * 2**30 - in_use, 0))), dtype=torch.uint8,
-                                     device=device)
-        R["allocated_GiB_when_the_transformer_starts"] = in_use / 2**30
-
-    if a.vram_gb:
-        manager.on_transformer = leave_only_the_budget
     size = (64, 64) if a.tiny else (608, 640)  # (width, height): the 640x608 bucket of the issue's figures
     events: list[tuple[float, object]] = []
     util = Utilisation()
@@ -196,60 +154,79 @@ def main() -> None:
         image = Path(tmp) / "start.png"
         rng = np.random.default_rng(0)
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(image)
-        spec = JobSpec(image=str(image), prompt="bench", seconds=a.seconds, steps=a.steps, teacache=a.teacache,
+        spec = JobSpec(image=str(image), prompt=BENCH_PROMPT, seconds=a.seconds, steps=a.steps, teacache=a.teacache,
                        resolution=64 if a.tiny else 640, seed=0)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         with util.measure():
             result = f1.run(spec, Path(tmp) / "run.mp4", manager,
                             lambda e: events.append((time.perf_counter() - started, e)),
                             decode_context=a.decode_context)
         wall = time.perf_counter() - started
+    R["result"] = type(result).__name__
     R["events"] = [(round(t, 3), type(e).__name__, getattr(e, "detail", None) or getattr(e, "section", None))
                    for t, e in events if not type(e).__name__.startswith("Preview")]
-    Path(a.out).write_text(json.dumps(R, indent=1, default=str))  # the timeline survives a failing summary
-    R.update(summarise(events, result, wall, a))
-    R["vae_uses"] = manager.vae_timings
+    write_json(a.out, R)  # the timeline survives a failing summary
+    ready = manager.transformer_ready_at - started if manager.transformer_ready_at is not None else None
+    R.update(summarise(events, result, wall, ready))
+    streamer = manager.streamer(TRANSFORMER)
+    if streamer is not None:
+        R["pinned_sources"], R["pinned_parked"] = streamer.pinned_sources, streamer.pinned_parked
+        R["GB_streamed"] = streamer.bytes_streamed / 1e9
+    R["park_count"] = manager.park_count
+    R["build_s"] = manager.build_s
+    R["load_s"] = {name: manager.load_s(name) for name in ("image_encoder", VAE, TRANSFORMER)}
+    if manager.load_s(TRANSFORMER) is not None and TRANSFORMER in manager.build_s:
+        # what the manager did after the build: streaming (and pinning) per the plan, speed options
+        R["streamer_setup_s"] = manager.load_s(TRANSFORMER) - manager.build_s[TRANSFORMER]
+    R["vae_uses"] = [{"park_s": u["enter_s"], "vae_s": u["use_s"], "restore_s": u["exit_s"], "loaded": u["loaded"]}
+                     for u in manager.uses if u["name"] == VAE]
     R["gpu_util_pct"] = util.mean
     if cuda:
-        R["peak_vram_GiB_excluding_filler"] = (torch.cuda.max_memory_allocated()
-                                               - (fill["filler"].numel() if fill else 0)) / 2**30
+        R["peak_vram_GiB_excluding_filler"] = manager.peak_vram_excluding_filler_gib()
+        # allocated_GiB_when_the_transformer_starts (as before), reserved_, left_free_, filler_GiB_...
+        R.update({f"{k}_when_the_transformer_starts": v for k, v in manager.filler_info.items()})
     R["host_MiB"] = proc_status_mib()
-    print(json.dumps(R, indent=1), flush=True)
-    Path(a.out).write_text(json.dumps(R, indent=1, default=str))
+    manager.free()
+    print("\n" + table(R, SUMMARY_KEYS), flush=True)
+    write_json(a.out, R)
+    print(f"\nwrote {a.out}", flush=True)
 
 
-def summarise(events, result, wall: float, a) -> dict:
+def summarise(events, result, wall: float, transformer_ready: float | None) -> dict:
     """Per later section, from the engine's events: section_s is the time between the starts of two decodes
     (one sampling, one decode, and whatever of the encode is not hidden); sampling_s: its steps at their median."""
     if result.__class__.__name__ != "Finished":
-        return {"result": repr(result)}
-    decode_starts, steps = [], {}
+        return {"result_detail": repr(result)}
+    decode_starts, step_times = [], {}
     for t, e in events:
         if isinstance(e, Phase) and e.name == "decode" and e.detail.startswith("decoding section"):
             decode_starts.append(t)  # not the compile notice a compiled decoder adds at its first decode
         if isinstance(e, Step):
-            steps.setdefault(e.section, []).append(t)
+            step_times.setdefault(e.section, []).append(t)
     rows = []
     for i in range(1, len(decode_starts)):
-        times = steps[i]
+        times = step_times[i]
         # the median time between step events, times the steps: the engine reports a step once the next one is
         # queued, so the first and last intervals are not a step's (the last one measured 0.58 s against 0.86)
         sampling = statistics.median(b - a for a, b in zip(times, times[1:])) * len(times) if len(times) > 1 else 0.0
         section = decode_starts[i] - decode_starts[i - 1]
         rows.append({"section": i, "section_s": section, "sampling_s": sampling, "finishing_s": section - sampling})
+    out = {"frames": result.frames, "sections": len(decode_starts), "wall_s": wall,
+           "wall_s_per_frame": wall / result.frames, "per_section": rows}
+    if transformer_ready is not None and step_times:
+        # from the transformer's placement (load, streaming and pinning done) to the first step's report: the
+        # first step with its compile, as the earlier benches' models were built before the job
+        out["first_step_s"] = step_times[0][0] - transformer_ready
+    if not rows:
+        return out
     # Row i holds section i-1's decode: row 1 section 0's short one, row 2 section 1's (always the official 18
     # latents); from row 3 on the decode repeats for the rest of the video.
     later = rows[2:] or rows[-1:]
     per_section = statistics.median(r["section_s"] for r in later)
-    return {"frames": result.frames, "sections": len(decode_starts), "wall_s": wall,
-            "wall_s_per_frame": wall / result.frames, "steady_section_s": per_section,
-            "steady_s_per_frame": per_section / 36,
-            "steady_sampling_s_per_frame": statistics.median(r["sampling_s"] for r in later) / 36,
-            "steady_finishing_s": statistics.median(r["finishing_s"] for r in later),
-            "first_step_s": steps[0][0] - next(t for t, e in events if isinstance(e, Phase) and e.name == "transformer"),
-            "per_section": rows}
+    out.update(steady_section_s=per_section, steady_s_per_frame=per_section / FRAMES_PER_SECTION,
+               steady_sampling_s_per_frame=statistics.median(r["sampling_s"] for r in later) / FRAMES_PER_SECTION,
+               steady_finishing_s=statistics.median(r["finishing_s"] for r in later))
+    return out
 
 
 if __name__ == "__main__":
