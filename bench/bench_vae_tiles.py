@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from bench.common import GiB, LATENT_HW, TINY_LATENT_HW, build_vae, header, now, psnr, write_json
+from bench.common import GiB, build_vae, header, latent_hw, now, psnr, write_json
 
 # (spatial tile, spatial stride, frame tile, frame stride) in pixels / frames; None = untiled
 TILINGS = [None, (256, 192, 16, 12), (384, 320, 16, 12), (512, 448, 16, 12), (256, 192, 32, 28),
@@ -33,7 +33,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     vae = build_vae(a.tiny, device, torch.float16 if cuda else torch.float32)
-    lh, lw = TINY_LATENT_HW if a.tiny else LATENT_HW
+    lh, lw = latent_hw(a.tiny)
     g = torch.Generator("cpu").manual_seed(0)
     z = (torch.randn(1, 16, 18, lh, lw, generator=g) * 0.8).to(device, vae.dtype) / vae.config.scaling_factor
     rows, reference = [], None

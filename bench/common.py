@@ -174,13 +174,6 @@ def bench_plan(overrides: PlanOverrides | None = None, *, vram_gb: float | None 
     return make_plan(bench_machine(vram_gb, ram_gb), real_weights(), overrides or PlanOverrides())
 
 
-def plan_resident_blocks(vram_gb: float, fp8: bool = False, ram_gb: float | None = None, tiny: bool = False) -> int:
-    """How many transformer blocks the plan keeps resident on a card with `vram_gb` GiB free (for a bench that
-    streams without a manager: the count is the plan's, never the bench's own estimate)."""
-    plan = bench_plan(PlanOverrides(plan="streamed", fp8=fp8), vram_gb=vram_gb, ram_gb=ram_gb, tiny=tiny)
-    return plan.components[TRANSFORMER].resident_blocks or 0
-
-
 def cpu_stand_in(plan: LoadPlan, tiny: bool) -> LoadPlan:
     """A plan made for a GPU, run on the CPU standing in for it (`--tiny` without CUDA, as the tests do): every
     component computes in float32 (half-precision CPU kernels are slow or missing), and a streamed tiny
@@ -367,10 +360,6 @@ def empty_cache() -> None:
 
 
 # --- inputs and timing --------------------------------------------------------------------------------------------
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def model_dtype(device) -> torch.dtype:
     """The transformer's compute dtype: bf16 on the GPU, float32 on the CPU (as the plan decides)."""
