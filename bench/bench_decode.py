@@ -7,8 +7,11 @@ a single decode of all the latents at once (the VAE's own view of the whole vide
 
 Real VAE config, fp16, random weights; random latents of a start latent + `--sections` sections at 640x608.
 
-    python bench/bench_decode.py --out decode.json          # CUDA: about 2.5-3 min on an H100
-    python bench/bench_decode.py --tiny --out tiny.json     # any machine: tiny config, a smoke test of the script
+    python -m bench.bench_decode --out decode.json          # CUDA: about 2.5-3 min on an H100
+    python -m bench.bench_decode --tiny --out tiny.json     # any machine: tiny config, a smoke test of the script
+
+A mechanism on its own (the VAE alone, no plan or manager): the decode the app's plan picks for a card runs in
+bench_run.py.
 
 Pass 1 (cudnn.benchmark off) decodes every section of the video for each (tiling, decode) and measures all of
 the above. Pass 2 (cudnn.benchmark on) only times: one warm-up decode per tiling (cudnn tunes each new shape; the
@@ -17,39 +20,22 @@ official and the context decode share their tile shapes), then one later section
 """
 from __future__ import annotations
 
+if not __package__:  # run as `python bench/bench_decode.py`: see bench/_repo.py
+    import _repo  # noqa: F401
+
 import argparse
-import datetime
-import json
-import math
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch._dynamo.utils import counters as dynamo_counters
 
-import torch  # noqa: E402
-from torch._dynamo.utils import counters as dynamo_counters  # noqa: E402
-
-from bench_engine import build  # noqa: E402
-from framepack_ui.engine import f1, sections as section_ops, vae as vae_ops  # noqa: E402
-from framepack_ui.engine.video import soft_append  # noqa: E402
-from framepack_ui.compute import attention, compile as kernels  # noqa: E402
+from bench.common import build, header, now, psnr, write_json
+from framepack_ui.compute import compile as kernels
+from framepack_ui.engine import f1, sections as section_ops, vae as vae_ops
+from framepack_ui.engine.video import soft_append
 
 FRAME_TILE, FRAME_STRIDE = 16, 12  # diffusers' default frame tiling, the only one that blends correctly
 OFFICIAL = "official"
-
-
-def now(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """dB over clamped [-1, 1] pixels (peak-to-peak 2)."""
-    mse = ((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) / 2).pow(2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def section_psnrs(video: torch.Tensor, reference: torch.Tensor, sections: int) -> list[float]:
@@ -82,9 +68,9 @@ def timed_decode(vae, tail, device) -> tuple[torch.Tensor, float, float | None]:
     """Pixels (CPU float32, as the engine gets them), seconds, peak VRAM GiB of this decode."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = now(device)
+    t = now()
     pixels = vae_ops.decode(vae, tail)
-    seconds = now(device) - t
+    seconds = now() - t
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return pixels, seconds, peak
 
@@ -167,9 +153,9 @@ def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False):
     for tiling in tilings:
         set_tiling(vae, tiling)
         try:
-            t = now(device)
+            t = now()
             vae_ops.decode(vae, section_tail(latents, last, None))  # warm-up: cudnn tunes this tiling's shapes
-            warm_up_s = now(device) - t
+            warm_up_s = now() - t
         except torch.OutOfMemoryError as exc:
             rows.append({"tiling": tiling, "decode": "all", "cudnn_benchmark": True, "error": f"OOM {exc}"[:160]})
             continue
@@ -259,7 +245,6 @@ def main() -> None:
     if tilings[0] is not None:
         tilings.insert(0, None)  # the official untiled decode is every row's reference
     from diffusers import AutoencoderKLHunyuanVideo
-    import diffusers
 
     config = {}
     if a.tiny:  # the tests' tiny VAE: narrow, so the CPU run takes seconds
@@ -269,10 +254,10 @@ def main() -> None:
     g = torch.Generator("cpu").manual_seed(a.seed)
     # scaled latents as the engine keeps them (vae_ops.decode divides by the scaling factor)
     latents = torch.randn(1, 16, 1 + f1.LATENT_WINDOW * a.sections, h // 8, w // 8, generator=g) * 0.8
-    R = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name() if device.type == "cuda"
-         else "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__, "command": " ".join(sys.argv),
-         "height": h, "width": w, "latents": list(latents.shape), "sections": a.sections, "dtype": str(dtype),
-         "frame_tile": [FRAME_TILE, FRAME_STRIDE], "tiny": a.tiny}
+    R = header(a.tiny, height=h, width=w, latents=list(latents.shape), sections=a.sections, dtype=str(dtype),
+               frame_tile=[FRAME_TILE, FRAME_STRIDE])
+    if device.type != "cuda":
+        R["card"] = "cpu"
 
     full_video = None
     if not a.no_full_decode:
@@ -295,7 +280,7 @@ def main() -> None:
     for row in rows:
         print(_line(row))
     print(f"\ntotal {R['total_s']:.0f} s")
-    Path(a.out).write_text(json.dumps(R, indent=1, default=str))
+    write_json(a.out, R)
     print(f"wrote {a.out}")
 
 

@@ -5,148 +5,67 @@ cost the same compute as real ones) and the HunyuanVideo VAE at its real config 
 encoders are replaced by random embeddings of the real shapes. Runs the engine's own Denoiser, samplers,
 TeaCache hooks, decode and SectionVideoWriter at 640x608. Prints a table and writes JSON.
 
-    python bench/bench_engine.py --out bench-result.json [--timed-steps 4] [--full-section] [--compile]
+    python -m bench.bench_engine --out bench-result.json [--timed-steps 4] [--full-section] [--compile]
+        [--vram-gb 8 [--pinned]]
 
-On a machine without CUDA, `--tiny` runs the same code on a tiny config (a smoke test of the script).
+`--vram-gb` adds the streamed placement the app's plan makes for a card with that much VRAM, applied by the app's
+ModelManager to the same transformer (bench/common.py `bench_manager`). On a machine without CUDA, `--tiny` runs
+the same code on a tiny config (a smoke test of the script).
 """
 from __future__ import annotations
 
+if not __package__:  # run as `python bench/bench_engine.py`: see bench/_repo.py
+    import _repo  # noqa: F401
+
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from framepack_ui.engine import denoiser, sections, sampling, teacache as teacache_ops, vae as vae_ops  # noqa: E402
-from framepack_ui.engine.video import SectionVideoWriter  # noqa: E402
-from framepack_ui.compute import attention, compile as kernels  # noqa: E402
-from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
-
-REAL_TRANSFORMER = dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
-                        num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2,
-                        patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
-                        pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56),
-                        has_image_proj=True, image_proj_dim=1152, has_clean_x_embedder=True)
-TINY_TRANSFORMER = {**REAL_TRANSFORMER, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1,
-                    "num_single_layers": 1, "num_refiner_layers": 1, "rope_axes_dim": (2, 2, 4),
-                    "text_embed_dim": 32, "pooled_projection_dim": 32, "image_proj_dim": 32}
-TINY_VAE = dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=4)
-FRAMES_PER_SECTION = 36
-TEXT_TOKENS = 64  # a typical prompt's Llama tokens after cropping
-SIGLIP_TOKENS = 729
-
-
-def now() -> float:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter()
-
-
-def proc_status_mib() -> dict:
-    try:
-        with open("/proc/self/status") as f:
-            return {line.split(":")[0]: int(line.split()[1]) // 1024 for line in f
-                    if line.startswith(("VmHWM", "RssAnon", "RssFile"))}
-    except OSError:
-        return {}
-
-
-def build(cls, config: dict, device, dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in the final dtype directly: 12.9 B params in fp32 would need 52 GB
-    try:
-        with torch.device(device):
-            model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval().requires_grad_(False)
-
-
-def inputs(cfg: dict, lh: int, lw: int, device, dtype, generator):
-    def rnd(*shape):
-        return torch.randn(*shape, generator=generator).to(device, dtype)
-
-    embeds = dict(encoder_hidden_states=rnd(1, TEXT_TOKENS, cfg["text_embed_dim"]),
-                  encoder_attention_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long, device=device),
-                  pooled_projections=rnd(1, cfg["pooled_projection_dim"]),
-                  image_embeds=rnd(1, SIGLIP_TOKENS, cfg["image_proj_dim"]),
-                  guidance=torch.tensor([10_000.0], device=device, dtype=dtype))
-    start_latent = torch.randn(1, 16, 1, lh, lw, generator=generator)
-    history = sections.History.start(start_latent)
-    history.append(torch.randn(1, 16, 18, lh, lw, generator=generator))  # a mid-video history
-    return embeds, start_latent, history
-
-
-def time_steps(denoiser, noise, n: int) -> list[float]:
-    sigmas = torch.linspace(1, 0.1, n + 1)
-    denoiser(noise, sigmas[0])  # warm-up (kernels, caches, compile)
-    times = []
-    for s in sigmas[1:]:
-        t = now()
-        denoiser(noise, s)
-        times.append(now() - t)
-    return times
-
-
-def resident_blocks_for(transformer, vram_gb: float, activation_reserve_gb: float) -> int:
-    """How many leading blocks fit beside the embedders, two streaming slots and the activations."""
-    blocks = transformer_blocks(transformer)
-    block_bytes = [sum(q.numel() * q.element_size() for q in b.parameters()) for b in blocks]
-    other_bytes = sum(q.numel() * q.element_size() for q in transformer.parameters()) - sum(block_bytes)
-    budget = vram_gb * 2**30 - other_bytes - 2 * max(block_bytes) - activation_reserve_gb * 2**30
-    resident = 0
-    while resident < len(blocks) and budget - block_bytes[resident] > 0:
-        budget -= block_bytes[resident]
-        resident += 1
-    return resident
+from bench.common import (FRAMES_PER_SECTION, GiB, bench_plan, build_transformer, build_vae, header, inputs,
+                          model_dtype, now, placed_as_planned, proc_status_mib, sampling_s_per_frame, time_steps,
+                          transformer_config, write_result)
+from framepack_ui.compute import compile as kernels
+from framepack_ui.engine import denoiser as denoiser_ops, sampling, teacache as teacache_ops, vae as vae_ops
+from framepack_ui.engine.lending import TRANSFORMER
+from framepack_ui.engine.video import SectionVideoWriter
+from framepack_ui.memory import allocator
+from framepack_ui.memory.plan import PlanOverrides
 
 
 def streamed_profile(transformer, make_denoiser, noise, a, device) -> dict:
-    """Keep as many blocks resident as fit `--vram-gb`, stream the rest from (pageable) RAM; a filler
-    allocation leaves only that much VRAM to the whole process."""
+    """The plan's placement of this transformer on a card with `--vram-gb` GiB free (as many blocks resident as it
+    says, the rest streamed; page-locked where it pins, or as `--pinned` forces), applied by the app's manager; a
+    filler allocation leaves the process that budget. The transformer is lent as built (bench_manager's `models`),
+    so its output is compared with the resident one on the same weights."""
     res: dict = {"vram_gb": a.vram_gb}
     sigma = torch.tensor(0.7)
     reference = make_denoiser()(noise, sigma)
-    blocks = transformer_blocks(transformer)
-    resident = resident_blocks_for(transformer, a.vram_gb, a.activation_reserve_gb)
-    streamer = stream_transformer(transformer, device, resident)
-    torch.cuda.empty_cache()
-    used = torch.cuda.memory_allocated()
-    free, _ = torch.cuda.mem_get_info()
-    filler = None
-    try:
-        filler = torch.empty(max(0, int(free - (a.vram_gb * 2**30 - used))), dtype=torch.uint8, device=device)
-        torch.cuda.reset_peak_memory_stats()
+    plan = bench_plan(PlanOverrides(compile=a.compile, pin_streamed=a.pinned), vram_gb=a.vram_gb, tiny=a.tiny)
+    with placed_as_planned(transformer, plan, tiny=a.tiny, device=device, vram_gb=a.vram_gb) as manager:
+        streamer = manager.streamer(TRANSFORMER)
         d = make_denoiser()
         out = d(noise, sigma)
         res["max_abs_diff_vs_resident"] = (out - reference).abs().max().item()
-        before = streamer.bytes_streamed
+        before = streamer.bytes_streamed if streamer else 0
         times = time_steps(d, noise, a.timed_steps)
-        res["bytes_streamed_per_step_GB"] = (streamer.bytes_streamed - before) / (a.timed_steps + 1) / 1e9
+        streamed = (streamer.bytes_streamed - before) if streamer else 0
+        res["bytes_streamed_per_step_GB"] = streamed / (a.timed_steps + 1) / 1e9
         res["s_per_step_median"] = statistics.median(times)
-        res["sampling_s_per_frame"] = res["s_per_step_median"] * a.steps / FRAMES_PER_SECTION
-        res["resident_blocks"] = resident
-        res["streamed_blocks"] = len(blocks) - resident
-        res["peak_vram_GiB_excluding_filler"] = (torch.cuda.max_memory_allocated() - filler.numel()) / 2**30
+        res["sampling_s_per_frame"] = sampling_s_per_frame(res["s_per_step_median"], a.steps)
+        res["resident_blocks"] = manager.plan.components[TRANSFORMER].resident_blocks
+        res["streamed_blocks"] = len(streamer.streamed) if streamer else 0
+        res["pinned_sources"] = streamer.pinned_sources if streamer else False
+        res["streamer_setup_s"] = manager.load_s(TRANSFORMER)
+        res["peak_vram_GiB_excluding_filler"] = manager.peak_vram_excluding_filler_gib()
+        res["filler"] = manager.filler_info
         res["laptop_link_12GBps_s_per_step"] = res["bytes_streamed_per_step_GB"] / 12
-    finally:
-        del filler
-        streamer.close()
-    print(f"streamed at {a.vram_gb} GB: {resident} resident / {len(blocks) - resident} streamed blocks, "
+    print(f"streamed at {a.vram_gb} GB: {res['resident_blocks']} resident / {res['streamed_blocks']} streamed blocks, "
           f"step {res['s_per_step_median']:.3f} s, {res['bytes_streamed_per_step_GB']:.1f} GB/step, "
-          f"diff vs resident {res['max_abs_diff_vs_resident']:.2e}, peak {res['peak_vram_GiB_excluding_filler']:.2f} GiB",
-          flush=True)
-    for block in blocks:  # back on the GPU for the rest of the run
-        block.to(device)
+          f"diff vs resident {res['max_abs_diff_vs_resident']:.2e}", flush=True)
     return res
 
 
@@ -160,43 +79,42 @@ def main() -> None:
     p.add_argument("--full-section", action="store_true", help="also time a whole 25-step section, TeaCache off and on")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--vram-gb", type=float, default=None,
-                   help="also time the streamed profile on a card with this much VRAM (filler allocation)")
-    p.add_argument("--activation-reserve-gb", type=float, default=2.5)
+                   help="also time the plan's streamed placement on a card with this many GiB (filler allocation)")
+    p.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --vram-gb: streamed blocks in page-locked RAM (default: the plan's choice)")
     p.add_argument("--out", default="bench-result.json")
     a = p.parse_args()
+    allocator.configure()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = TINY_TRANSFORMER if a.tiny else REAL_TRANSFORMER
+    dtype = model_dtype(device)
+    cfg = transformer_config(a.tiny)
     h, w = (64, 64) if a.tiny else (a.height, a.width)
     lh, lw = h // 8, w // 8
-    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
 
-    R = {"date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name() if device.type == "cuda"
-         else platform.processor() or "cpu", "torch": torch.__version__, "command": " ".join(sys.argv),
-         "height": h, "width": w, "steps": a.steps, "compile": a.compile, "tiny": a.tiny}
+    R = header(a.tiny, height=h, width=w, steps=a.steps, compile=a.compile)
     t = now()
-    transformer = build(HunyuanVideoFramepackTransformer3DModel, cfg, device, dtype)
+    transformer = build_transformer(a.tiny, device, dtype)
     R["params_B"] = sum(q.numel() for q in transformer.parameters()) / 1e9
     R["build_s"] = now() - t
     if a.compile:
-        kernels.compile_blocks(transformer)  # the app's own: each block's forward (see memory/kernels.py)
+        kernels.compile_blocks(transformer)  # the app's own: each block's forward (compute/compile.py)
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
     noise = torch.randn(1, 16, 9, lh, lw, generator=g)
     cond = history.conditioning(start_latent)
 
-    def denoiser(teacache=None):
-        return denoiser.Denoiser(transformer, embeds, None, 1.0, 0.0, a.steps, teacache, conditioning=cond)
+    def make_denoiser(teacache=None):
+        return denoiser_ops.Denoiser(transformer, embeds, None, 1.0, 0.0, a.steps, teacache, conditioning=cond)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_times = time_steps(denoiser(), noise, a.timed_steps)
+    step_times = time_steps(make_denoiser(), noise, a.timed_steps)
     R["s_per_step_median"] = statistics.median(step_times)
     R["s_per_step_all"] = step_times
-    R["sampling_s_per_frame"] = R["s_per_step_median"] * a.steps / FRAMES_PER_SECTION
+    R["sampling_s_per_frame"] = sampling_s_per_frame(R["s_per_step_median"], a.steps)
     if device.type == "cuda":
-        R["transformer_peak_vram_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        R["transformer_peak_vram_GiB"] = torch.cuda.max_memory_allocated() / GiB
     print(f"transformer {R['params_B']:.2f} B params; step {R['s_per_step_median']:.3f} s "
           f"-> sampling {R['sampling_s_per_frame']:.3f} s/frame", flush=True)
 
@@ -204,7 +122,7 @@ def main() -> None:
     if a.full_section:
         for threshold in (0.0, 0.15):
             cache = teacache_ops.apply_teacache(transformer, threshold) if threshold else None
-            d = denoiser(cache)
+            d = make_denoiser(cache)
             t = now()
             latents = sampling.sample_unipc(d, noise, sigmas)
             R[f"section_sampling_s_teacache_{threshold}"] = now() - t
@@ -217,14 +135,13 @@ def main() -> None:
         latents = noise
 
     if a.vram_gb:
-        R["streamed"] = streamed_profile(transformer, denoiser, noise, a, device)
+        R["streamed"] = streamed_profile(transformer, make_denoiser, noise, a, device)
 
     transformer.to("meta") if device.type == "cuda" else None  # free VRAM for the VAE figures
     del transformer
     torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    vae = build(AutoencoderKLHunyuanVideo, TINY_VAE if a.tiny else {}, device,
-                torch.float16 if device.type == "cuda" else torch.float32)
+    vae = build_vae(a.tiny, device, torch.float16 if device.type == "cuda" else torch.float32)
     tail = torch.cat([history.latents[:, :, -9:], latents.float().cpu()], dim=2)  # 18 latents, (1, 16, 18, lh, lw)
     for tiling in (False, True):
         vae.enable_tiling() if tiling else vae.disable_tiling()
@@ -236,7 +153,7 @@ def main() -> None:
             pixels = vae_ops.decode(vae, tail)
             R[f"decode18_s_tiling_{tiling}"] = now() - t
             if device.type == "cuda":
-                R[f"decode18_peak_vram_GiB_tiling_{tiling}"] = torch.cuda.max_memory_allocated() / 2**30
+                R[f"decode18_peak_vram_GiB_tiling_{tiling}"] = torch.cuda.max_memory_allocated() / GiB
             print(f"decode 18 latents (tiling {tiling}): {R[f'decode18_s_tiling_{tiling}']:.2f} s", flush=True)
         except torch.OutOfMemoryError as exc:
             R[f"decode18_s_tiling_{tiling}"] = f"OOM: {str(exc)[:120]}"
@@ -252,13 +169,7 @@ def main() -> None:
     R["whole_section_s_per_frame_untiled"] = section_s / FRAMES_PER_SECTION if isinstance(
         R.get("decode18_s_tiling_False"), float) else None
     R["host_MiB"] = proc_status_mib()
-
-    print("\n| what | value |\n|---|---|")
-    for key, value in R.items():
-        if not isinstance(value, (list, dict)):
-            print(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
-    Path(a.out).write_text(json.dumps(R, indent=1, default=str))
-    print(f"\nwrote {a.out}")
+    write_result(a.out, R)
 
 
 if __name__ == "__main__":

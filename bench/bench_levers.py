@@ -4,70 +4,33 @@ streaming blocks through pinned memory (8 GB card; `--pinned` adds rows with the
 page-locked RAM), torch.compile modes (`--compile-modes`), fp8 matmul (`torch._scaled_mm`) against fp8 storage
 with a per-call dequantize, and mean GPU utilisation (NVML) for each.
 
-    python bench/bench_levers.py --out levers.json [--timed-steps 3] [--vram-gb 8] [--pinned]
+    python -m bench.bench_levers --out levers.json [--timed-steps 3] [--vram-gb 8] [--pinned]
         [--compile-modes max-autotune-no-cudagraphs] [--fp8-attention cudnn_fp8] [--tiny]
 
 Full-size F1 transformer (12.9 B params, random weights, bf16) at 640x608 with a mid-video history, as
-bench_engine.py. `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
+bench_engine.py. The 8 GB card rows place that same transformer as the app's plan places it on such a card (resident
+blocks, fp8 where quantized, page-locked sources where `--pinned`), through the app's ModelManager. `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
 """
 from __future__ import annotations
 
+if not __package__:  # run as `python bench/bench_levers.py`: see bench/_repo.py
+    import _repo  # noqa: F401
+
 import argparse
-import contextlib
-import datetime
-import gc
 import json
 import statistics
-import sys
-import threading
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench_engine import (REAL_TRANSFORMER, TINY_TRANSFORMER, FRAMES_PER_SECTION, build, inputs, now,  # noqa: E402
-                          resident_blocks_for)
-from bench_fp8 import quantize_in_place  # noqa: E402
-from framepack_ui.engine import denoiser  # noqa: E402
-from framepack_ui.compute import attention, compile as kernels, fp8_linear  # noqa: E402
-from framepack_ui.memory import allocator, fp8  # noqa: E402
-from framepack_ui.memory.streaming import stream_transformer, transformer_blocks  # noqa: E402
-
-
-class Utilisation:
-    """Mean GPU utilisation (NVML, sampled every 20 ms) while the `with` block runs; None without NVML."""
-
-    def __init__(self):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        except Exception:
-            self._nvml = None
-        self.mean = None
-
-    @contextlib.contextmanager
-    def measure(self):
-        if self._nvml is None:
-            yield self
-            return
-        samples, stop = [], threading.Event()
-
-        def sample():
-            while not stop.wait(0.02):
-                samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-
-        thread = threading.Thread(target=sample, daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            stop.set()
-            thread.join()
-            self.mean = statistics.mean(samples) if samples else None
+from bench.common import (GiB, Utilisation, bench_plan, build_transformer, header, inputs, latent_hw,
+                          live_cuda_tensors, model_dtype, now, placed_as_planned, quantize_in_place, rel,
+                          sampling_s_per_frame, transformer_config)
+from framepack_ui.compute import attention, compile as kernels, fp8_linear
+from framepack_ui.engine import denoiser as denoiser_ops
+from framepack_ui.engine.lending import TRANSFORMER
+from framepack_ui.memory import allocator, fp8
+from framepack_ui.memory.plan import PlanOverrides
 
 
 def timed(denoiser, noise, n: int, util: Utilisation) -> dict:
@@ -82,7 +45,7 @@ def timed(denoiser, noise, n: int, util: Utilisation) -> dict:
             denoiser(noise, sigma)
             times.append(now() - t)
     step = statistics.median(times)
-    return {"s_per_step": step, "sampling_s_per_frame": step * 25 / FRAMES_PER_SECTION, "warmup_s": warmup,
+    return {"s_per_step": step, "sampling_s_per_frame": sampling_s_per_frame(step), "warmup_s": warmup,
             "gpu_util_pct": util.mean}
 
 
@@ -136,59 +99,28 @@ def gpu_idle(prof, top: int = 6) -> dict:
             "largest_gaps": [f"{g / 1e3:.2f} ms after {a} before {b}" for g, a, b in sorted(gaps)[::-1][:top]]}
 
 
-def live_cuda_tensors(top: int = 8) -> dict:
-    """GiB of live CUDA tensors reachable by the garbage collector, by shape and dtype (the largest groups)."""
-    groups: dict[str, float] = {}
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.is_cuda:
-                key = f"{tuple(obj.shape)} {obj.dtype}"
-                groups[key] = groups.get(key, 0.0) + obj.numel() * obj.element_size() / 2**30
-        except Exception:
-            continue
-    return dict(sorted(groups.items(), key=lambda kv: -kv[1])[:top])
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def streamed(transformer, make, noise, a, util, device, pin: bool = False) -> dict:
-    """8 GB card: as many blocks resident as fit, the rest streamed through pinned buffers; a filler
-    allocation leaves `--vram-gb` to the process. The streamed blocks' sources sit in pageable RAM, or with
-    `pin` in page-locked RAM (uploaded from there)."""
-    blocks = transformer_blocks(transformer)
-    resident = resident_blocks_for(transformer, a.vram_gb, 2.5)
-    before_GiB = torch.cuda.memory_allocated() / 2**30
-    t = now()
-    streamer = stream_transformer(transformer, device, resident, pin_sources=pin)
-    setup_s = now() - t
-    filler = None
-    try:
-        gc.collect()
-        torch.cuda.empty_cache()
-        in_use = torch.cuda.memory_allocated()
-        free, _ = torch.cuda.mem_get_info()
-        # leave the process `--vram-gb` in all; if what it holds already exceeds that, still leave room for the
-        # activations and report the excess instead of failing
-        leave = max(a.vram_gb * 2**30 - in_use, 2.5 * 2**30)
-        filler = torch.empty(max(0, int(free - leave)), dtype=torch.uint8, device=device)
-        torch.cuda.reset_peak_memory_stats()
+def streamed(transformer, make, noise, a, util, device, speed: dict, pin: bool = False) -> dict:
+    """The card of `--vram-gb` GiB as the app's plan places this transformer on it (resident blocks, streamed
+    ones; fp8 where it is quantized), applied by the app's manager to the same weights; a filler allocation leaves
+    the process that budget. The streamed blocks' sources sit in pageable RAM, or with `pin` in page-locked RAM
+    (uploaded from there). `speed`: the row's compile, attention and fp8 matmul, for the plan to apply as set."""
+    fp8_stored = any(fp8_linear.is_fp8_linear(m) for m in transformer.modules())
+    before_GiB = torch.cuda.memory_allocated() / GiB if torch.cuda.is_available() else 0.0
+    plan = bench_plan(PlanOverrides(plan="streamed", fp8=fp8_stored, pin_streamed=pin, **speed), vram_gb=a.vram_gb,
+                      tiny=a.tiny)
+    with placed_as_planned(transformer, plan, tiny=a.tiny, device=device, vram_gb=a.vram_gb) as manager:
+        streamer = manager.streamer(TRANSFORMER)
         before = streamer.bytes_streamed
         r = timed(make(), noise, a.timed_steps, util)
         r["GB_streamed_per_step"] = (streamer.bytes_streamed - before) / (a.timed_steps + 1) / 1e9
         r["upload_GBps_needed_to_hide"] = r["GB_streamed_per_step"] / r["s_per_step"]
-        r["resident_blocks"], r["streamed_blocks"] = resident, len(blocks) - resident
-        r["pinned_sources"], r["streamer_setup_s"] = streamer.pinned_sources, setup_s
+        r["resident_blocks"], r["streamed_blocks"] = len(streamer.resident), len(streamer.streamed)
+        r["pinned_sources"], r["streamer_setup_s"] = streamer.pinned_sources, manager.load_s(TRANSFORMER)
         r["allocated_GiB_before_streaming"] = before_GiB
-        r["allocated_GiB_streaming_setup"] = in_use / 2**30
-        r["live_cuda_tensors_GiB_by_shape"] = live_cuda_tensors()
-        r["peak_vram_GiB_excluding_filler"] = (torch.cuda.max_memory_allocated() - filler.numel()) / 2**30
-    finally:
-        del filler
-        streamer.close()
-        for block in blocks:
-            block.to(device)
+        r["allocated_GiB_streaming_setup"] = manager.filler_info.get("allocated_GiB")
+        if torch.cuda.is_available():
+            r["live_cuda_tensors_GiB_by_shape"] = live_cuda_tensors()
+            r["peak_vram_GiB_excluding_filler"] = manager.peak_vram_excluding_filler_gib()
     return r
 
 
@@ -212,17 +144,15 @@ def main() -> None:
     # each lever row changes what the compiled blocks trace (attention backend, fp8): past dynamo's default 8
     # versions a block silently runs eagerly, which once made a row 30 % slower than it is
     torch._dynamo.config.cache_size_limit = 64
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = TINY_TRANSFORMER if a.tiny else REAL_TRANSFORMER
-    lh, lw = (8, 8) if a.tiny else (80, 76)
-    R: dict = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "command": " ".join(sys.argv),
-               "card": torch.cuda.get_device_name() if cuda else "cpu", "tiny": a.tiny, "rows": {}}
+    dtype = model_dtype(device)
+    cfg = transformer_config(a.tiny)
+    lh, lw = latent_hw(a.tiny)
+    R: dict = header(a.tiny, rows={})
     rows = R["rows"]
-    model = build(HunyuanVideoFramepackTransformer3DModel, cfg, device, dtype)
+    model = build_transformer(a.tiny, device, dtype)
     g = torch.Generator("cpu").manual_seed(0)
     embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
     noise = torch.randn(1, 16, 9, lh, lw, generator=g)
@@ -230,7 +160,7 @@ def main() -> None:
     util = Utilisation()
 
     def make():
-        return denoiser.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)
+        return denoiser_ops.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)
 
     def row(name: str, fn) -> dict | None:
         try:
@@ -246,32 +176,34 @@ def main() -> None:
     row("eager, default attention", lambda: {**timed(make(), noise, a.timed_steps, util),
                                              **(gpu_time_breakdown(make(), noise) if cuda else {})})
 
-    def attention(backend):
+    def with_attention(backend):
         attention.set_attention(model, backend)
         return {**timed(make(), noise, a.timed_steps, util), "x0_rel_diff": rel(make()(noise, sigma), reference)}
 
     best, best_step = "native", rows["eager, default attention"]["s_per_step"]
     for backend in ([b for b in a.attention.split(",") if b] if cuda else []):
-        r = row(f"eager, attention {backend}", lambda: attention(backend))
+        r = row(f"eager, attention {backend}", lambda: with_attention(backend))
         if "s_per_step" in r and r["s_per_step"] < best_step:
             best, best_step = backend, r["s_per_step"]
     attention.set_attention(model, best)
     R["best_attention"] = best
 
-    def streamed_rows(name: str) -> None:
-        if not cuda or a.no_streamed:
+    def streamed_rows(name: str, **speed) -> None:
+        """The 8 GB card's rows: the row's own speed options (the model as it is set now), placed by the plan."""
+        if a.no_streamed:
             return
-        row(f"{name}, {a.vram_gb:g} GB card", lambda: streamed(model, make, noise, a, util, device))
+        speed = {"compile": False, "attention": best, "fp8_matmul": None, **speed}
+        row(f"{name}, {a.vram_gb:g} GB card", lambda: streamed(model, make, noise, a, util, device, speed))
         if a.pinned:
             row(f"{name}, {a.vram_gb:g} GB card, page-locked sources",
-                lambda: streamed(model, make, noise, a, util, device, pin=True))
+                lambda: streamed(model, make, noise, a, util, device, speed, pin=True))
 
     streamed_rows("eager")
     kernels.compile_blocks(model)
     row(f"compiled blocks, attention {best}", lambda: {**timed(make(), noise, a.timed_steps, util),
                                                        **(gpu_time_breakdown(make(), noise) if cuda else {}),
                                                        "x0_rel_diff": rel(make()(noise, sigma), reference)})
-    streamed_rows("compiled")
+    streamed_rows("compiled", compile=True)
     for mode in [m for m in a.compile_modes.split(",") if m]:
         kernels.compile_blocks(model, mode)
         row(f"compiled blocks, mode {mode}", lambda: {**timed(make(), noise, a.timed_steps, util),
@@ -285,7 +217,7 @@ def main() -> None:
     fp8.apply_fp8_compute(model, dtype)
     if cuda:
         torch.cuda.empty_cache()
-        R["fp8_weights_GiB"] = torch.cuda.memory_allocated() / 2**30
+        R["fp8_weights_GiB"] = torch.cuda.memory_allocated() / GiB
 
     def fp8_row(matmul: bool):
         fp8_linear.set_fp8_matmul(model, matmul)
@@ -300,7 +232,8 @@ def main() -> None:
         attention.set_attention(model, backend)
         row(f"compiled, fp8 matmul, attention {backend}", lambda: fp8_row(True))
     attention.set_attention(model, best)
-    streamed_rows("compiled, fp8 matmul")
+    fp8_linear.set_fp8_matmul(model, True)
+    streamed_rows("compiled, fp8 matmul", compile=True, fp8_matmul=True)
 
     print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")
     for name, r in rows.items():

@@ -40,16 +40,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (BENCH_PROMPT, FRAMES_PER_SECTION, Utilisation, bench_machine, bench_manager, cpu_stand_in,
+from bench.common import (BENCH_PROMPT, FRAMES_PER_SECTION, Utilisation, bench_manager, bench_plan, cpu_stand_in,
                           header, plan_decisions, proc_status_mib, table, write_json)
 from framepack_ui.engine import f1
 from framepack_ui.engine.lending import TRANSFORMER, VAE
 from framepack_ui.events import Phase, Step
 from framepack_ui.memory import allocator
-from framepack_ui.memory.plan import LoadPlan, PlanOverrides, make_plan, real_weights
+from framepack_ui.memory.plan import LoadPlan, PlanOverrides
 from framepack_ui.spec import JobSpec
 
-TINY_PLAN_RAM_GB = 64
 SUMMARY_KEYS = ("frames", "sections", "steady_section_s", "steady_s_per_frame", "steady_sampling_s_per_frame",
                 "steady_finishing_s", "first_step_s", "wall_s", "peak_vram_GiB_excluding_filler", "gpu_util_pct",
                 "resident_blocks", "pinned_sources", "compile", "compile_vae", "vae_tile_px", "fp8_matmul",
@@ -118,10 +117,8 @@ def run_plan(a: argparse.Namespace, cuda: bool) -> LoadPlan:
                               fp8=a.fp8 or bool(a.fp8_matmul), fp8_matmul=a.fp8_matmul, pin_streamed=a.pinned,
                               resident_blocks=a.resident_blocks,
                               vae_tiling=(tile is not None) if tile is not False else a.tiled_decode)
-    # --tiny plans the real weights at 640 px as the full-size run does (only the models are tiny), for a machine
-    # with 64 GiB of RAM unless told: the smoke test must not depend on the RAM of the machine it runs on
-    ram_gb = a.ram_gb or (TINY_PLAN_RAM_GB if a.tiny else None)
-    plan = make_plan(bench_machine(a.vram_gb, ram_gb), real_weights(), overrides)
+    # --tiny plans the real weights at 640 px as the full-size run does (only the models are tiny)
+    plan = bench_plan(overrides, vram_gb=a.vram_gb, ram_gb=a.ram_gb, tiny=a.tiny)
     if a.compile_vae is not None:
         plan = plan.with_component(VAE, compile=a.compile_vae)
     if tile:

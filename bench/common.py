@@ -41,6 +41,7 @@ SIGLIP_TOKENS = 729
 LATENT_HW = (80, 76)  # 640x608 (height x width), the bucket of every full-size figure
 TINY_LATENT_HW = (8, 8)
 BENCH_PROMPT = "bench"
+TINY_PLAN_RAM_GB = 64  # the RAM a --tiny run's plan supposes (bench_plan)
 
 # --- configs ------------------------------------------------------------------------------------------------------
 
@@ -164,16 +165,13 @@ def bench_machine(vram_gb: float | None = None, ram_gb: float | None = None) -> 
 
 
 def bench_plan(overrides: PlanOverrides | None = None, *, vram_gb: float | None = None,
-               ram_gb: float | None = None) -> LoadPlan:
-    """The app's plan (`make_plan`) for the real weights on this machine (or on it with a supposed card)."""
+               ram_gb: float | None = None, tiny: bool = False) -> LoadPlan:
+    """The app's plan (`make_plan`) for the real weights at their real size on this machine (or on it with a
+    supposed card). `tiny`: the same plan, for TINY_PLAN_RAM_GB of RAM unless `ram_gb` (only the models of a
+    `--tiny` run are tiny, and its smoke test must not depend on the RAM of the machine it runs on)."""
+    if tiny and ram_gb is None:
+        ram_gb = TINY_PLAN_RAM_GB
     return make_plan(bench_machine(vram_gb, ram_gb), real_weights(), overrides or PlanOverrides())
-
-
-def plan_resident_blocks(vram_gb: float, fp8: bool = False, ram_gb: float | None = None) -> int:
-    """How many transformer blocks the plan keeps resident on a card with `vram_gb` GiB free (for the lever
-    benches that stream without a manager: the count is the plan's, never the bench's own estimate)."""
-    t = bench_plan(PlanOverrides(plan="streamed", fp8=fp8), vram_gb=vram_gb, ram_gb=ram_gb).components[TRANSFORMER]
-    return t.resident_blocks or 0
 
 
 def cpu_stand_in(plan: LoadPlan, tiny: bool) -> LoadPlan:
@@ -208,21 +206,25 @@ class BenchManager(ModelManager):
         self.filler_info: dict = {}
         self.build_s: dict[str, float] = {}  # seconds each builder took (the random weights), by model
         self.uses: list[dict] = []  # per use: name, enter_s (load, park), use_s, exit_s (free, restore)
+        self.loads_s: dict[str, float] = {}  # seconds the last load of each model took (build, stream, set up)
         self.transformer_ready_at: float | None = None  # perf_counter when the transformer was placed
 
     @contextmanager
     def use(self, name: str):
-        loaded = self.is_loaded(name)
+        was_loaded = self.is_loaded(name)
         t0 = time.perf_counter()
         with super().use(name) as model:
-            if name == TRANSFORMER and not loaded:
-                self._transformer_placed()
             t1 = time.perf_counter()
+            if not was_loaded:
+                self.loads_s[name] = t1 - t0
+                if name == TRANSFORMER:
+                    self._transformer_placed()
+                    t1 = time.perf_counter()
             try:
                 yield model
             finally:
                 t2 = time.perf_counter()
-        self.uses.append({"name": name, "loaded": not loaded, "enter_s": t1 - t0, "use_s": t2 - t1,
+        self.uses.append({"name": name, "loaded": not was_loaded, "enter_s": t1 - t0, "use_s": t2 - t1,
                           "exit_s": time.perf_counter() - t2})
 
     def _transformer_placed(self) -> None:
@@ -239,6 +241,12 @@ class BenchManager(ModelManager):
             torch.cuda.reset_peak_memory_stats(self.gpu)
         self.transformer_ready_at = time.perf_counter()
 
+    def free(self, name: str | None = None) -> None:
+        """As the manager's; freeing everything drops the filler too."""
+        if name is None:
+            self.filler = None
+        super().free(name)
+
     def peak_vram_excluding_filler_gib(self) -> float | None:
         if self.gpu.type != "cuda":
             return None
@@ -246,8 +254,8 @@ class BenchManager(ModelManager):
         return (torch.cuda.max_memory_allocated(self.gpu) - filler) / GiB
 
     def load_s(self, name: str) -> float | None:
-        """Seconds the first use of `name` took to enter: the build, then streaming and setup per the plan."""
-        return next((u["enter_s"] for u in self.uses if u["name"] == name and u["loaded"]), None)
+        """Seconds the last load of `name` took: the build, then streaming and setup per the plan."""
+        return self.loads_s.get(name)
 
 
 def _refuse_text_encoders(models_dir, c, device):
@@ -303,6 +311,29 @@ def bench_manager(plan: LoadPlan, *, tiny: bool, device, fill_to_vram_gb: float 
     return manager
 
 
+@contextmanager
+def placed_as_planned(transformer, plan: LoadPlan, *, tiny: bool, device, vram_gb: float | None):
+    """`transformer` (built by the caller, on `device`) placed as `plan` places it, by the app's manager: streamed
+    with the plan's resident blocks, page-locked where it pins, compiled, attention and fp8 matmul as it says; with
+    `vram_gb` a filler leaves the process that budget. Yields the manager (`manager.streamer(TRANSFORMER)`: the
+    streamer's counters). On exit the manager frees it (the streamer closed, its hooks removed) and every block
+    goes back to `device`, so a lever bench can measure the same weights resident again."""
+    if torch.device(device).type != "cuda":
+        plan = cpu_stand_in(plan, tiny)
+    manager = bench_manager(plan, tiny=tiny, device=device, fill_to_vram_gb=vram_gb,
+                            models={TRANSFORMER: transformer})
+    try:
+        with manager.use(TRANSFORMER):
+            yield manager
+    finally:
+        manager.free()
+        from framepack_ui.compute.compile import transformer_blocks
+
+        for block in transformer_blocks(transformer):
+            block.to(device)
+        empty_cache()
+
+
 def vram_filler(vram_gb: float, device) -> tuple[torch.Tensor, dict]:
     """Take the GPU's free memory but what leaves this process `vram_gb` GiB in all, counting what it holds now
     (torch's reserved memory, after handing the cache back): the simulated card. If it already holds more, nothing
@@ -329,10 +360,6 @@ def empty_cache() -> None:
 
 
 # --- inputs and timing --------------------------------------------------------------------------------------------
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def model_dtype(device) -> torch.dtype:
     """The transformer's compute dtype: bf16 on the GPU, float32 on the CPU (as the plan decides)."""
