@@ -36,7 +36,7 @@ from framepack_ui.spec import FRAMES_PER_SECTION
 
 GiB = 2**30
 STEPS = 25  # the app's default steps per section: sampling s/frame = s/step * STEPS / FRAMES_PER_SECTION
-TEXT_TOKENS = 64  # a typical prompt's Llama tokens after cropping
+TYPICAL_PROMPT_TOKENS = 64  # a typical prompt's Llama tokens after cropping
 SIGLIP_TOKENS = 729
 LATENT_HW = (80, 76)  # 640x608 (height x width), the bucket of every full-size figure
 TINY_LATENT_HW = (8, 8)
@@ -142,8 +142,8 @@ def build_image_encoder(tiny: bool, device, dtype):
 def random_prompt(cfg: dict, seed: int = 1) -> dict[str, torch.Tensor]:
     """A prompt's embeddings as the prompt cache keeps them (engine/lending.py PromptTensors), random, real shapes."""
     g = torch.Generator().manual_seed(seed)
-    return {"llama": torch.randn(1, TEXT_TOKENS, cfg["text_embed_dim"], generator=g),
-            "llama_mask": torch.ones(1, TEXT_TOKENS, dtype=torch.long),
+    return {"llama": torch.randn(1, TYPICAL_PROMPT_TOKENS, cfg["text_embed_dim"], generator=g),
+            "llama_mask": torch.ones(1, TYPICAL_PROMPT_TOKENS, dtype=torch.long),
             "clip_pooled": torch.randn(1, cfg["pooled_projection_dim"], generator=g)}
 
 
@@ -378,8 +378,8 @@ def inputs(cfg: dict, lh: int, lw: int, device, dtype, generator):
     def rnd(*shape):
         return torch.randn(*shape, generator=generator).to(device, dtype)
 
-    embeds = dict(encoder_hidden_states=rnd(1, TEXT_TOKENS, cfg["text_embed_dim"]),
-                  encoder_attention_mask=torch.ones(1, TEXT_TOKENS, dtype=torch.long, device=device),
+    embeds = dict(encoder_hidden_states=rnd(1, TYPICAL_PROMPT_TOKENS, cfg["text_embed_dim"]),
+                  encoder_attention_mask=torch.ones(1, TYPICAL_PROMPT_TOKENS, dtype=torch.long, device=device),
                   pooled_projections=rnd(1, cfg["pooled_projection_dim"]),
                   image_embeds=rnd(1, SIGLIP_TOKENS, cfg["image_proj_dim"]),
                   guidance=torch.tensor([10_000.0], device=device, dtype=dtype))

@@ -16,7 +16,7 @@ from ..compute.compile import transformer_blocks
 
 # Polynomial from the official FramePack TeaCache (fitted for HunyuanVideo), highest power first.
 RESCALE_POLY = (7.33226126e02, -4.01131952e02, 6.75869174e01, -3.14987800e00, 9.61237896e-02)
-HOOK_NAME = "framepack_ui_teacache"
+TEACACHE_HOOK = "framepack_ui_teacache"
 
 
 @dataclass
@@ -116,10 +116,10 @@ class _PassThroughHook(ModelHook):
 def apply_teacache(transformer, threshold: float) -> TeaCache:
     cache = TeaCache(threshold)
     blocks = transformer_blocks(transformer)
-    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_FirstBlockHook(cache), HOOK_NAME)
+    HookRegistry.check_if_exists_or_initialize(blocks[0]).register_hook(_FirstBlockHook(cache), TEACACHE_HOOK)
     for i, block in enumerate(blocks[1:], start=1):
         hook = _PassThroughHook(cache, last=i == len(blocks) - 1)
-        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, HOOK_NAME)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, TEACACHE_HOOK)
     return cache
 
 
@@ -127,4 +127,4 @@ def remove_teacache(transformer) -> None:
     for block in transformer_blocks(transformer):
         registry = getattr(block, "_diffusers_hook", None)
         if registry is not None:
-            registry.remove_hook(HOOK_NAME, recurse=False)
+            registry.remove_hook(TEACACHE_HOOK, recurse=False)

@@ -28,9 +28,10 @@ import av
 import numpy as np
 import torch
 
+from .sections import OVERLAP_FRAMES
+
 log = logging.getLogger(__name__)
 
-OVERLAP_FRAMES = 33  # official F1: latent_window_size * 4 - 3
 _MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof+use_metadata_tags"
 _ENCODE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time: bounds the temporary copies
 

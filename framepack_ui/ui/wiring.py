@@ -14,17 +14,16 @@ import time
 import gradio as gr
 
 from ..errors import ModelFilesError, UserError
-from ..events import Failed, Finished, Stopped
+from ..events import TERMINAL, Failed
 from ..spec import SEED_MAX
 from ..telemetry import read_gauges, starved
+from ..worker import DOWNLOAD_COMMAND
 from . import present
 from .layout import Page, build_page
 
-DOWNLOAD_COMMAND = "python -m framepack_ui download"
 CACHE_CLEANUP_S = (3600, 24 * 3600)  # (every, older than): Gradio's cache of shown videos and uploads
 POLL_S = 1.0  # how often a waiting stream checks whether its page has moved on to another job
 DOWNLOAD_POLL_S = 0.5
-TERMINAL = (Finished, Stopped, Failed)
 
 
 def build_ui(worker) -> gr.Blocks:

@@ -37,10 +37,9 @@ from framepack_ui import __version__
 from framepack_ui.errors import Cancelled, ModelFilesError
 from framepack_ui.units import GB, MB
 from framepack_ui.weights import layout
+from framepack_ui.weights.layout import DOWNLOAD_COMMAND
 
 log = logging.getLogger(__name__)
-
-DOWNLOAD_COMMAND = "python -m framepack_ui download"
 
 
 @dataclass(frozen=True)

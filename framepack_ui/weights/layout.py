@@ -12,6 +12,8 @@ from pathlib import Path
 
 from ..units import GB
 
+DOWNLOAD_COMMAND = "python -m framepack_ui download"  # what the one-line messages tell the user to run
+
 HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
 REDUX_REPO = "lllyasviel/flux_redux_bfl"
 F1_REPO = "lllyasviel/FramePack_F1_I2V_HY_20250503"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import Failed, Finished, Phase, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Phase, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
 from ..units import GB
@@ -33,7 +33,6 @@ from .live import clear_live, live_dir, section_link
 
 log = logging.getLogger(__name__)
 
-TERMINAL = (Finished, Stopped, Failed)
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
 
