@@ -151,28 +151,27 @@ def _generate(args) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    from .events import Failed, Finished, Phase, Stopped
+    from .events import Finished, Phase, Stopped
     from .worker import Worker
 
     cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
+    # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop after the current step
     worker = Worker(args.models, args.out.parent, device=args.device, profile=args.plan, keep_models_s=0,
-                    download_missing=not args.offline, serves_pages=False, **cache)
-    job = worker.submit(spec, out_path=args.out, plan_options=_plan_options(args))
-    seen, started, result = 0, False, None
+                    download_missing=not args.offline, serves_pages=False, background=False, **cache)
+    seen = []  # every event, printed as it happens
+
+    def show(event) -> None:
+        seen.append(event)
+        _show(event)
+
+    worker.submit(spec, out_path=args.out, plan_options=_plan_options(args), on_event=show)
     try:
-        while result is None:
-            try:
-                for event in worker.events(job, since=seen):
-                    seen += 1
-                    started = started or (isinstance(event, Phase) and event.name == "settings")
-                    _show(event)
-                    if isinstance(event, (Finished, Stopped, Failed)):
-                        result = event
-            except KeyboardInterrupt:  # a stop, not an exit: the job ends at its next step and keeps its sections
-                worker.cancel(job)
+        worker.run_queued()
     finally:
         worker.shutdown()
+    result = seen[-1]
+    started = any(isinstance(event, Phase) and event.name == "settings" for event in seen)
     if isinstance(result, Finished):
         return EXIT_OK
     if isinstance(result, Stopped):

@@ -235,10 +235,12 @@ def transformer_files(models: Path) -> list[Path]:
 def run_sampled(cmd: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, dict[str, int]]]:
     """Run `cmd`, sampling the child's /proc/PID/status every 5 ms; peaks of VmData and RssAnon per phase, the
     phase being the last `[name]` line the child printed. Sampling can miss a spike shorter than 5 ms."""
-    # glibc's per-thread malloc arenas keep freed blocks per thread and made RssAnon vary by ~100 MB between
-    # runs on a busy machine (one CI run measured 530 MB where others measured ~420); two arenas keep the
-    # measurement about the process's own memory
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
+    # glibc keeps freed memory in ways that vary from run to run, so the measurement is about the process's own
+    # memory only with two of its settings fixed: per-thread malloc arenas keep freed blocks per thread (one CI run
+    # measured 530 MB where others measured ~420), and the dynamic mmap threshold, raised by each large free, made
+    # the sampling phase's RssAnon 356-484 MB over runs of the same job; with it fixed at its 128 KiB default,
+    # 331-333 MB every run (measured here, 2026-12-04)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     phase, lines, peaks = ["start"], [], {}
 

@@ -60,6 +60,7 @@ class _Job:
     submitted_at: float  # time.time()
     profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
+    listener: Callable | None = None  # called with each event in the worker thread, as it happens
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
     status: str = "queued"
@@ -95,12 +96,14 @@ class Worker:
                  run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
                  keep_models_s: float | None = 0, attention: str | None = None,
                  download_missing: bool | None = None, prompt_cache_dir: Path | None | object = DEFAULT_CACHE,
-                 serves_pages: bool = True):
+                 serves_pages: bool = True, background: bool = True):
         """`download_missing`: None: a job does not look for missing model files (the web app offers the download
         itself); True: a job first fetches what is missing; False: a job with files missing fails at once, with
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
         folder; None: in memory only). `serves_pages`: the web app's worker, which drops the section-video links an
-        earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder."""
+        earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder.
+        `background`: jobs run on the worker's own thread; without it, on the thread that calls `run_queued` (the
+        command line: its main thread, where Ctrl+C reaches the job as a stop)."""
         self.models_dir = Path(models_dir)
         self.download_missing = download_missing
         self.prompt_cache_dir = prompt_cache_dir
@@ -127,17 +130,21 @@ class Worker:
         self._ids = itertools.count(1)
         if serves_pages:
             clear_live(self.outputs_dir)
-        self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
+            self._thread.start()
 
     # ---------------------------------------------------------------------------------------------------- API
 
     def submit(self, spec: JobSpec, profile: str | None = None, *, out_path: str | Path | None = None,
-               plan_options: dict | None = None) -> str:
+               plan_options: dict | None = None, on_event: Callable | None = None) -> str:
         """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id.
         `profile`: the memory profile for this job (default: the worker's `profile`). `out_path`: the video's path
         (default: a new name in the outputs folder). `plan_options`: more of the memory plan's overrides
-        (memory.plan.PlanOverrides fields: fp8, compile, attention, fp8_matmul, pin_streamed)."""
+        (memory.plan.PlanOverrides fields: fp8, compile, attention, fp8_matmul, pin_streamed). `on_event(event)`:
+        called in the worker thread as each of the job's events happens, before anyone iterating `events` sees it
+        (the command line prints there, so its lines keep time with the work)."""
         spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
         profile = profile or self.profile
         if profile not in self._profiles:
@@ -146,7 +153,7 @@ class Worker:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
-            job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}))
+            job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -346,7 +353,8 @@ class Worker:
             if self._running is not None:
                 self._running.cancel.set()
             self._cond.notify_all()
-        self._thread.join(timeout_s)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     # ------------------------------------------------------------------------------------------- the thread
 
@@ -356,15 +364,30 @@ class Worker:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if not self._queue:  # closed and nothing left
                     return
-                job = self._running = self._queue.popleft()
-                job.status, job.position = "running", None
-                self._renumber()
+            self._run_next()
+
+    def run_queued(self) -> None:
+        """Run the queued jobs one after another in the calling thread, then return (a worker made with
+        `background=False`)."""
+        while True:
+            with self._cond:
+                if not self._queue or self._closed:
+                    return
+            self._run_next()
+
+    def _run_next(self) -> None:
+        with self._cond:
+            job = self._running = self._queue.popleft()
+            job.status, job.position = "running", None
+            self._renumber()
+        try:
             self._run(job)
+        finally:
             with self._cond:
                 self._running = None
                 idle = not self._queue
-            if idle:
-                self._free_memory()
+        if idle:
+            self._free_memory()
 
     def _run(self, job: _Job) -> None:
         def emit(event) -> None:
@@ -468,6 +491,7 @@ class Worker:
             if isinstance(event, TERMINAL):
                 self._end(job, event)
                 return
+            self._tell(job, event)
             if isinstance(event, Step):
                 if job.step_index is not None:  # only the newest Step keeps its preview image
                     old = job.events[job.step_index]
@@ -477,12 +501,21 @@ class Worker:
             self._cond.notify_all()
 
     def _end(self, job: _Job, result) -> None:
+        self._tell(job, result)
         job.result, job.status, job.position = result, STATUS[type(result)], None
         job.events.append(result)
         self._cond.notify_all()
         ended = [j for j in self._jobs.values() if j.result is not None]
         for old in ended[:-MAX_ENDED_JOBS]:
             del self._jobs[old.id]
+
+    @staticmethod
+    def _tell(job: _Job, event) -> None:
+        if job.listener is not None:
+            try:
+                job.listener(event)
+            except Exception:  # a listener's failure never stops the job or the worker
+                log.exception("job %s: its event listener failed", job.id)
 
     def _renumber(self) -> None:
         for position, job in enumerate(self._queue, start=1):
