@@ -3,12 +3,12 @@ VRAM, restore them, run the next step; the extra time of that step over a plain 
 
     python -m bench.bench_restore --out restore.json [--vram-gb 8] [--rounds 3] [--tiny]
 
-Rows: the restore as the app does it with page-locked parked blocks (asynchronous: each resident block's first
-forward waits for its own upload, streaming.BlockStreamer.restore) and the same restore done synchronously from the
-same page-locked copies. Session 4's figure for the synchronous restore from the file map (pageable) is
-0.44-0.60 s per section at 8 GB on the H200 (bench/bench_run.py). Eager blocks, the real config, random weights,
-placed as the app's plan places them on a card of `--vram-gb` GiB (page-locked), by the app's ModelManager; the
-park and restore themselves are called on its streamer directly (the mechanism measured alone).
+Rows: the restore as the app does it with page-locked parked blocks (asynchronous: each resident block's first forward
+waits for its own upload, streaming.BlockStreamer.restore) and the same restore done synchronously from the same
+page-locked copies. The synchronous restore from the file map (pageable) measured 0.44-0.60 s per section at 8 GB on the
+H200 (docs/benchmarks.md, "Parking resident blocks for the VAE decode"). Eager blocks, the real config, random weights,
+placed as the app's plan places them on a card of `--vram-gb` GiB (page-locked), by the app's ModelManager; the park and
+restore themselves are called on its streamer directly (the mechanism measured alone).
 """
 from __future__ import annotations
 
