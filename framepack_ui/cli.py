@@ -53,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
                    help="where the models live: auto (from this machine's RAM/VRAM), gpu (all resident), streamed, "
                         "mmap (CPU, weights read from a read-only file map), cpu (RAM copies)")
-    g.add_argument("--fp8", action="store_true",
+    g.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
                    help="store the transformer as fp8 (converted once into models/.../fp8/, about half the size; "
-                        "computes in bf16/float32, slightly less exact)")
+                        "computes in bf16/float32, slightly less exact); --no-fp8 keeps bf16 (default: the plan "
+                        "chooses fp8 where the bf16 blocks streamed from disk would not stay in the page cache)")
     _add_speed_options(g)
     g.add_argument("--prompt-cache-dir", type=Path, default=None,
                    help="where prompt embeddings are cached (default: MODELS/.cache/prompts); a known prompt never "
@@ -74,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--vram", type=float, default=None, help="... and this many GB of VRAM (0: no GPU)")
     pl.add_argument("--plan", default="auto", choices=PLAN_CHOICES)
     pl.add_argument("--resolution", type=int, default=d.resolution)
-    pl.add_argument("--fp8", action="store_true", help="plan with the transformer stored as fp8")
+    pl.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=None,
+                    help="plan with the transformer stored as fp8 (--no-fp8: bf16; default: the plan chooses)")
     _add_speed_options(pl)
 
     dl = sub.add_parser("download", help="download the model files that are missing")
@@ -182,10 +184,13 @@ def _generate(args) -> int:
 
 
 def _show(event) -> None:
-    from .events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+    from .events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 
     if isinstance(event, Phase):
         _out(f"download {event.detail}" if event.name == "download" else f"[{event.name}] {event.detail}")
+    elif isinstance(event, Progress):
+        left = f", about {event.eta_s:.0f}s left" if event.eta_s is not None else ""
+        _out(f"{event.task}: {100 * event.done // max(1, event.total)}% of {event.total / 1e9:.1f} GB{left}")
     elif isinstance(event, Notice):
         _out(f"note: {event.message}")
     elif isinstance(event, Step):

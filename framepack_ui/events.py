@@ -44,6 +44,15 @@ class SectionSaved:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """A long task of a phase, part way: `done` of `total` (bytes, for the fp8 conversion), time left if known."""
+    task: str  # what, in words
+    done: int
+    total: int
+    eta_s: float | None = None
+
+
+@dataclass(frozen=True)
 class Finished:
     path: str
     settings_path: str

@@ -192,6 +192,8 @@ def test_cli_speed_flags_reach_the_plan(tmp_path, capsys):
     base = ["generate", "--image", "x.png", "--prompt", "p", "--out", "o.mp4"]
     defaults = _plan_overrides(_parser().parse_args(base))
     assert (defaults.compile, defaults.attention, defaults.fp8_matmul) == (None, None, None)  # the plan decides
+    assert defaults.fp8 is None  # the plan chooses the storage too
+    assert _plan_overrides(_parser().parse_args(base + ["--no-fp8"])).fp8 is False
     forced = _plan_overrides(_parser().parse_args(
         base + ["--no-compile", "--attention", "_native_flash", "--fp8", "--fp8-matmul"]))
     assert (forced.compile, forced.attention, forced.fp8_matmul, forced.fp8) == (False, "_native_flash", True, True)

@@ -12,9 +12,10 @@ from PIL import Image
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
-from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, parse_meminfo, probe_machine, weights_bytes,
-                                       weights_on_disk, windows_memory_from)
-from framepack_ui.units import GB
+from framepack_ui.memory.plan.budgets import page_cache_room, spills_from_page_cache
+from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, linux_memory_from, parse_meminfo, probe_machine,
+                                       weights_bytes, weights_on_disk, windows_memory_from)
+from framepack_ui.units import GB, GiB
 from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 
 REAL = real_weights()
@@ -222,9 +223,10 @@ def test_manager_streams_the_transformer_when_the_plan_says_so(tiny_models_dir, 
 
 def test_plan_8gb_parks_the_resident_blocks_while_the_vae_decodes_and_keeps_3_resident():
     """The tiled decode (4.4 GB) no longer shares VRAM with the resident blocks: they are parked while the VAE
-    decodes, so sampling alone bounds them (3 resident on an 8 GB card, where sharing left 0)."""
+    decodes, so sampling alone bounds them (3 resident on an 8 GB card, where sharing left 0). bf16 storage:
+    with 16 GB the automatic plan would store the transformer as fp8 (tested below)."""
     for ram_gb in (16, 32):
-        plan = supposed(ram_gb, 8)
+        plan = make_plan(Machine.supposed(ram_gb, 8), REAL, PlanOverrides(fp8=False))
         t, vae = plan.components["transformer"], plan.components["vae"]
         decode, sampling = plan.phase("decode"), plan.phase("sampling")
         assert t.where == "gpu-streamed" and t.resident_blocks == 3 and t.park_for_decode
@@ -488,3 +490,67 @@ def test_allocator_defaults_to_growable_segments_on_linux_and_keeps_the_users_ch
     allocator.configure(chosen, "linux")
     assert linux == {allocator.ALLOC_CONF: "expandable_segments:True"}
     assert windows == {} and chosen == {allocator.ALLOC_CONF: "max_split_size_mb:128"}
+
+
+# --- the transformer's storage on a laptop: fp8 where bf16 would spill from the page cache --------------------------
+
+LAPTOP_TOTAL_BYTES = 32 * GiB
+
+
+def laptop(available_gb: float, **changes) -> Machine:
+    """A 32 GB machine with an 8 GB card, `available_gb` of its RAM free (the rest held by the system and programs)."""
+    return replace(Machine.supposed(32, 8), ram_total_bytes=LAPTOP_TOTAL_BYTES,
+                   ram_available_bytes=int(available_gb * GB), **changes)
+
+
+@pytest.mark.parametrize("available_gb,storage", [(19, "fp8"), (24, "fp8"), (30, "map")])
+def test_32gb_laptop_plan_takes_fp8_where_bf16_would_spill_from_the_page_cache(available_gb, storage):
+    plan = make_plan(laptop(available_gb), REAL)
+    t = plan.components["transformer"]
+    assert t.where == "gpu-streamed" and t.storage == storage and not spills_from_page_cache(plan)
+    bf16 = make_plan(laptop(available_gb), REAL, PlanOverrides(fp8=False))
+    notes = " ".join(plan.notes)
+    if storage == "fp8":  # bf16's 24.9 GB streamed per step would be read from disk again every step
+        assert spills_from_page_cache(bf16) and "read from disk every step" in " ".join(bf16.notes)
+        assert "transformer stored as fp8 (chosen automatically)" in notes and "stay cached" in notes
+        assert t.page_cache_bytes <= page_cache_room(plan) < bf16.components["transformer"].page_cache_bytes
+    else:
+        assert plan == bf16 and "fp8" not in notes
+
+
+def test_a_tight_machine_takes_fp8_too_and_says_what_would_keep_it_cached():
+    plan = make_plan(laptop(12), REAL)
+    assert plan.components["transformer"].storage == "fp8" and spills_from_page_cache(plan)
+    assert "read less" in plan.notes[0] and "more free RAM or a lower --resolution" in plan.notes[0]
+
+
+def test_fp8_is_taken_only_with_disk_for_its_one_time_conversion():
+    short_disk = laptop(19, disk_free_bytes=5 * GB)
+    plan = make_plan(short_disk, REAL)
+    assert plan.components["transformer"].storage == "map"  # bf16 then, with the reason in one line
+    assert any("needs 14.2G of free disk" in n and "5.00G is free" in n for n in plan.notes), plan.notes
+    with pytest.raises(MemoryPlanError, match="--fp8: converting the transformer to fp8 once needs .* free disk"):
+        make_plan(short_disk, REAL, PlanOverrides(fp8=True))
+    cached = {**REAL, "transformer": replace(REAL["transformer"], fp8_cached=True)}
+    assert make_plan(short_disk, cached).components["transformer"].storage == "fp8"  # nothing to convert
+
+
+def test_the_laptop_plan_reads_what_the_os_says_is_available():
+    """The plan follows the RAM the OS reports as available (Linux MemAvailable, Windows ullAvailPhys), read
+    from injected values: the same 32 GB machine plans fp8 when busy and bf16 when free."""
+    def linux(available_gb):
+        meminfo = (f"MemTotal: {LAPTOP_TOTAL_BYTES // 1024} kB\nMemFree: 1000000 kB\n"
+                   f"MemAvailable: {int(available_gb * GB) // 1024} kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\n"
+                   f"CommitLimit: {LAPTOP_TOTAL_BYTES // 1024} kB\nCommitted_AS: 4000000 kB\n")
+        return linux_memory_from(meminfo, overcommit=0)
+
+    def windows(available_gb):
+        status = MEMORYSTATUSEX()
+        status.ullTotalPhys, status.ullAvailPhys = LAPTOP_TOTAL_BYTES, int(available_gb * GB)
+        status.ullTotalPageFile, status.ullAvailPageFile = LAPTOP_TOTAL_BYTES + 16 * GiB, 40 * GB
+        return windows_memory_from(status)
+
+    for read in (linux, windows):
+        storages = {gb: make_plan(replace(Machine.supposed(32, 8), **read(gb)), REAL).components["transformer"].storage
+                    for gb in (19, 30)}
+        assert storages == {19: "fp8", 30: "map"}, read.__name__

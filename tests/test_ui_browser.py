@@ -446,6 +446,34 @@ def test_memory_profile_shows_the_plan_and_reaches_the_job(server, open_page, st
     wait_text(page, "gallery", r"failed: .*needs a CUDA GPU", timeout_s=30)  # the past outputs say so too
 
 
+CONVERT_MB = 400  # a transformer large enough that its fp8 conversion shows on the page for a few polls
+
+
+def test_fp8_storage_converts_once_with_a_progress_bar_and_is_recorded(tmp_path, open_page, start_image_128x96):
+    """The page's storage choice reaches the plan and the job: fp8 shows in the plan, the first fp8 job converts the
+    transformer with a progress bar and time left on the progress line, and the settings file records the storage.
+    (The automatic choice needs a streamed transformer, so a GPU: it is table-tested in test_memory_plan.py and run
+    through the worker with injected machine readings in test_worker.py.)"""
+    from framepack_ui.weights.tiny import make_tiny_models
+
+    models, outputs = tmp_path / "models", tmp_path / "outputs"
+    make_tiny_models(models, transformer_mb=CONVERT_MB, seed=0)
+    outputs.mkdir()
+    with run_app(models, outputs, name="fp8-app") as (url, _):
+        page = open_page(url)
+        wait_text(page, "plan", r"transformer\s+mmap", timeout_s=60)
+        choose(page, "transformer_storage", "fp8 (half the size)")
+        wait_text(page, "plan", r"fp8 e4m3 map", timeout_s=60)
+        fill_form(page, start_image_128x96, seconds=1.2, steps=1)
+        page.locator("#generate").click()
+        bar = wait_text(page, "progress", r"\[[#.]{20}\] \d+ % of [\d.]+ GB", timeout_s=120)
+        assert "Converting the transformer to fp8 (once)" in bar
+        done = wait_text(page, "progress", r"Done: 37 frames")
+    name = re.search(r"saved as (\S+)\.mp4", done).group(1)
+    settings = json.loads((outputs / f"{name}.json").read_text())
+    assert settings["memory"]["transformer_storage"] == "fp8"
+
+
 def test_gallery_lists_past_outputs_and_fills_the_form(server, open_page, start_image_128x96):
     url, _, outputs = server
     failed = outputs / "19990101_000000_1.json"  # a job that failed before its first section: no video

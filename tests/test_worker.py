@@ -351,3 +351,60 @@ def test_section_video_is_a_new_name_per_section_with_no_copy(make_worker, tmp_p
     assert [e.name for e in worker.past_outputs()] == [video.name]  # the links are not past outputs
     make_worker(run_job=lambda *args, **kwargs: None)  # the next start clears what an earlier run left
     assert not worker.live_dir().exists()
+
+
+def test_each_job_is_planned_anew_and_an_fp8_plan_converts_first_with_progress(
+        make_worker, models_copy, start_image_80x64, monkeypatch):
+    """A machine that got busier plans fp8 for its next job (the transformer streamed, the bf16 blocks spilling from
+    the page cache), and the worker converts the fp8 cache before the engine starts, as a phase with progress; the
+    job's settings record the storage it ran with. The machine and weight sizes are injected (an 8 GB card in a
+    32 GB laptop, the real transformer's size); the conversion is real, on the tiny transformer's files."""
+    from dataclasses import replace
+
+    from framepack_ui.events import Progress
+    from framepack_ui.memory import fp8, probe
+    from framepack_ui.memory.plan import real_weights
+    from framepack_ui.weights.layout import COMPONENTS
+
+    available = [30e9, 19e9]  # GB free at the first job, then at the second
+    monkeypatch.setattr(probe, "probe_machine", lambda *args, **kwargs: replace(
+        probe.Machine.supposed(32, 8), ram_total_bytes=32 * 2**30, ram_available_bytes=int(available.pop(0))))
+    monkeypatch.setattr(probe, "weights_on_disk", lambda models_dir: real_weights())
+    records = []
+
+    def engine(spec, out_path, manager, emit, cancel, record=None, **kwargs):  # a scripted engine: no CUDA here
+        records.append(record)
+        emit(Finished(str(out_path), "", 0, 0.0))
+
+    worker = make_worker(run_job=engine, models_dir=models_copy)
+    folder = COMPONENTS["transformer"].folder(models_copy)
+    first = all_events(worker, worker.submit(spec(start_image_80x64)))
+    assert not any(isinstance(e, Progress) for e in first) and fp8.check_cache(folder) == "absent"
+    second = all_events(worker, worker.submit(spec(start_image_80x64)))
+    progress = [e for e in second if isinstance(e, Progress)]
+    assert progress and progress[-1].done == progress[-1].total and fp8.check_cache(folder) is None
+    assert [r["memory"]["transformer_storage"] for r in records] == ["bfloat16", "fp8"]
+    bar = present.progress_bar(progress[-1])  # what the page's progress line shows
+    assert bar.startswith("Converting the transformer to fp8 (once): [####################] 100 % of"), bar
+
+
+def test_a_stopped_fp8_conversion_keeps_nothing(make_worker, models_copy, start_image_80x64):
+    """Stop during the conversion: the job ends stopped and no cache (or half-written file) is left to be used."""
+    from framepack_ui.events import Progress
+    from framepack_ui.memory import fp8
+    from framepack_ui.weights.layout import COMPONENTS
+
+    worker = make_worker(models_dir=models_copy)
+    seen = []
+
+    def stop_at_first_progress(event):
+        seen.append(event)
+        if isinstance(event, Progress):
+            worker.cancel(job)
+
+    with worker._cond:  # `job` is set before the worker thread can start it
+        job = worker.submit(spec(start_image_80x64), plan_options={"fp8": True}, on_event=stop_at_first_progress)
+    events = all_events(worker, job)
+    assert isinstance(events[-1], Stopped) and any(isinstance(e, Progress) for e in seen)
+    folder = COMPONENTS["transformer"].folder(models_copy)
+    assert fp8.check_cache(folder) == "absent" and not list(folder.glob("fp8/*"))

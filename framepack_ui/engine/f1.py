@@ -72,7 +72,8 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
-        section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC):
+        section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
+        record: dict | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -81,14 +82,15 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     `frame_sink(uint8 (N, H, W, 3))` sees every frame as it goes to the encoder (on the encoder thread).
     `decode_context`: None decodes as the official loop (18 latents per later section); k (1..9) decodes the 9
     new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see sections.py).
-    Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None.
+    Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None. `record`: more to record with the job's settings
+    (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under.
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
     cancel = cancel or threading.Event()
     started = time.monotonic()
     out_path = Path(out_path)
-    files = _JobFiles(out_path)
+    files = _JobFiles(out_path, record)
     try:
         spec = spec.validate().with_seed()
         if decode_context is _FROM_SPEC:
@@ -247,8 +249,9 @@ def _check_cancel(cancel: threading.Event) -> None:
 class _JobFiles:
     """The job's video (written on an encoder thread) and its settings sidecar, and how they end."""
 
-    def __init__(self, out_path: Path):
+    def __init__(self, out_path: Path, record: dict | None = None):
         self.out_path = out_path
+        self.record = record or {}
         self.settings: dict | None = None
         self.settings_path: Path | None = None
         self.encoder: BackgroundWriter | None = None
@@ -256,7 +259,7 @@ class _JobFiles:
 
     def write_settings(self, spec: JobSpec, height: int, width: int) -> None:
         self.settings = {**spec.settings(), "height": height, "width": width, "sections": spec.sections,
-                         "app_version": __version__,
+                         "app_version": __version__, **self.record,
                          "models": {name: COMPONENTS[name].repo
                                     for name in ("transformer", "text_encoder", "image_encoder")}}
         self._image = spec.image

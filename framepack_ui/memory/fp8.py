@@ -34,6 +34,7 @@ import shutil
 import struct
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from diffusers.hooks import HookRegistry
@@ -179,8 +180,9 @@ def _tensor_bytes(t: torch.Tensor):
     return t.view(-1).view(torch.uint8).numpy()
 
 
-def _write_shard(src: Path, dest: Path, written: list[Path]) -> dict:
-    """Convert one source shard into `dest` (temp name, fsync, verify, rename). Returns its manifest record."""
+def _write_shard(src: Path, dest: Path, written: list[Path], wrote=lambda nbytes: None) -> dict:
+    """Convert one source shard into `dest` (temp name, fsync, verify, rename). Returns its manifest record.
+    `wrote(nbytes)` is called after each chunk written."""
     mapped = MappedFile(src)
     out, header = _layout(mapped.entries)
     header["__metadata__"] = {"format": "pt", "framepack_fp8": str(FORMAT_VERSION), "source": src.name,
@@ -198,6 +200,7 @@ def _write_shard(src: Path, dest: Path, written: list[Path]) -> dict:
             def put(data):
                 digest.update(data)
                 _write_chunk(fh, data)
+                wrote(len(data))
 
             put(struct.pack("<Q", len(raw)))
             put(raw)
@@ -283,9 +286,11 @@ def _clear(target: Path) -> None:
             p.unlink()
 
 
-def convert(folder: Path) -> Path:
+def convert(folder: Path, progress: Callable[[int, int], None] | None = None) -> Path:
     """Convert the bf16 shards of the transformer in `folder` into its fp8 cache; returns the cache folder.
-    Any failure leaves no cache (and no temporary file) behind and raises ModelFilesError naming the file."""
+    Any failure leaves no cache (and no temporary file) behind and raises ModelFilesError naming the file.
+    `progress(written_bytes, total_bytes)` is called after each chunk; an exception it raises (Cancelled: the
+    user stopped) ends the conversion the same way, with nothing kept."""
     folder = Path(folder)
     sources = _source_files(folder)
     target = cache_dir(folder)
@@ -301,12 +306,19 @@ def convert(folder: Path) -> Path:
         raise ModelFilesError(f"the fp8 cache needs {need / 1e9:.1f} GB of free disk in {target} and "
                               f"{free / 1e9:.1f} GB is free: free some space or run without --fp8")
     written: list[Path] = []
+    done = [0]
+
+    def wrote(nbytes: int) -> None:
+        done[0] += nbytes
+        if progress is not None:
+            progress(min(done[0], need), need)
+
     try:
         shards = []
         for i, src in enumerate(sources):
             name = SINGLE_NAME if len(sources) == 1 else src.name
             log.info("fp8 cache: converting %s (%d/%d)", src.name, i + 1, len(sources))
-            shards.append(_write_shard(src, target / name, written))
+            shards.append(_write_shard(src, target / name, written, wrote))
         weight_map = {t: s["name"] for s in shards for t in s["tensors"]}
         for s in shards:
             del s["tensors"]
@@ -385,8 +397,23 @@ def check_cache(folder: Path, full: bool = False) -> str | None:
     return None
 
 
-def ensure_cache(folder: Path) -> Path:
-    """The fp8 cache folder of the transformer in `folder`, converted now if absent, stale or corrupt."""
+def cache_recorded(folder: Path) -> bool:
+    """A cheap look (no hashing): the fp8 cache's manifest is there and names the current bf16 shards and shards of
+    the recorded sizes. The plan uses it to know whether choosing fp8 means converting first; a load still
+    verifies the cache (ensure_cache)."""
+    target = cache_dir(folder)
+    try:
+        manifest = json.loads((target / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return (manifest.get("format") == FORMAT_VERSION
+                and manifest["sources"] == [_source_record(p) for p in _source_files(Path(folder))]
+                and all((target / s["name"]).stat().st_size == s["size"] for s in manifest["shards"]))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, ModelFilesError):
+        return False
+
+
+def ensure_cache(folder: Path, progress: Callable[[int, int], None] | None = None) -> Path:
+    """The fp8 cache folder of the transformer in `folder`, converted now if absent, stale or corrupt
+    (`progress`: see convert)."""
     problem = check_cache(folder)
     if problem is None:
         return cache_dir(folder)
@@ -394,7 +421,7 @@ def ensure_cache(folder: Path) -> Path:
         log.warning("fp8 cache: %s; converting again", problem)
     else:
         log.info("fp8 cache: none in %s yet; converting the bf16 shards once (about half their size)", folder)
-    target = convert(folder)
+    target = convert(folder, progress)
     problem = check_cache(folder)
     if problem is not None:  # just written and verified: only a failing disk gets here
         raise ModelFilesError(f"the fp8 cache was written but does not check: {problem}")

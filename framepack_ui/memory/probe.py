@@ -92,6 +92,7 @@ class ComponentWeights:
     tokens: int = 0  # image encoder: tokens per image (position embedding rows; 729 for the real SigLIP)
     on_disk: bool = True  # False: the expected size of files not (yet) there
     dtype: str = ""  # safetensors name of the dtype holding most bytes ("BF16", "F16", "F32", "F8_E4M3")
+    fp8_cached: bool = False  # transformer: its fp8 cache is on disk (memory/fp8.py), so fp8 needs no conversion
     files: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -109,11 +110,17 @@ def parse_meminfo(text: str) -> dict[str, int]:
 
 
 def _linux_memory() -> dict:
-    info = parse_meminfo(Path("/proc/meminfo").read_text())
     try:
         overcommit = int(Path("/proc/sys/vm/overcommit_memory").read_text().strip())
     except (OSError, ValueError):
         overcommit = 0
+    return linux_memory_from(Path("/proc/meminfo").read_text(), overcommit)
+
+
+def linux_memory_from(meminfo: str, overcommit: int) -> dict:
+    """Machine fields from /proc/meminfo's text and vm.overcommit_memory. RAM available is the kernel's
+    MemAvailable: free memory plus the page cache it can drop, less what it must keep."""
+    info = parse_meminfo(meminfo)
     limit, committed = info.get("CommitLimit"), info.get("Committed_AS")
     return dict(ram_total_bytes=info["MemTotal"], ram_available_bytes=info.get("MemAvailable", info.get("MemFree", 0)),
                 swap_total_bytes=info.get("SwapTotal", 0), swap_free_bytes=info.get("SwapFree", 0),
@@ -282,11 +289,17 @@ def weights_on_disk(models_dir: Path) -> dict[str, ComponentWeights]:
         total = sum(by_dtype.values())
         hidden, heads = _transformer_width(component.folder(models_dir)) if name == "transformer" else (width, 0)
         ordered = [blocks[k] for k in sorted(blocks, key=lambda k: (k[0] != "transformer_blocks", k[1]))]
+        fp8_cached = False
+        if name == "transformer":
+            from .fp8 import cache_recorded
+
+            fp8_cached = cache_recorded(component.folder(models_dir))
         result[name] = ComponentWeights(
             name=name, file_bytes=total, params=params,
             storage_itemsize=max(by_dtype, key=by_dtype.get) if by_dtype else 2,
             largest_tensor_bytes=largest, block_bytes=tuple(ordered), hidden_size=hidden, heads=heads, tokens=tokens,
-            dtype=max(by_name, key=by_name.get) if by_name else "", files=tuple(str(p) for p in files))
+            dtype=max(by_name, key=by_name.get) if by_name else "", files=tuple(str(p) for p in files),
+            fp8_cached=fp8_cached)
     return result
 
 

@@ -40,6 +40,7 @@ class Page:
     crf: gr.Slider
     sampler: gr.Radio
     profile: gr.Dropdown
+    storage: gr.Dropdown  # the transformer's storage: present.STORAGE_CHOICES
     plan: gr.Markdown
     generate: gr.Button
     stop: gr.Button
@@ -121,6 +122,10 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 profile = gr.Dropdown(list(profiles), value=profile if profile in profiles else profiles[0], label="Memory profile (auto: planned for "
                                       "this machine; the others force where the big models live)",
                                       elem_id="memory_profile")
+                storage = gr.Dropdown(present.STORAGE_CHOICES, value=present.STORAGE_CHOICES[0][1],
+                                      label="Video model storage (automatic: fp8 where bf16 would be read from disk "
+                                            "every step; fp8 is converted once, about 13 GB)",
+                                      elem_id="transformer_storage")
                 plan = gr.Markdown("Reading the machine...", elem_id="plan")
         with gr.Column(scale=1):
             progress = gr.Markdown(present.progress_text(present.JobView()), elem_id="progress")
@@ -145,6 +150,6 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 use_settings = gr.Button("Use these settings", elem_id="use_settings")
     return Page(banner, notice, download, download_cancel, download_progress, image, prompt, negative, seconds,
                 length, seed, randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile,
-                plan, generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
+                storage, plan, generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
                 use_settings, gr.State(None))

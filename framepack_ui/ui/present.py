@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+from ..events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, frame_count, section_count
 from ..units import GB
 from ..worker.events import Queued
 
 OUTPUTS = ("preview", "section_video", "progress", "final_video")  # the outputs a followed job drives
 MAX_NOTES = 3
+# The transformer's storage a page may ask for: (label, value); the value goes to the plan as its fp8 option
+STORAGE_CHOICES = [("Automatic", "auto"), ("bf16 (as shipped)", "bf16"), ("fp8 (half the size)", "fp8")]
+FP8_OPTION = {"auto": None, "bf16": False, "fp8": True}
 PHASES = {  # engine phase names in words (anything else shows its own detail)
     "starting": "Starting the engine",
     "settings": "Preparing",
@@ -27,6 +30,7 @@ PHASES = {  # engine phase names in words (anything else shows its own detail)
     "image": "Encoding the start image",
     "transformer": "Loading the video model",
     "decode": "Decoding",
+    "convert": "Converting the video model to fp8 (once)",
 }
 
 
@@ -57,6 +61,8 @@ def apply(view: JobView, event) -> JobView:
         words = PHASES.get(event.name, event.name.capitalize())
         detail = event.detail if event.name == "settings" else ""  # the others' details repeat the words
         return replace(view, status="running", position=None, phase=f"{words}: {detail}" if detail else words)
+    if isinstance(event, Progress):
+        return replace(view, status="running", position=None, phase=progress_bar(event))
     if isinstance(event, Notice):
         return replace(view, notes=(*view.notes, event.message)[-MAX_NOTES:])
     if isinstance(event, Step):
@@ -81,6 +87,16 @@ def apply(view: JobView, event) -> JobView:
         return replace(view, status="failed", final_video=event.path, phase="", position=None,
                        result=f"Failed: {event.message}{kept}")
     return view
+
+
+def progress_bar(event: Progress, width: int = 20) -> str:
+    """`Converting ...: [#######.............] 35 % of 13.2 GB, about 1 min 10 s left`: one line of text, so the
+    page's progress line can show it on any screen."""
+    fraction = event.done / event.total if event.total else 0.0
+    filled = round(width * fraction)
+    left = f", about {_duration(event.eta_s)} left" if event.eta_s is not None else ""
+    return (f"{event.task[:1].upper()}{event.task[1:]}: [{'#' * filled}{'.' * (width - filled)}] "
+            f"{100 * fraction:.0f} % of {event.total / GB:.1f} GB{left}")
 
 
 def fold(events, view: JobView) -> JobView:

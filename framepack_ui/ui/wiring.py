@@ -79,14 +79,14 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, profile, request: gr.Request):
+                 resolution, crf, sampler, profile, storage, request: gr.Request):
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
                                             teacache_threshold, resolution, crf, sampler)
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
-            job_id = worker.submit(spec, profile=profile)
+            job_id = worker.submit(spec, profile=profile, plan_options={"fp8": present.FP8_OPTION[storage]})
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         yield from follow(job_id, request.session_hash)
@@ -136,8 +136,9 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         if not worker.cancel_download():
             gr.Info("No download is running.")
 
-    def show_plan(profile, resolution):
-        return f"```\n{worker.plan_text(profile, int(resolution or 640))}\n```"
+    def show_plan(profile, resolution, storage):
+        text = worker.plan_text(profile, int(resolution or 640), fp8=present.FP8_OPTION.get(storage))
+        return f"```\n{text}\n```"
 
     def gallery_update():
         return gr.update(choices=present.gallery_choices(worker.past_outputs()))
@@ -158,7 +159,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return (entry.image or gr.skip(), *(values.get(key, gr.skip()) for key in present.FORM_KEYS))
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
-    page.generate.click(generate, [*page.spec_inputs(), page.profile], page.job_outputs(), **stream)
+    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage], page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
@@ -172,9 +173,10 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.download.click(download, None, [page.models_banner, page.models_notice, page.download_progress], **stream)
     page.download_cancel.click(cancel_download, None, None, **stream)
     planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
-    demo.load(show_plan, [page.profile, page.resolution], page.plan, **planning)
-    page.profile.change(show_plan, [page.profile, page.resolution], page.plan, **planning)
-    page.resolution.change(show_plan, [page.profile, page.resolution], page.plan, **planning)
+    plan_inputs = [page.profile, page.resolution, page.storage]
+    demo.load(show_plan, plan_inputs, page.plan, **planning)
+    for control in plan_inputs:
+        control.change(show_plan, plan_inputs, page.plan, **planning)
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
     page.use_settings.click(use_settings, page.gallery, page.form_outputs(), queue=False)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import TERMINAL, Failed, Finished, Phase, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
 from ..units import GB
@@ -61,6 +61,7 @@ class _Job:
     profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # called with each event in the worker thread, as it happens
+    record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
     status: str = "queued"
@@ -219,11 +220,12 @@ class Worker:
 
         return tuple(PLAN_CHOICES)
 
-    def plan_text(self, profile: str | None = None, resolution: int = 640) -> str:
-        """The plan a job with this profile and resolution would run under, as a table (LoadPlan.explain());
-        when none fits, one line saying why. Reads the machine now (imports torch on the first call)."""
+    def plan_text(self, profile: str | None = None, resolution: int = 640, **options) -> str:
+        """The plan a job with this profile, resolution and plan options (`fp8`...) would run under, as a table
+        (LoadPlan.explain()); when none fits, one line saying why. Reads the machine now (imports torch on the
+        first call)."""
         try:
-            return self._make_plan(profile or self.profile, int(resolution)).explain()
+            return self._make_plan(profile or self.profile, int(resolution), **options).explain()
         except UserError as exc:
             return f"No memory plan fits: {exc.message}"
 
@@ -398,7 +400,7 @@ class Worker:
         try:
             emit(Phase("starting", "starting the engine"))
             run_job, manager = self._engine(job, emit)
-            result = run_job(job.spec, job.out_path, manager, emit, job.cancel)
+            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
@@ -439,7 +441,37 @@ class Worker:
                 self._manager_key = key
             log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
             emit(Phase("plan", plan.summary()))
+            transformer = plan.components["transformer"]
+            if transformer.storage == "fp8":
+                self._convert_fp8(job, emit)
+            job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
+                                     "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
         return self._run_job, self._manager
+
+    def _convert_fp8(self, job: _Job, emit) -> None:
+        """The fp8 cache made before the engine starts, where the plan stores the transformer as fp8 and the cache is
+        not on disk yet (about 13 GB written once): a phase of the job with its progress and time left; a stop
+        ends it with nothing half-written kept (memory/fp8.py)."""
+        from ..memory import fp8
+        from ..weights.layout import COMPONENTS
+
+        folder = COMPONENTS["transformer"].folder(self.models_dir)
+        if fp8.cache_recorded(folder):
+            return  # the load verifies it
+        task = "converting the transformer to fp8 (once)"
+        emit(Phase("convert", task))
+        started, shown = time.monotonic(), [-1]
+
+        def progress(done: int, total: int) -> None:
+            if job.cancel.is_set():
+                raise Cancelled()
+            percent = 100 * done // max(1, total)
+            if percent != shown[0]:  # one event per percent: a job's events stay few
+                shown[0] = percent
+                elapsed = time.monotonic() - started
+                emit(Progress(task, done, total, elapsed / done * (total - done) if done else None))
+
+        fp8.ensure_cache(folder, progress)
 
     def _ensure_models(self, job: _Job, emit) -> None:
         from ..weights.download import ensure_models  # huggingface_hub: only when asked

@@ -19,6 +19,12 @@ COMMIT_MARGIN_BYTES = 1 * GB
 # commit) stays free beside the plan's largest phase, for the next prompt's text encoder (loaded while the
 # transformer is kept), the page cache, the browser and other programs.
 PIN_HEADROOM_BYTES = 8 * GB
+# Free disk kept beside the fp8 cache when converting (memory/fp8.py refuses to write within 256 MB of full)
+FP8_CONVERSION_MARGIN_BYTES = 1 * GB
+
+
+class DoesNotFit(MemoryPlanError):
+    """No placement fits the machine's budgets (overrides that cannot be honoured raise MemoryPlanError itself)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,20 @@ def budgets_for(machine: Machine, cuda: bool) -> Budgets:
     return Budgets(ram, vram, commit)
 
 
+def page_cache_room(plan: LoadPlan) -> int:
+    """RAM the page cache can keep of the streamed transformer's file while it samples and decodes: the budget less
+    the larger of those phases' anonymous memory."""
+    return plan.ram_budget_bytes - max(plan.phase("sampling").ram_bytes, plan.phase("decode").ram_bytes)
+
+
+def spills_from_page_cache(plan: LoadPlan) -> bool:
+    """The transformer's blocks are streamed from its file map and the page cache cannot keep them all: each step
+    reads the rest from disk again."""
+    t = plan.components["transformer"]
+    return (plan.device == "cuda" and t.where == Where.GPU_STREAMED and not t.pinned_sources
+            and t.page_cache_bytes > page_cache_room(plan))
+
+
 def shortfall(what: str, short_bytes: int, resource: str, fix: str) -> str:
     return f"{what} needs {short_bytes / GB:.1f} GB more {resource} than this machine has to spare: {fix}"
 
@@ -49,7 +69,7 @@ def check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
     worst_ram = max(plan.phases, key=lambda p: p.ram_bytes)
     if worst_ram.ram_bytes > plan.ram_budget_bytes:
         short = worst_ram.ram_bytes - plan.ram_budget_bytes
-        raise MemoryPlanError(
+        raise DoesNotFit(
             f"no plan fits: the {worst_ram.phase} phase needs {gb_text(worst_ram.ram_bytes)} of RAM and "
             f"{gb_text(plan.ram_budget_bytes)} can be used (total minus {RAM_RESERVE_BYTES / GB:.0f} GB for the "
             f"system, or what is free now): {short / GB:.1f} GB short; close other programs, add RAM, or lower "
@@ -63,7 +83,7 @@ def check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
             notes.append(f"commit is {short / GB:.1f} GB short: the pagefile will be grown by that much before "
                          f"loading (Windows manages it; needs that much free disk)")
         else:
-            raise MemoryPlanError(
+            raise DoesNotFit(
                 f"no plan fits the commit limit: {gb_text(plan.peak_commit_bytes)} needed, "
                 f"{gb_text(plan.commit_budget_bytes)} available: {short / GB:.1f} GB short; enlarge the pagefile (or "
                 f"let Windows manage it) by at least {math.ceil(short / GB)} GB")
@@ -71,17 +91,15 @@ def check(plan: LoadPlan, weights: dict[str, ComponentWeights]) -> LoadPlan:
         worst_vram = max(plan.phases, key=lambda p: p.vram_bytes)
         if worst_vram.vram_bytes > plan.vram_budget_bytes:
             short = worst_vram.vram_bytes - plan.vram_budget_bytes
-            raise MemoryPlanError(
+            raise DoesNotFit(
                 f"no plan fits the GPU: the {worst_vram.phase} phase needs {gb_text(worst_vram.vram_bytes)} of VRAM "
                 f"and {gb_text(plan.vram_budget_bytes)} is free: {short / GB:.1f} GB short; lower --resolution, "
                 f"close programs using the GPU, or use --plan mmap (CPU, slow)")
         t = plan.components["transformer"]
-        if t.where == Where.GPU_STREAMED:
-            cache_room = plan.ram_budget_bytes - plan.phase("sampling").ram_bytes
-            if t.page_cache_bytes > cache_room:
-                notes.append(f"the page cache can keep about {gb_text(max(0, cache_room))} of the "
-                             f"{gb_text(t.page_cache_bytes)} streamed each step: the rest is read from disk every "
-                             f"step (slower, never the pagefile)")
+        if spills_from_page_cache(plan):
+            notes.append(f"the page cache can keep about {gb_text(max(0, page_cache_room(plan)))} of the "
+                         f"{gb_text(t.page_cache_bytes)} streamed each step: the rest is read from disk every "
+                         f"step (slower, never the pagefile)")
     missing = sorted(n for n, w in weights.items() if not w.on_disk)
     if missing:
         notes.append(f"expected sizes (not on disk): {', '.join(missing)}")

@@ -22,22 +22,22 @@ VAE_DECODE_REF_PIXELS = 69 * 640 * 608
 VAE_DECODE_REF_UNTILED_BYTES = int(21.8 * GB)
 # The same decode in spatial tiles (px; diffusers' overlap), largest first, beyond the VAE's 0.49 GB of weights:
 # bench/bench_decode.py peaks of 4.25 GiB at 256 px (H100, 2026-11-28) and 6.23, 7.37, 8.63 GiB at 320, 352,
-# 384 px (H200, 2026-11-28); docs/benchmarks.md, "VAE decode tiles".
+# 384 px (H200, 2026-11-28); docs/benchmarks.md, "VAE tile table".
 VAE_TILE_DECODE_BYTES = {384: int(8.77 * GB), 352: int(7.42 * GB), 320: int(6.20 * GB), 256: int(4.07 * GB)}
 VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)
 # With the decoder compiled (compute.compile.compile_vae_decoder: the element-wise work between the convolutions fuses)
 # the same decodes peak a third lower: 14.07 GiB untiled (21.63 eager), 2.97 / 4.23 / 4.96 / 5.75 / 7.58 GiB in
 # 256 / 320 / 352 / 384 / 448 px tiles, VAE weights included (H200, 2026-11-29, bench/bench_decode.py
-# --compiled-pass; docs/benchmarks.md, "The VAE decoder under torch.compile").
+# --compiled-pass; docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles").
 VAE_COMPILED_UNTILED_RATIO = 0.65
 VAE_TILE_DECODE_BYTES_COMPILED = {448: int(7.65 * GB), 384: int(5.68 * GB), 352: int(4.84 * GB), 320: int(4.05 * GB),
                                   256: int(2.70 * GB)}
 
 # --- VAE decode: seconds -------------------------------------------------------------------------------------------
 # Seconds per later section (context decode, 640x608; None: untiled), bench/bench_decode.py. Eager: H200,
-# 2026-11-28 (256 px: H100, 2026-11-28); docs/benchmarks.md, "VAE decode tiles". Compiled with dynamic shapes, in
+# 2026-11-28 (256 px: H100, 2026-11-28); docs/benchmarks.md, "VAE tile table". Compiled with dynamic shapes, in
 # tiles of one size (engine/vae.py decode_in_even_tiles: one compile per job; its peak is at most the table's,
-# measured with diffusers' largest tile): H200, 2026-11-29; docs/benchmarks.md, "Decode in even tiles, compiled".
+# measured with diffusers' largest tile): H200, 2026-11-29; docs/benchmarks.md, "Even spatial tiles for the compiled decoder".
 # At 640x608, tiles of 352-448 px all come out 44x42 latents (2.58 s, 4.74 GiB) and 256-320 px 32x31 (3.34 s,
 # 2.85 GiB: 9 tiles where diffusers cuts 16).
 VAE_DECODE_SECONDS = {None: 2.45, 384: 2.86, 352: 3.37, 320: 3.55, 256: 4.39}

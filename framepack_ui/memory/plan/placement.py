@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from ...compute import backends
 from ...errors import MemoryPlanError
 from ..probe import ComponentWeights, Machine
-from .budgets import PIN_HEADROOM_BYTES, Budgets, budgets_for, check, shortfall
+from .budgets import (FP8_CONVERSION_MARGIN_BYTES, PIN_HEADROOM_BYTES, Budgets, DoesNotFit, budgets_for, check,
+                      page_cache_room, shortfall, spills_from_page_cache)
 from .catalogue import ENTRY_COMPONENTS, PLAN_CHOICES, compute_itemsize, fp8_weights, with_real_defaults
 from .costs import (decode_activations, decode_seconds, entry_weights, phase_costs, place, runtime_baseline,
                     sampling_activations, text_activations, tile_table, with_pinned_sources)
@@ -18,7 +19,7 @@ from .vocabulary import Storage, Where
 # What compiling the VAE decoder buys is room for larger tiles; the compile (about 100 s on the H200's host, longer
 # on a laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at
 # least this much faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card
-# (2.86 -> 2.19 s). docs/benchmarks.md, "The VAE decoder under torch.compile".
+# (2.86 -> 2.19 s). docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles".
 VAE_COMPILE_MIN_GAIN = 0.25
 
 
@@ -26,10 +27,81 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
               overrides: PlanOverrides | None = None) -> LoadPlan:
     """Decide every placement (auto unless overridden) and predict each phase; raise if it cannot fit.
 
-    Where torch.compile works, the plan is made twice, with the VAE decoder eager and compiled, and the compiled
+    The transformer's storage, unless forced (PlanOverrides.fp8): bf16 as shipped, or fp8 where the transformer
+    is streamed from its file map and the bf16 blocks would not stay in the page cache beside the largest phase
+    (every step would read them from disk again) but the fp8 ones would (_choose_storage)."""
+    o = overrides or PlanOverrides()
+    if o.fp8 is not None:
+        plan = _plan_with_decoder_choice(machine, weights, o)
+        if o.fp8:
+            _refuse_conversion_without_disk(machine, weights, plan)
+        return plan
+    return _choose_storage(machine, weights, o)
+
+
+def _choose_storage(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides) -> LoadPlan:
+    """bf16, unless bf16 fits nowhere, or its streamed blocks spill out of the page cache, while fp8 fits and the fp8
+    cache is on disk or there is disk to convert it once; the choice and why in the plan's notes. fp8 is taken also
+    where its blocks spill too: half the bytes, so each step reads far less from disk."""
+    try:
+        bf16 = _plan_with_decoder_choice(machine, weights, replace(o, fp8=False))
+    except DoesNotFit as refused:
+        bf16, refusal = None, refused
+    if o.plan == "cpu" and bf16 is None:  # fp8 is read from its map: not an option for RAM copies
+        raise refusal
+    if o.plan == "cpu" or (bf16 is not None and not spills_from_page_cache(bf16)):
+        return bf16
+    try:
+        fp8 = _plan_with_decoder_choice(machine, weights, replace(o, fp8=True))
+    except DoesNotFit:
+        if bf16 is None:
+            raise refusal from None
+        return bf16
+    short = _conversion_disk_short(machine, weights)
+    if short:
+        if bf16 is None:
+            raise MemoryPlanError(f"{refusal.message}; fp8 storage would fit, but {short}")
+        return replace(bf16, notes=bf16.notes + (f"fp8 storage would read less from disk each step, but {short}",))
+    t_fp8 = fp8.components["transformer"]
+    if bf16 is None:
+        why = f"bf16 does not fit ({refusal.message})"
+    else:
+        t_bf16 = bf16.components["transformer"]
+        why = (f"the bf16 blocks streamed each step ({gb_text(t_bf16.page_cache_bytes)}) would not stay in the page "
+               f"cache beside the largest phase (about {gb_text(max(0, page_cache_room(bf16)))} of room) and every "
+               f"step would read the rest from disk; ")
+        if spills_from_page_cache(fp8):
+            keep = t_fp8.page_cache_bytes - page_cache_room(fp8)
+            why += (f"the fp8 ones ({gb_text(t_fp8.page_cache_bytes)}) read less; about {gb_text(keep)} more free RAM "
+                    f"or a lower --resolution would keep them all cached")
+        else:
+            why += f"the fp8 ones ({gb_text(t_fp8.page_cache_bytes)}) stay cached"
+    return replace(fp8, notes=(f"transformer stored as fp8 (chosen automatically): {why}",) + fp8.notes)
+
+
+def _conversion_disk_short(machine: Machine, weights: dict[str, ComponentWeights]) -> str | None:
+    """Where the fp8 cache is not on disk yet and its one-time conversion does not fit the models' disk: what it
+    needs, in one line; else None (also where the free disk is not known)."""
+    t = with_real_defaults(weights)["transformer"]
+    if t.fp8_cached or t.storage_itemsize <= 1 or machine.disk_free_bytes is None:
+        return None
+    need = fp8_weights(t).file_bytes + FP8_CONVERSION_MARGIN_BYTES
+    if machine.disk_free_bytes >= need:
+        return None
+    return (f"converting the transformer to fp8 once needs {gb_text(need)} of free disk beside the models and "
+            f"{gb_text(machine.disk_free_bytes)} is free")
+
+
+def _refuse_conversion_without_disk(machine: Machine, weights: dict[str, ComponentWeights], plan: LoadPlan) -> None:
+    short = _conversion_disk_short(machine, weights)
+    if short and plan.components["transformer"].storage == Storage.FP8:
+        raise MemoryPlanError(f"--fp8: {short}; free some space, or use bf16 (--no-fp8)")
+
+
+def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides) -> LoadPlan:
+    """Where torch.compile works, the plan is made twice, with the VAE decoder eager and compiled, and the compiled
     one is taken where its smaller decode footprint buys a decode at least VAE_COMPILE_MIN_GAIN faster (larger
     tiles, or none) or is the only one that fits."""
-    o = overrides or PlanOverrides()
     compile_able = (machine.has_cuda and o.plan not in ("mmap", "cpu")
                     and (machine.compile_supported if o.compile is None else o.compile))
     if not compile_able:
@@ -196,7 +268,7 @@ def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
     if o.plan != "streamed" and full.vram_bytes <= room and o.resident_blocks is None:
         return full
     if o.plan == "gpu":
-        raise MemoryPlanError(shortfall("the transformer resident in VRAM", full.vram_bytes - room,
+        raise DoesNotFit(shortfall("the transformer resident in VRAM", full.vram_bytes - room,
                                         "VRAM", "use --plan streamed or auto"))
     return _stream_transformer(t, o.resident_blocks, sampling_room, decode_room)
 

@@ -16,7 +16,9 @@ class PlanOverrides:
     resolution: int = 640  # bucket scale in px: activations and VAE decode grow with it
     resident_blocks: int | None = None  # gpu-streamed: force N resident blocks
     vae_tiling: bool | None = None  # None: tile only when untiled decode does not fit
-    fp8: bool = False  # transformer blocks stored as fp8 (memory/fp8.py): about half the bytes, bf16 compute
+    # Transformer blocks stored as fp8 (memory/fp8.py): about half the bytes, bf16 compute. None: chosen by the
+    # plan (fp8 where the bf16 blocks streamed from disk would not stay in the page cache and the fp8 ones would)
+    fp8: bool | None = None
     # How the transformer computes (framepack_ui.compute); None: decided from the machine
     compile: bool | None = None  # torch.compile of each block's forward (auto: CUDA with Triton)
     attention: str | None = None  # one of compute.backends.ATTENTION_BACKENDS; None: diffusers' default (SDPA's choice)
