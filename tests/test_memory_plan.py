@@ -13,6 +13,7 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.plan.budgets import page_cache_room, spills_from_page_cache
+from framepack_ui.memory import probe as probe_module
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, linux_memory_from, parse_meminfo, probe_machine,
                                        weights_bytes, weights_on_disk, windows_memory_from)
 from framepack_ui.units import GB, GiB
@@ -554,3 +555,31 @@ def test_the_laptop_plan_reads_what_the_os_says_is_available():
         storages = {gb: make_plan(replace(Machine.supposed(32, 8), **read(gb)), REAL).components["transformer"].storage
                     for gb in (19, 30)}
         assert storages == {19: "fp8", 30: "map"}, read.__name__
+
+
+def test_a_memory_cgroup_caps_what_the_plan_sees(tmp_path):
+    """In a container or a `memory.max` cgroup, /proc/meminfo shows the whole host: the probe reads the group's limit
+    and its anonymous memory (v2 and v1), and the plan of a 32 GB group with 13 GB held by another program stores
+    the transformer as fp8, where the host's own figures would keep bf16."""
+    host = (f"MemTotal: {128 * GiB // 1024} kB\nMemAvailable: {120 * GiB // 1024} kB\nSwapTotal: 0 kB\n"
+            f"SwapFree: 0 kB\nCommitLimit: {128 * GiB // 1024} kB\nCommitted_AS: 4000000 kB\n")
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v2 / "job").mkdir(parents=True)
+    (v2 / "job" / "memory.max").write_text(f"{32 * GiB}\n")
+    (v2 / "job" / "memory.stat").write_text(f"anon {13 * GiB}\nfile {2 * GiB}\n")
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text(f"{32 * GiB}\n")
+    (v1 / "memory" / "job" / "memory.stat").write_text(f"cache {2 * GiB}\ntotal_rss {13 * GiB}\n")
+    (tmp_path / "v2.cgroup").write_text("0::/job\n")
+    (tmp_path / "v1.cgroup").write_text("4:memory:/job\n1:cpu:/\n")
+    for root, own in ((v2, tmp_path / "v2.cgroup"), (v1, tmp_path / "v1.cgroup")):
+        cgroup = probe_module._cgroup_memory(root, own)
+        assert cgroup == (32 * GiB, 13 * GiB)
+        fields = linux_memory_from(host, overcommit=0, cgroup=cgroup)
+        assert fields["ram_total_bytes"] == 32 * GiB and fields["ram_available_bytes"] == 19 * GiB
+        plan = make_plan(replace(Machine.supposed(32, 8), **fields), REAL)
+        assert plan.components["transformer"].storage == "fp8"
+    (v2 / "job" / "memory.max").write_text("max\n")  # no limit: the host's figures
+    assert probe_module._cgroup_memory(v2, tmp_path / "v2.cgroup") is None
+    host_plan = make_plan(replace(Machine.supposed(128, 8), **linux_memory_from(host, overcommit=0)), REAL)
+    assert host_plan.components["transformer"].storage == "map"

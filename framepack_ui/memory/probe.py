@@ -114,19 +114,49 @@ def _linux_memory() -> dict:
         overcommit = int(Path("/proc/sys/vm/overcommit_memory").read_text().strip())
     except (OSError, ValueError):
         overcommit = 0
-    return linux_memory_from(Path("/proc/meminfo").read_text(), overcommit)
+    return linux_memory_from(Path("/proc/meminfo").read_text(), overcommit, _cgroup_memory())
 
 
-def linux_memory_from(meminfo: str, overcommit: int) -> dict:
+def linux_memory_from(meminfo: str, overcommit: int, cgroup: tuple[int, int] | None = None) -> dict:
     """Machine fields from /proc/meminfo's text and vm.overcommit_memory. RAM available is the kernel's
-    MemAvailable: free memory plus the page cache it can drop, less what it must keep."""
+    MemAvailable: free memory plus the page cache it can drop, less what it must keep. `cgroup`: (limit, anonymous
+    memory in use) of the memory cgroup the app runs in (a container, a `systemd-run -p MemoryMax=`): /proc/meminfo
+    describes the whole host, and the app must plan within the group's limit."""
     info = parse_meminfo(meminfo)
+    if cgroup is not None and cgroup[0] < info["MemTotal"]:
+        limit, anon = cgroup
+        info["MemTotal"] = limit
+        info["MemAvailable"] = max(0, min(info.get("MemAvailable", info.get("MemFree", 0)), limit - anon))
     limit, committed = info.get("CommitLimit"), info.get("Committed_AS")
     return dict(ram_total_bytes=info["MemTotal"], ram_available_bytes=info.get("MemAvailable", info.get("MemFree", 0)),
                 swap_total_bytes=info.get("SwapTotal", 0), swap_free_bytes=info.get("SwapFree", 0),
                 commit_limit_bytes=limit,
                 commit_available_bytes=None if limit is None or committed is None else limit - committed,
                 commit_enforced=overcommit == 2)
+
+
+def _cgroup_memory(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")):
+    """(limit, anonymous bytes in use) of this process's memory cgroup, v2 or v1; None without a limit."""
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        folder = (root if v2 else root / "memory") / path.lstrip("/")
+        try:
+            limit_text = (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).read_text().strip()
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit():
+            continue
+        anon = int(stat.get("anon" if v2 else "total_rss", 0))
+        return int(limit_text), anon
+    return None
 
 
 class MEMORYSTATUSEX(ctypes.Structure):
