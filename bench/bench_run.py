@@ -87,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-tile", default=None, metavar="TILE[/STRIDE]",
                    help="spatial tile in px, e.g. 384/320 (forces the plan's choice; the stride is always "
                         "TILE-64, the app's overlap), or 0 for untiled")
-    p.add_argument("--fp8", action="store_true", help="transformer blocks stored as fp8 (PlanOverrides.fp8)")
+    p.add_argument("--fp8", action=on_off, default=None,
+                   help="transformer blocks stored as fp8 (PlanOverrides.fp8; default: the plan's choice, fp8 where "
+                        "the bf16 blocks streamed from disk would not stay in the page cache)")
     p.add_argument("--fp8-matmul", action=on_off, default=None,
                    help="fp8 storage multiplied in fp8 (PlanOverrides.fp8 and fp8_matmul); --no-fp8-matmul with "
                         "--fp8: dequantized to bf16 per call (default with --fp8: the plan's choice)")
@@ -114,7 +116,7 @@ def run_plan(a: argparse.Namespace, cuda: bool) -> LoadPlan:
     """The app's plan for this machine (or the supposed card), with what the flags force."""
     tile = parse_tile(a.vae_tile)
     overrides = PlanOverrides(compile=a.compile, attention=a.attention,
-                              fp8=a.fp8 or bool(a.fp8_matmul), fp8_matmul=a.fp8_matmul, pin_streamed=a.pinned,
+                              fp8=True if a.fp8_matmul else a.fp8, fp8_matmul=a.fp8_matmul, pin_streamed=a.pinned,
                               resident_blocks=a.resident_blocks,
                               vae_tiling=(tile is not None) if tile is not False else a.tiled_decode)
     # --tiny plans the real weights at 640 px as the full-size run does (only the models are tiny)
