@@ -139,7 +139,7 @@ def _quiet_libraries() -> None:
 
 def _generate(args) -> int:
     """One job through the same Worker as the web app (planning, downloads, the model lifecycle), its events
-    printed as they come; Ctrl+C stops it after the current step and keeps the finished sections."""
+    printed as they come; Ctrl+C stops it and keeps the finished sections."""
     from .spec import JobSpec
 
     spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
@@ -158,7 +158,7 @@ def _generate(args) -> int:
 
     cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
-    # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop after the current step
+    # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop that keeps what is done
     worker = Worker(args.models, args.out.parent, device=args.device, profile=args.plan, keep_models_s=0,
                     download_missing=not args.offline, serves_pages=False, background=False, **cache)
     seen = []  # every event, printed as it happens

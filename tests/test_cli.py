@@ -125,6 +125,20 @@ def test_cli_missing_models_offline_names_what_and_where(start_image, tmp_path):
     assert "missing model files" in line and "FramePack_F1_I2V_HY_20250503" in line and str(empty) in line
 
 
+def test_cli_job_refused_before_it_starts_writes_nothing_beside_its_out(start_image, tmp_path):
+    """Missing models (or a plan that cannot fit) refuse the job before the engine has it: one line, exit code 2,
+    and no settings file, image copy or "kept" video beside --out, also where an older video has that name."""
+    empty = tmp_path / "models"
+    empty.mkdir()
+    out = tmp_path / "out" / "clip.mp4"
+    out.parent.mkdir()
+    out.write_bytes(b"an older video")
+    proc = run_cli("generate", "--models", str(empty), "--image", start_image, "--prompt", "x", "--offline",
+                   "--out", str(out), timeout=120)
+    assert proc.returncode == 2 and "kept" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["clip.mp4"] and out.read_bytes() == b"an older video"
+
+
 def test_cli_make_tiny_models_then_generate_downloads_what_is_missing(tiny_models_dir, start_image, tmp_path):
     """The whole newcomer path through the CLI: tiny models are written in the real layout; a models folder
     without them is filled from a loopback stand-in for the hub (HF_ENDPOINT) before generating."""

@@ -500,8 +500,8 @@ LAPTOP_TOTAL_BYTES = 32 * GiB
 
 def laptop(available_gb: float, **changes) -> Machine:
     """A 32 GB machine with an 8 GB card, `available_gb` of its RAM free (the rest held by the system and programs)."""
-    return replace(Machine.supposed(32, 8), ram_total_bytes=LAPTOP_TOTAL_BYTES,
-                   ram_available_bytes=int(available_gb * GB), **changes)
+    return replace(Machine.supposed(32, 8), **{"ram_total_bytes": LAPTOP_TOTAL_BYTES,
+                                               "ram_available_bytes": int(available_gb * GB), **changes})
 
 
 @pytest.mark.parametrize("available_gb,storage", [(19, "fp8"), (24, "fp8"), (30, "map")])
@@ -583,3 +583,14 @@ def test_a_memory_cgroup_caps_what_the_plan_sees(tmp_path):
     assert probe_module._cgroup_memory(v2, tmp_path / "v2.cgroup") is None
     host_plan = make_plan(replace(Machine.supposed(128, 8), **linux_memory_from(host, overcommit=0)), REAL)
     assert host_plan.components["transformer"].storage == "map"
+
+
+def test_a_cached_fp8_transformer_is_kept_until_bf16_fits_with_room_to_spare():
+    """Free RAM that wavers around the line would otherwise switch the storage (and reload the model) from one
+    job to the next: with the fp8 cache on disk, bf16 is taken back only with 2 GB of page cache to spare."""
+    cached = {**REAL, "transformer": replace(REAL["transformer"], fp8_cached=True)}
+    just_fits = laptop(28.5, ram_total_bytes=34 * GiB)  # bf16's streamed blocks fit the page cache, barely
+    assert make_plan(just_fits, REAL).components["transformer"].storage == "map"
+    assert make_plan(just_fits, cached).components["transformer"].storage == "fp8"
+    roomy = laptop(31, ram_total_bytes=34 * GiB)
+    assert make_plan(roomy, cached).components["transformer"].storage == "map"

@@ -67,7 +67,9 @@ def transformer_blocks(transformer) -> list[torch.nn.Module]:
 
 
 def compile_blocks(transformer, mode: str | None = None) -> bool:
-    """Compile each block's forward (idempotent per `mode`, torch.compile's). Returns whether they are compiled now."""
+    """Compile each block's forward (idempotent per `mode`, torch.compile's). Returns whether they are compiled now.
+    Call it before any per-job hooks (TeaCache) are registered on the blocks: replacing the hook re-links diffusers'
+    hook chain around it."""
     blocks = transformer_blocks(transformer)
     if all(getattr(_hook(b, BLOCK_HOOK), "mode", False) == mode for b in blocks):
         return True
@@ -80,11 +82,6 @@ def compile_blocks(transformer, mode: str | None = None) -> bool:
 
 def blocks_compiled(transformer) -> bool:
     return any(_hook(b, BLOCK_HOOK) is not None for b in transformer_blocks(transformer))
-
-
-def uncompile_blocks(transformer) -> None:
-    for block in transformer_blocks(transformer):
-        _remove(block, BLOCK_HOOK)
 
 
 # --- VAE decoder ---------------------------------------------------------------------------------------------------

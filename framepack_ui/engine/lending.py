@@ -17,7 +17,6 @@ TEXT_ENCODERS = "text_encoders"  # (llama tokenizer, clip tokenizer, llama model
 IMAGE_ENCODER = "image_encoder"  # (SigLIP processor, SigLIP vision model)
 VAE = "vae"
 TRANSFORMER = "transformer"
-MODEL_NAMES = (TEXT_ENCODERS, IMAGE_ENCODER, VAE, TRANSFORMER)
 
 
 # A prompt's embeddings as a prompt cache keeps them (float32, CPU: "llama" (1, L, D), "llama_mask" (1, L),
@@ -28,7 +27,7 @@ PromptTensors = dict[str, torch.Tensor]
 @runtime_checkable
 class ModelLender(Protocol):
     def use(self, name: str) -> AbstractContextManager[Any]:
-        """Lend the model `name` (one of MODEL_NAMES) for the `with` block: loaded on first use, freed or kept
+        """Lend the model `name` (one of the names above) for the `with` block: loaded on first use, freed or kept
         after it as the lender decides."""
 
     def compute_place(self, name: str) -> tuple[torch.device, torch.dtype]:
@@ -42,5 +41,5 @@ class ModelLender(Protocol):
         """Keep the prompt's embeddings for later jobs (a lender without a cache does nothing)."""
 
     def first_use_notice(self, name: str, shape: tuple[int, ...]) -> str | None:
-        """One line for the user when running `name` at `shape` for the first time will be slow (a compile),
-        once per lender, model and shape; None otherwise."""
+        """One line for the user when running `name` at `shape` will be slow because it compiles first (the
+        lender knows how often: the transformer once per size, the VAE decoder once); None otherwise."""

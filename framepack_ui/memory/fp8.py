@@ -39,7 +39,7 @@ from typing import Callable
 import torch
 from diffusers.hooks import HookRegistry
 
-from ..compute.fp8_linear import FP8_DTYPE, FP8_MAX, SCALE_PARAM, Fp8Linear, is_fp8_linear, quantize, row_scales
+from ..compute.fp8_linear import FP8_DTYPE, FP8_MAX, SCALE_PARAM, Fp8Linear, is_fp8_linear, row_scales
 from ..errors import ModelFilesError
 from .storage import DTYPES, HOOK_NAME, MappedFile, UpcastOnForward, load_mapped, read_header, shard_files
 
@@ -260,7 +260,7 @@ def _write_error(path: Path, exc: OSError, folder: Path) -> ModelFilesError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = shutil.disk_usage(folder).free if folder.exists() else 0
         return ModelFilesError(f"the disk is full: could not write the fp8 cache file {path} "
-                               f"({free / 1e9:.1f} GB free); nothing was kept: free some space or run without --fp8")
+                               f"({free / 1e9:.1f} GB free); nothing was kept: free some space or store the transformer as bf16 (--no-fp8, or bf16 on the page)")
     return ModelFilesError(f"could not write the fp8 cache file {path}: {exc.strerror or exc}; nothing was kept")
 
 
@@ -304,7 +304,7 @@ def convert(folder: Path, progress: Callable[[int, int], None] | None = None) ->
     free = shutil.disk_usage(target).free
     if free < need + FREE_DISK_MARGIN_BYTES:
         raise ModelFilesError(f"the fp8 cache needs {need / 1e9:.1f} GB of free disk in {target} and "
-                              f"{free / 1e9:.1f} GB is free: free some space or run without --fp8")
+                              f"{free / 1e9:.1f} GB is free: free some space or store the transformer as bf16 (--no-fp8, or bf16 on the page)")
     written: list[Path] = []
     done = [0]
 

@@ -208,10 +208,16 @@ class ModelManager:
         self._prewarm_for(name)
         device = self.device_of(name)
         model = self._builders[name](self.models_dir, c, device)
-        if streamed(c):
-            self._streamers[name] = self._stream(name, model, c, device)
-        self._apply_speed_options(name, model, c)
+        streamer = self._stream(name, model, c, device) if streamed(c) else None
+        try:
+            self._apply_speed_options(name, model, c)
+        except BaseException:
+            if streamer is not None:
+                streamer.close()  # a load that fails holds nothing: no hooks, no page-locked memory
+            raise
         self._loaded[name] = model
+        if streamer is not None:
+            self._streamers[name] = streamer
         self.load_count[name] = self.load_count.get(name, 0) + 1
 
     @staticmethod
@@ -240,7 +246,8 @@ class ModelManager:
         """Using the VAE while a streamed transformer is loaded, where the plan says the decode needs the room:
         park its resident blocks (streaming.BlockStreamer.park). Returns (model, streamer) to restore, or None."""
         transformer, streamer = self._loaded.get("transformer"), self._streamers.get("transformer")
-        if name != "vae" or streamer is None or streamer.parked or not self.component("transformer").park_for_decode:
+        if (name != "vae" or transformer is None or streamer is None or streamer.parked
+                or not self.component("transformer").park_for_decode):
             return None
         streamer.park()
         self.park_count += 1

@@ -136,7 +136,9 @@ def linux_memory_from(meminfo: str, overcommit: int, cgroup: tuple[int, int] | N
 
 
 def _cgroup_memory(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path("/proc/self/cgroup")):
-    """(limit, anonymous bytes in use) of this process's memory cgroup, v2 or v1; None without a limit."""
+    """(limit, anonymous bytes in use) of this process's memory cgroup, v2 or v1; None without a limit. v2: the
+    smallest memory.max from the process's group up to the root; v1: the hierarchical limit. Inside a container the
+    group's own folder is the mount's root, which is read where the host path is not there."""
     try:
         lines = self_cgroup.read_text().splitlines()
     except OSError:
@@ -146,17 +148,33 @@ def _cgroup_memory(root: Path = Path("/sys/fs/cgroup"), self_cgroup: Path = Path
         v2 = controllers == ""
         if not v2 and "memory" not in controllers.split(","):
             continue
-        folder = (root if v2 else root / "memory") / path.lstrip("/")
+        mount = root if v2 else root / "memory"
+        folder = mount / path.lstrip("/")
+        if not (folder / "memory.stat").is_file():
+            folder = mount
         try:
-            limit_text = (folder / ("memory.max" if v2 else "memory.limit_in_bytes")).read_text().strip()
             stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if " " in line)
         except (OSError, ValueError):
             continue
-        if limit_text == "max" or not limit_text.isdigit():
-            continue
-        anon = int(stat.get("anon" if v2 else "total_rss", 0))
-        return int(limit_text), anon
+        limits = [_limit(level / "memory.max") for level in (folder, *folder.parents) if level.is_relative_to(mount)]
+        if not v2:
+            limits = [_limit(folder / "memory.limit_in_bytes"), _limit_text(stat.get("hierarchical_memory_limit"))]
+        limits = [limit for limit in limits if limit is not None]
+        if limits:
+            return min(limits), int(stat.get("anon" if v2 else "total_rss", 0))
     return None
+
+
+def _limit(path: Path) -> int | None:
+    try:
+        return _limit_text(path.read_text().strip())
+    except OSError:
+        return None
+
+
+def _limit_text(text: str | None) -> int | None:
+    """A cgroup limit in bytes; None for "max" (none) or anything unreadable."""
+    return int(text) if text is not None and text.isdigit() else None
 
 
 class MEMORYSTATUSEX(ctypes.Structure):

@@ -31,6 +31,8 @@ PHASES = {  # engine phase names in words (anything else shows its own detail)
     "transformer": "Loading the video model",
     "decode": "Decoding",
     "convert": "Converting the video model to fp8 (once)",
+    "plan": "Planning where the models live",
+    "download": "Downloading the models",
 }
 
 

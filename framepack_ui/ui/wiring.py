@@ -86,7 +86,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
-            job_id = worker.submit(spec, profile=profile, plan_options={"fp8": present.FP8_OPTION[storage]})
+            job_id = worker.submit(spec, profile=profile, plan_options={"fp8": present.FP8_OPTION.get(storage)})
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         yield from follow(job_id, request.session_hash)

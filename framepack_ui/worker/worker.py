@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
 
-# f1.run(spec, out_path, manager, emit, cancel) -> Finished | Stopped | Failed
+# f1.run(spec, out_path, manager, emit, cancel, record=...) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
@@ -62,6 +62,7 @@ class _Job:
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # called with each event in the worker thread, as it happens
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
+    engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
     status: str = "queued"
@@ -129,6 +130,7 @@ class Worker:
         self._running: _Job | None = None
         self._closed = False
         self._ids = itertools.count(1)
+        self.serves_pages = serves_pages
         if serves_pages:
             clear_live(self.outputs_dir)
         self._thread = None
@@ -144,8 +146,9 @@ class Worker:
         `profile`: the memory profile for this job (default: the worker's `profile`). `out_path`: the video's path
         (default: a new name in the outputs folder). `plan_options`: more of the memory plan's overrides
         (memory.plan.PlanOverrides fields: fp8, compile, attention, fp8_matmul, pin_streamed). `on_event(event)`:
-        called in the worker thread as each of the job's events happens, before anyone iterating `events` sees it
-        (the command line prints there, so its lines keep time with the work)."""
+        called as each of the job's events happens, in the thread that emits it (the job's, or the encoder's for
+        SectionSaved), with the worker's lock held, before anyone iterating `events` sees it: keep it quick (the
+        command line prints there, so its lines keep time with the work)."""
         spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
         profile = profile or self.profile
         if profile not in self._profiles:
@@ -235,6 +238,7 @@ class Worker:
 
         device = self._device or _default_device()
         machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        options = {key: value for key, value in options.items() if value is not None}  # None: the plan's default
         options.setdefault("attention", self.attention)
         return make_plan(machine, weights_on_disk(self.models_dir),
                          PlanOverrides(profile, resolution=resolution, **options))
@@ -371,6 +375,8 @@ class Worker:
     def run_queued(self) -> None:
         """Run the queued jobs one after another in the calling thread, then return (a worker made with
         `background=False`)."""
+        if self._thread is not None:
+            raise RuntimeError("this worker runs its jobs on its own thread")
         while True:
             with self._cond:
                 if not self._queue or self._closed:
@@ -400,6 +406,7 @@ class Worker:
         try:
             emit(Phase("starting", "starting the engine"))
             run_job, manager = self._engine(job, emit)
+            job.engine_started = True
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
@@ -411,7 +418,9 @@ class Worker:
                             self._kept(job))
         if job.result is None and not isinstance(result, TERMINAL):
             result = Failed("internal error: the job ended without a result", self._kept(job))
-        if isinstance(job.result or result, Failed):  # before the end is seen: the file says so by then
+        if isinstance(job.result or result, Failed) and (self.serves_pages or job.engine_started):
+            # before the end is seen: the file says so by then (the gallery lists it; the command line's job
+            # that never started writes nothing beside its --out)
             self._record_failure(job, job.result or result)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
@@ -580,7 +589,9 @@ class Worker:
 
     @staticmethod
     def _kept(job: _Job) -> str | None:
-        return str(job.out_path) if job.out_path.is_file() and job.out_path.stat().st_size > 0 else None
+        """The job's video, where the engine had the job and wrote some (a file there before is not this job's)."""
+        return (str(job.out_path) if job.engine_started and job.out_path.is_file() and job.out_path.stat().st_size > 0
+                else None)
 
 
 def _default_device() -> str:

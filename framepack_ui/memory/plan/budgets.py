@@ -51,12 +51,12 @@ def page_cache_room(plan: LoadPlan) -> int:
     return plan.ram_budget_bytes - max(plan.phase("sampling").ram_bytes, plan.phase("decode").ram_bytes)
 
 
-def spills_from_page_cache(plan: LoadPlan) -> bool:
-    """The transformer's blocks are streamed from its file map and the page cache cannot keep them all: each step
-    reads the rest from disk again."""
+def spills_from_page_cache(plan: LoadPlan, margin_bytes: int = 0) -> bool:
+    """The transformer's blocks are streamed from its file map and the page cache cannot keep them all (with
+    `margin_bytes` to spare): each step reads the rest from disk again."""
     t = plan.components["transformer"]
     return (plan.device == "cuda" and t.where == Where.GPU_STREAMED and not t.pinned_sources
-            and t.page_cache_bytes > page_cache_room(plan))
+            and t.page_cache_bytes + margin_bytes > page_cache_room(plan))
 
 
 def shortfall(what: str, short_bytes: int, resource: str, fix: str) -> str:

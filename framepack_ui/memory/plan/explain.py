@@ -21,6 +21,7 @@ def summary_text(plan: LoadPlan) -> str:
     """One line: each model's place and the predicted peaks."""
     places = ", ".join(f"{c.name} {c.where}" + (f" {c.resident_blocks}/{c.total_blocks}"
                                                  if c.where == Where.GPU_STREAMED else "")
+                       + (" fp8" if c.storage == Storage.FP8 else "")
                        for c in plan.components.values())
     vram = f", VRAM {gb_text(plan.peak_vram_bytes)}" if plan.device == "cuda" else ""
     return (f"{places}; predicted peak RAM {gb_text(plan.peak_ram_bytes)}, commit {gb_text(plan.peak_commit_bytes)}"

@@ -5,6 +5,7 @@ from dataclasses import dataclass, replace
 
 from ...compute import backends
 from ...errors import MemoryPlanError
+from ...units import GB
 from ..probe import ComponentWeights, Machine
 from .budgets import (FP8_CONVERSION_MARGIN_BYTES, PIN_HEADROOM_BYTES, Budgets, DoesNotFit, budgets_for, check,
                       page_cache_room, shortfall, spills_from_page_cache)
@@ -21,6 +22,7 @@ from .vocabulary import Storage, Where
 # least this much faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card
 # (2.86 -> 2.19 s). docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles".
 VAE_COMPILE_MIN_GAIN = 0.25
+STORAGE_SWITCH_MARGIN_BYTES = 2 * GB  # bf16 is taken back from a cached fp8 only with this much page cache to spare
 
 
 def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
@@ -31,6 +33,8 @@ def make_plan(machine: Machine, weights: dict[str, ComponentWeights],
     is streamed from its file map and the bf16 blocks would not stay in the page cache beside the largest phase
     (every step would read them from disk again) but the fp8 ones would (_choose_storage)."""
     o = overrides or PlanOverrides()
+    if o.fp8 is None and o.fp8_matmul:  # asked whatever the fit: the same answer on every machine
+        raise MemoryPlanError("--fp8-matmul needs the transformer stored as fp8 (add --fp8)")
     if o.fp8 is not None:
         plan = _plan_with_decoder_choice(machine, weights, o)
         if o.fp8:
@@ -49,7 +53,11 @@ def _choose_storage(machine: Machine, weights: dict[str, ComponentWeights], o: P
         bf16, refusal = None, refused
     if o.plan == "cpu" and bf16 is None:  # fp8 is read from its map: not an option for RAM copies
         raise refusal
-    if o.plan == "cpu" or (bf16 is not None and not spills_from_page_cache(bf16)):
+    cached = with_real_defaults(weights)["transformer"].fp8_cached
+    # once its cache is on disk, fp8 is kept until bf16 fits with room to spare: a machine whose free RAM wavers
+    # around the line would otherwise switch storage (and reload the model) from one job to the next
+    margin = STORAGE_SWITCH_MARGIN_BYTES if cached else 0
+    if o.plan == "cpu" or (bf16 is not None and not spills_from_page_cache(bf16, margin)):
         return bf16
     try:
         fp8 = _plan_with_decoder_choice(machine, weights, replace(o, fp8=True))
