@@ -78,3 +78,48 @@ def test_a_random_seed_is_fixed_at_submit_and_recorded_everywhere(tiny_models_di
     seed = info.spec.seed
     assert 0 <= seed and seen["seed"] == seed and info.out_path.endswith(f"_{seed}.mp4")
     assert json.loads(sidecar_path(info.out_path).read_text())["seed"] == seed
+
+
+def test_teacache_skips_in_the_official_pattern_and_resets_after_each_computed_step():
+    """Mutant: the accumulator never reset after a computed step (it then computes every later step). Recorded
+    input: the first block's modulated input changing by 5 % a step over 10 steps, threshold 0.15. By the official
+    rule, each change adds RESCALE_POLY(0.05) = 0.06204 (HunyuanVideo's coefficients); the blocks are skipped while
+    the sum stays under 0.15 and computed, resetting it, when it reaches it: 0.062 S, 0.124 S, 0.186 C, and so on;
+    the first and last steps are always computed."""
+    import torch
+
+    from framepack_ui.engine.teacache import TeaCache, _poly
+
+    assert _poly(0.05) == pytest.approx(0.0620384, abs=1e-6)
+    cache, steps, pattern = TeaCache(0.15), 10, ""
+    modulated = torch.ones(4)
+    for step in range(steps):
+        cache.begin(step, steps)
+        skipped = cache.decide(modulated)
+        pattern += "S" if skipped else "C"
+        if not skipped:  # a computed call stores its residual (the hooks do, from the blocks' output)
+            cache._branches["positive"].residual = torch.zeros(4)
+        modulated = modulated * 1.05
+    assert pattern == "CSSCSSCSSC"
+    assert (cache.computed_calls, cache.skipped_calls) == (4, 6)
+
+
+def test_a_changed_memory_profile_frees_the_models_of_the_previous_plan(tiny_models_dir, tmp_path, start_image_80x64):
+    """Mutant: the old manager not freed when a job's profile changes. With models kept between jobs, the first
+    plan's models stay loaded after its job; the next job, under another profile, frees them before loading its own
+    (the two never share the memory)."""
+    from framepack_ui.engine import f1
+    from framepack_ui.worker import Worker
+
+    worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cpu", run_job=f1.run, keep_models_s=None)
+    try:
+        first = worker.submit(JobSpec(image=start_image_80x64, prompt="p", resolution=64, steps=1), profile="cpu")
+        assert isinstance(list(worker.events(first))[-1], Finished)
+        first_manager = worker._manager
+        assert first_manager.is_loaded("transformer") and first_manager.is_loaded("vae")  # kept between jobs
+        second = worker.submit(JobSpec(image=start_image_80x64, prompt="p", resolution=64, steps=1), profile="mmap")
+        assert isinstance(list(worker.events(second))[-1], Finished)
+    finally:
+        worker.shutdown()
+    assert worker._manager is not first_manager
+    assert not any(first_manager.is_loaded(name) for name in first_manager.plan.components)
