@@ -123,3 +123,25 @@ def test_a_changed_memory_profile_frees_the_models_of_the_previous_plan(tiny_mod
         worker.shutdown()
     assert worker._manager is not first_manager
     assert not any(first_manager.is_loaded(name) for name in first_manager.plan.components)
+
+
+def test_an_fp8_shard_that_reads_back_other_bytes_is_never_kept(models_copy, monkeypatch):
+    """Mutant: the read-back check of each written fp8 shard switched off. A byte that reaches the disk different
+    from what was hashed (a failing disk, injected at the write boundary) fails the conversion with one line, and
+    no cache or temporary file is left."""
+    from framepack_ui.errors import ModelFilesError
+    from framepack_ui.memory import fp8
+
+    real_write, chunks = fp8._write_chunk, []
+
+    def flip_a_bit(fh, data):
+        chunks.append(len(data))
+        if len(chunks) == 3:  # a data chunk, after the header's length and the header
+            data = bytes([data[0] ^ 1]) + bytes(data[1:])
+        real_write(fh, data)
+
+    monkeypatch.setattr(fp8, "_write_chunk", flip_a_bit)
+    folder = COMPONENTS["transformer"].folder(models_copy)
+    with pytest.raises(ModelFilesError, match="reads back different bytes"):
+        fp8.convert(folder)
+    assert fp8.check_cache(folder) == "absent" and not (folder / fp8.CACHE_DIRNAME).exists()
