@@ -10,6 +10,7 @@ import pytest
 
 from framepack_ui.events import Finished
 from framepack_ui.memory.prompt_cache import PromptCache
+from framepack_ui.memory.streaming import stream_transformer
 from framepack_ui.sidecar import sidecar_path, write_sidecar
 from framepack_ui.spec import FRAMES_PER_SECTION, JobSpec, frame_count, section_count
 from framepack_ui.weights.layout import COMPONENTS
@@ -145,3 +146,34 @@ def test_an_fp8_shard_that_reads_back_other_bytes_is_never_kept(models_copy, mon
     with pytest.raises(ModelFilesError, match="reads back different bytes"):
         fp8.convert(folder)
     assert fp8.check_cache(folder) == "absent" and not (folder / fp8.CACHE_DIRNAME).exists()
+
+
+def test_a_streamed_block_waits_for_its_slow_copy(tiny_models_dir, monkeypatch):
+    """Mutant: a streamed block run without waiting for its copy. Each copy is made slow on purpose (0.2 s, far
+    longer than the tiny block computes), so a block that did not wait would run on whatever its slot held (the
+    empty slot, then the block before's weights); the output must still equal the resident model's exactly."""
+    import time
+
+    import torch
+
+    from framepack_ui.compute.compile import transformer_blocks
+    from framepack_ui.memory import loading, streaming
+    from model_inputs import transformer_inputs
+
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))
+    inputs = transformer_inputs(transformer)
+    copy_in = streaming.BlockStreamer._copy_in
+
+    def slow_copy_in(self, *args):
+        time.sleep(0.2)
+        return copy_in(self, *args)
+
+    with torch.no_grad():
+        expected = transformer(**inputs)[0]
+        monkeypatch.setattr(streaming.BlockStreamer, "_copy_in", slow_copy_in)
+        streamer = stream_transformer(transformer, "cpu", resident_blocks=0)
+        try:
+            got = transformer(**inputs)[0]
+        finally:
+            streamer.close()
+    assert len(transformer_blocks(transformer)) >= 2 and torch.equal(got, expected)
