@@ -17,8 +17,8 @@ import statistics
 
 import torch
 
-from bench.common import (GiB, build_transformer, header, inputs, latent_hw, model_dtype, quantize_in_place, rel,
-                          time_steps, transformer_config, write_result)
+from bench.common import (GiB, header, model_dtype, one_step_setup, quantize_in_place, rel, time_steps,
+                          write_result)
 from framepack_ui.engine import denoiser as denoiser_ops
 from framepack_ui.memory import fp8
 
@@ -30,16 +30,8 @@ def main() -> None:
     p.add_argument("--out", default="fp8.json")
     a = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    dtype = model_dtype(device)
-    cfg = transformer_config(a.tiny)
-    lh, lw = latent_hw(a.tiny)
-    model = build_transformer(a.tiny, device, dtype)
-    g = torch.Generator("cpu").manual_seed(0)
-    embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
-    noise = torch.randn(1, 16, 9, lh, lw, generator=g)
-    cond = history.conditioning(start_latent)
+    device, model, embeds, noise, cond = one_step_setup(a.tiny)
+    cuda, dtype = device.type == "cuda", model_dtype(device)
 
     def make():
         return denoiser_ops.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)

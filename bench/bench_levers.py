@@ -23,9 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import (GiB, Utilisation, bench_plan, build_transformer, header, inputs, latent_hw,
-                          live_cuda_tensors, model_dtype, now, placed_as_planned, quantize_in_place, rel,
-                          sampling_s_per_frame, transformer_config)
+from bench.common import (GiB, Utilisation, bench_plan, header, live_cuda_tensors, model_dtype, now,
+                          one_step_setup, placed_as_planned, quantize_in_place, rel, sampling_s_per_frame)
 from framepack_ui.compute import attention, compile as kernels, fp8_linear
 from framepack_ui.engine import denoiser as denoiser_ops
 from framepack_ui.engine.lending import TRANSFORMER
@@ -145,18 +144,10 @@ def main() -> None:
     # versions a block silently runs eagerly, which once made a row 30 % slower than it is
     torch._dynamo.config.cache_size_limit = 64
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    dtype = model_dtype(device)
-    cfg = transformer_config(a.tiny)
-    lh, lw = latent_hw(a.tiny)
     R: dict = header(a.tiny, rows={})
     rows = R["rows"]
-    model = build_transformer(a.tiny, device, dtype)
-    g = torch.Generator("cpu").manual_seed(0)
-    embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
-    noise = torch.randn(1, 16, 9, lh, lw, generator=g)
-    cond = history.conditioning(start_latent)
+    device, model, embeds, noise, cond = one_step_setup(a.tiny)
+    cuda, dtype = device.type == "cuda", model_dtype(device)
     util = Utilisation()
 
     def make():

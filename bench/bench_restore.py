@@ -20,8 +20,7 @@ import statistics
 
 import torch
 
-from bench.common import (GiB, bench_plan, build_transformer, header, inputs, latent_hw, model_dtype, now,
-                          placed_as_planned, transformer_config, write_result)
+from bench.common import GiB, bench_plan, header, now, one_step_setup, placed_as_planned, write_result
 from framepack_ui.engine import denoiser as denoiser_ops
 from framepack_ui.engine.lending import TRANSFORMER
 from framepack_ui.memory import allocator
@@ -58,17 +57,9 @@ def main() -> None:
     a = p.parse_args()
     allocator.configure()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device, model, embeds, noise, cond = one_step_setup(a.tiny)
     cuda = device.type == "cuda"
-    dtype = model_dtype(device)
-    cfg = transformer_config(a.tiny)
-    lh, lw = latent_hw(a.tiny)
-    model = build_transformer(a.tiny, device, dtype)
-    g = torch.Generator("cpu").manual_seed(0)
-    embeds, start_latent, history = inputs(cfg, lh, lw, device, dtype, g)
-    noise = torch.randn(1, 16, 9, lh, lw, generator=g)
-    denoise = denoiser_ops.Denoiser(model, embeds, None, 1.0, 0.0, 25, None,
-                                    conditioning=history.conditioning(start_latent))
+    denoise = denoiser_ops.Denoiser(model, embeds, None, 1.0, 0.0, 25, None, conditioning=cond)
     sigma = torch.tensor(0.7)
     # the card's placement as the plan makes it, page-locked (parked blocks too: the plan pins them with the
     # streamed ones), applied by the app's manager; no filler: the restore's cost is the copies, not the budget

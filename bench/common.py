@@ -389,6 +389,20 @@ def inputs(cfg: dict, lh: int, lw: int, device, dtype, generator):
     return embeds, start_latent, history
 
 
+def one_step_setup(tiny: bool):
+    """What a benchmark that times the transformer's steps alone starts from: (device, model, embeds, noise,
+    conditioning). The model is built on the GPU where there is one, in its compute dtype; the noise is one
+    section's, and the conditioning a mid-video history's."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = model_dtype(device)
+    lh, lw = latent_hw(tiny)
+    model = build_transformer(tiny, device, dtype)
+    g = torch.Generator("cpu").manual_seed(0)
+    embeds, start_latent, history = inputs(transformer_config(tiny), lh, lw, device, dtype, g)
+    noise = torch.randn(1, 16, 9, lh, lw, generator=g)
+    return device, model, embeds, noise, history.conditioning(start_latent)
+
+
 def now() -> float:
     """perf_counter after the GPU has finished what was queued."""
     if torch.cuda.is_available():

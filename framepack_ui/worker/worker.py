@@ -60,7 +60,7 @@ class _Job:
     submitted_at: float  # time.time()
     profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
-    listener: Callable | None = None  # called with each event in the worker thread, as it happens
+    listener: Callable | None = None  # submit's on_event: called with each event as it happens
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
