@@ -23,6 +23,7 @@ REAL_CONFIGS = {"text_encoder": REAL_LLAMA_CONFIG, "text_encoder_2": REAL_CLIP_C
                 "vae": REAL_VAE_CONFIG, "transformer": REAL_TRANSFORMER_CONFIG}
 SAFETENSORS_DTYPES = {"text_encoder": "F16", "text_encoder_2": "F16", "image_encoder": "BF16", "vae": "F32",
                       "transformer": "BF16"}
+CHECKPOINT_PREFIXES = {"text_encoder_2": "text_model.", "image_encoder": "vision_model."}
 SHRINK = 8  # the test seam: about 120 MB for the whole set
 # the manager's entries and the layout folders whose weights they read, with the checkpoint's key prefix
 LOADED_FROM = {"text_encoders": (("text_encoder", ""), ("text_encoder_2", "text_model.")),
@@ -88,6 +89,9 @@ def test_full_size_set_is_complete_in_the_real_layout(shrunk_models):
         for path in folder.glob("*.safetensors"):
             header = _file_header(path)
             assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {dtype}, path
+            # the real checkpoints' keys carry the pre-v5 module prefixes (transformers 5 loads either)
+            prefix = CHECKPOINT_PREFIXES.get(name, "")
+            assert all(k.startswith(prefix) for k in header if k != "__metadata__"), path
     for name, index_name in (("text_encoder", "model.safetensors.index.json"),
                              ("transformer", "diffusion_pytorch_model.safetensors.index.json")):
         folder = layout.COMPONENTS[name].folder(models)
@@ -134,6 +138,11 @@ def test_only_writes_those_components_with_the_same_bytes(shrunk_models, tmp_pat
 def test_cli_prints_what_it_writes_then_refuses_a_small_disk(tmp_path, monkeypatch, capsys):
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(full_size.shutil, "disk_usage", lambda path: usage(100 * 10**9, 90 * 10**9, 10 * 10**9))
+
+    def write(*args, **kwargs):
+        raise AssertionError("began writing 25.7 GB with 10 GB free")
+
+    monkeypatch.setattr(full_size, "_write_component", write)
     code = cli_main(["make-tiny-models", str(tmp_path / "models"), "--full-size", "--only", "transformer"])
     printed = capsys.readouterr()
     assert code == 2
