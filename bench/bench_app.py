@@ -52,6 +52,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -537,6 +538,11 @@ def setup_compile_cache(folder: Path | None) -> dict:
 def main(argv=None) -> None:
     started = time.perf_counter()
     a = parse_args(argv)
+    # a time limit's SIGTERM ends the run through the `finally`s: the filler's VRAM and the holder's RAM are given
+    # back, and the jobs already finished are in --out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # as the CLI
+        os.environ.setdefault(name, "1" if name.startswith("HF_") else "error")
     compile_cache = setup_compile_cache(a.compile_cache)
 
     # The bench needs torch before the first job (its CUDA context, the memory counters); the app imports it in
@@ -587,7 +593,8 @@ def main(argv=None) -> None:
         meters = Meters(cuda, others)
         if a.drop_page_cache:
             R["page_cache_dropped_GB"] = drop_page_cache(a.models) / 1e9
-        R["jobs"] = run_jobs(a, meters, JobSpec, Worker)
+        R["jobs"] = []
+        run_jobs(a, meters, JobSpec, Worker, R)
         if holder is not None:
             R["hold_ram_at_end"] = held_ram(holder)
     finally:
@@ -609,9 +616,10 @@ def main(argv=None) -> None:
     print(f"\nwrote {a.out}", flush=True)
 
 
-def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker) -> list[dict]:
+def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict) -> None:
     """The jobs through one Worker, as the command line runs them (background=False: on this thread), each
-    submitted when the one before has ended, as a user's next job."""
+    submitted when the one before has ended, as a user's next job. Each job's figures go to R["jobs"] and, at once,
+    to the --out file (a run stopped by a time limit keeps the jobs it finished)."""
     handler = ManagerLog()
     manager_log = logging.getLogger("framepack_ui.memory.manager")
     manager_log.addHandler(handler)
@@ -619,7 +627,6 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker) -> list[dic
     prompt = a.prompt or f"{DEFAULT_PROMPT} (bench run {time.time_ns()})"
     spec_options = {"steps": a.steps} if a.steps is not None else {}
     plan_options = {"fp8": {"auto": None, "on": True, "off": False}[a.fp8]}
-    jobs = []
     with tempfile.TemporaryDirectory() as tmp:
         outputs = a.outputs or Path(tmp) / "outputs"
         image = start_image(Path(tmp))
@@ -644,11 +651,17 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker) -> list[dic
                 job["freed"] = [{"name": r["name"], "at_s": r["end"] - submitted} for r in handler.records
                                 if r["what"] == "freed"]
                 job["prompt_encoded"] = any(load["name"] == "text_encoders" for load in job["loads"])
-                jobs.append(job)
+                print(f"job {n}: first preview {_s(job['first_preview_s'])}, first section {_s(job['first_section_s'])}"
+                      f", finished {_s(job['finished_s'])}; {job['transformer_storage']}", flush=True)
+                R["jobs"].append(job)
+                Path(a.out).write_text(json.dumps(R, indent=1, default=str))
         finally:
             worker.shutdown()
             manager_log.removeHandler(handler)
-    return jobs
+
+
+def _s(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s"
 
 
 def cgroup_summary() -> dict:
