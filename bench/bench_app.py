@@ -363,19 +363,19 @@ class JobTimeline:
         self.meters, self.submitted_at, self.label = meters, submitted_at, label
         self.events: list[tuple[float, object]] = []
         self.segments: list[dict] = []
-        self.step_reads: list[tuple[float, int]] = []  # (t, /proc/self/io read_bytes) at each Step
+        self.step_reads: list[tuple[float, int, int | None]] = []  # (t, read_bytes, cgroup rbytes) at each Step
         self.notices: list[str] = []
         self._current = {"name": "queued", "detail": "", "start": submitted_at}
         self._start_counters = meters.start_segment()
 
     def on_event(self, event) -> None:
-        from bench.proc import disk_read_bytes
+        from bench.proc import cgroup_read_bytes, disk_read_bytes
         from framepack_ui.events import TERMINAL, Phase, SectionSaved, Step
 
         t = time.perf_counter()
         self.events.append((t, event))
         if isinstance(event, Step):
-            self.step_reads.append((t, disk_read_bytes()))
+            self.step_reads.append((t, disk_read_bytes(), cgroup_read_bytes()))
             if event.step in (1, event.steps):
                 self._say(t, f"section {event.section + 1}/{event.sections} step {event.step}/{event.steps}")
         elif isinstance(event, SectionSaved):
@@ -486,6 +486,8 @@ def _reads(timeline: JobTimeline, segments: list[dict]) -> dict:
         after_first = steps[-1][1] - steps[0][1]
         between = [s for s in segments if s["name"] == "decode" and steps[0][0] <= s["start"] <= steps[-1][0]]
         reads["disk_read_MB_per_step_after_first"] = after_first / 1e6 / (len(steps) - 1)
+        if steps[0][2] is not None and steps[-1][2] is not None:  # the whole cgroup: the kernel's readahead too
+            reads["cgroup_disk_read_MB_per_step_after_first"] = (steps[-1][2] - steps[0][2]) / 1e6 / (len(steps) - 1)
         reads["disk_read_GB_in_decodes_between_steps"] = sum(s["disk_read_GB"] for s in between)
     return reads
 

@@ -82,8 +82,8 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
 
 
 def test_bench_app_refuses_a_card_size_without_cuda(tiny_models_dir):
-    result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir),
-                             "--vram-gb", "8", "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir), "--vram-gb",
+                             "8", "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == "bench_app: error: --vram-gb needs a CUDA GPU"
 
 

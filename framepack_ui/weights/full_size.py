@@ -123,7 +123,8 @@ def parse_only(text: str | None) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     unknown = [n for n in names if n not in COMPONENTS]
     if unknown or not names:
-        raise InputError(f"--only takes component names from {', '.join(COMPONENTS)}; not {', '.join(unknown) or text!r}")
+        raise InputError(f"--only takes component names from {', '.join(COMPONENTS)}; "
+                         f"not {', '.join(unknown) or text!r}")
     return names
 
 
