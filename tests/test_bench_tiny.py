@@ -40,3 +40,13 @@ def test_bench_run_tiny_finishes_a_job_through_the_manager(tmp_path, card):
 def test_bench_script_runs_as_a_file():
     """`python bench/NAME.py` finds the repo's packages (bench/_repo.py) without `-m`."""
     assert "--vram-gb" in _run(["bench/bench_run.py", "--help"]).stdout
+
+
+def test_bench_output_precision_tiny_times_both_projections_in_both_placements(tmp_path):
+    out = tmp_path / "precision.json"
+    _run(["-m", "bench.bench_output_precision", "--tiny", "--timed-steps", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"all on the GPU", "8 GB card"}
+    for row in rows.values():
+        assert row["s_per_step_fp32_output"] > 0 and row["s_per_step_bf16_output"] > 0
+        assert row["x0_rel_diff_bf16_vs_fp32"] == 0  # on the CPU the model computes in fp32: both forms are one
