@@ -42,6 +42,16 @@ def test_bench_script_runs_as_a_file():
     assert "--vram-gb" in _run(["bench/bench_run.py", "--help"]).stdout
 
 
+def test_bench_output_precision_tiny_times_both_projections_in_both_placements(tmp_path):
+    out = tmp_path / "precision.json"
+    _run(["-m", "bench.bench_output_precision", "--tiny", "--timed-steps", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"all on the GPU", "8 GB card"}
+    for row in rows.values():
+        assert row["s_per_step_fp32_output"] > 0 and row["s_per_step_bf16_output"] > 0
+        assert row["x0_rel_diff_bf16_vs_fp32"] == 0  # on the CPU the model computes in fp32: both forms are one
+
+
 def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
     """bench/bench_app.py on the tiny set, on the CPU: two jobs through the real Worker, each with the plan's choice,
     its milestones in order, its phases timed and measured, its disk reads; a child process holding RAM."""

@@ -49,7 +49,7 @@ class JobInputs:
     negative: text.PromptEmbeds | None  # only with real CFG
     image_embeds: torch.Tensor  # (1, 729, 1152) SigLIP
     start_latent: torch.Tensor  # (1, 16, 1, h, w)
-    generator: torch.Generator  # draws each section's noise, in order
+    generator: torch.Generator  # draws each section's noise, in order (section_noise_generator)
 
 
 def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: threading.Event | None = None,
@@ -182,11 +182,25 @@ def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cance
 
     emit(Phase("image", "encoding the start image"))
     image_embeds = _encode_image(lender, start_image)
-    generator = torch.Generator("cpu").manual_seed(spec.seed)
     with lender.use(VAE) as vae:
-        start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), generator)
+        start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), start_latent_generator(spec.seed))
     _check_cancel(cancel)
-    return JobInputs(spec, width, height, positive, negative, image_embeds, start_latent, generator)
+    return JobInputs(spec, width, height, positive, negative, image_embeds, start_latent,
+                     section_noise_generator(spec.seed))
+
+
+# A seed gives the official worker's noise: its generator, `torch.Generator("cpu").manual_seed(seed)`, draws only
+# the sections' noise, in order. Its start latent is a VAE posterior sample from unseeded randomness; here that
+# sample has a generator of its own, derived from the seed, so a seed still reproduces the whole video.
+START_LATENT_SEED_MIX = 0x9E3779B97F4A7C15  # any fixed 64-bit pattern: XOR keeps every seed's pair distinct
+
+
+def section_noise_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def start_latent_generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed ^ START_LATENT_SEED_MIX)
 
 
 def _sample_section(spec, section, denoiser, start_latent, generator, cancel, emit, clock) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..compute import attention, compile as compiled
+from ..compute import attention, compile as compiled, precision
 from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
 from . import loading
@@ -237,6 +237,7 @@ class ModelManager:
     def _apply_speed_options(name: str, model, c: ComponentPlan) -> None:
         """How the model computes, as the plan decided: set once per load, before its first forward."""
         if name == "transformer":
+            precision.compute_output_in_fp32(model)  # every profile, as the official demo infers
             if c.fp8_matmul:
                 log.info("fp8 matmul in %d Linears", set_fp8_matmul(model, True))
             attention.set_attention(model, c.attention)
