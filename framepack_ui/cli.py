@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir", type=Path)
     t.add_argument("--transformer-mb", type=float, default=None, help="scale the transformer to about N MB")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--full-size", action="store_true",
+                   help="every model at its real config and storage dtype instead (random weights, about 43 GB; for "
+                        "benchmarks on a machine without the real downloads)")
+    t.add_argument("--only", default=None, metavar="NAMES",
+                   help="with --full-size: only these components, comma-separated (text_encoder, text_encoder_2, "
+                        "tokenizer, tokenizer_2, vae, feature_extractor, image_encoder, transformer)")
+    t.add_argument("--device", default=None, help="with --full-size: draw the random values there (cuda: fast)")
 
     pl = sub.add_parser("plan", help="show where each model would live and the predicted peak RAM/commit/VRAM")
     pl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -222,10 +229,34 @@ def _plan(args) -> int:
 
 
 def _make_tiny(args) -> int:
+    if args.full_size:
+        return _make_full_size(args)
+    if args.only is not None or args.device is not None:
+        raise _input_error("--only and --device go with --full-size")
     from .weights.tiny import make_tiny_models
 
     summary = make_tiny_models(args.dir, transformer_mb=args.transformer_mb, seed=args.seed)
     _out(f"tiny models written to {args.dir} ({summary.get('transformer_bytes', 0) / 1e6:.1f} MB transformer)")
+    return EXIT_OK
+
+
+def _make_full_size(args) -> int:
+    """The real configs and dtypes in the real layout: what will be written first, refused in one line where the
+    disk has not the room, then each file with its speed."""
+    from .weights.full_size import make_full_size_models, parse_only, plan_writes
+
+    if args.transformer_mb is not None:
+        raise _input_error("--transformer-mb and --full-size exclude each other")
+    plan = plan_writes(args.dir, parse_only(args.only))
+    _out(plan.line())
+    plan.check_room()  # ModelFilesError (exit 2) when the disk has not the room
+
+    def wrote(path, nbytes, seconds) -> None:
+        _out(f"wrote {path} ({nbytes / 1e9:.2f} GB in {seconds:.1f} s, {nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+
+    summary = make_full_size_models(plan, device=args.device, seed=args.seed, on_file=wrote)
+    rate = f", {summary['GB_per_s']:.2f} GB/s" if summary["GB_per_s"] else ""
+    _out(f"full-size models written to {args.dir}: {summary['bytes'] / 1e9:.1f} GB in {summary['seconds']:.0f} s{rate}")
     return EXIT_OK
 
 

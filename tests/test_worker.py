@@ -384,6 +384,10 @@ def test_each_job_is_planned_anew_and_an_fp8_plan_converts_first_with_progress(
     progress = [e for e in second if isinstance(e, Progress)]
     assert progress and progress[-1].done == progress[-1].total and fp8.check_cache(folder) is None
     assert [r["memory"]["transformer_storage"] for r in records] == ["bfloat16", "fp8"]
+    # and why, in the plan's own words (the settings file keeps them beside the choice)
+    assert any(note.startswith("transformer stored as fp8 (chosen automatically)") for note in
+               records[1]["memory"]["notes"])
+    assert not any("stored as fp8" in note for note in records[0]["memory"]["notes"])
     bar = present.progress_bar(progress[-1])  # what the page's progress line shows
     assert bar.startswith("Converting the transformer to fp8 (once): [####################] 100 % of"), bar
 

@@ -107,6 +107,8 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
                 files.start_video(inputs, frame_sink, emit, started)
                 _sample_sections(inputs, transformer, teacache, lender, files.encoder, emit, cancel,
                                  EtaClock(started, spec.steps, spec.sections), decode_context, section_hook)
+                # what is left: the last section's encode on the writer thread (and freeing the models)
+                emit(Phase("writing", "writing the last section"))
             finally:
                 if teacache is not None:
                     remove_teacache(transformer)
@@ -146,6 +148,8 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         if section_hook:
             section_hook(section)
         _check_cancel(cancel)
+        # said at its start: a section's first Step comes a step later (and, compiling, tens of seconds later)
+        emit(Phase("sampling", f"section {section + 1}/{spec.sections}"))
         denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
                             conditioning=history.conditioning(start_latent))
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)

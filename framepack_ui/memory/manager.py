@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -206,6 +207,7 @@ class ModelManager:
         log.info("loading %s (%s, %s, %s)", name, c.where, c.compute_dtype,
                  "read-only file map" if c.storage in ("map", "fp8") else "RAM copy")
         self._prewarm_for(name)
+        started = time.perf_counter()
         device = self.device_of(name)
         model = self._builders[name](self.models_dir, c, device)
         streamer = self._stream(name, model, c, device) if streamed(c) else None
@@ -219,6 +221,7 @@ class ModelManager:
         if streamer is not None:
             self._streamers[name] = streamer
         self.load_count[name] = self.load_count.get(name, 0) + 1
+        log.info("loaded %s in %.2f s", name, time.perf_counter() - started)
 
     @staticmethod
     def _stream(name: str, model, c: ComponentPlan, device: torch.device) -> BlockStreamer:

@@ -404,19 +404,21 @@ def _transformer_builder(config: dict):
 
 
 class _RandomFill:
-    """Random tensors for one component, deterministic for a seed.
+    """Random tensors for one component, deterministic for a seed (and the device that draws them).
 
-    Small tensors get their own normal_ draws. Tensors larger than the pool are tiled from one pool of normal
-    draws (starting at a random offset): drawing 750 M normals for a 1.5 GB test transformer takes ~10 s,
-    copying takes well under one, and a size or memory test does not care that the values repeat.
+    On the CPU, small tensors get their own normal_ draws and tensors larger than the pool are tiled from one pool
+    of normal draws (starting at a random offset): drawing 750 M normals for a 1.5 GB test transformer takes ~10 s,
+    copying takes well under one, and a size or memory test does not care that the values repeat. On a GPU every
+    tensor is drawn whole, on the device (fast enough for the 42 GB full-size set), and handed back on the CPU.
     """
 
     POOL_SIZE = 1_048_573  # prime, so tiled rows don't line up with power-of-two widths
 
-    def __init__(self, seed: int, dtype):
+    def __init__(self, seed: int, dtype, device=None):
         import torch
 
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device or "cpu")
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         self.dtype = dtype
         self.pool = None
 
@@ -425,6 +427,9 @@ class _RandomFill:
 
         if len(shape) == 1 and "norm" in name and name.endswith("weight"):
             return torch.ones(shape, dtype=self.dtype)  # norm scales of 1 keep activations at a sane size
+        if self.device.type != "cpu":
+            drawn = torch.empty(shape, dtype=self.dtype, device=self.device)
+            return drawn.normal_(0.0, INIT_STD, generator=self.generator).cpu()  # one tensor on the device at a time
         count = math.prod(shape)
         if count <= self.POOL_SIZE:
             # normal_ fills bf16/fp16 directly: no fp32 copy of a large model is ever made
@@ -457,30 +462,68 @@ def _split_into_shards(shapes: dict[str, tuple[int, ...]], count: int, itemsize:
     return [names[bounds[k]:bounds[k + 1]] for k in range(count)]
 
 
-def _write_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype, seed: int, *, prefix: str = "",
-                   single_name: str | None = None, shard_stem: str | None = None, shard_count: int = 1,
-                   index_name: str | None = None) -> int:
-    """Writes random tensors (one file, or `shard_count` shards and an index); returns the tensor bytes."""
+def _split_by_max_bytes(shapes: dict[str, tuple[int, ...]], max_bytes: int, itemsize: int) -> list[list[str]]:
+    """save_pretrained's own sharding (huggingface_hub's split_state_dict_into_shards): tensors in order, a new
+    shard whenever the next tensor would take the current one past `max_bytes`. At the real configs this gives the
+    real repositories' shard sizes (text encoder 4.98/5.00/4.92/0.12 GB with "5GB"; transformer about 10/10/5.8 GB
+    with "10GB")."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _weight_files(shapes: dict[str, tuple[int, ...]], itemsize: int, *, prefix: str = "",
+                  single_name: str | None = None, shard_stem: str | None = None, shard_count: int = 1,
+                  index_name: str | None = None, max_shard_bytes: int | None = None) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names with the checkpoint's prefix) of each file, in writing order. `max_shard_bytes`:
+    split as save_pretrained does, which must give `shard_count` shards (the real file names say how many)."""
+    keyed = [prefix + n for n in shapes]  # real checkpoints carry the pre-v5 module prefixes
+    if single_name:
+        return [(single_name, keyed)]
+    keyed_shapes = {prefix + n: s for n, s in shapes.items()}
+    if max_shard_bytes is not None:
+        groups = _split_by_max_bytes(keyed_shapes, max_shard_bytes, itemsize)
+        if len(groups) != shard_count:
+            raise ValueError(f"{max_shard_bytes / 1e9:g} GB shards give {len(groups)} files, not {shard_count}")
+    else:
+        groups = _split_into_shards(keyed_shapes, shard_count, itemsize)
+    return [(f"{shard_stem}-{i:05d}-of-{shard_count:05d}.safetensors", group)
+            for i, group in enumerate(groups, start=1)]
+
+
+def _write_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype, seed: int, *, device=None,
+                   on_file: Callable[[Path, int, float], None] | None = None, **files) -> int:
+    """Writes random tensors (one file, or shards and an index: `_weight_files`' arguments); returns the tensor
+    bytes. `device`: where the values are drawn (default the CPU). `on_file(path, bytes, seconds)` after each file."""
+    import time
+
     import torch
     from safetensors.torch import save_file
 
-    fill = _RandomFill(seed, dtype)
+    fill = _RandomFill(seed, dtype, device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    keyed = {prefix + n: s for n, s in shapes.items()}  # real checkpoints carry the pre-v5 module prefixes
-    if single_name:
-        groups, files = [list(keyed)], [single_name]
-    else:
-        groups = _split_into_shards(keyed, shard_count, itemsize)
-        files = [f"{shard_stem}-{i:05d}-of-{shard_count:05d}.safetensors" for i in range(1, shard_count + 1)]
+    prefix = files.get("prefix", "")
+    index_name = files.get("index_name")
     folder.mkdir(parents=True, exist_ok=True)
     total, weight_map = 0, {}
-    for group, file_name in zip(groups, files):
+    for file_name, group in _weight_files(shapes, itemsize, **files):
+        started = time.perf_counter()
         # one shard in memory at a time; the generator runs in key order, so shard boundaries don't matter
-        tensors = {n: fill.tensor(n, keyed[n]) for n in group}
+        tensors = {n: fill.tensor(n, shapes[n.removeprefix(prefix)]) for n in group}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
-        total += sum(t.numel() * itemsize for t in tensors.values())
+        written = sum(t.numel() * itemsize for t in tensors.values())
+        total += written
         weight_map.update({n: file_name for n in group})
         del tensors
+        if on_file is not None:
+            on_file(folder / file_name, written, time.perf_counter() - started)
     if index_name:
         _write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return total

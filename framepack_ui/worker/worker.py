@@ -454,7 +454,8 @@ class Worker:
             if transformer.storage == "fp8":
                 self._convert_fp8(job, emit)
             job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
-                                     "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
+                                     "fp8" else transformer.storage_dtype, "plan": plan.summary(),
+                                     "notes": list(plan.notes)}}  # why: e.g. why fp8 was chosen
         return self._run_job, self._manager
 
     def _convert_fp8(self, job: _Job, emit) -> None:
