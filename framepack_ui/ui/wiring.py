@@ -165,13 +165,15 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return fill_form(entry.name, entry.settings, entry.image)
 
     def settings_from_file(path):
+        """The form filled from a dropped file; the drop zone emptied for the next one."""
         if not path:
-            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 1))
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 2))
         try:
             restored = worker.settings_from_file(path)
-        except UserError as exc:  # nothing in the form changes
-            raise gr.Error(exc.message, print_exception=False) from None
-        return fill_form(restored.name, restored.settings, restored.image)
+        except UserError as exc:  # one line; nothing in the form changes
+            gr.Warning(exc.message)
+            return (*(gr.skip() for _ in page.form_outputs()), f"⚠ {exc.message}", None)
+        return (*fill_form(restored.name, restored.settings, restored.image), None)
 
     def rows_from_prompt(prompt, rows):
         new_rows = present.prompt_rows(prompt)
@@ -214,8 +216,8 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
     page.use_settings.click(use_settings, page.gallery, [*page.form_outputs(), page.restore_note], queue=False)
-    page.settings_file.upload(settings_from_file, page.settings_file, [*page.form_outputs(), page.restore_note],
-                              queue=False)
+    page.settings_file.upload(settings_from_file, page.settings_file,
+                              [*page.form_outputs(), page.restore_note, page.settings_file], show_progress="hidden")
 
 
 def _updates(job_id, changed: dict) -> tuple:
