@@ -272,3 +272,56 @@ def test_cli_timed_prompt_says_where_each_change_lands_and_records_it(tiny_model
     assert settings["prompt"] == "[0s: a red square] [1.3s: a blue square]"
     assert settings["section_prompts"] == [{"prompt": "a red square"},
                                            {"prompt": "a blue square", "blend_from": "a red square", "weight": 0.5}]
+
+
+# --- settings from a file (the page's drop and "Use these settings" read them the same way) ------------------------
+
+def test_settings_come_back_from_a_video_or_its_settings_file_with_the_start_image(tmp_path):
+    from framepack_ui.engine.video import SectionVideoWriter
+    from framepack_ui.sidecar import write_sidecar
+    from framepack_ui.ui import present
+    from framepack_ui.worker.restore import settings_from_file
+
+    outputs, image = tmp_path / "outputs", tmp_path / "me.PNG"
+    outputs.mkdir()
+    image.write_bytes(b"an image")
+    settings = {"prompt": f"[0s: {A}] [1.2s: {B}]", "seed": 9, "steps": 3, "prompt_blend_sections": 1,
+                "memory": {"profile": "cpu", "storage_asked": "fp8"}}
+    video = outputs / "clip.mp4"
+    with SectionVideoWriter(video, 16, 16, metadata={"framepack_settings": json.dumps(
+            {**settings, "input_image_file": "clip.input.png"})}) as writer:
+        writer.add_section(torch.zeros(3, 5, 16, 16))
+    write_sidecar(video, settings, image)  # the JSON and the image's copy, clip.input.png
+
+    elsewhere = tmp_path / "downloads"  # the video alone: its image is found in the outputs folder
+    elsewhere.mkdir()
+    (elsewhere / "clip.mp4").write_bytes(video.read_bytes())
+    for path in (elsewhere / "clip.mp4", outputs / "clip.json"):
+        restored = settings_from_file(path, (outputs,))
+        assert {k: restored.settings[k] for k in settings} == settings
+        assert restored.image == str((outputs / "clip.input.png").resolve())
+    form = present.restored_form(restored.settings, ("auto", "cpu"))
+    assert form["prompt_rows"] == [["0", A], ["1.2", B]] and form["prompt_blend_sections"] == 1
+    assert form["profile"] == "cpu" and form["storage"] == "fp8"
+    assert "profile" not in present.restored_form(restored.settings, ("auto", "gpu"))  # not offered here
+
+    # a settings file names the image by its plain name only: it cannot point the page at another file
+    sneaky = elsewhere / "sneaky.json"
+    sneaky.write_text(json.dumps({**settings, "input_image_file": "../me.PNG"}))
+    assert settings_from_file(sneaky, (outputs,)).image is None
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("notes.json", b'{"hello": "world"}', "notes.json holds no FramePack settings"),
+    ("broken.json", b"{not json", "broken.json is not a readable settings file"),
+    ("broken.mp4", b"not a video", "broken.mp4 is not a readable video"),
+    ("me.png", b"\x89PNG", "me.png is neither a video (.mp4) nor a settings file (.json)"),
+])
+def test_a_file_without_settings_is_refused_in_one_line(tmp_path, name, content, message):
+    from framepack_ui.worker.restore import settings_from_file
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError) as info:
+        settings_from_file(path)
+    assert info.value.message.startswith(message) and "\n" not in info.value.message
