@@ -32,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="turn an image and a prompt into an MP4")
     g.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: %(default)s)")
     g.add_argument("--image", required=True, help="start image (PNG, JPEG, WebP...)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", required=True,
+                   help='one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" (each change '
+                        'lands at the nearest 1.2 s section boundary)')
+    g.add_argument("--prompt-blend", type=int, default=d.prompt_blend_sections, metavar="SECTIONS",
+                   help="blend each prompt change over this many sections (0 = switch at once; up to 4)")
     g.add_argument("--negative", default=d.negative, help="negative prompt, used when --cfg > 1")
     g.add_argument("--seconds", type=float, default=d.seconds, help="length; rounded to 1.2 s sections")
     g.add_argument("--seed", type=int, default=d.seed, help="0 to 2^32-1, or -1 for a random seed")
@@ -152,7 +156,8 @@ def _generate(args) -> int:
     spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
                    seed=args.seed, steps=args.steps, gs=args.gs, cfg=args.cfg, rs=args.rs,
                    resolution=args.resolution, sampler=args.sampler, teacache=args.teacache,
-                   teacache_threshold=args.teacache_threshold, crf=args.crf, fast_decode=args.fast_decode)
+                   teacache_threshold=args.teacache_threshold, crf=args.crf, fast_decode=args.fast_decode,
+                   prompt_blend_sections=args.prompt_blend)
     spec.validate()  # before any heavy import: bad input answers at once
     if args.out.suffix.lower() != ".mp4":
         raise _input_error("--out must end in .mp4")

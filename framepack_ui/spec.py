@@ -13,6 +13,7 @@ FPS = 30
 LATENT_WINDOW = 9  # new latent frames per section
 FRAMES_PER_SECTION = LATENT_WINDOW * 4  # 36 new video frames per section (4x temporal compression)
 SAMPLERS = ("unipc", "euler")
+MAX_BLEND_SECTIONS = 4
 
 
 def section_count(seconds: float) -> int:
@@ -28,6 +29,8 @@ def frame_count(sections: int) -> int:
 @dataclass(frozen=True)
 class JobSpec:
     image: str  # path of the start image
+    # one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" (prompts.py: each change lands at
+    # the nearest section boundary)
     prompt: str
     negative: str = ""  # used only when cfg > 1
     seconds: float = 5.0  # requested length; rounded to whole sections of 36 frames (1.2 s)
@@ -45,6 +48,8 @@ class JobSpec:
     # dB PSNR against the official decode of the same latents (docs/benchmarks.md, "Context decode of 12 latents").
     # False: official.
     fast_decode: bool = True
+    # sections over which a prompt change blends from the previous prompt (prompts.py); 0: it switches at once
+    prompt_blend_sections: int = 0
 
     @property
     def sections(self) -> int:
@@ -76,17 +81,37 @@ class JobSpec:
              "teacache threshold must be 0 to 1"),
             (1 <= self.crf <= 51, "crf must be 1 to 51 (0, lossless, does not play in browsers)"),
             (isinstance(self.fast_decode, bool), "fast_decode must be true or false"),
+            (_whole(self.prompt_blend_sections) and 0 <= self.prompt_blend_sections <= MAX_BLEND_SECTIONS,
+             f"prompt blend must be 0 (off) to {MAX_BLEND_SECTIONS} sections"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self.prompt_schedule()  # times that parse, in order, within the video
         if not Path(self.image).is_file():
             raise InputError(f"image not found: {self.image}")
         return self
 
+    def prompt_schedule(self):
+        """The prompt's changes (prompts.PromptChange list; one at 0 s for a plain prompt); InputError (one line)
+        for a malformed or impossible timed prompt."""
+        from .prompts import schedule  # prompts reads this module's constants
+
+        return schedule(self.prompt, self.sections)
+
+    def section_prompts(self):
+        """What each section is conditioned on (prompts.SectionPrompt list)."""
+        from .prompts import section_prompts
+
+        return section_prompts(self.prompt_schedule(), self.sections, self.prompt_blend_sections)
+
     def settings(self) -> dict:
         """The settings recorded beside the output (sidecar JSON and MP4 metadata)."""
         return asdict(self)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: float) -> bool:

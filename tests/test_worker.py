@@ -225,8 +225,8 @@ def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path)
     out = tmp_path / "outputs"
     out.mkdir()
     settings = dict(prompt="a cat", negative="", seconds=2.4, seed=5, steps=3, gs=10.0, cfg=1.0, rs=0.0,
-                    teacache=False, teacache_threshold=0.1, resolution=64, crf=20, sampler="euler", width=64,
-                    height=64, sections=2)
+                    teacache=False, teacache_threshold=0.1, resolution=64, crf=20, sampler="euler",
+                    prompt_blend_sections=0, width=64, height=64, sections=2)
 
     def job(stem, age_s, video=True, image=False, **record):
         if video:

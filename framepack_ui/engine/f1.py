@@ -21,7 +21,8 @@ import torch
 from .. import __version__
 from ..errors import Cancelled, UserError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
-from ..sidecar import write_sidecar
+from ..prompts import SectionPrompt, describe, distinct_prompts, schedule_record
+from ..sidecar import METADATA_KEY, input_copy_name, write_sidecar
 from ..spec import LATENT_WINDOW, JobSpec
 from ..weights.layout import COMPONENTS
 from . import image as image_ops
@@ -45,7 +46,8 @@ class JobInputs:
     spec: JobSpec  # validated, with its seed
     width: int
     height: int
-    positive: text.PromptEmbeds
+    prompts: dict[str, text.PromptEmbeds]  # every distinct prompt the sections use
+    section_prompts: list[SectionPrompt]  # what each section is conditioned on (prompts.py)
     negative: text.PromptEmbeds | None  # only with real CFG
     image_embeds: torch.Tensor  # (1, 729, 1152) SigLIP
     start_latent: torch.Tensor  # (1, 16, 1, h, w)
@@ -141,7 +143,12 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
     spec, start_latent = inputs.spec, inputs.start_latent
     device, dtype = transformer.device, transformer.dtype
     guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
-    positive = model_inputs(inputs.positive, inputs.image_embeds, guidance, device, dtype)
+    # the model's inputs once per distinct conditioning (a prompt, or a blend of two), not once per section
+    positives = {}
+    for plan in inputs.section_prompts:
+        if plan not in positives:
+            positives[plan] = model_inputs(_conditioning(plan, inputs.prompts), inputs.image_embeds, guidance,
+                                           device, dtype)
     negative = model_inputs(inputs.negative, inputs.image_embeds, guidance, device, dtype) if inputs.negative else None
     history = History.start(start_latent)
     for section in range(spec.sections):
@@ -150,6 +157,7 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         _check_cancel(cancel)
         # said at its start: a section's first Step comes a step later (and, compiling, tens of seconds later)
         emit(Phase("sampling", f"section {section + 1}/{spec.sections}"))
+        positive = positives[inputs.section_prompts[section]]
         denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
                             conditioning=history.conditioning(start_latent))
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)
@@ -157,6 +165,12 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         pixels = _decode_tail(lender, history, section, spec.sections, decode_context, emit, clock)
         encoder.put(section, *section_frames(pixels, section, decode_context))
         del pixels  # the encoder thread frees them once written
+
+
+def _conditioning(plan: SectionPrompt, prompts: dict[str, text.PromptEmbeds]) -> text.PromptEmbeds:
+    if plan.blend_from is None:
+        return prompts[plan.prompt]
+    return text.mix_embeds(prompts[plan.blend_from], prompts[plan.prompt], plan.weight)
 
 
 def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cancel: threading.Event) -> JobInputs:
@@ -168,16 +182,22 @@ def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cance
     files.write_settings(spec, height, width)
     emit(Phase("settings", f"seed {spec.seed}, {width}x{height}, {spec.sections} sections, {spec.frames} frames"))
 
-    emit(Phase("text", "encoding the prompt"))
-    # Known prompts come from the prompt cache: the 15 GB text encoder is loaded only for a new one (and the
-    # negative counts only with real CFG, the only time it is used).
-    prompts = [spec.prompt] + ([spec.negative] if spec.cfg != 1 else [])
-    embeds, encoded = text.encode_prompts(prompts, lender)
-    positive, negative = embeds[0], (embeds[1] if spec.cfg != 1 else None)
+    changes, plan = spec.prompt_schedule(), spec.section_prompts()
+    if len(changes) > 1:
+        emit(Phase("prompts", describe(changes)))
+    # Every prompt of every section here, before the transformer loads, so the plan's peaks hold. Known prompts
+    # come from the prompt cache: the 15 GB text encoder is loaded only for new ones, once for all of them (and
+    # the negative counts only with real CFG, the only time it is used).
+    distinct = distinct_prompts(plan)
+    emit(Phase("text", "encoding the prompt" if len(distinct) == 1 else f"encoding {len(distinct)} prompts"))
+    embeds, encoded = text.encode_prompts(distinct + ([spec.negative] if spec.cfg != 1 else []), lender)
+    prompts = dict(zip(distinct, embeds))
+    negative = embeds[-1] if spec.cfg != 1 else None
     if not encoded:
         emit(Phase("text", "prompt embeddings from the cache (text encoder not loaded)"))
-    for message in positive.notices:
-        emit(Notice(message))
+    for prompt, embed in prompts.items():
+        for message in embed.notices:
+            emit(Notice(message if len(prompts) == 1 else f"{message} ('{_short(prompt)}')"))
     _check_cancel(cancel)
 
     emit(Phase("image", "encoding the start image"))
@@ -185,7 +205,7 @@ def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cance
     with lender.use(VAE) as vae:
         start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), start_latent_generator(spec.seed))
     _check_cancel(cancel)
-    return JobInputs(spec, width, height, positive, negative, image_embeds, start_latent,
+    return JobInputs(spec, width, height, prompts, plan, negative, image_embeds, start_latent,
                      section_noise_generator(spec.seed))
 
 
@@ -259,6 +279,10 @@ def _encode_image(lender: ModelLender, start_image):
         return image_ops.encode_siglip(start_image, processor, image_encoder)
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _check_cancel(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise Cancelled()
@@ -277,6 +301,7 @@ class _JobFiles:
 
     def write_settings(self, spec: JobSpec, height: int, width: int) -> None:
         self.settings = {**spec.settings(), "height": height, "width": width, "sections": spec.sections,
+                         **schedule_record(spec.prompt_schedule(), spec.section_prompts()),
                          "app_version": __version__, **self.record,
                          "models": {name: COMPONENTS[name].repo
                                     for name in ("transformer", "text_encoder", "image_encoder")}}
@@ -286,8 +311,10 @@ class _JobFiles:
 
     def start_video(self, inputs: JobInputs, frame_sink, emit, started: float) -> None:
         spec, out_path = inputs.spec, self.out_path
+        # the settings in the file itself, with the name of the start image's copy beside it (settings from a file)
+        settings = {**self.settings, "input_image_file": input_copy_name(out_path, self._image)}
         writer = SectionVideoWriter(out_path, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
-                                    metadata={"framepack_settings": json.dumps(self.settings, sort_keys=True)})
+                                    metadata={METADATA_KEY: json.dumps(settings, sort_keys=True)})
 
         def saved(section, frames_written):  # on the encoder thread, once the section is in the file
             emit(SectionSaved(section, spec.sections, str(out_path), frames_written, time.monotonic() - started))

@@ -5,13 +5,20 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..spec import SAMPLERS, SEED_MAX, JobSpec
+from ..spec import MAX_BLEND_SECTIONS, SAMPLERS, SEED_MAX, JobSpec
 from . import present
 
 CSS = """
 #gauges, #progress { font-variant-numeric: tabular-nums; }
 #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 #plan pre { font-size: 12px; }
+.fp-timeline .fp-bar { display: flex; height: 18px; border-radius: 4px; overflow: hidden; font-size: 11px; }
+.fp-timeline .fp-bar span { text-align: center; color: white; border-right: 1px solid white; }
+.fp-timeline .fp-bad span { background: #bbb; }
+.fp-timeline .fp-marks { position: relative; height: 16px; font-size: 11px; }
+.fp-timeline .fp-mark { position: absolute; transform: translateX(-50%); white-space: nowrap; }
+.fp-timeline ul { margin: 2px 0; padding-left: 0; list-style: none; font-size: 13px; }
+.fp-timeline .fp-problem { color: #c0392b; font-size: 13px; }
 """
 
 
@@ -24,10 +31,15 @@ class Page:
     download_cancel: gr.Button  # stops the download; the next one resumes it
     download_progress: gr.Markdown
     image: gr.Image
+    settings_file: gr.File  # drop a past video or its settings JSON: the form gets its settings back
+    restore_note: gr.Markdown
     prompt: gr.Textbox
+    prompt_rows: gr.Dataframe  # the timeline editor: (time, prompt) rows kept in step with the prompt's syntax
+    prompt_blend: gr.Slider
     negative: gr.Textbox
     seconds: gr.Slider
     length: gr.Markdown
+    timeline: gr.HTML  # where sections and prompt changes fall (present.timeline_html)
     seed: gr.Number
     randomise: gr.Button
     steps: gr.Slider
@@ -63,12 +75,15 @@ class Page:
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
-                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
+                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
+                self.prompt_blend]
 
     def form_outputs(self) -> list:
-        """What "Use these settings" fills: the start image, then present.FORM_KEYS in order."""
+        """What settings from a past job fill ("Use these settings", a dropped file): the start image, then
+        present.FORM_KEYS and present.RESTORED_EXTRAS in order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
-                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
+                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
+                self.prompt_blend, self.profile, self.storage, self.prompt_rows]
 
     def job_outputs(self) -> list:
         """What following a job updates: the job id, then present.OUTPUTS in order."""
@@ -89,8 +104,21 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Start image",
                              elem_id="start_image", height=320)
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="The girl dances gracefully, with clear "
-                                "movements, full of charm.", elem_id="prompt")
+            settings_file = gr.File(label="Settings from a file: drop a past video (.mp4) or its settings (.json)",
+                                    file_types=[".mp4", ".json"], type="filepath", elem_id="settings_file",
+                                    height=90)
+            restore_note = gr.Markdown("", elem_id="restore_note")
+            prompt = gr.Textbox(label="Prompt (prompts over time: [0s: a woman waves] [2.4s: she smiles])", lines=2,
+                                placeholder="The girl dances gracefully, with clear movements, full of charm.",
+                                elem_id="prompt")
+            with gr.Accordion("Prompts over time", open=True):
+                prompt_rows = gr.Dataframe(value=present.prompt_rows(""), headers=present.PROMPT_COLUMNS,
+                                           datatype=["str", "str"], column_count=2,
+                                           type="array", interactive=True, elem_id="prompt_rows",
+                                           label="Each change lands at the nearest section boundary (every 1.2 s)")
+                prompt_blend = gr.Slider(0, MAX_BLEND_SECTIONS, value=d.prompt_blend_sections, step=1,
+                                         label="Blend each change over N sections (0: switch at the boundary)",
+                                         elem_id="prompt_blend")
             negative = gr.Textbox(label="Negative prompt (used only when CFG > 1)", value=d.negative,
                                   elem_id="negative")
             with gr.Row():
@@ -98,6 +126,7 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             seconds = gr.Slider(0.1, 120, value=d.seconds, step=0.1, label="Length (seconds)", elem_id="seconds")
             length = gr.Markdown(present.length_text(d.seconds), elem_id="length")
+            timeline = gr.HTML(present.timeline_html("", d.seconds), elem_id="timeline")
             with gr.Row():
                 seed = gr.Number(value=d.seed, precision=0, minimum=-1, maximum=SEED_MAX,
                                  label="Seed (-1 = random)", elem_id="seed", scale=3)
@@ -148,8 +177,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                                          height=300)
                 gallery_settings = gr.Markdown(present.gallery_details(None), elem_id="gallery_settings")
                 use_settings = gr.Button("Use these settings", elem_id="use_settings")
-    return Page(banner, notice, download, download_cancel, download_progress, image, prompt, negative, seconds,
-                length, seed, randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile,
-                storage, plan, generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
+    return Page(banner, notice, download, download_cancel, download_progress, image, settings_file, restore_note,
+                prompt, prompt_rows, prompt_blend, negative, seconds, length, timeline, seed, randomise, steps, gs,
+                cfg, rs, teacache, threshold, resolution, crf, sampler, profile, storage, plan, generate, stop,
+                progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
                 use_settings, gr.State(None))

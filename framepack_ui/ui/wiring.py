@@ -79,10 +79,10 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, profile, storage, request: gr.Request):
+                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request):
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
-                                            teacache_threshold, resolution, crf, sampler)
+                                            teacache_threshold, resolution, crf, sampler, prompt_blend)
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
@@ -150,19 +150,55 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         entry = find(name)
         return (entry.video if entry is not None else None), present.gallery_details(entry)
 
+    def fill_form(name: str, settings: dict, image: str | None) -> tuple:
+        """form_outputs() and the restore note for a past job's settings: one path for the gallery and a file."""
+        values = present.restored_form(settings, worker.plan_choices())
+        keys = (*present.FORM_KEYS, *present.RESTORED_EXTRAS)
+        return (image or gr.skip(), *(values.get(key, gr.skip()) for key in keys),
+                present.restored_note(name, settings, image))
+
     def use_settings(name):
         entry = find(name)
         if entry is None:
             gr.Info("Select a past output first.")
-            return tuple(gr.skip() for _ in page.form_outputs())
-        values = present.form_values(entry.settings)
-        return (entry.image or gr.skip(), *(values.get(key, gr.skip()) for key in present.FORM_KEYS))
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 1))
+        return fill_form(entry.name, entry.settings, entry.image)
+
+    def settings_from_file(path):
+        """The form filled from a dropped file; the drop zone emptied for the next one."""
+        if not path:
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 2))
+        try:
+            restored = worker.settings_from_file(path)
+        except UserError as exc:  # one line; nothing in the form changes
+            gr.Warning(exc.message)
+            return (*(gr.skip() for _ in page.form_outputs()), f"⚠ {exc.message}", None)
+        return (*fill_form(restored.name, restored.settings, restored.image), None)
+
+    def rows_from_prompt(prompt, rows):
+        new_rows = present.prompt_rows(prompt)
+        if new_rows is None or present.prompt_from_rows(rows) == present.prompt_from_rows(new_rows):
+            return gr.skip()  # unparsed (the timeline says why), or the rows say it already: they stay as they are
+        return new_rows
+
+    def prompt_from_rows(rows):
+        return present.prompt_from_rows(rows)
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
     page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage], page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
+    # The prompt box and the timeline editor follow each other: the rows follow every change of the prompt (a
+    # textbox's `input` event can carry the value before the keystroke), the prompt follows the user's edits of
+    # the rows; rows that already say what the prompt says are left alone, so neither echoes the other. The
+    # timeline under the length follows the prompt, the length and the blend.
+    quiet = dict(queue=False, show_progress="hidden", trigger_mode="always_last")  # the newest edit wins
+    page.prompt.change(rows_from_prompt, [page.prompt, page.prompt_rows], page.prompt_rows, **quiet)
+    page.prompt_rows.input(prompt_from_rows, page.prompt_rows, page.prompt, **quiet)
+    timeline_inputs = [page.prompt, page.seconds, page.prompt_blend]
+    for control in timeline_inputs:
+        control.change(present.timeline_html, timeline_inputs, page.timeline, **quiet)
     gauges = dict(show_progress="hidden", concurrency_id="gauges", concurrency_limit=None)
     tick_io = ([page.last_gauges, page.gallery_seen],
                [page.gauges, page.jobs, page.last_gauges, page.gallery, page.gallery_seen])
@@ -179,7 +215,9 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         control.change(show_plan, plan_inputs, page.plan, **planning)
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
-    page.use_settings.click(use_settings, page.gallery, page.form_outputs(), queue=False)
+    page.use_settings.click(use_settings, page.gallery, [*page.form_outputs(), page.restore_note], queue=False)
+    page.settings_file.upload(settings_from_file, page.settings_file,
+                              [*page.form_outputs(), page.restore_note, page.settings_file], show_progress="hidden")
 
 
 def _updates(job_id, changed: dict) -> tuple:

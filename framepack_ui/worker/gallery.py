@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .restore import start_image
+
 log = logging.getLogger(__name__)
 
 MAX_ENTRIES = 200  # the newest; older files stay on disk, only the list is cut
@@ -65,13 +67,11 @@ def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> Pas
     status = str(settings.get("status", "unknown")) if settings else "unknown"
     if status == "running" and str(video.resolve()) not in running:
         status = "interrupted"
-    image = settings.get("input_image_file")
-    image_path = outputs_dir / image if isinstance(image, str) and image else None
+    image = start_image(settings, (outputs_dir,))  # as settings from a dropped file find it
     has_video = video.is_file() and video.stat().st_size > 0
     frames = settings.get("frames")
-    return PastOutput(video.name, str(video.resolve()) if has_video else None, settings,
-                      str(image_path.resolve()) if image_path is not None and image_path.is_file() else None,
-                      status, str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime)
+    return PastOutput(video.name, str(video.resolve()) if has_video else None, settings, image, status,
+                      str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime)
 
 
 def listing_signature(outputs_dir: Path) -> tuple:

@@ -30,6 +30,7 @@ from ..units import GB
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
 from .live import clear_live, live_dir, section_link
+from .restore import Restored, settings_from_file
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
+STORAGE_ASKED = {None: "auto", False: "bf16", True: "fp8"}  # a job's fp8 plan option, in the settings' words
 
 
 @dataclass(frozen=True)
@@ -268,6 +270,11 @@ class Worker:
             running = self._running.id if self._running is not None else None
         return running, listing_signature(self.outputs_dir)
 
+    def settings_from_file(self, path: str | Path) -> Restored:
+        """The settings of a past video or settings file, and its start image where it was saved (beside the file,
+        or in the outputs folder); InputError (one line) when the file holds none (restore.py)."""
+        return settings_from_file(path, (self.outputs_dir,))
+
     def live_dir(self) -> Path:
         """Where section_video's links live (serve it in place: see live.py)."""
         return live_dir(self.outputs_dir)
@@ -453,9 +460,12 @@ class Worker:
             transformer = plan.components["transformer"]
             if transformer.storage == "fp8":
                 self._convert_fp8(job, emit)
-            job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
-                                     "fp8" else transformer.storage_dtype, "plan": plan.summary(),
-                                     "notes": list(plan.notes)}}  # why: e.g. why fp8 was chosen
+            storage = "fp8" if transformer.storage == "fp8" else transformer.storage_dtype
+            # what the page asked (restored by settings from a file), what the plan made of it, and why
+            job.record = {"memory": {"profile": job.profile,
+                                     "storage_asked": STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"),
+                                     "transformer_storage": storage, "plan": plan.summary(),
+                                     "notes": list(plan.notes)}}
         return self._run_job, self._manager
 
     def _convert_fp8(self, job: _Job, emit) -> None:
