@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import TERMINAL, Failed, Finished, Phase, Progress, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
 from ..units import GB
@@ -69,6 +69,14 @@ class _Job:
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
+
+
+@dataclass(frozen=True)
+class _JobLoras:
+    """A job's LoRAs as read, what the plan counts for them, and their identity (LoraSet.key)."""
+    set: object = None  # memory.lora.LoraSet; None: no LoRA
+    cost: object = None  # memory.plan.LoraCost
+    key: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class Worker:
         self._manager = manager
         self._fixed_manager = manager is not None
         self._manager_key = None  # the placements the current manager applies
+        self._manager_loras = None  # the LoRA set (LoraSet.key) of the current manager's last job
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
         self._download_cancel = threading.Event()
@@ -434,13 +443,16 @@ class Worker:
             self._run_job = run
         if self.download_missing is not None:
             self._ensure_models(job, emit)
+        loras = self._read_loras(job, emit)  # before anything is planned, converted or loaded
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
             # line), not half-way through. The same decisions keep the manager and the models it holds.
-            plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
 
             key = applied_decisions(plan)
+            if self._manager is not None and key != self._manager_key and loras.key != self._manager_loras:
+                plan, key = self._keep_placement(job, plan, key, loras.cost)
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
@@ -448,6 +460,8 @@ class Worker:
                 cache = {} if self.prompt_cache_dir is DEFAULT_CACHE else {"prompt_cache_dir": self.prompt_cache_dir}
                 self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress, **cache)
                 self._manager_key = key
+            self._manager.plan = plan  # the same decisions; the costs of this job (its LoRAs)
+            self._manager_loras = loras.key
             log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
             emit(Phase("plan", plan.summary()))
             transformer = plan.components["transformer"]
@@ -455,7 +469,41 @@ class Worker:
                 self._convert_fp8(job, emit)
             job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
                                      "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
+        if hasattr(self._manager, "set_loras"):
+            self._manager.set_loras(loras.set)  # None takes the previous job's off
+        elif loras.set is not None:
+            raise InputError("this worker's model lender takes no LoRAs")
         return self._run_job, self._manager
+
+    def _read_loras(self, job: _Job, emit) -> "_JobLoras":
+        """The job's LoRA files read and checked against the transformer's layers (memory/lora.py): a file that
+        does not fit fails the job here, in one line, before anything is converted or loaded."""
+        if not job.spec.loras:
+            return _JobLoras()
+        from ..memory.lora import read_lora_set
+
+        lora_set, linears = read_lora_set(job.spec.loras, self.models_dir)
+        emit(Phase("lora", lora_set.describe()))
+        for notice in lora_set.notices:
+            emit(Notice(notice))
+        return _JobLoras(lora_set, lora_set.cost(linears), lora_set.key)
+
+    def _keep_placement(self, job: _Job, plan, key, lora_cost):
+        """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
+        resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
+        job's plan too, rather than reloading the transformer for the LoRA's few hundred MB."""
+        resident = self._manager.plan.components["transformer"].resident_blocks
+        if resident is None:
+            return plan, key
+        try:
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
+                                   **{**job.plan_options, "resident_blocks": resident})
+        except UserError:
+            return plan, key
+        from ..memory.manager import applied_decisions
+
+        kept_key = applied_decisions(kept)
+        return (kept, kept_key) if kept_key == self._manager_key else (plan, key)
 
     def _convert_fp8(self, job: _Job, emit) -> None:
         """The fp8 cache made before the engine starts, where the plan stores the transformer as fp8 and the cache is
