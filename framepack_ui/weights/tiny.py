@@ -532,7 +532,9 @@ def _original_layers(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int,
 
 
 def tiny_lora_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, tuple[dict, dict]]:
-    """file name -> (tensors, metadata) of the tiny LoRA files (TINY_LORAS) for a transformer of these shapes."""
+    """file name -> (tensors, metadata) of the tiny LoRA files (TINY_LORAS) for a transformer of these shapes. One
+    metadata entry per file: safetensors writes several in no fixed order, and the same seed must give the same
+    bytes."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -555,8 +557,7 @@ def tiny_lora_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict
         key = "lora_unet_" + name.replace(".", "_")
         musubi[f"{key}.lora_down.weight"], musubi[f"{key}.lora_up.weight"] = pair(out_in, torch.bfloat16)
         musubi[f"{key}.alpha"] = torch.tensor(2.0)
-    files[TINY_LORAS[0]] = (musubi, {"ss_network_module": "networks.lora_framepack", "ss_network_dim": str(r),
-                                     "ss_network_alpha": "2.0"})
+    files[TINY_LORAS[0]] = (musubi, {"format": "pt"})
 
     peft = {}
     for name, out_in in blocks.items():
@@ -578,14 +579,14 @@ def tiny_lora_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict
                      "lora_te_text_model_encoder_layers_0_mlp_fc1"):  # the text encoder's: ignored with a notice
         kohya[f"{te_layer}.lora_down.weight"], kohya[f"{te_layer}.lora_up.weight"] = pair((32, 32), torch.float16)
         kohya[f"{te_layer}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
-    files[TINY_LORAS[2]] = (kohya, {"ss_network_module": "networks.lora", "ss_network_dim": str(r)})
+    files[TINY_LORAS[2]] = (kohya, {"format": "pt"})
 
     comfy = {}
     for name, out_in in original.items():
         if name.endswith(("attn_qkv", "linear1", "linear2")):
             comfy[f"diffusion_model.{name}.lora_A.weight"], comfy[f"diffusion_model.{name}.lora_B.weight"] = \
                 pair(out_in, torch.bfloat16)
-    files[TINY_LORAS[3]] = (comfy, {})
+    files[TINY_LORAS[3]] = (comfy, {"format": "pt"})
     return files
 
 
@@ -596,8 +597,7 @@ def write_tiny_loras(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, (tensors, metadata) in tiny_lora_tensors(shapes, seed).items():
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / name),
-                  metadata={"format": "pt", **metadata})
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / name), metadata=metadata)
         paths.append(str(folder / name))
     return paths
 
