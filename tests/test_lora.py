@@ -374,6 +374,7 @@ def _kohya(names_shapes: dict[str, tuple[int, int]], rank: int = 4) -> dict:
 
 def bad_files(models: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     """name -> (a file this app must refuse, a regex of its one-line reason)."""
+    folder.mkdir(parents=True, exist_ok=True)
     width = transformer_linears(models)["transformer_blocks.0.attn.to_q"][1]
     good = lora_path(models, MUSUBI).read_bytes()
     truncated = folder / "truncated.safetensors"
@@ -456,3 +457,123 @@ def test_text_encoder_weights_are_ignored_with_a_notice(fp8_models):
     loras = lora_set(fp8_models, [(KOHYA_HV, 1.0), (MUSUBI, 1.0)])
     assert loras.notices == [f"LoRA {KOHYA_HV}: 6 text-encoder tensors ignored (LoRAs apply to the video model only)"]
     assert not any("lora_te" in n or "text_model" in n for lora, _ in loras.entries for n in lora.layers)
+
+
+# --- jobs: the command line and the worker ----------------------------------------------------------------------
+
+def _generate(models: Path, image: str, out: Path, *extra: str) -> int:
+    from framepack_ui.cli import main as cli_main
+
+    return cli_main(["generate", "--models", str(models), "--image", image, "--prompt", "a square", "--seconds", "1.2",
+                     "--resolution", "64", "--steps", "2", "--offline", "--no-prompt-cache", "--out", str(out),
+                     *extra])
+
+
+def test_cli_generate_applies_two_loras_and_records_them_in_the_settings_and_the_mp4(tiny_models_dir, start_image,
+                                                                                      tmp_path, capsys):
+    from framepack_ui.engine.video import count_frames, read_metadata
+    from framepack_ui.sidecar import sidecar_path
+
+    musubi, kohya = lora_path(tiny_models_dir, MUSUBI), lora_path(tiny_models_dir, KOHYA_HV)
+    out = tmp_path / "clip.mp4"
+    assert _generate(tiny_models_dir, start_image, out, "--lora", f"{musubi}:0.8", "--lora", str(kohya)) == 0
+    printed = capsys.readouterr().out
+    assert f"[lora] {MUSUBI} x0.8 (kohya / musubi-tuner, " in printed and f"{KOHYA_HV} x1 (" in printed
+    assert f"note: LoRA {KOHYA_HV}: 6 text-encoder tensors ignored" in printed
+    assert count_frames(out) == 37
+    recorded = [{"path": str(musubi), "strength": 0.8}, {"path": str(kohya), "strength": 1.0}]
+    assert json.loads(sidecar_path(out).read_text())["loras"] == recorded
+    assert json.loads(read_metadata(out)["framepack_settings"])["loras"] == recorded
+
+
+@pytest.mark.parametrize("case", ["wan-kohya", "other width", "truncated", "strength"])
+def test_cli_refuses_a_bad_lora_with_exit_2_one_line_and_writes_or_converts_nothing(models_copy, start_image,
+                                                                                    tmp_path, capsys, case):
+    """The job is refused before anything is planned, converted or loaded: with --fp8 and no fp8 cache yet, none is
+    made; nothing is written beside --out."""
+    if case == "strength":
+        path, reason, arg = lora_path(models_copy, MUSUBI), r"strength 'lots' is not a number", ":lots"
+    else:
+        (path, reason), arg = bad_files(models_copy, tmp_path / "bad")[case], ""
+    out = tmp_path / "out" / "clip.mp4"
+    assert _generate(models_copy, start_image, out, "--fp8", "--lora", f"{path}{arg}") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: LoRA {path.name}: ") and re.search(reason, err), err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    assert fp8.check_cache(COMPONENTS["transformer"].folder(models_copy)) == "absent"
+
+
+def test_worker_jobs_change_loras_without_reloading_the_transformer(tiny_models_dir, start_image_80x64, tmp_path):
+    """Three jobs through one worker keeping its models: no LoRA, a LoRA, none again. The transformer loads once; the
+    LoRA's video differs; the third equals the first frame for frame (the LoRA came off)."""
+    import av
+    import numpy as np
+
+    from framepack_ui.events import Finished, Phase
+    from framepack_ui.worker import Worker
+
+    from test_worker import all_events
+
+    worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cpu", keep_models_s=None, prompt_cache_dir=None)
+    try:
+        musubi = LoraChoice(str(lora_path(tiny_models_dir, MUSUBI)), 1.0)
+        videos, phases = [], []
+        for loras in ((), (musubi,), ()):
+            job = worker.submit(JobSpec(image=start_image_80x64, prompt="a square", resolution=64, steps=2,
+                                        seconds=1.2, loras=loras))
+            events = all_events(worker, job)
+            assert isinstance(events[-1], Finished), events[-1]
+            videos.append(events[-1].path)
+            phases.append([e.detail for e in events if isinstance(e, Phase) and e.name == "lora"])
+        assert worker._manager.load_count["transformer"] == 1
+    finally:
+        worker.shutdown()
+
+    def frames(path):
+        with av.open(path) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+    first, with_lora, again = (frames(v) for v in videos)
+    assert np.array_equal(first, again) and not np.array_equal(first, with_lora)
+    assert phases[0] == phases[2] == [] and phases[1][0].startswith(f"{MUSUBI} x1 (kohya / musubi-tuner")
+
+
+def test_taking_a_lora_off_keeps_the_loaded_placement_where_it_fits(tiny_models_dir, start_image_80x64, tmp_path,
+                                                                    monkeypatch):
+    """An 8 GB card planned with the real transformer's sizes: a rank-128 LoRA costs resident blocks, so the plan
+    with it streams more and the models are placed anew; the next job without the LoRA would fit more resident
+    blocks, but the loaded placement fits it too and is kept (no reload for a LoRA taken off). The LoRA files'
+    reading is injected (the cost of RANK_128_EVERY_BLOCK_LINEAR); the engine is scripted (no CUDA here)."""
+    from framepack_ui.events import Finished
+    from framepack_ui.memory import probe
+    from framepack_ui.memory.plan import real_weights
+    from framepack_ui.worker import Worker, worker as worker_module
+
+    from test_worker import all_events
+
+    monkeypatch.setattr(probe, "probe_machine", lambda *args, **kwargs: probe.Machine.supposed(64, 8))
+    monkeypatch.setattr(probe, "weights_on_disk", lambda models_dir: real_weights())
+
+    def read_loras(self, job, emit):
+        if not job.spec.loras:
+            return worker_module._JobLoras()
+        return worker_module._JobLoras(None, RANK_128_EVERY_BLOCK_LINEAR, ("rank 128",))
+
+    monkeypatch.setattr(Worker, "_read_loras", read_loras)
+    resident = []
+
+    def engine(spec, out_path, manager, emit, cancel, record=None, **kwargs):
+        resident.append((id(manager), manager.plan.components["transformer"].resident_blocks))
+        emit(Finished(str(out_path), "", 0, 0.0))
+
+    worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cuda", run_job=engine, keep_models_s=None)
+    try:
+        musubi = (LoraChoice(str(lora_path(tiny_models_dir, MUSUBI)), 1.0),)
+        for loras in ((), musubi, (), musubi):
+            job = worker.submit(JobSpec(image=start_image_80x64, prompt="p", loras=loras))
+            assert isinstance(all_events(worker, job)[-1], Finished)
+    finally:
+        worker.shutdown()
+    (plain_id, plain_n), (lora_id, lora_n), (off_id, off_n), (again_id, again_n) = resident
+    assert lora_n < plain_n and lora_id != plain_id  # the LoRA's VRAM cost a resident block: placed anew
+    assert (off_id, off_n) == (lora_id, lora_n) == (again_id, again_n)  # then kept, with the LoRA and without

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framepack_ui.units import MB
-from framepack_ui.weights.layout import COMPONENTS, F1_REPO, HUNYUAN_REPO, REDUX_REPO
+from framepack_ui.weights.layout import COMPONENTS, F1_REPO, HUNYUAN_REPO, LORAS_DIR, REDUX_REPO
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,6 @@ def _write_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype, seed
 
 # --- LoRA files ------------------------------------------------------------------------------------------------
 
-LORAS_DIR = "loras"  # models/loras/: the folder the web app's LoRA picker lists
 TINY_LORA_RANK = 4
 TINY_LORA_STD = 0.1  # down and up: an update of about the weights' own size (rank 4 x 0.1 x 0.1 ~ 0.02)
 # One file per format the app reads, with the key names real trainers write (memory/lora.py):

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 from ..errors import Cancelled, InputError, UserError
 from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
-from ..spec import JobSpec
+from ..spec import LORA_SUFFIX, JobSpec
 from ..units import GB
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
@@ -216,6 +216,21 @@ class Worker:
     def job(self, job_id: str) -> JobInfo:
         with self._cond:
             return self._info(self._job(job_id))
+
+    @property
+    def loras_dir(self) -> Path:
+        """Where the web app's LoRA picker looks: `models/loras/`."""
+        from ..weights.layout import LORAS_DIR
+
+        return self.models_dir / LORAS_DIR
+
+    def lora_files(self) -> list[str]:
+        """The LoRA files (.safetensors) in `loras_dir`, by name, sorted; [] when the folder is missing."""
+        try:
+            return sorted(p.name for p in self.loras_dir.iterdir()
+                          if p.is_file() and p.suffix.lower() == LORA_SUFFIX and not p.name.startswith("."))
+        except OSError:
+            return []
 
     def missing_models(self) -> str:
         """"" when every model file is in place, else one line naming what is missing and where it goes."""
@@ -502,6 +517,10 @@ class Worker:
             return plan, key
         from ..memory.manager import applied_decisions
 
+        if self._manager.plan.components["transformer"].park_for_decode:
+            # the loaded placement parks its resident blocks while the VAE decodes, which frees VRAM only: it fits
+            # a plan that need not park too
+            kept = kept.with_component("transformer", park_for_decode=True)
         kept_key = applied_decisions(kept)
         return (kept, kept_key) if kept_key == self._manager_key else (plan, key)
 
