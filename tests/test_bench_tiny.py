@@ -40,3 +40,19 @@ def test_bench_run_tiny_finishes_a_job_through_the_manager(tmp_path, card):
 def test_bench_script_runs_as_a_file():
     """`python bench/NAME.py` finds the repo's packages (bench/_repo.py) without `-m`."""
     assert "--vram-gb" in _run(["bench/bench_run.py", "--help"]).stdout
+
+
+def test_bench_lora_tiny_times_every_profile_without_and_with_a_lora(tmp_path):
+    """bench_lora --tiny: each profile's row without a LoRA and with one per rank, the LoRA put on every targeted
+    Linear through the manager's set_loras and counted by each row's plan."""
+    out = tmp_path / "lora.json"
+    _run(["-m", "bench.bench_lora", "--tiny", "--timed-steps", "1", "--ranks", "4", "--out", str(out)])
+    R = json.loads(out.read_text())
+    assert R["command"].startswith("python -m bench.bench_lora")
+    assert set(R["rows"]) == {f"{p}, {r}" for p in ("gpu", "8gb", "8gb-fp8") for r in ("no LoRA", "rank 4")}
+    for name, row in R["rows"].items():
+        assert "error" not in row, (name, row)
+        with_lora = name.endswith("rank 4")
+        assert row["lora_layers"] == (R["lora_target_layers"] if with_lora else 0) and R["lora_target_layers"] > 0
+        assert (row["planned_lora_GB"] > 0) == with_lora and ("vs_no_lora" in row) == with_lora
+    assert R["rows"]["8gb-fp8, rank 4"]["where"] == "gpu-streamed" and R["quantized_linears"] > 0
