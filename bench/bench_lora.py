@@ -3,14 +3,17 @@ LoRA and with a random one of each rank, on every block Linear that musubi-tuner
 the modulation layers; `--targets all` adds those).
 
     python -m bench.bench_lora --out lora.json [--ranks 32,128] [--profiles gpu,8gb,8gb-fp8] [--timed-steps 3]
-        [--targets musubi|all|attention] [--tiny]
+        [--targets musubi|all|attention] [--way auto|merge|beside] [--no-fp8-matmul] [--tiny]
 
 Profiles come from the app's plan, with the LoRA's cost counted (PlanOverrides.lora), and are applied by the app's
 ModelManager to one random transformer (bench/common.py `placed_as_planned`): `gpu` everything resident (bf16);
 `8gb` a supposed 8 GiB card (a filler allocation takes the rest), bf16, streamed as planned; `8gb-fp8` the same
 card with a 32 GiB machine's RAM, fp8 storage (quantized in place on the GPU, as the app's cache stores it; fp8
 matmul where the plan takes it). The LoRA is put on the loaded model by `ModelManager.set_loras`, as between two
-jobs in the app (`apply_s`: no weights are rewritten, only its tensors uploaded). Target (issue 18): with a LoRA,
+jobs in the app (`apply_s`: no weights are rewritten, only its tensors uploaded). `--way merge` or `beside` forces
+how every LoRA layer adds its update (compute/lora.py chooses per call by the bytes each moves: `auto`), to measure
+that choice; `--no-fp8-matmul` keeps the fp8 profile's matmuls in bf16 (the LoRA then merges into the dequantized
+weight rather than adding beside the fp8 product). Target (issue 18): with a LoRA,
 each profile's step within 3 % of its step without one. Peak RAM is this process's VmHWM and RssAnon since the
 row started (/proc/self/clear_refs resets the peak where Linux allows it). Nothing is written to disk but `--out`.
 `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
@@ -117,6 +120,9 @@ def main() -> None:
     p.add_argument("--ranks", default="32,128", help="comma-separated LoRA ranks (each row also runs without)")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma-separated, of {', '.join(PROFILES)}")
     p.add_argument("--targets", default="musubi", choices=list(TARGETS))
+    p.add_argument("--way", default="auto", choices=("auto", "merge", "beside"),
+                   help="how each LoRA layer adds its update (auto: compute/lora.py's per-call choice)")
+    p.add_argument("--no-fp8-matmul", action="store_true", help="the fp8 profile multiplies in bf16 (forces the plan)")
     p.add_argument("--out", default="lora.json")
     a = p.parse_args()
     allocator.configure()  # as the app does, before CUDA starts
@@ -124,9 +130,11 @@ def main() -> None:
     # past dynamo's default 8 a block silently runs eagerly (bench_levers.py met that)
     torch._dynamo.config.cache_size_limit = 64
 
+    if a.way != "auto":  # the per-call choice replaced for this process (read by the LoRA Linears at each call)
+        lora_compute.merges_per_call = lambda tokens, in_features, out_features: a.way == "merge"
     ranks = [0] + [int(r) for r in a.ranks.split(",") if r]
     profiles = [name for name in PROFILES if name in a.profiles.split(",")]
-    R = header(a.tiny, ranks=ranks, targets=a.targets, rows={}, peak_rss_resettable=reset_peak_rss())
+    R = header(a.tiny, ranks=ranks, targets=a.targets, way=a.way, rows={}, peak_rss_resettable=reset_peak_rss())
     device, model, embeds, noise, cond = one_step_setup(a.tiny)
     layers = lora_layers(model, a.targets)
     R["lora_target_layers"] = len(layers)
@@ -137,6 +145,8 @@ def main() -> None:
     quantized = False
     for profile in profiles:
         overrides, vram_gb, ram_gb = PROFILES[profile]
+        if overrides["fp8"] and a.no_fp8_matmul:
+            overrides = {**overrides, "fp8_matmul": False}
         if overrides["fp8"] and not quantized:
             R["quantized_linears"] = quantize_in_place(model)
             fp8.apply_fp8_compute(model, model_dtype(device))

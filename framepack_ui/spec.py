@@ -54,7 +54,8 @@ class LoraChoice:
         if isinstance(self.strength, bool) or not _finite(self.strength):
             return f"LoRA {name}: strength {self.strength!r} is not a number"
         if abs(self.strength) > LORA_STRENGTH_MAX:
-            return f"LoRA {name}: strength must be -{LORA_STRENGTH_MAX:g} to {LORA_STRENGTH_MAX:g}, not {self.strength:g}"
+            limit = f"{LORA_STRENGTH_MAX:g}"
+            return f"LoRA {name}: strength must be -{limit} to {limit}, not {self.strength:g}"
         if not Path(str(self.path)).is_file():
             return f"LoRA file not found: {self.path}"
         if Path(str(self.path)).suffix.lower() != LORA_SUFFIX:

@@ -47,7 +47,7 @@ KOHYA_FLAGS = ("use_rslora_flag", "use_dora_flag")  # musubi-tuner's network-lev
 PEFT_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")  # .lora_A[.adapter].weight
 PEFT_ALPHA = re.compile(r"^(?P<layer>.+)\.alpha$")
 PEFT_PREFIXES = ("transformer.", "base_model.model.", "model.diffusion_model.", "diffusion_model.")
-PEFT_TEXT_ENCODER = ("text_encoder.", "text_encoder_2.", "text_encoders.")
+PEFT_TEXT_ENCODER = ("text_encoder.", "text_encoder_2.")  # diffusers' prefixes of the text encoders' LoRAs
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY: the LoraConfig as JSON
 # keys of LoRA variants this app does not apply (DoRA magnitudes, LoKr and LoHa factors, LoRA biases)
 UNSUPPORTED = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("dora_layer", "DoRA"),
@@ -173,8 +173,10 @@ def read_lora(path: Path, linears: dict[str, tuple[int, int]]) -> LoraFile:
     try:
         mapped = MappedFile(path)
     except ModelFilesError as exc:
-        message = exc.message
-        raise bad("the file " + message[len(str(path)):].strip() if message.startswith(str(path)) else message) from None
+        message = exc.message  # storage.py's start with the path: the line names the file once
+        if message.startswith(str(path)):
+            message = "the file " + message[len(str(path)):].strip()
+        raise bad(message) from None
     try:
         kind, raw, notices = _parse_keys(mapped, linears)
         layers = _resolve(kind, raw, linears)

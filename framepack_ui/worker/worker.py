@@ -74,7 +74,7 @@ class _Job:
 @dataclass(frozen=True)
 class _JobLoras:
     """A job's LoRAs as read, what the plan counts for them, and their identity (LoraSet.key)."""
-    set: object = None  # memory.lora.LoraSet; None: no LoRA
+    lora_set: object = None  # memory.lora.LoraSet; None: no LoRA
     cost: object = None  # memory.plan.LoraCost
     key: tuple = ()
 
@@ -129,6 +129,7 @@ class Worker:
         self._fixed_manager = manager is not None
         self._manager_key = None  # the placements the current manager applies
         self._manager_loras = None  # the LoRA set (LoraSet.key) of the current manager's last job
+        self._placement_kept = False  # the current manager was kept for a LoRA change (_keep_placement)
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
         self._download_cancel = threading.Event()
@@ -466,8 +467,10 @@ class Worker:
             from ..memory.manager import ModelManager, applied_decisions
 
             key = applied_decisions(plan)
-            if self._manager is not None and key != self._manager_key and loras.key != self._manager_loras:
+            if (self._manager is not None and key != self._manager_key
+                    and (loras.key != self._manager_loras or self._placement_kept)):
                 plan, key = self._keep_placement(job, plan, key, loras.cost)
+                self._placement_kept = key == self._manager_key
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
@@ -485,8 +488,8 @@ class Worker:
             job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
                                      "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
         if hasattr(self._manager, "set_loras"):
-            self._manager.set_loras(loras.set)  # None takes the previous job's off
-        elif loras.set is not None:
+            self._manager.set_loras(loras.lora_set)  # None takes the previous job's off
+        elif loras.lora_set is not None:
             raise InputError("this worker's model lender takes no LoRAs")
         return self._run_job, self._manager
 
@@ -506,7 +509,8 @@ class Worker:
     def _keep_placement(self, job: _Job, plan, key, lora_cost):
         """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
         resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
-        job's plan too, rather than reloading the transformer for the LoRA's few hundred MB."""
+        job's plan too, rather than reloading the transformer for the LoRA's few hundred MB; and kept so for the
+        jobs after, until it no longer fits. Returns (plan, its applied decisions)."""
         resident = self._manager.plan.components["transformer"].resident_blocks
         if resident is None:
             return plan, key

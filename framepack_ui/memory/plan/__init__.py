@@ -49,5 +49,5 @@ from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost, PlanOverrides
 from .vocabulary import Storage, Where
 
 __all__ = ["COMMIT_MARGIN_BYTES", "PIN_HEADROOM_BYTES", "PLAN_CHOICES", "RAM_RESERVE_BYTES", "VAE_TILE_OVERLAP_PX",
-           "ComponentPlan", "LoadPlan", "LoraCost", "PhaseCost", "PlanOverrides", "Storage", "Where", "fp8_weights", "make_plan",
-           "real_weights", "sampling_tokens", "with_real_defaults"]
+           "ComponentPlan", "LoadPlan", "LoraCost", "PhaseCost", "PlanOverrides", "Storage", "Where", "fp8_weights",
+           "make_plan", "real_weights", "sampling_tokens", "with_real_defaults"]
