@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=d.fast_decode,
                    help="later sections decode 12 latents, not 18 (0.64x the time, 56 dB of the official decode)")
     g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA to the video model (kohya / musubi-tuner or diffusers / PEFT .safetensors), "
+                        "at STRENGTH (default 1); repeat for several")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--offline", action="store_true", help="never download missing model files")
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
@@ -151,13 +154,14 @@ def _quiet_libraries() -> None:
 def _generate(args) -> int:
     """One job through the same Worker as the web app (planning, downloads, the model lifecycle), its events
     printed as they come; Ctrl+C stops it and keeps the finished sections."""
-    from .spec import JobSpec
+    from .spec import JobSpec, LoraChoice
 
     spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
                    seed=args.seed, steps=args.steps, gs=args.gs, cfg=args.cfg, rs=args.rs,
                    resolution=args.resolution, sampler=args.sampler, teacache=args.teacache,
                    teacache_threshold=args.teacache_threshold, crf=args.crf, fast_decode=args.fast_decode,
-                   prompt_blend_sections=args.prompt_blend)
+                   prompt_blend_sections=args.prompt_blend,
+                   loras=tuple(LoraChoice.parse(text) for text in args.lora))
     spec.validate()  # before any heavy import: bad input answers at once
     if args.out.suffix.lower() != ".mp4":
         raise _input_error("--out must end in .mp4")

@@ -14,6 +14,8 @@ LATENT_WINDOW = 9  # new latent frames per section
 FRAMES_PER_SECTION = LATENT_WINDOW * 4  # 36 new video frames per section (4x temporal compression)
 SAMPLERS = ("unipc", "euler")
 MAX_BLEND_SECTIONS = 4
+LORA_STRENGTH_MAX = 10.0  # |strength|: a LoRA may be applied in reverse too
+LORA_SUFFIX = ".safetensors"  # the only LoRA files read (pickled .pt/.ckpt ones can run code)
 
 
 def section_count(seconds: float) -> int:
@@ -24,6 +26,42 @@ def section_count(seconds: float) -> int:
 def frame_count(sections: int) -> int:
     """Frames in the video after `sections` sections: the start frame plus 36 per section."""
     return 1 + FRAMES_PER_SECTION * sections
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file for the video model and how strongly to apply it (1: as trained, 0: not at all)."""
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """`FILE` or `FILE:STRENGTH` (the command line's --lora). A path that exists as given is a FILE even with a
+        colon in it (C:\\loras\\x.safetensors); InputError names the file when the strength is not a number."""
+        if Path(text).is_file() or ":" not in text:
+            return cls(text)
+        path, _, strength = text.rpartition(":")
+        if not path or any(sep in strength for sep in "/\\"):  # a colon of the path itself (a drive): not a strength
+            return cls(text)
+        try:
+            value = float(strength)
+        except ValueError:
+            raise InputError(f"LoRA {Path(path).name}: strength {strength!r} is not a number") from None
+        return cls(path, value)
+
+    def problem(self) -> str | None:
+        """What is wrong with this choice before its file is read (None: nothing)."""
+        name = Path(str(self.path)).name
+        if isinstance(self.strength, bool) or not _finite(self.strength):
+            return f"LoRA {name}: strength {self.strength!r} is not a number"
+        if abs(self.strength) > LORA_STRENGTH_MAX:
+            limit = f"{LORA_STRENGTH_MAX:g}"
+            return f"LoRA {name}: strength must be -{limit} to {limit}, not {self.strength:g}"
+        if not Path(str(self.path)).is_file():
+            return f"LoRA file not found: {self.path}"
+        if Path(str(self.path)).suffix.lower() != LORA_SUFFIX:
+            return f"LoRA {name}: unknown format: not a {LORA_SUFFIX} file (pickled .pt / .ckpt files are not read)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -50,6 +88,7 @@ class JobSpec:
     fast_decode: bool = True
     # sections over which a prompt change blends from the previous prompt (prompts.py); 0: it switches at once
     prompt_blend_sections: int = 0
+    loras: tuple[LoraChoice, ...] = ()  # applied to the video model (transformer), in this order
 
     @property
     def sections(self) -> int:
@@ -88,6 +127,12 @@ class JobSpec:
             if not ok:
                 raise InputError(message)
         self.prompt_schedule()  # times that parse, in order, within the video
+        for choice in self.loras:
+            if not isinstance(choice, LoraChoice):
+                raise InputError("loras must be LoRA choices (a file and a strength)")
+            problem = choice.problem()
+            if problem:
+                raise InputError(problem)
         if not Path(self.image).is_file():
             raise InputError(f"image not found: {self.image}")
         return self

@@ -121,3 +121,19 @@ def test_in_cgroup_refuses_without_cgroup_v2_in_one_line(tmp_path):
     result = subprocess.run(["sh", "bench/in_cgroup.sh", "32G", "true"], cwd=REPO, capture_output=True, text=True,
                             timeout=30, env={"CGROUP_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not a cgroup v2 mount" in result.stderr
+
+
+def test_bench_lora_tiny_times_every_profile_without_and_with_a_lora(tmp_path):
+    """bench_lora --tiny: each profile's row without a LoRA and with one per rank, the LoRA put on every targeted
+    Linear through the manager's set_loras and counted by each row's plan."""
+    out = tmp_path / "lora.json"
+    _run(["-m", "bench.bench_lora", "--tiny", "--timed-steps", "1", "--ranks", "4", "--out", str(out)])
+    R = json.loads(out.read_text())
+    assert R["command"].startswith("python -m bench.bench_lora")
+    assert set(R["rows"]) == {f"{p}, {r}" for p in ("gpu", "8gb", "8gb-fp8") for r in ("no LoRA", "rank 4")}
+    for name, row in R["rows"].items():
+        assert "error" not in row, (name, row)
+        with_lora = name.endswith("rank 4")
+        assert row["lora_layers"] == (R["lora_target_layers"] if with_lora else 0) and R["lora_target_layers"] > 0
+        assert (row["planned_lora_GB"] > 0) == with_lora and ("vs_no_lora" in row) == with_lora
+    assert R["rows"]["8gb-fp8, rank 4"]["where"] == "gpu-streamed" and R["quantized_linears"] > 0

@@ -71,6 +71,9 @@ class Page:
     gallery_settings: gr.Markdown
     use_settings: gr.Button
     gallery_seen: gr.State  # the outputs folder listing last shown, to refresh only on change
+    lora_files: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
+    lora_strengths: list  # gr.Number per LoRA slot
+    lora_refresh: gr.Button  # lists the LoRA folder again
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
@@ -85,14 +88,20 @@ class Page:
                 self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
                 self.prompt_blend, self.profile, self.storage, self.prompt_rows]
 
+    def lora_inputs(self) -> list:
+        """Every LoRA slot's file, then every slot's strength (present.lora_choices' order)."""
+        return [*self.lora_files, *self.lora_strengths]
+
     def job_outputs(self) -> list:
         """What following a job updates: the job id, then present.OUTPUTS in order."""
         return [self.job_id, self.preview, self.section_video, self.progress, self.final_video]
 
 
-def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto") -> Page:
+def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto",
+               lora_files: list[str] = (), loras_dir: str = "models/loras") -> Page:
     """Create the components inside the current gr.Blocks context. `models_notice`: the missing-models banner
-    text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected."""
+    text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected;
+    `lora_files`: the LoRA files in `loras_dir` (worker.lora_files())."""
     d = JobSpec(image="", prompt="")
     with gr.Column(visible=bool(models_notice), elem_id="models_banner") as banner:
         notice = gr.Markdown(models_notice, elem_id="models_notice")
@@ -147,6 +156,18 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 crf = gr.Slider(1, 51, value=d.crf, step=1, label="MP4 quality (CRF: lower is better, bigger)",
                                 elem_id="crf")
                 sampler = gr.Radio(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="sampler")
+            with gr.Accordion("LoRA", open=bool(lora_files)):
+                gr.Markdown(f"LoRA files for the video model (kohya / musubi-tuner or diffusers .safetensors) in "
+                            f"`{loras_dir}`, each at its strength (1: as trained, 0: off).", elem_id="lora_help")
+                lora_pickers, lora_strengths = [], []
+                for slot in range(present.LORA_SLOTS):
+                    with gr.Row():
+                        lora_pickers.append(gr.Dropdown([present.NO_LORA, *lora_files], value=present.NO_LORA[1],
+                                                        label=f"LoRA {slot + 1}", elem_id=f"lora_file_{slot}",
+                                                        scale=3))
+                        lora_strengths.append(gr.Number(1.0, minimum=-10, maximum=10, step=0.05, label="Strength",
+                                                        elem_id=f"lora_strength_{slot}", scale=1))
+                lora_refresh = gr.Button("List the LoRA folder again", size="sm", elem_id="lora_refresh")
             with gr.Accordion("Memory", open=True):
                 profile = gr.Dropdown(list(profiles), value=profile if profile in profiles else profiles[0], label="Memory profile (auto: planned for "
                                       "this machine; the others force where the big models live)",
@@ -182,4 +203,4 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 cfg, rs, teacache, threshold, resolution, crf, sampler, profile, storage, plan, generate, stop,
                 progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
-                use_settings, gr.State(None))
+                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh)

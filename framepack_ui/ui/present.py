@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InputError
 from ..events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..prompts import SECTION_S, format_timed, parse_timed, schedule, section_prompts
-from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, frame_count, section_count
+from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, LoraChoice, frame_count, section_count
 from ..units import GB
 from ..worker.events import Queued
 
@@ -38,7 +38,10 @@ PHASES = {  # engine phase names in words (anything else shows its own detail)
     "convert": "Converting the video model to fp8 (once)",
     "plan": "Planning where the models live",
     "download": "Downloading the models",
+    "lora": "Reading the LoRAs",
 }
+LORA_SLOTS = 4  # LoRA pickers on the page, each with its strength
+NO_LORA = ("(none)", "")  # the picker's empty choice: (label, value)
 
 
 @dataclass(frozen=True)
@@ -193,6 +196,40 @@ def spec_from_inputs(image: str | None, prompt: str, negative: str, seconds: flo
                    prompt_blend_sections=int(prompt_blend_sections))
 
 
+def lora_choices(names: list, strengths: list, folder: Path) -> tuple[LoraChoice, ...]:
+    """The LoRA pickers' values (file names in `folder`, "" or None for none) and strengths as the job's choices;
+    InputError (one line) for a strength the form left empty."""
+    choices = []
+    for name, strength in zip(names, strengths):
+        if not name:
+            continue
+        if strength is None:
+            raise InputError(f"LoRA {name}: strength is empty")
+        choices.append(LoraChoice(str(Path(folder) / name), strength))
+    return tuple(choices)
+
+
+def lora_form_values(settings: dict, available: list[str], slots: int = LORA_SLOTS) -> tuple[list, list, list[str]]:
+    """What "Use these settings" puts in the LoRA pickers: (names, strengths) for every slot ("" and 1 for the
+    empty ones), and the recorded LoRAs it cannot (not in the LoRA folder, or beyond the pickers)."""
+    names, strengths, missing = [], [], []
+    for entry in settings.get("loras") or []:
+        name = Path(str(entry.get("path", ""))).name if isinstance(entry, dict) else ""
+        if name in available and len(names) < slots:
+            names.append(name)
+            strengths.append(entry.get("strength", 1.0))
+        elif name:
+            missing.append(name)
+    pad = slots - len(names)
+    return names + [NO_LORA[1]] * pad, strengths + [1.0] * pad, missing
+
+
+def loras_text(settings: dict) -> str:
+    """'a.safetensors x0.8, b.safetensors x1': the LoRAs a job recorded ("" for none)."""
+    return ", ".join(f"{Path(str(e.get('path', ''))).name} x{e.get('strength', 1.0):g}"
+                     for e in settings.get("loras") or [] if isinstance(e, dict))
+
+
 def jobs_table(jobs) -> str:
     """The worker's jobs (JobInfo list) as a Markdown table, newest first."""
     if not jobs:
@@ -301,6 +338,8 @@ def gallery_details(entry) -> str:
     lines.append(f"{size}{sections}seed {s.get('seed', '?')}")
     rows = ["| setting | value |", "|---|---|"]
     rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
+    if loras_text(s):
+        rows.append(f"| LoRA | {_cell(loras_text(s), 200)} |")
     if entry.image:
         rows.append(f"| start image | {Path(entry.image).name} |")
     return "  \n".join(lines) + "\n\n" + "\n".join(rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import gradio as gr
 
@@ -33,7 +34,8 @@ def build_ui(worker) -> gr.Blocks:
     gr.set_static_paths([worker.live_dir()])
     with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S, analytics_enabled=False) as demo:
         gr.Markdown("# FramePack UI\nFramePack F1 image-to-video, on this machine.")
-        page = build_page(_notice(worker), worker.plan_choices(), worker.profile)
+        page = build_page(_notice(worker), worker.plan_choices(), worker.profile, worker.lora_files(),
+                          str(worker.loras_dir))
         _wire(demo, page, worker)
     return demo
 
@@ -79,10 +81,15 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request):
+                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+        # `loras`: every LoRA slot's file, then every slot's strength (Page.lora_inputs); Gradio puts the request in
+        # its place among the positional parameters
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
                                             teacache_threshold, resolution, crf, sampler, prompt_blend)
+            slots = len(page.lora_files)
+            spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
+                                                            worker.loras_dir))
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
@@ -154,25 +161,30 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         """form_outputs() and the restore note for a past job's settings: one path for the gallery and a file."""
         values = present.restored_form(settings, worker.plan_choices())
         keys = (*present.FORM_KEYS, *present.RESTORED_EXTRAS)
-        return (image or gr.skip(), *(values.get(key, gr.skip()) for key in keys),
+        available = worker.lora_files()
+        names, strengths, missing = present.lora_form_values(settings, available)
+        if missing:
+            gr.Info(f"Not in {worker.loras_dir}: {', '.join(missing)} (LoRA left out)")
+        pickers = [gr.update(choices=[present.NO_LORA, *available], value=n) for n in names]
+        return (image or gr.skip(), *(values.get(key, gr.skip()) for key in keys), *pickers, *strengths,
                 present.restored_note(name, settings, image))
 
     def use_settings(name):
         entry = find(name)
         if entry is None:
             gr.Info("Select a past output first.")
-            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 1))
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + len(page.lora_inputs()) + 1))
         return fill_form(entry.name, entry.settings, entry.image)
 
     def settings_from_file(path):
         """The form filled from a dropped file; the drop zone emptied for the next one."""
         if not path:
-            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + 2))
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + len(page.lora_inputs()) + 2))
         try:
             restored = worker.settings_from_file(path)
         except UserError as exc:  # one line; nothing in the form changes
             gr.Warning(exc.message)
-            return (*(gr.skip() for _ in page.form_outputs()), f"⚠ {exc.message}", None)
+            return (*(gr.skip() for _ in [*page.form_outputs(), *page.lora_inputs()]), f"⚠ {exc.message}", None)
         return (*fill_form(restored.name, restored.settings, restored.image), None)
 
     def rows_from_prompt(prompt, rows):
@@ -184,8 +196,14 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     def prompt_from_rows(rows):
         return present.prompt_from_rows(rows)
 
+    def list_loras(*current):
+        available = worker.lora_files()
+        return tuple(gr.update(choices=[present.NO_LORA, *available], value=value if value in available else "")
+                     for value in current)
+
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
-    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage], page.job_outputs(), **stream)
+    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()],
+                        page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
@@ -215,9 +233,11 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         control.change(show_plan, plan_inputs, page.plan, **planning)
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
-    page.use_settings.click(use_settings, page.gallery, [*page.form_outputs(), page.restore_note], queue=False)
-    page.settings_file.upload(settings_from_file, page.settings_file,
-                              [*page.form_outputs(), page.restore_note, page.settings_file], show_progress="hidden")
+    restored = [*page.form_outputs(), *page.lora_inputs(), page.restore_note]
+    page.use_settings.click(use_settings, page.gallery, restored, queue=False)
+    page.settings_file.upload(settings_from_file, page.settings_file, [*restored, page.settings_file],
+                              show_progress="hidden")
+    page.lora_refresh.click(list_loras, page.lora_files, page.lora_files, queue=False)
 
 
 def _updates(job_id, changed: dict) -> tuple:

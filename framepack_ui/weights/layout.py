@@ -13,6 +13,7 @@ from pathlib import Path
 from ..units import GB
 
 DOWNLOAD_COMMAND = "python -m framepack_ui download"  # what the one-line messages tell the user to run
+LORAS_DIR = "loras"  # models/loras/: the LoRA files the web app offers (any path works on the command line)
 
 HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
 REDUX_REPO = "lllyasviel/flux_redux_bfl"

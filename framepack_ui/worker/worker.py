@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import TERMINAL, Failed, Finished, Phase, Progress, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
-from ..spec import JobSpec
+from ..spec import LORA_SUFFIX, JobSpec
 from ..units import GB
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
@@ -71,6 +71,14 @@ class _Job:
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
+
+
+@dataclass(frozen=True)
+class _JobLoras:
+    """A job's LoRAs as read, what the plan counts for them, and their identity (LoraSet.key)."""
+    lora_set: object = None  # memory.lora.LoraSet; None: no LoRA
+    cost: object = None  # memory.plan.LoraCost
+    key: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,8 @@ class Worker:
         self._manager = manager
         self._fixed_manager = manager is not None
         self._manager_key = None  # the placements the current manager applies
+        self._manager_loras = None  # the LoRA set (LoraSet.key) of the current manager's last job
+        self._placement_kept = False  # the current manager was kept for a LoRA change (_keep_placement)
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
         self._download_cancel = threading.Event()
@@ -209,6 +219,21 @@ class Worker:
     def job(self, job_id: str) -> JobInfo:
         with self._cond:
             return self._info(self._job(job_id))
+
+    @property
+    def loras_dir(self) -> Path:
+        """Where the web app's LoRA picker looks: `models/loras/`."""
+        from ..weights.layout import LORAS_DIR
+
+        return self.models_dir / LORAS_DIR
+
+    def lora_files(self) -> list[str]:
+        """The LoRA files (.safetensors) in `loras_dir`, by name, sorted; [] when the folder is missing."""
+        try:
+            return sorted(p.name for p in self.loras_dir.iterdir()
+                          if p.is_file() and p.suffix.lower() == LORA_SUFFIX and not p.name.startswith("."))
+        except OSError:
+            return []
 
     def missing_models(self) -> str:
         """"" when every model file is in place, else one line naming what is missing and where it goes."""
@@ -441,13 +466,18 @@ class Worker:
             self._run_job = run
         if self.download_missing is not None:
             self._ensure_models(job, emit)
+        loras = self._read_loras(job, emit)  # before anything is planned, converted or loaded
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
             # line), not half-way through. The same decisions keep the manager and the models it holds.
-            plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
 
             key = applied_decisions(plan)
+            if (self._manager is not None and key != self._manager_key
+                    and (loras.key != self._manager_loras or self._placement_kept)):
+                plan, key = self._keep_placement(job, plan, key, loras.cost)
+                self._placement_kept = key == self._manager_key
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
@@ -455,6 +485,8 @@ class Worker:
                 cache = {} if self.prompt_cache_dir is DEFAULT_CACHE else {"prompt_cache_dir": self.prompt_cache_dir}
                 self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress, **cache)
                 self._manager_key = key
+            self._manager.plan = plan  # the same decisions; the costs of this job (its LoRAs)
+            self._manager_loras = loras.key
             log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
             emit(Phase("plan", plan.summary()))
             transformer = plan.components["transformer"]
@@ -466,7 +498,46 @@ class Worker:
                                      "storage_asked": STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"),
                                      "transformer_storage": storage, "plan": plan.summary(),
                                      "notes": list(plan.notes)}}
+        if hasattr(self._manager, "set_loras"):
+            self._manager.set_loras(loras.lora_set)  # None takes the previous job's off
+        elif loras.lora_set is not None:
+            raise InputError("this worker's model lender takes no LoRAs")
         return self._run_job, self._manager
+
+    def _read_loras(self, job: _Job, emit) -> "_JobLoras":
+        """The job's LoRA files read and checked against the transformer's layers (memory/lora.py): a file that
+        does not fit fails the job here, in one line, before anything is converted or loaded."""
+        if not job.spec.loras:
+            return _JobLoras()
+        from ..memory.lora import read_lora_set
+
+        lora_set, linears = read_lora_set(job.spec.loras, self.models_dir)
+        emit(Phase("lora", lora_set.describe()))
+        for notice in lora_set.notices:
+            emit(Notice(notice))
+        return _JobLoras(lora_set, lora_set.cost(linears), lora_set.key)
+
+    def _keep_placement(self, job: _Job, plan, key, lora_cost):
+        """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
+        resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
+        job's plan too, rather than reloading the transformer for the LoRA's few hundred MB; and kept so for the
+        jobs after, until it no longer fits. Returns (plan, its applied decisions)."""
+        resident = self._manager.plan.components["transformer"].resident_blocks
+        if resident is None:
+            return plan, key
+        try:
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
+                                   **{**job.plan_options, "resident_blocks": resident})
+        except UserError:
+            return plan, key
+        from ..memory.manager import applied_decisions
+
+        if self._manager.plan.components["transformer"].park_for_decode:
+            # the loaded placement parks its resident blocks while the VAE decodes, which frees VRAM only: it fits
+            # a plan that need not park too
+            kept = kept.with_component("transformer", park_for_decode=True)
+        kept_key = applied_decisions(kept)
+        return (kept, kept_key) if kept_key == self._manager_key else (plan, key)
 
     def _convert_fp8(self, job: _Job, emit) -> None:
         """The fp8 cache made before the engine starts, where the plan stores the transformer as fp8 and the cache is
