@@ -73,7 +73,7 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None):
+        record: dict | None = None, out_of_memory_advice: str | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -84,6 +84,8 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see sections.py).
     Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None. `record`: more to record with the job's settings
     (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under.
+    `out_of_memory_advice`: what to pick instead, should the GPU run out of memory (the worker derives it from the
+    job's memory plan: memory.plan.leaner_choices); it ends the one line such a failure gives.
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
@@ -120,8 +122,13 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
         frames = files.end("failed", exc.message)
         result = Failed(exc.message, files.kept(frames), exc.reason)
     except torch.OutOfMemoryError as exc:
-        message = ("out of memory: " + " ".join(str(exc).split())[:160] +
-                   " (try a lower resolution, or close other programs using the GPU)")
+        # No retry of the section with a leaner plan: that needs the section state saved, to resume from it.
+        advice = out_of_memory_advice or "try a lower resolution, or close other programs using the GPU"
+        what = " ".join(str(exc).split())[:120]
+        del exc  # its traceback holds the failed section's tensors: free them before the next job
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"out of GPU memory ({what}): {advice}"
         frames = files.end("failed", message)
         result = Failed(message, files.kept(frames), "memory")
     except Exception as exc:  # an internal error: one line for the user, the traceback in the log

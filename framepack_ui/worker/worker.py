@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
 
-# f1.run(spec, out_path, manager, emit, cancel, record=...) -> Finished | Stopped | Failed
+# f1.run(spec, out_path, manager, emit, cancel, record=..., out_of_memory_advice=...) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
@@ -62,6 +62,7 @@ class _Job:
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # submit's on_event: called with each event as it happens
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
+    out_of_memory_advice: str | None = None  # from the job's memory plan: what to pick should the GPU run out
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
@@ -407,7 +408,8 @@ class Worker:
             emit(Phase("starting", "starting the engine"))
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
-            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record)
+            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record,
+                             out_of_memory_advice=job.out_of_memory_advice)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
@@ -439,6 +441,7 @@ class Worker:
             # line), not half-way through. The same decisions keep the manager and the models it holds.
             plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
+            from ..memory.plan import leaner_choices
 
             key = applied_decisions(plan)
             if self._manager is None or key != self._manager_key:
@@ -455,6 +458,7 @@ class Worker:
                 self._convert_fp8(job, emit)
             job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
                                      "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
+            job.out_of_memory_advice = leaner_choices(plan)
         return self._run_job, self._manager
 
     def _convert_fp8(self, job: _Job, emit) -> None:
