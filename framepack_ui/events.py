@@ -39,7 +39,7 @@ class SectionSaved:
     section: int  # 0-based
     sections: int
     path: str
-    frames_written: int  # frames on disk so far (held-back overlap frames excluded)
+    frames_written: int  # frames the file holds now (held-back overlap frames and the muxer's newest excluded)
     elapsed_s: float
 
 

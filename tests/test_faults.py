@@ -4,8 +4,11 @@ one line for the user, the finished sections playable and the next job running."
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from framepack_ui.memory.probe import Machine
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.spec import JobSpec
 from framepack_ui.worker import Worker
+from framepack_ui.worker.gallery import past_outputs
 from job_settings import FAST_128PX
 
 TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit when something hangs
@@ -109,3 +113,104 @@ def test_out_of_gpu_memory_mid_job_names_the_leaner_plan_keeps_the_sections_and_
     assert (settings["status"], settings["frames"], settings["message"]) == ("failed", 37, failed.message)
     assert isinstance(all_events(worker, second)[-1], Finished)
     assert calls == ["runs out", "runs next"]
+
+
+# --- the process killed mid-job ----------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+SAVED_LINE = re.compile(r"section (\d+)/(\d+) saved: (\d+) frames in ")
+
+
+def kill_after_section(command: list[str], section: int, pattern: re.Pattern) -> list[str]:
+    """Start `command`, read its output until a line matching `pattern` names 1-based `section`, then kill -9 it.
+    Returns every line it printed, those read after the kill too."""
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            match = pattern.search(line)
+            if match and int(match.group(1)) == section:
+                proc.send_signal(signal.SIGKILL)  # as the OS or a user would: no handler, no flush, no cleanup
+                break
+        lines += [line.rstrip("\n") for line in proc.stdout]
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT_S)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, "\n".join(lines)
+    return lines
+
+
+def test_a_killed_generate_leaves_a_video_with_the_frames_it_last_reported(tiny_models_dir, start_image, tmp_path):
+    """kill -9 of the command line after its second section: the video plays and holds exactly the frames the last
+    "saved" line said (the file holds all but the muxer's newest frame: reporting the frames encoded said one more)."""
+    out = tmp_path / "killed.mp4"
+    lines = kill_after_section(
+        [sys.executable, "-m", "framepack_ui", "generate", "--models", str(tiny_models_dir), "--image", start_image,
+         "--prompt", "killed mid-job", "--seconds", "6", "--resolution", "64", "--steps", "4", "--offline",
+         "--device", "cpu", "--no-prompt-cache", "--out", str(out)], 2, SAVED_LINE)
+    reported = [int(m.group(3)) for m in map(SAVED_LINE.search, lines) if m]
+    assert len(reported) >= 2 and reported[1] == 1 + 36 * 2 - 32 - 1  # 32 wait for the cross-fade, 1 for the muxer
+    assert count_frames(out) == reported[-1]
+    [entry] = past_outputs(tmp_path)  # its settings file was left at "running": the gallery says interrupted
+    assert entry.status == "interrupted" and entry.video == str(out.resolve())
+
+
+WORKER_SCRIPT = """
+import sys, threading
+from framepack_ui.events import SectionSaved
+from framepack_ui.spec import JobSpec
+from framepack_ui.worker import Worker
+from framepack_ui.worker.gallery import past_outputs
+
+models, outputs, image = sys.argv[1:4]
+worker = Worker(models, outputs, device="cpu", prompt_cache_dir=None)
+def job(prompt, seconds, on_event=None):
+    return worker.submit(JobSpec(image=image, prompt=prompt, seconds=seconds, resolution=64, steps=4, seed=1),
+                         on_event=on_event)
+def said(event):
+    if isinstance(event, SectionSaved):
+        print(f"section {event.section + 1}/{event.sections} saved: {event.frames_written} frames", flush=True)
+with worker._cond:  # all three queued before the first starts
+    job("running when killed", 6.0, said)
+    job("queued second", 1.2)
+    job("queued third", 1.2)
+threading.Event().wait()  # until killed
+"""
+
+
+def test_jobs_queued_when_the_app_was_killed_come_back_waiting_for_the_user(tiny_models_dir, start_image_80x64,
+                                                                          tmp_path):
+    """An app's worker (in its own process) is killed -9 during its first job, with two more queued. A new worker on
+    the same outputs folder lists the two as waiting, in submit order, and runs neither until the user says so;
+    started, one finishes; dropped, the other leaves nothing behind; the killed job's video plays with the frames
+    it last reported and the gallery says it was interrupted."""
+    outputs = tmp_path / "outputs"
+    lines = kill_after_section([sys.executable, "-c", WORKER_SCRIPT, str(tiny_models_dir), str(outputs),
+                                start_image_80x64], 1, re.compile(r"section (\d+)/\d+ saved: (\d+) frames"))
+    frames_said = int(re.search(r"saved: (\d+) frames", lines[-1]).group(1))
+
+    worker = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None)
+    try:
+        jobs = worker.jobs()
+        assert [(j.spec.prompt, j.status, j.position) for j in jobs] == [("queued second", "waiting", None),
+                                                                       ("queued third", "waiting", None)]
+        assert all(Path(j.spec.image).parent == outputs for j in jobs)  # the copy kept beside the record
+        assert "waiting for you" in worker.events(jobs[0].id).__next__().message
+        with worker._cond:
+            assert not worker._queue and worker._running is None  # nothing started on its own
+        [killed] = worker.past_outputs()  # the queued ones are jobs, not past outputs
+        assert killed.status == "interrupted" and count_frames(killed.video) == frames_said
+
+        second, third = (j.id for j in jobs)
+        assert worker.resume(second) and not worker.resume(second)
+        assert isinstance(all_events(worker, second)[-1], Finished)
+        assert worker.cancel(third) and worker.job(third).status == "stopped"
+        assert {e.status for e in worker.past_outputs()} == {"interrupted", "finished"}
+        assert not list(outputs.glob(f"{Path(jobs[1].out_path).stem}.*"))  # the dropped job left nothing
+    finally:
+        worker.shutdown()
+    again = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None)
+    assert again.jobs() == []  # nothing waits any more
+    again.shutdown()

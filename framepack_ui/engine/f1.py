@@ -292,8 +292,8 @@ class _JobFiles:
         writer = SectionVideoWriter(out_path, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
                                     metadata={"framepack_settings": json.dumps(self.settings, sort_keys=True)})
 
-        def saved(section, frames_written):  # on the encoder thread, once the section is in the file
-            emit(SectionSaved(section, spec.sections, str(out_path), frames_written, time.monotonic() - started))
+        def saved(section, frames_on_disk):  # on the encoder thread, once the section is in the file
+            emit(SectionSaved(section, spec.sections, str(out_path), frames_on_disk, time.monotonic() - started))
 
         self.encoder = BackgroundWriter(writer, saved)
 

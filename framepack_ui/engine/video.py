@@ -10,7 +10,9 @@ frames (the context decode of f1.py), with the end of the same 33 weights.
 
 The MP4 is fragmented (one fragment per frame, ``empty_moov``) and flushed per packet, so after each
 ``add_section`` the file on disk plays with all but the last written frame (the muxer keeps the newest packet
-until it knows its duration). Such files report 0 frames in the header: use ``count_frames`` (decodes).
+until it knows its duration): ``frames_on_disk`` counts them, and is what a section reports as saved, so that a
+process killed after it leaves a file with exactly that many frames. Such files report 0 frames in the header: use
+``count_frames`` (decodes).
 """
 
 from __future__ import annotations
@@ -148,6 +150,13 @@ class SectionVideoWriter:
     def frames_written(self) -> int:
         """Frames handed to the encoder so far (final; the held-back ones are not counted)."""
         return self._frames_written
+
+    @property
+    def frames_on_disk(self) -> int:
+        """Frames the file holds now, should the process die this instant: one fewer than were encoded while the
+        writer is open (the muxer writes a frame's fragment when the next frame's packet arrives, since it needs
+        the next timestamp for the duration; PyAV offers no call that flushes that fragment), all after close."""
+        return self._frames_written if self._closed else max(self._frames_written - 1, 0)
 
     @property
     def frames_total(self) -> int:
@@ -294,7 +303,7 @@ class BackgroundWriter:
 
     At most one section waits in the queue (`put` blocks while one does): with the one being written and the
     one being decoded that bounds the pixels in RAM to three sections (in practice one: encoding a section
-    takes far less than sampling the next). `on_saved(section, frames_written)` runs on the helper thread once
+    takes far less than sampling the next). `on_saved(section, frames_on_disk)` runs on the helper thread once
     the section is in the file. An error there is kept, the sections after it are dropped, and the next `put`
     or `finish` raises it on the job's thread, where it fails the job as an inline error would.
     """
@@ -348,7 +357,7 @@ class BackgroundWriter:
     def _write(self, section: int, pixels: torch.Tensor, fade: int | None) -> None:
         try:
             self.writer.add_section(pixels, fade)
-            self._on_saved(section, self.writer.frames_written)
+            self._on_saved(section, self.writer.frames_on_disk)
         except BaseException as exc:  # noqa: BLE001 - handed to the job's thread
             self._error = exc
 

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import TERMINAL, Failed, Finished, Phase, Progress, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
+from . import queue_records
 from ..units import GB
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
@@ -66,7 +67,7 @@ class _Job:
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
-    status: str = "queued"
+    status: str = "queued"  # queued, waiting (queued before the app restarted: the user starts it), running...
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
@@ -76,7 +77,7 @@ class _Job:
 class JobInfo:
     """A snapshot of one job, for lists and for a page that reattaches."""
     id: str
-    status: str  # queued, running, finished, stopped, failed
+    status: str  # queued, waiting (queued before the app restarted: `resume` queues it), running, finished...
     position: int | None  # place in the queue (1 = starts next); None unless queued
     spec: JobSpec  # with the seed actually used
     out_path: str
@@ -105,6 +106,8 @@ class Worker:
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
         folder; None: in memory only). `serves_pages`: the web app's worker, which drops the section-video links an
         earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder.
+        The web app's worker also keeps its queue on disk: jobs queued but not started when the app closed (or was
+        killed) come back, waiting for the user to `resume` or `cancel` them (queue_records.py).
         `background`: jobs run on the worker's own thread; without it, on the thread that calls `run_queued` (the
         command line: its main thread, where Ctrl+C reaches the job as a stop)."""
         self.models_dir = Path(models_dir)
@@ -134,6 +137,7 @@ class Worker:
         self.serves_pages = serves_pages
         if serves_pages:
             clear_live(self.outputs_dir)
+            self._restore_waiting()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
@@ -159,6 +163,8 @@ class Worker:
                 raise RuntimeError("the worker is shut down")
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event)
+            if self.serves_pages:  # before it can start: the engine's own settings file then replaces the record
+                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -167,20 +173,43 @@ class Worker:
         return job.id
 
     def cancel(self, job_id: str) -> bool:
-        """A queued job is dropped; the running one stops at its next step and keeps its finished sections.
-        False when the job is unknown or already ended."""
+        """A queued or waiting job is dropped (with its record); the running one stops at its next step and keeps
+        its finished sections. False when the job is unknown or already ended."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None or job.result is not None:
                 return False
-            if job in self._queue:
-                self._queue.remove(job)
+            if job in self._queue or job.status == "waiting":
+                if job in self._queue:
+                    self._queue.remove(job)
+                queue_records.drop(job.out_path)
                 self._end(job, Stopped(None, 0))
                 self._renumber()
             else:
                 job.cancel.set()
             log.info("job %s: stop asked", job_id)
             return True
+
+    def resume(self, job_id: str) -> bool:
+        """Queue a job that waits since the app restarted (status "waiting"); False for any other job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != "waiting" or self._closed:
+                return False
+            job.status = "queued"
+            self._queue.append(job)
+            self._renumber()
+        log.info("job %s: queued again after the restart", job_id)
+        return True
+
+    def _restore_waiting(self) -> None:
+        """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
+        for record in queue_records.read_all(self.outputs_dir):
+            job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
+                       record.plan_options, status="waiting")
+            job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
+            self._jobs[job.id] = job
+            log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
 
     def events(self, job_id: str, since: int = 0) -> Iterator[object]:
         """Every event of the job from index `since`, then live ones; ends after Finished, Stopped or Failed."""
@@ -424,6 +453,8 @@ class Worker:
             # before the end is seen: the file says so by then (the gallery lists it; the command line's job
             # that never started writes nothing beside its --out)
             self._record_failure(job, job.result or result)
+        if self.serves_pages:  # the engine never took it (stopped first, or an engine that writes no settings)
+            queue_records.drop(job.out_path)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
                 self._end(job, result)
@@ -506,7 +537,7 @@ class Worker:
         path = sidecar_path(job.out_path)
         try:
             record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-            if isinstance(record, dict) and record.get("status") != "running":
+            if isinstance(record, dict) and record.get("status") not in ("running", queue_records.QUEUED):
                 return  # the engine recorded how it ended
             if not isinstance(record, dict):
                 record = job.spec.settings()
