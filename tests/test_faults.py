@@ -4,7 +4,9 @@ one line for the user, the finished sections playable and the next job running."
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,11 +18,12 @@ import torch
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.video import count_frames
-from framepack_ui.events import Failed, Finished, SectionSaved
+from framepack_ui.events import Failed, Finished, Phase, SectionSaved
 from framepack_ui.memory.plan import PlanOverrides, leaner_choices, make_plan, real_weights
 from framepack_ui.memory.probe import Machine
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.spec import JobSpec
+from framepack_ui.weights import layout
 from framepack_ui.worker import Worker
 from framepack_ui.worker.gallery import past_outputs
 from job_settings import FAST_128PX
@@ -161,6 +164,7 @@ WORKER_SCRIPT = """
 import sys, threading
 from framepack_ui.events import SectionSaved
 from framepack_ui.spec import JobSpec
+from framepack_ui.weights import layout
 from framepack_ui.worker import Worker
 from framepack_ui.worker.gallery import past_outputs
 
@@ -214,3 +218,59 @@ def test_jobs_queued_when_the_app_was_killed_come_back_waiting_for_the_user(tiny
     again = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None)
     assert again.jobs() == []  # nothing waits any more
     again.shutdown()
+
+
+# --- corrupt or truncated weights --------------------------------------------------------------------------------
+
+def _truncate(path: Path, by: int = 100) -> None:
+    os.truncate(path, path.stat().st_size - by)
+
+
+def _zero(path: Path) -> None:
+    path.write_bytes(b"\0" * path.stat().st_size)  # a preallocated download that never got its bytes
+
+
+def _cut_json(path: Path) -> None:
+    path.write_text(path.read_text()[:20])
+
+
+BROKEN_FILES = {  # what is broken: (file under the models folder, how)
+    "truncated VAE weights": (f"{layout.HUNYUAN_REPO}/vae/diffusion_pytorch_model.safetensors", _truncate),
+    "zeroed transformer shard": (f"{layout.F1_REPO}/diffusion_pytorch_model-00001-of-00003.safetensors", _zero),
+    "cut transformer config": (f"{layout.F1_REPO}/config.json", _cut_json),
+    "cut shard index": (f"{layout.HUNYUAN_REPO}/text_encoder/model.safetensors.index.json", _cut_json),
+    "cut tokenizer": (f"{layout.HUNYUAN_REPO}/tokenizer/tokenizer.json", _cut_json),
+}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN_FILES))
+def test_broken_model_files_fail_the_job_at_its_start_naming_the_file_and_the_fix(
+        broken, make_worker, tiny_models_dir, tmp_path, start_image_80x64):
+    """Each broken file is found when the job starts, from the safetensors headers and the small JSON files
+    (no hashing): one line naming it and the fix, before any model loads or any output is written."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, models)
+    relative, damage = BROKEN_FILES[broken]
+    damage(models / relative)
+    worker = make_worker(models_dir=models)
+    events = all_events(worker, worker.submit(spec(start_image_80x64)))
+    failed = events[-1]
+    assert isinstance(failed, Failed) and failed.reason == "models" and failed.path is None
+    assert "\n" not in failed.message and str(models / relative) in failed.message
+    assert "corrupt or incomplete: delete it and download again" in failed.message
+    assert [e.name for e in events if isinstance(e, Phase)] == ["starting"]  # no plan, no settings, no model
+
+
+def test_the_command_line_refuses_a_truncated_transformer_with_one_line_and_exit_2(tiny_models_dir, tmp_path,
+                                                                                 start_image):
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models_dir, models)
+    shard = models / layout.F1_REPO / "diffusion_pytorch_model-00003-of-00003.safetensors"
+    _truncate(shard, 8)
+    proc = subprocess.run([sys.executable, "-m", "framepack_ui", "generate", "--models", str(models), "--image",
+                           start_image, "--prompt", "x", "--offline", "--device", "cpu", "--out",
+                           str(tmp_path / "x.mp4")], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and str(shard) in errors[0] and "is truncated" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "x.mp4").exists()

@@ -469,7 +469,11 @@ class Worker:
             self._ensure_models(job, emit)
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
-            # line), not half-way through. The same decisions keep the manager and the models it holds.
+            # line), not half-way through; so do broken model files (the plan reads every safetensors header, and
+            # the small JSON files are read first). The same decisions keep the manager and the models it holds.
+            from ..weights.layout import check_small_files
+
+            check_small_files(self.models_dir)
             plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
             from ..memory.plan import leaner_choices
