@@ -3,6 +3,7 @@ memory at a section, a full disk at the writer, a killed process, broken weights
 one line for the user, the finished sections playable and the next job running."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from framepack_ui.engine import f1
+from framepack_ui import sidecar
+from framepack_ui.engine import f1, video
 from framepack_ui.engine.video import count_frames
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved
 from framepack_ui.memory.plan import PlanOverrides, leaner_choices, make_plan, real_weights
@@ -274,3 +276,80 @@ def test_the_command_line_refuses_a_truncated_transformer_with_one_line_and_exit
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and str(shard) in errors[0] and "is truncated" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "x.mp4").exists()
+
+
+# --- a full disk -------------------------------------------------------------------------------------------------
+
+class Disk:
+    """The disk the outputs go to, as the video writer and the settings file see it: `full` makes every write fail
+    with ENOSPC, as the OS would, until space is back."""
+
+    def __init__(self):
+        self.full = False
+
+    def check(self) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def file(self, real):
+        disk = self
+
+        class FileOnDisk:
+            def write(self, data):
+                disk.check()
+                return real.write(data)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+        return FileOnDisk()
+
+
+def test_a_full_disk_while_writing_the_video_fails_one_line_keeps_what_is_written_and_the_next_job_runs(
+        make_worker, start_image_80x64, monkeypatch):
+    """The disk fills up right after the first section is saved: the job fails with one line, its video plays with
+    the frames that section reported; once space is back the next job finishes."""
+    disk = Disk()
+    open_output = video.open_output
+    monkeypatch.setattr(video, "open_output", lambda path: disk.file(open_output(path)))
+
+    def fill_after_the_first_section(event):
+        if isinstance(event, SectionSaved):
+            disk.full = True
+        if isinstance(event, Failed):
+            disk.full = False  # space is back before the next job starts
+
+    worker = make_worker()
+    first = worker.submit(spec(start_image_80x64, "fills the disk", seconds=2.4),
+                          on_event=fill_after_the_first_section)
+    second = worker.submit(spec(start_image_80x64, "after space is back"))
+    events = all_events(worker, first)
+    failed, [saved] = events[-1], [e for e in events if isinstance(e, SectionSaved)]
+    assert isinstance(failed, Failed) and failed.reason == "disk" and "\n" not in failed.message
+    assert failed.message == (f"the disk is full ({Path(worker.outputs_dir)}): free some space, then run the job "
+                              f"again")
+    assert failed.path and count_frames(failed.path) == saved.frames_written == 4
+    settings = json.loads(sidecar.sidecar_path(failed.path).read_text())  # only the video's disk was full here
+    assert (settings["status"], settings["frames"]) == ("failed", 4)  # read back: the encoder counted one more
+    assert isinstance(all_events(worker, second)[-1], Finished)
+
+
+def test_a_full_disk_while_writing_the_settings_fails_one_line_before_any_model_loads(
+        make_worker, start_image_80x64, monkeypatch):
+    disk = Disk()
+    write_bytes = sidecar._atomic_write_bytes
+
+    def atomic_write_bytes(path, data):
+        disk.check()
+        write_bytes(path, data)
+
+    monkeypatch.setattr(sidecar, "_atomic_write_bytes", atomic_write_bytes)
+    disk.full = True
+    worker = make_worker()
+    events = all_events(worker, worker.submit(spec(start_image_80x64, "no room for its settings")))
+    failed = events[-1]
+    assert isinstance(failed, Failed) and failed.reason == "disk" and failed.path is None
+    assert failed.message.startswith("the disk is full (") and "\n" not in failed.message
+    assert not any(isinstance(e, Phase) and e.name in ("text", "transformer") for e in events)
+    disk.full = False
+    assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64, "space is back")))[-1], Finished)

@@ -8,6 +8,7 @@ count per call is constant, so time is linear in video length and memory flat.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -32,7 +33,7 @@ from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
 from .teacache import apply_teacache, remove_teacache
-from .video import BackgroundWriter, SectionVideoWriter
+from .video import BackgroundWriter, SectionVideoWriter, count_frames
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,15 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
         frames = files.end("failed", message)
         result = Failed(message, files.kept(frames), "memory")
     except Exception as exc:  # an internal error: one line for the user, the traceback in the log
-        log.exception("generation failed")
-        message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+        if getattr(exc, "errno", None) == errno.ENOSPC:  # writing the video or the settings (Windows' 112 too)
+            message = f"the disk is full ({out_path.parent}): free some space, then run the job again"
+            reason = "disk"
+        else:
+            log.exception("generation failed")
+            message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+            reason = "internal"
         frames = files.end("failed", message)
-        result = Failed(message, files.kept(frames))
+        result = Failed(message, files.kept(frames), reason)
     emit(result)
     return result
 
@@ -318,4 +324,9 @@ class _JobFiles:
             return self.encoder.close()
         except Exception:  # never let a failing close hide the original outcome
             log.exception("closing the video failed")
-            return self.encoder.writer.frames_written
+            # after a failed write (a full disk) the encoder's count is more than the file holds: count those
+            try:
+                return count_frames(self.out_path)
+            except Exception:
+                log.exception("the video %s cannot be read back", self.out_path)
+                return 0

@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -38,6 +39,13 @@ _MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof+use_metadata_tags"
 _ENCODE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time: bounds the temporary copies
 
 FrameSink = Callable[[np.ndarray], None]  # receives uint8 (N, H, W, 3) exactly as handed to the encoder
+
+
+def open_output(path: Path) -> BinaryIO:
+    """The video file, opened by Python rather than by FFmpeg: every byte of the video goes through this file's
+    write, the one place a write error (a full disk: ENOSPC) arises, whatever part of the muxer wrote. Unbuffered,
+    so each fragment the muxer flushes is in the OS's hands at once (it survives the process being killed)."""
+    return open(path, "wb", buffering=0)
 
 
 def crossfade_weights(overlap: int, ramp: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -120,14 +128,19 @@ class SectionVideoWriter:
         self._closed = False
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(
-            str(self.path),
-            mode="w",
-            format="mp4",
-            # frag_every_frame + flush_packets: each frame reaches the disk as its own fragment (all but the
-            # newest, whose duration the muxer needs first); use_metadata_tags keeps custom keys.
-            options={"movflags": _MOVFLAGS, "flush_packets": "1"},
-        )
+        self._file = open_output(self.path)
+        try:
+            self._container = av.open(
+                self._file,
+                mode="w",
+                format="mp4",
+                # frag_every_frame + flush_packets: each frame reaches the disk as its own fragment (all but the
+                # newest, whose duration the muxer needs first); use_metadata_tags keeps custom keys.
+                options={"movflags": _MOVFLAGS, "flush_packets": "1"},
+            )
+        except BaseException:
+            self._file.close()
+            raise
         try:
             for key, value in (metadata or {}).items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -141,7 +154,7 @@ class SectionVideoWriter:
             self._stream.options = {"crf": str(int(crf)), "tune": "zerolatency"}
             self._time_base = Fraction(1, self.fps)
         except BaseException:
-            self._container.close()
+            self._close_files()
             raise
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -215,7 +228,7 @@ class SectionVideoWriter:
                 self._container.mux(packet)
         finally:
             self._held = None
-            self._container.close()
+            self._close_files()
 
     def __enter__(self) -> SectionVideoWriter:
         return self
@@ -233,6 +246,12 @@ class SectionVideoWriter:
             log.exception("closing %s after an error failed", self.path)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _close_files(self) -> None:
+        try:
+            self._container.close()  # writes what the muxer still holds: may fail on a full disk
+        finally:
+            self._file.close()
 
     def _fade(self, pixels: torch.Tensor, fade: int) -> list[torch.Tensor]:
         """The held frames with the section's first ``fade`` frames cross-faded into their end."""
