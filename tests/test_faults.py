@@ -21,11 +21,14 @@ from framepack_ui import sidecar
 from framepack_ui.engine import f1, video
 from framepack_ui.engine.video import count_frames
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved
+from framepack_ui.memory import exhaustion, loading
 from framepack_ui.memory.plan import PlanOverrides, leaner_choices, make_plan, real_weights
+from framepack_ui.memory.plan.explain import gb_text
 from framepack_ui.memory.probe import Machine
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.spec import JobSpec
 from framepack_ui.weights import layout
+from framepack_ui.weights.tiny import make_tiny_models
 from framepack_ui.worker import Worker
 from framepack_ui.worker.gallery import past_outputs
 from job_settings import FAST_128PX
@@ -167,6 +170,7 @@ import sys, threading
 from framepack_ui.events import SectionSaved
 from framepack_ui.spec import JobSpec
 from framepack_ui.weights import layout
+from framepack_ui.weights.tiny import make_tiny_models
 from framepack_ui.worker import Worker
 from framepack_ui.worker.gallery import past_outputs
 
@@ -353,3 +357,94 @@ def test_a_full_disk_while_writing_the_settings_fails_one_line_before_any_model_
     assert not any(isinstance(e, Phase) and e.name in ("text", "transformer") for e in events)
     disk.full = False
     assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64, "space is back")))[-1], Finished)
+
+
+# --- out of host memory or commit while loading --------------------------------------------------------------------
+
+def test_what_counts_as_out_of_host_memory():
+    assert exhaustion.out_of_host_memory(MemoryError())
+    assert exhaustion.out_of_host_memory(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert exhaustion.out_of_host_memory(RuntimeError(  # safetensors' Rust io error on Windows
+        "Error while deserializing: The paging file is too small for this operation to complete. (os error 1455)"))
+    assert exhaustion.out_of_host_memory(RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to allocate 14745600 "
+        "bytes. Error code 12 (Cannot allocate memory)"))
+    assert not exhaustion.out_of_host_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not exhaustion.out_of_host_memory(RuntimeError("size mismatch for weight"))
+    assert not exhaustion.out_of_host_memory(OSError(errno.ENOENT, "No such file"))
+
+
+def test_the_shortfall_line_names_what_the_load_needed_and_the_leaner_choices():
+    plan = make_plan(Machine.supposed(128, 0), real_weights(), PlanOverrides("cpu"))
+    copy = plan.components["transformer"]  # a RAM copy, computed on the CPU
+    need = copy.commit_bytes + copy.load_commit_bytes
+    line = exhaustion.load_shortfall("transformer", copy, commit_free=need - 3 * 10**9, ram_free=0, os_name="win32")
+    assert line == (f"not enough memory to load the transformer (cpu): it needs about {gb_text(need)} of commit and "
+                    f"{gb_text(need - 3 * 10**9)} is free now (3.00G short); try the 'mmap' memory profile "
+                    f"(--plan mmap: weights read from the file, not copied into RAM), or a larger pagefile (by at "
+                    f"least 3 GB)")
+    mapped = make_plan(Machine.supposed(64, 0), real_weights(), PlanOverrides("mmap")).components["transformer"]
+    line = exhaustion.load_shortfall("transformer", mapped, commit_free=None, ram_free=10**9, os_name="linux")
+    assert "of RAM and 1.00G is free now (other programs may have taken it meanwhile)" in line and "'mmap'" not in line
+    assert line.endswith("try fp8 storage of the video model (--fp8: half the bytes), or closing other programs, or "
+                         "more swap")
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("Error while deserializing header: The paging file is too small for this operation to complete. "
+                 "(os error 1455)"),
+])
+def test_out_of_memory_while_loading_fails_one_line_with_the_shortfall_and_the_next_job_runs(
+        error, make_worker, start_image_80x64, monkeypatch):
+    """The transformer's loader fails for memory (Python's MemoryError; Windows' commit limit as safetensors words
+    it): one line with what it needed, what is free and what to pick, not a "corrupt files" line; the next job
+    loads it and finishes."""
+    load_transformer, calls = loading.load_transformer, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return load_transformer(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_transformer", fails_once)
+    worker = make_worker()
+    first = worker.submit(spec(start_image_80x64, "no memory"))
+    second = worker.submit(spec(start_image_80x64, "memory back"))
+    failed = all_events(worker, first)[-1]
+    assert isinstance(failed, Failed) and failed.reason == "memory" and "\n" not in failed.message
+    assert re.fullmatch(r"not enough memory to load the transformer \(mmap\): it needs about \S+ of (commit|RAM) and "
+                        r"\S+ is free now \(.*\); try fp8 storage of the video model \(--fp8: half the bytes\), or "
+                        r"closing other programs, or more swap", failed.message), failed.message
+    assert isinstance(all_events(worker, second)[-1], Finished)
+
+
+@pytest.fixture(scope="module")
+def models_300mb(tmp_path_factory) -> Path:
+    models = tmp_path_factory.mktemp("models300")
+    make_tiny_models(models, transformer_mb=300, seed=0)
+    return models
+
+
+# Above what `generate` needs before the transformer loads (the imports and the tiny encoders: about 340 MB of
+# VmData, tests/test_cli.py), below that plus the 300 MB transformer copied into RAM in float32 (about 900 MB)
+DATA_LIMIT_BYTES = 800_000_000
+
+
+def test_generate_under_a_data_limit_too_small_for_a_ram_copy_says_the_shortfall_in_one_line(
+        models_300mb, start_image, tmp_path):
+    """The commit-limit stand-in (`prlimit --data`, which the plan does not read): the transformer's RAM copy
+    (--plan cpu) cannot be allocated; the command line says what it needed and that the file map would do."""
+    assert shutil.which("prlimit"), "needs util-linux prlimit (Linux)"
+    out = tmp_path / "limited.mp4"
+    proc = subprocess.run(["prlimit", f"--data={DATA_LIMIT_BYTES}", sys.executable, "-m", "framepack_ui", "generate",
+                           "--models", str(models_300mb), "--image", start_image, "--prompt", "x", "--resolution",
+                           "64", "--steps", "1", "--seconds", "1.2", "--offline", "--plan", "cpu", "--device", "cpu",
+                           "--no-prompt-cache", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.fullmatch(r"error: not enough memory to load the transformer \(cpu\): it needs about \S+ of commit and "
+                        r"\S+ is free now \(\S+ short\); try the 'mmap' memory profile .*", errors[0]), errors[0]

@@ -27,7 +27,7 @@ import torch
 from ..compute import attention, compile as compiled, precision
 from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
-from . import loading
+from . import exhaustion, loading
 from .plan import ComponentPlan, LoadPlan
 from .prompt_cache import PromptCache
 from .streaming import BlockStreamer, stream_model, stream_transformer
@@ -207,7 +207,13 @@ class ModelManager:
                  "read-only file map" if c.storage in ("map", "fp8") else "RAM copy")
         self._prewarm_for(name)
         device = self.device_of(name)
-        model = self._builders[name](self.models_dir, c, device)
+        try:
+            model = self._builders[name](self.models_dir, c, device)
+        except Exception as exc:
+            if not exhaustion.out_of_host_memory(exc):
+                raise
+            message = exhaustion.load_shortfall(name, c, exhaustion.commit_free_now(), exhaustion.ram_free_now())
+            raise MemoryPlanError(message) from exc
         streamer = self._stream(name, model, c, device) if streamed(c) else None
         try:
             self._apply_speed_options(name, model, c)
