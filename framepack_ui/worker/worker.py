@@ -26,8 +26,8 @@ from ..errors import Cancelled, InputError, UserError
 from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import JobSpec
-from . import queue_records
 from ..units import GB
+from . import queue_records
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
 from .live import clear_live, live_dir, section_link

@@ -79,7 +79,6 @@ def decode_name(plan: LoadPlan) -> str:
     return f"in {vae.vae_tile_px} px tiles" if vae.vae_tiling else "untiled"
 
 
-
 # Resolutions a leaner job may step down to (the bucket scale; below 256 px a video is a thumbnail)
 LEANER_RESOLUTIONS = (640, 544, 480, 384, 320, 256)
 
