@@ -709,3 +709,26 @@ def test_an_attention_this_machine_cannot_run_stops_the_app_with_one_line(tiny_m
     errors = [line for line in output.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "--attention cudnn_fp8 needs the transformer on a CUDA GPU" in errors[0], output
     assert "Traceback" not in output
+
+
+def test_jobs_queued_before_a_restart_wait_on_the_page_until_started_or_dropped(tiny_models_dir, tmp_path,
+                                                                                open_page, start_image_128x96):
+    """Two jobs recorded as queued by an earlier run of the app (worker/queue_records.py) are listed as waiting;
+    nothing runs until "Start waiting jobs" runs both; "Drop waiting jobs" then finds none."""
+    from framepack_ui.spec import JobSpec
+    from framepack_ui.worker import queue_records
+
+    outputs = tmp_path / "outputs"
+    for n, prompt in enumerate(("first waiting", "second waiting")):
+        spec = JobSpec(image=start_image_128x96, prompt=prompt, seconds=1.2, steps=2, resolution=64, seed=n)
+        queue_records.write(outputs / f"19990101_00000{n}_{n}.mp4", spec, "auto", {}, 1000.0 + n)
+    with run_app(tiny_models_dir, outputs, name="app_waiting") as (url, _):
+        page = open_page(url)
+        jobs = wait_text(page, "jobs", r"waiting[\s\S]*waiting", timeout_s=30)
+        assert "queued before the app closed" in jobs and "first waiting" in jobs and "second waiting" in jobs
+        assert "running" not in jobs  # nothing started on its own
+        page.locator("#start_waiting").click()
+        wait_text(page, "jobs", r"finished[\s\S]*finished", timeout_s=2 * JOB_S)
+        page.locator("#drop_waiting").click()
+        page.get_by_text("No jobs are waiting to be dropped.").wait_for(timeout=30_000)
+    assert sorted(json.loads(p.read_text())["status"] for p in outputs.glob("*.json")) == ["finished", "finished"]

@@ -8,6 +8,7 @@ count per call is constant, so time is linear in video length and memory flat.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import queue
@@ -33,7 +34,7 @@ from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
 from .teacache import apply_teacache, remove_teacache
-from .video import BackgroundWriter, SectionVideoWriter
+from .video import BackgroundWriter, SectionVideoWriter, count_frames
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None):
+        record: dict | None = None, out_of_memory_advice: str | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -86,6 +87,8 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see sections.py).
     Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None. `record`: more to record with the job's settings
     (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under.
+    `out_of_memory_advice`: what to pick instead, should the GPU run out of memory (the worker derives it from the
+    job's memory plan: memory.plan.leaner_choices); it ends the one line such a failure gives.
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
@@ -124,15 +127,25 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
         frames = files.end("failed", exc.message)
         result = Failed(exc.message, files.kept(frames), exc.reason)
     except torch.OutOfMemoryError as exc:
-        message = ("out of memory: " + " ".join(str(exc).split())[:160] +
-                   " (try a lower resolution, or close other programs using the GPU)")
+        # No retry of the section with a leaner plan: that needs the section state saved, to resume from it.
+        advice = out_of_memory_advice or "try a lower resolution, or close other programs using the GPU"
+        what = " ".join(str(exc).split())[:120]
+        del exc  # its traceback holds the failed section's tensors: free them before the next job
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"out of GPU memory ({what}): {advice}"
         frames = files.end("failed", message)
         result = Failed(message, files.kept(frames), "memory")
     except Exception as exc:  # an internal error: one line for the user, the traceback in the log
-        log.exception("generation failed")
-        message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+        if getattr(exc, "errno", None) == errno.ENOSPC:  # writing the video or the settings (Windows' 112 too)
+            message = f"the disk is full ({out_path.parent}): free some space, then run the job again"
+            reason = "disk"
+        else:
+            log.exception("generation failed")
+            message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+            reason = "internal"
         frames = files.end("failed", message)
-        result = Failed(message, files.kept(frames))
+        result = Failed(message, files.kept(frames), reason)
     emit(result)
     return result
 
@@ -316,8 +329,8 @@ class _JobFiles:
         writer = SectionVideoWriter(out_path, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
                                     metadata={METADATA_KEY: json.dumps(settings, sort_keys=True)})
 
-        def saved(section, frames_written):  # on the encoder thread, once the section is in the file
-            emit(SectionSaved(section, spec.sections, str(out_path), frames_written, time.monotonic() - started))
+        def saved(section, frames_on_disk):  # on the encoder thread, once the section is in the file
+            emit(SectionSaved(section, spec.sections, str(out_path), frames_on_disk, time.monotonic() - started))
 
         self.encoder = BackgroundWriter(writer, saved)
 
@@ -342,4 +355,9 @@ class _JobFiles:
             return self.encoder.close()
         except Exception:  # never let a failing close hide the original outcome
             log.exception("closing the video failed")
-            return self.encoder.writer.frames_written
+            # after a failed write (a full disk) the encoder's count is more than the file holds: count those
+            try:
+                return count_frames(self.out_path)
+            except Exception:
+                log.exception("the video %s cannot be read back", self.out_path)
+                return 0

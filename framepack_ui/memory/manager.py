@@ -31,7 +31,7 @@ from ..compute import attention, compile as compiled, precision
 from ..compute import lora as lora_compute
 from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
-from . import loading
+from . import exhaustion, loading
 from .lora import LoraSet
 from .plan import ComponentPlan, LoadPlan
 from .prompt_cache import PromptCache
@@ -217,7 +217,13 @@ class ModelManager:
         self._prewarm_for(name)
         started = time.perf_counter()
         device = self.device_of(name)
-        model = self._builders[name](self.models_dir, c, device)
+        try:
+            model = self._builders[name](self.models_dir, c, device)
+        except Exception as exc:
+            if not exhaustion.out_of_host_memory(exc):
+                raise
+            message = exhaustion.load_shortfall(name, c, exhaustion.commit_free_now(), exhaustion.ram_free_now())
+            raise MemoryPlanError(message) from exc
         streamer = self._stream(name, model, c, device) if streamed(c) else None
         try:
             self._apply_speed_options(name, model, c)

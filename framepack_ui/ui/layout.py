@@ -74,6 +74,9 @@ class Page:
     lora_files: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
     lora_strengths: list  # gr.Number per LoRA slot
     lora_refresh: gr.Button  # lists the LoRA folder again
+    # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
+    start_waiting: gr.Button | None = None
+    drop_waiting: gr.Button | None = None
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
@@ -187,6 +190,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
             gauges = gr.Markdown("Reading the gauges...", elem_id="gauges")
             with gr.Accordion("Jobs", open=True):
                 jobs = gr.Markdown("No jobs yet.", elem_id="jobs")
+                with gr.Row():
+                    start_waiting = gr.Button("Start waiting jobs", size="sm", elem_id="start_waiting")
+                    drop_waiting = gr.Button("Drop waiting jobs", size="sm", elem_id="drop_waiting")
     with gr.Accordion("Past outputs", open=True):
         with gr.Row():
             with gr.Column(scale=1):
@@ -203,4 +209,5 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 cfg, rs, teacache, threshold, resolution, crf, sampler, profile, storage, plan, generate, stop,
                 progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
-                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh)
+                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh,
+                start_waiting=start_waiting, drop_waiting=drop_waiting)

@@ -244,6 +244,8 @@ def jobs_table(jobs) -> str:
 def _job_progress(job) -> str:
     if job.status == "queued":
         return f"position {job.position}"
+    if job.status == "waiting":
+        return "queued before the app closed: start or drop it (buttons below)"
     if job.status == "running":
         if job.step is None:
             return "starting"

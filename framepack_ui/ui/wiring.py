@@ -110,6 +110,11 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         if job_id is None or not worker.cancel(job_id):
             gr.Info("This page has no queued or running job to stop.")
 
+    def waiting(act, words: str):
+        """Resume or cancel every job that waits since the app restarted."""
+        if not [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]:
+            gr.Info(f"No jobs are waiting to be {words}.")
+
     def tick(previous, seen):
         gauges = read_gauges(previous=previous)
         jobs = worker.jobs()
@@ -205,6 +210,8 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()],
                         page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
+    page.start_waiting.click(lambda: waiting(worker.resume, "started"), None, None, **stream)
+    page.drop_waiting.click(lambda: waiting(worker.cancel, "dropped"), None, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
     # The prompt box and the timeline editor follow each other: the rows follow every change of the prompt (a

@@ -7,6 +7,7 @@ closed mid-job) is shown as "interrupted".
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import logging
@@ -49,8 +50,10 @@ def past_outputs(outputs_dir: Path, running: set[str] = frozenset(), limit: int 
         except OSError:
             continue
         stems[path.stem] = max(stems.get(path.stem, 0.0), mtime)
-    newest = sorted(stems, key=lambda s: (stems[s], s), reverse=True)[:limit]
-    return [_entry(outputs_dir, stem, stems[stem], running) for stem in newest]
+    newest = sorted(stems, key=lambda s: (stems[s], s), reverse=True)
+    entries = (_entry(outputs_dir, stem, stems[stem], running) for stem in newest)
+    # a job not started yet has only its record (queue_records.py): it is listed with the jobs, not here
+    return list(itertools.islice((entry for entry in entries if entry.status != "queued"), limit))
 
 
 def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> PastOutput:

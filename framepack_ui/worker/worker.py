@@ -27,6 +27,7 @@ from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, Sectio
 from ..sidecar import sidecar_path, write_sidecar
 from ..spec import LORA_SUFFIX, JobSpec
 from ..units import GB
+from . import queue_records
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs
 from .live import clear_live, live_dir, section_link
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
 
-# f1.run(spec, out_path, manager, emit, cancel, record=...) -> Finished | Stopped | Failed
+# f1.run(spec, out_path, manager, emit, cancel, record=..., out_of_memory_advice=...) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
@@ -64,10 +65,11 @@ class _Job:
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # submit's on_event: called with each event as it happens
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
+    out_of_memory_advice: str | None = None  # from the job's memory plan: what to pick should the GPU run out
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
-    status: str = "queued"
+    status: str = "queued"  # queued, waiting (queued before the app restarted: the user starts it), running...
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
@@ -85,7 +87,7 @@ class _JobLoras:
 class JobInfo:
     """A snapshot of one job, for lists and for a page that reattaches."""
     id: str
-    status: str  # queued, running, finished, stopped, failed
+    status: str  # queued, waiting (queued before the app restarted: `resume` queues it), running, finished...
     position: int | None  # place in the queue (1 = starts next); None unless queued
     spec: JobSpec  # with the seed actually used
     out_path: str
@@ -114,6 +116,8 @@ class Worker:
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
         folder; None: in memory only). `serves_pages`: the web app's worker, which drops the section-video links an
         earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder.
+        The web app's worker also keeps its queue on disk: jobs queued but not started when the app closed (or was
+        killed) come back, waiting for the user to `resume` or `cancel` them (queue_records.py).
         `background`: jobs run on the worker's own thread; without it, on the thread that calls `run_queued` (the
         command line: its main thread, where Ctrl+C reaches the job as a stop)."""
         self.models_dir = Path(models_dir)
@@ -145,6 +149,7 @@ class Worker:
         self.serves_pages = serves_pages
         if serves_pages:
             clear_live(self.outputs_dir)
+            self._restore_waiting()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
@@ -170,6 +175,8 @@ class Worker:
                 raise RuntimeError("the worker is shut down")
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event)
+            if self.serves_pages:  # before it can start: the engine's own settings file then replaces the record
+                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -178,20 +185,43 @@ class Worker:
         return job.id
 
     def cancel(self, job_id: str) -> bool:
-        """A queued job is dropped; the running one stops at its next step and keeps its finished sections.
-        False when the job is unknown or already ended."""
+        """A queued or waiting job is dropped (with its record); the running one stops at its next step and keeps
+        its finished sections. False when the job is unknown or already ended."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None or job.result is not None:
                 return False
-            if job in self._queue:
-                self._queue.remove(job)
+            if job in self._queue or job.status == "waiting":
+                if job in self._queue:
+                    self._queue.remove(job)
+                queue_records.drop(job.out_path)
                 self._end(job, Stopped(None, 0))
                 self._renumber()
             else:
                 job.cancel.set()
             log.info("job %s: stop asked", job_id)
             return True
+
+    def resume(self, job_id: str) -> bool:
+        """Queue a job that waits since the app restarted (status "waiting"); False for any other job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != "waiting" or self._closed:
+                return False
+            job.status = "queued"
+            self._queue.append(job)
+            self._renumber()
+        log.info("job %s: queued again after the restart", job_id)
+        return True
+
+    def _restore_waiting(self) -> None:
+        """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
+        for record in queue_records.read_all(self.outputs_dir):
+            job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
+                       record.plan_options, status="waiting")
+            job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
+            self._jobs[job.id] = job
+            log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
 
     def events(self, job_id: str, since: int = 0) -> Iterator[object]:
         """Every event of the job from index `since`, then live ones; ends after Finished, Stopped or Failed."""
@@ -439,7 +469,8 @@ class Worker:
             emit(Phase("starting", "starting the engine"))
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
-            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record)
+            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record,
+                             out_of_memory_advice=job.out_of_memory_advice)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
@@ -454,6 +485,8 @@ class Worker:
             # before the end is seen: the file says so by then (the gallery lists it; the command line's job
             # that never started writes nothing beside its --out)
             self._record_failure(job, job.result or result)
+        if self.serves_pages:  # the engine never took it (stopped first, or an engine that writes no settings)
+            queue_records.drop(job.out_path)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
                 self._end(job, result)
@@ -469,9 +502,14 @@ class Worker:
         loras = self._read_loras(job, emit)  # before anything is planned, converted or loaded
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
-            # line), not half-way through. The same decisions keep the manager and the models it holds.
+            # line), not half-way through; so do broken model files (the plan reads every safetensors header, and
+            # the small JSON files are read first). The same decisions keep the manager and the models it holds.
+            from ..weights.layout import check_small_files
+
+            check_small_files(self.models_dir)
             plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
+            from ..memory.plan import leaner_choices
 
             key = applied_decisions(plan)
             if (self._manager is not None and key != self._manager_key
@@ -498,6 +536,7 @@ class Worker:
                                      "storage_asked": STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"),
                                      "transformer_storage": storage, "plan": plan.summary(),
                                      "notes": list(plan.notes)}}
+            job.out_of_memory_advice = leaner_choices(plan)
         if hasattr(self._manager, "set_loras"):
             self._manager.set_loras(loras.lora_set)  # None takes the previous job's off
         elif loras.lora_set is not None:
@@ -584,7 +623,7 @@ class Worker:
         path = sidecar_path(job.out_path)
         try:
             record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-            if isinstance(record, dict) and record.get("status") != "running":
+            if isinstance(record, dict) and record.get("status") not in ("running", queue_records.QUEUED):
                 return  # the engine recorded how it ended
             if not isinstance(record, dict):
                 record = job.spec.settings()
