@@ -232,19 +232,52 @@ def test_callback_exception_stops_sampling(noise: torch.Tensor, sampler) -> None
     assert len(calls) == 4  # steps 0..3 ran, nothing after the cancel
 
 
-def test_input_dtype_is_upcast(noise: torch.Tensor) -> None:
-    sigmas = flux_sigmas(10, math.log(SHIFT))
-    out = sample_unipc(denoise, noise.to(torch.bfloat16), sigmas)
-    assert out.dtype == torch.float32
+@pytest.mark.parametrize("sampler", [sample_unipc, sample_euler])
+def test_input_dtype_is_upcast(noise: torch.Tensor, sampler) -> None:
+    """A bfloat16 sample and float64 (or python float) sigmas: the denoiser and the callback see float32 from the
+    first step on, and the result is float32."""
+    seen = []
+
+    def recording_denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        seen.append((x.dtype, sigma.dtype))
+        return denoise(x, sigma)
+
+    events = []
+    for sigmas in (flux_sigmas(10, math.log(SHIFT)).double(), flux_sigmas(10, math.log(SHIFT)).tolist()):
+        out = sampler(recording_denoise, noise.to(torch.bfloat16), sigmas, callback=events.append)
+        assert out.dtype == torch.float32
+    assert seen and set(seen) == {(torch.float32, torch.float32)}
+    assert {e["x"].dtype for e in events} == {e["sigma"].dtype for e in events} == {torch.float32}
 
 
 def test_unipc_rejects_bad_input(noise: torch.Tensor) -> None:
-    with pytest.raises(ValueError):
-        sample_unipc(denoise, noise, flux_sigmas(10, 1.0)[:-1])  # does not end at 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^sample_unipc returns the clean prediction, so sigmas must end at 0$"):
+        sample_unipc(denoise, noise, flux_sigmas(10, 1.0)[:-1])
+    with pytest.raises(ValueError, match="variant must be one of .*'bh3'"):
         sample_unipc(denoise, noise, flux_sigmas(10, 1.0), variant="bh3")
-    with pytest.raises(ValueError):
-        sample_euler(denoise, noise, torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        flux_sigmas(0, 1.0)
+
+
+@pytest.mark.parametrize("sampler", [sample_unipc, sample_euler])
+@pytest.mark.parametrize("sigmas, message", [
+    ([1.0], r"1-D with at least 2 values, got shape \(1,\)"),
+    ([[1.0, 0.0]], r"1-D with at least 2 values, got shape \(1, 2\)"),
+    ([1.0, 0.5, 0.5, 0.0], "^sigmas must be strictly decreasing$"),  # a repeated level
+    ([1.0, 0.5, 0.7, 0.0], "^sigmas must be strictly decreasing$"),  # rises again below the first sigma
+    ([1.0, 0.5, 0.0, -0.0], "^sigmas must be strictly decreasing$"),
+])
+def test_samplers_refuse_sigmas_that_are_no_schedule(noise: torch.Tensor, sampler, sigmas, message) -> None:
+    calls = []
+    with pytest.raises(ValueError, match=message):
+        sampler(lambda x, s: calls.append(1) or denoise(x, s), noise, torch.tensor(sigmas))
+    assert not calls  # refused before any model call
+
+
+def test_only_the_last_sigma_may_be_0(noise: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="^only the last sigma may be 0$"):  # decreasing, but 0 before the end
+        sample_euler(denoise, noise, torch.tensor([1.0, 0.0, -1.0]))
+    assert torch.isfinite(sample_euler(denoise, noise, torch.tensor([1.0, 1e-6, 0.0]))).all()
 
 
 # ---------------------------------------------------------------------------------------------- golden values
