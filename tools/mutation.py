@@ -45,8 +45,9 @@ def read_config(path: Path = REPO / "setup.cfg") -> tuple[dict[str, str], dict[s
 def workspace_config(shared: dict[str, str], module: dict[str, list[str]]) -> str:
     """The setup.cfg mutmut reads in a module's working folder."""
     lines = ["[mutmut]", "source_paths = framepack_ui"]
-    lines += [f"{key} ={''.join(chr(10) + '    ' + v for v in value.splitlines() if v)}"
-              for key, value in shared.items()]
+    for key, value in shared.items():  # mutmut reads a value on several lines as a list, on one as itself
+        values = [v for v in value.splitlines() if v]
+        lines.append(f"{key} = {values[0]}" if len(values) == 1 else f"{key} =" + "".join(f"\n    {v}" for v in values))
     lines += ["only_mutate =" + "".join(f"\n    {p}" for p in module["mutate"]),
               "pytest_add_cli_args_test_selection =" + "".join(f"\n    {t}" for t in module["tests"])]
     return "\n".join(lines) + "\n"
