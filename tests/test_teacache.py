@@ -76,3 +76,48 @@ def test_reset_forgets_the_previous_sections_history(transformer):
     finally:
         remove_teacache(transformer)
     assert (cache.computed_calls, cache.skipped_calls) == (2, 1)
+
+
+def test_the_change_is_measured_on_the_first_blocks_modulated_input(transformer):
+    """Other latents at the same timestep and prompt: the first block's modulated input (LayerNorm of the latents,
+    scaled and shifted by the timestep embedding) changes, so the blocks are computed; the modulation's own
+    parameters (from the timestep alone) would not have changed."""
+    inputs = transformer_inputs(transformer, seed=0)
+    other = {**inputs, "hidden_states": transformer_inputs(transformer, seed=1)["hidden_states"]}
+    cache = apply_teacache(transformer, 1.0)
+    try:
+        for step, step_inputs in enumerate((inputs, other)):
+            cache.begin(step, 4)
+            _forward(transformer, step_inputs)
+    finally:
+        remove_teacache(transformer)
+    assert (cache.computed_calls, cache.skipped_calls) == (2, 0)
+
+
+def test_the_blocks_are_computed_once_the_sum_reaches_the_threshold_not_only_past_it():
+    """The official rule: skip while the accumulated change is below the threshold. With the threshold equal to one
+    step's contribution, the second step reaches it exactly and is computed."""
+    from framepack_ui.engine.teacache import RESCALE_POLY, TeaCache, _poly
+
+    assert _poly(0.0) == RESCALE_POLY[-1] and _poly(1.0) == pytest.approx(sum(RESCALE_POLY), abs=1e-9)
+    assert _poly(2.0) == pytest.approx(sum(c * 2.0 ** (4 - i) for i, c in enumerate(RESCALE_POLY)), abs=1e-9)
+    cache, pattern = TeaCache(_poly(0.0)), ""
+    for step in range(4):
+        cache.begin(step, 5)
+        pattern += "S" if cache.decide(torch.ones(3)) else "C"  # unchanged: each step adds _poly(0)
+        cache._branches["positive"].residual = torch.zeros(3)
+    assert pattern == "CCCC"
+    cache, pattern = TeaCache(_poly(0.0) * 1.5), ""
+    for step in range(4):
+        cache.begin(step, 5)
+        pattern += "S" if cache.decide(torch.ones(3)) else "C"
+        cache._branches["positive"].residual = torch.zeros(3)
+    assert pattern == "CSCS"
+
+
+def test_removing_teacache_from_a_transformer_that_never_had_it_does_nothing(tiny_models_dir):
+    fresh = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))  # no hook registry yet
+    inputs = transformer_inputs(fresh)
+    plain = _forward(fresh, inputs)
+    remove_teacache(fresh)  # e.g. in a `finally` after apply_teacache failed part-way
+    assert torch.equal(_forward(fresh, inputs), plain)

@@ -4,6 +4,7 @@
     nice -n 15 .venv/bin/python tools/mutation.py sampling [--jobs 2]
     .venv/bin/python tools/mutation.py sampling --results    # the score and the surviving mutants again
     nice -n 15 .venv/bin/python tools/mutation.py sampling --survivors   # after adding tests: re-test survivors
+    nice -n 15 .venv/bin/python tools/mutation.py plan "*budgets*"       # only the mutants whose names match
     .venv/bin/mutmut show NAME                          # (inside .mutation/sampling/) one mutant's diff
 
 Why a driver: mutmut reads one test selection from the setup.cfg in its working folder, and runs, for each
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     shared, modules = read_config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", nargs="?", choices=sorted(modules))
+    parser.add_argument("mutants", nargs="*", help="only these mutants (mutmut's names; * matches anything)")
     parser.add_argument("--list", action="store_true", help="the modules, their files and tests")
     parser.add_argument("--jobs", type=int, default=None, help="mutants tested at once (default: CPU count)")
     parser.add_argument("--results", action="store_true", help="only print the last run's score and survivors")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     sync(work)
     (work / "setup.cfg").write_text(workspace_config(shared, modules[args.module]), encoding="utf-8")
-    names = survivors(work) if args.survivors else []
+    names = survivors(work) if args.survivors else args.mutants
     if args.survivors and not names:
         print(f"{args.module}: no surviving mutants to re-test")
         return report(args.module, work)
