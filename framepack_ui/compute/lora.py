@@ -13,7 +13,8 @@ How each call adds it, by what moves the fewest bytes (a low-rank matmul is memo
   upcast to float32 on the CPU), the update goes into that one in place.
 - beside the matmul: `y + (x @ down.T) @ up.T`. Extra traffic: read x, read and write y (tokens x (in + 2 out)).
 The cheaper one is taken per call from the shapes (`merges_per_call`): at 640 px the ~19k image tokens of a
-3072-wide Linear make the merge about 10x cheaper (2 x 9.4 M against 19k x 9.2 k elements); the 1-token
+3072-wide Linear make the merge move about 10x fewer bytes (2 x 9.4 M against 19k x 9.2 k elements: arithmetic, not
+a measurement; bench/bench_lora.py measures the step, `--way` either choice alone); the 1-token
 modulation Linears and the text-stream Linears (~1k tokens) add beside. fp8 matmuls (`Fp8Linear.fp8_matmul`)
 multiply the fp8 weight itself, so their update is always added beside.
 

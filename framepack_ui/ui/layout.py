@@ -71,7 +71,7 @@ class Page:
     gallery_settings: gr.Markdown
     use_settings: gr.Button
     gallery_seen: gr.State  # the outputs folder listing last shown, to refresh only on change
-    lora_files: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
+    lora_pickers: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
     lora_strengths: list  # gr.Number per LoRA slot
     lora_refresh: gr.Button  # lists the LoRA folder again
     # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
@@ -93,7 +93,7 @@ class Page:
 
     def lora_inputs(self) -> list:
         """Every LoRA slot's file, then every slot's strength (present.lora_choices' order)."""
-        return [*self.lora_files, *self.lora_strengths]
+        return [*self.lora_pickers, *self.lora_strengths]
 
     def job_outputs(self) -> list:
         """What following a job updates: the job id, then present.OUTPUTS in order."""

@@ -87,7 +87,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
                                             teacache_threshold, resolution, crf, sampler, prompt_blend)
-            slots = len(page.lora_files)
+            slots = len(page.lora_pickers)
             spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
                                                             worker.loras_dir))
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
@@ -203,7 +203,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
 
     def list_loras(*current):
         available = worker.lora_files()
-        return tuple(gr.update(choices=[present.NO_LORA, *available], value=value if value in available else "")
+        return tuple(gr.update(choices=[present.NO_LORA, *available], value=value if value in available else present.NO_LORA[1])
                      for value in current)
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
@@ -244,7 +244,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.use_settings.click(use_settings, page.gallery, restored, queue=False)
     page.settings_file.upload(settings_from_file, page.settings_file, [*restored, page.settings_file],
                               show_progress="hidden")
-    page.lora_refresh.click(list_loras, page.lora_files, page.lora_files, queue=False)
+    page.lora_refresh.click(list_loras, page.lora_pickers, page.lora_pickers, queue=False)
 
 
 def _updates(job_id, changed: dict) -> tuple:
