@@ -18,7 +18,6 @@ from ..sidecar import METADATA_KEY
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,6 @@ def start_image(settings: dict, folders) -> str | None:
     """The copy of the start image named by `settings` (a plain file name), in the first folder that has it."""
     image = settings.get("input_image_file")
     if not isinstance(image, str) or not image or Path(image).name != image or "\\" in image:
-        return None
-    if Path(image).suffix.lower() not in IMAGE_SUFFIXES:
         return None
     for folder in folders:
         candidate = Path(folder) / image
