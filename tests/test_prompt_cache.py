@@ -189,3 +189,15 @@ def test_pruning_removes_as_many_entries_as_needed_stops_at_the_cap_and_never_th
     assert left == {"c", "d"}  # exactly at the cap: two stay (a and b, the oldest, went)
     PromptCache(tmp_path, cache_dir, max_disk_bytes=entry_bytes // 2).put("e", "v", _tensors())
     assert [p.name for p in cache_dir.glob("*.safetensors")] == [f"{unbounded.key('e', 'v')}.safetensors"]
+
+
+def test_an_unreadable_entry_that_another_process_removed_first_is_a_plain_miss(tmp_path, monkeypatch):
+    """Two processes read the same corrupt entry: the second to remove it finds it gone, and that is no error."""
+    from pathlib import Path
+
+    cache = PromptCache(tmp_path, tmp_path / "prompts")
+    entry = cache._path(cache.key("p", "v"))
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: b"\x08" + b"\0" * 7 + b"not json" if self == entry else real_read_bytes(self))
+    assert not entry.exists() and cache.get("p", "v") is None
