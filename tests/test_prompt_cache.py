@@ -124,3 +124,80 @@ def test_disk_cache_is_capped_least_recently_used_first(tmp_path):
         unbounded.put(p, "v", tensors)
     assert len(list(cache_dir.glob("*.safetensors"))) == 5
     assert PromptCache(tmp_path, cache_dir).max_disk_bytes == 256 * 1024 * 1024  # the default cap
+
+
+# --- the cache's bookkeeping, without models (fast: the mutation check's tests for this module) -------------------
+
+def _tensors():
+    return {"llama": torch.arange(12.0).reshape(1, 3, 4), "llama_mask": torch.ones(1, 3, dtype=torch.long)}
+
+
+def test_hits_and_misses_are_counted_and_a_disk_hit_is_kept_in_memory(tmp_path):
+    cache_dir = tmp_path / "deep" / "er" / "prompts"  # made with its parents on the first write
+    writer = PromptCache(tmp_path, cache_dir)
+    assert (writer.hits, writer.misses) == (0, 0)
+    assert writer.get("p") is None and writer.get("q", "v") is None
+    writer.put("p", "", _tensors())
+    assert (entry := next(cache_dir.glob("*.safetensors"))).exists()
+    assert writer.get("p") is not None and writer.key("p") == writer.key("p", "")  # "" is the default variant
+    assert (writer.hits, writer.misses) == (1, 2)
+    reader = PromptCache(tmp_path, cache_dir)
+    assert reader.get("p", "") is not None  # from disk
+    entry.unlink()
+    got, notices = reader.get("p", "")  # now from memory
+    assert torch.equal(got["llama"], _tensors()["llama"]) and notices == []
+    assert (reader.hits, reader.misses) == (2, 0)
+
+
+def test_the_memory_cache_keeps_the_most_recently_used_entries(tmp_path):
+    cache = PromptCache(tmp_path, None, memory_entries=2)
+    cache.put("a", "v", _tensors())
+    cache.put("b", "v", _tensors())
+    assert cache.get("a", "v") is not None  # "a" used: "b" is now the oldest
+    cache.put("c", "v", _tensors())
+    assert cache.get("b", "v") is None
+    assert cache.get("a", "v") is not None and cache.get("c", "v") is not None  # two kept, not fewer
+
+
+def test_the_format_version_is_part_of_the_key(tmp_path, monkeypatch):
+    from framepack_ui.memory import prompt_cache
+
+    before = PromptCache(tmp_path, None).key("p", "v")
+    monkeypatch.setattr(prompt_cache, "CACHE_FORMAT_VERSION", prompt_cache.CACHE_FORMAT_VERSION + 1)
+    assert PromptCache(tmp_path, None).key("p", "v") != before
+
+
+def test_a_write_marks_its_entry_used_by_the_python_clock(tmp_path, monkeypatch):
+    """The file system's own mtime tick can be coarse (2 s on FAT): the order of use comes from time.time_ns()."""
+    from framepack_ui.memory import prompt_cache
+
+    monkeypatch.setattr(prompt_cache.time, "time_ns", lambda: 4_000_000_000_123_456_789)
+    PromptCache(tmp_path, tmp_path / "prompts").put("p", "v", _tensors())
+    (entry,) = (tmp_path / "prompts").glob("*.safetensors")
+    assert entry.stat().st_mtime_ns == 4_000_000_000_123_456_789
+
+
+def test_pruning_removes_as_many_entries_as_needed_stops_at_the_cap_and_never_the_new_one(tmp_path):
+    cache_dir = tmp_path / "prompts"
+    unbounded = PromptCache(tmp_path, cache_dir, max_disk_bytes=None)
+    for i, prompt in enumerate("abc"):
+        unbounded.put(prompt, "v", _tensors())
+        os.utime(PromptCache(tmp_path, cache_dir)._path(unbounded.key(prompt, "v")), ns=(i * 10**9, i * 10**9))
+    entry_bytes = next(cache_dir.glob("*.safetensors")).stat().st_size
+    PromptCache(tmp_path, cache_dir, max_disk_bytes=2 * entry_bytes).put("d", "v", _tensors())
+    left = {p for p in "abcd" if PromptCache(tmp_path, cache_dir).get(p, "v") is not None}
+    assert left == {"c", "d"}  # exactly at the cap: two stay (a and b, the oldest, went)
+    PromptCache(tmp_path, cache_dir, max_disk_bytes=entry_bytes // 2).put("e", "v", _tensors())
+    assert [p.name for p in cache_dir.glob("*.safetensors")] == [f"{unbounded.key('e', 'v')}.safetensors"]
+
+
+def test_an_unreadable_entry_that_another_process_removed_first_is_a_plain_miss(tmp_path, monkeypatch):
+    """Two processes read the same corrupt entry: the second to remove it finds it gone, and that is no error."""
+    from pathlib import Path
+
+    cache = PromptCache(tmp_path, tmp_path / "prompts")
+    entry = cache._path(cache.key("p", "v"))
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: b"\x08" + b"\0" * 7 + b"not json" if self == entry else real_read_bytes(self))
+    assert not entry.exists() and cache.get("p", "v") is None
