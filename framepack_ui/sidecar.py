@@ -17,7 +17,12 @@ def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
     return Path(video_path).with_suffix(".json")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def state_path(video_path: str | os.PathLike[str]) -> Path:
+    """Where a video's saved section state lives (engine/state.py): beside it, `clip.mp4` -> `clip.state/`."""
+    return Path(video_path).with_suffix(".state")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -72,5 +77,5 @@ def write_sidecar(
         image_name = dest.name
     record["input_image_file"] = image_name
     text = json.dumps(record, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-    _atomic_write_bytes(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, text.encode("utf-8"))
     return json_path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,8 +23,9 @@ from .. import __version__
 from ..errors import Cancelled, UserError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
 from ..sidecar import write_sidecar
-from ..spec import LATENT_WINDOW, JobSpec
+from ..spec import LATENT_WINDOW, Continuation, JobSpec
 from ..weights.layout import COMPONENTS
+from . import continuation
 from . import image as image_ops
 from . import text, vae as vae_ops
 from .clock import EtaClock
@@ -31,6 +33,7 @@ from .denoiser import GUIDANCE_SCALE, Denoiser, model_inputs
 from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
+from .state import SectionStore
 from .teacache import apply_teacache, remove_teacache
 from .video import BackgroundWriter, SectionVideoWriter
 
@@ -53,14 +56,15 @@ class JobInputs:
 
 
 def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: threading.Event | None = None,
-             section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC):
+             section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
+             start: Continuation | None = None):
     """Iterate the events of one job (see `run`); the job runs in a helper thread while you iterate."""
     events: queue.Queue = queue.Queue()
     end = object()
 
     def job():
         try:
-            run(spec, out_path, lender, events.put, cancel, section_hook, frame_sink, decode_context)
+            run(spec, out_path, lender, events.put, cancel, section_hook, frame_sink, decode_context, start=start)
         finally:
             events.put(end)
 
@@ -73,7 +77,7 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None):
+        record: dict | None = None, start: Continuation | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -83,7 +87,10 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     `decode_context`: None decodes as the official loop (18 latents per later section); k (1..9) decodes the 9
     new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see sections.py).
     Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None. `record`: more to record with the job's settings
-    (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under.
+    (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under, and "model_files"
+    (weights.layout.model_fingerprint), which the section state keeps. `start`: continue what an earlier job made
+    (resume, branch, extend: continuation.py); checked before anything is written.
+    After each section, what continuing from it needs is saved beside the video (state.py).
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
@@ -92,11 +99,20 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     out_path = Path(out_path)
     files = _JobFiles(out_path, record)
     try:
-        spec = spec.validate().with_seed()
+        spec = spec.validate(image_required=start is None).with_seed()
+        origin = None
+        if start is not None:
+            origin = continuation.open_origin(start, spec, files.record.get("model_files"))
+            spec = origin.spec
         if decode_context is _FROM_SPEC:
             decode_context = ALIGNED_CONTEXT if spec.fast_decode else None
         check_decode_context(decode_context)
-        inputs = _prepare(spec, files, lender, emit, cancel)
+        if origin is None:
+            inputs, loop_start = _prepare(spec, files, lender, emit, cancel), None
+            files.start_state(spec, inputs, decode_context)
+        else:
+            inputs, loop_start = _prepare_continued(origin, files, lender, emit, cancel, decode_context, frame_sink,
+                                                    started)
         emit(Phase("transformer", "loading the video model"))
         with lender.use(TRANSFORMER) as transformer:
             notice = lender.first_use_notice(TRANSFORMER, (inputs.height, inputs.width))
@@ -104,9 +120,12 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
                 emit(Phase("transformer", notice))
             teacache = apply_teacache(transformer, spec.teacache_threshold) if spec.teacache else None
             try:
-                files.start_video(inputs, frame_sink, emit, started)
+                if files.encoder is None:
+                    files.start_video(inputs, frame_sink, emit, started)
+                first = loop_start.first_section if loop_start else 0
                 _sample_sections(inputs, transformer, teacache, lender, files.encoder, emit, cancel,
-                                 EtaClock(started, spec.steps, spec.sections), decode_context, section_hook)
+                                 EtaClock(started, spec.steps, spec.sections - first), decode_context, section_hook,
+                                 loop_start, files.state.section_sampled)
             finally:
                 if teacache is not None:
                     remove_teacache(transformer)
@@ -134,21 +153,26 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
 
 
 def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLender, encoder: BackgroundWriter,
-                     emit, cancel: threading.Event, clock: EtaClock, decode_context: int | None, section_hook) -> None:
-    """The section loop: history -> clean latents -> sample -> append -> decode the tail -> write."""
+                     emit, cancel: threading.Event, clock: EtaClock, decode_context: int | None, section_hook,
+                     loop_start: "LoopStart | None" = None, on_section_done=None) -> None:
+    """The section loop: history -> clean latents -> sample -> append -> decode the tail -> write.
+    `loop_start`: a continued job's first section and the history before it; `on_section_done(section,
+    new_latents, generator_state)`: each section's latents as sampled (the section state)."""
     spec, start_latent = inputs.spec, inputs.start_latent
     device, dtype = transformer.device, transformer.dtype
     guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
     positive = model_inputs(inputs.positive, inputs.image_embeds, guidance, device, dtype)
     negative = model_inputs(inputs.negative, inputs.image_embeds, guidance, device, dtype) if inputs.negative else None
-    history = History.start(start_latent)
-    for section in range(spec.sections):
+    history = loop_start.history if loop_start else History.start(start_latent)
+    for section in range(loop_start.first_section if loop_start else 0, spec.sections):
         if section_hook:
             section_hook(section)
         _check_cancel(cancel)
         denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
                             conditioning=history.conditioning(start_latent))
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)
+        if on_section_done:
+            on_section_done(section, new_latents, inputs.generator.get_state())
         history.append(new_latents)
         pixels = _decode_tail(lender, history, section, spec.sections, decode_context, emit, clock)
         encoder.put(section, *section_frames(pixels, section, decode_context))
@@ -269,6 +293,9 @@ class _JobFiles:
         self.settings: dict | None = None
         self.settings_path: Path | None = None
         self.encoder: BackgroundWriter | None = None
+        self.state: SectionStore | None = None
+        self.writing = out_path  # where the frames go: a resume writes beside the output, then moves it there
+        self.replaces: Path | None = None  # a resume's earlier unfinished file, dropped once the new one is in place
         self._image: str | None = None
 
     def write_settings(self, spec: JobSpec, height: int, width: int) -> None:
@@ -276,29 +303,59 @@ class _JobFiles:
                          "app_version": __version__, **self.record,
                          "models": {name: COMPONENTS[name].repo
                                     for name in ("transformer", "text_encoder", "image_encoder")}}
-        self._image = spec.image
+        self._image = spec.image or None
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.settings_path = write_sidecar(self.out_path, {**self.settings, "status": "running"}, spec.image)
+        self.settings_path = write_sidecar(self.out_path, {**self.settings, "status": "running"}, self._image)
+
+    def start_state(self, spec: JobSpec, inputs: JobInputs, decode_context: int | None,
+                    origin: "continuation.Origin | None" = None, first_section: int = 0) -> None:
+        """The section state beside the video (state.py): the encoders' outputs now, each section as it is made."""
+        header = {"settings": self.settings, "width": inputs.width, "height": inputs.height,
+                  "model_files": self.record.get("model_files"), "decode_context": decode_context,
+                  "planned_sections": spec.sections}
+        if origin is not None and origin.saved is None:
+            header["brought_video"] = origin.video.name  # its section 1 is that video, not sampled latents
+        self.state = SectionStore(self.out_path, spec.section_state, header, self.writing.name)
+        resumed = origin is not None and origin.kind == "resume"
+        tensors = None if resumed else _input_tensors(inputs)
+        self.state.begin(tensors, origin.kept if origin else None,
+                         origin.saved.folder if origin and origin.saved else None)
 
     def start_video(self, inputs: JobInputs, frame_sink, emit, started: float) -> None:
         spec, out_path = inputs.spec, self.out_path
-        writer = SectionVideoWriter(out_path, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
+        writer = SectionVideoWriter(self.writing, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
                                     metadata={"framepack_settings": json.dumps(self.settings, sort_keys=True)})
 
         def saved(section, frames_written):  # on the encoder thread, once the section is in the file
-            emit(SectionSaved(section, spec.sections, str(out_path), frames_written, time.monotonic() - started))
+            if self.state is not None:
+                self.state.section_saved(section, frames_written)
+            emit(SectionSaved(section, spec.sections, str(self.writing), frames_written, time.monotonic() - started))
 
         self.encoder = BackgroundWriter(writer, saved)
 
     def end(self, status: str, message: str | None = None) -> int:
         """Close the video (frames in the file) and record how the job ended in the settings file."""
         frames = self._close()
+        if self.writing != self.out_path and self.encoder is not None:
+            frames = self._move_into_place(frames)
         if self.settings is not None:
             try:
                 write_sidecar(self.out_path, {**self.settings, "status": status, "frames": frames,
                                               **({"message": message} if message else {})}, self._image)
             except OSError:
                 log.exception("writing the settings sidecar failed")
+        return frames
+
+    def _move_into_place(self, frames: int) -> int:
+        """A resume's file replaces the output it continued (it holds all of its frames and more)."""
+        try:
+            os.replace(self.writing, self.out_path)
+            if self.state is not None:
+                self.state.set_video(self.out_path.name)
+            if self.replaces is not None and self.replaces != self.out_path:
+                self.replaces.unlink(missing_ok=True)
+        except OSError:
+            log.exception("moving %s into place failed; the frames are in it", self.writing)
         return frames
 
     def kept(self, frames: int) -> str | None:
@@ -312,3 +369,80 @@ class _JobFiles:
         except Exception:  # never let a failing close hide the original outcome
             log.exception("closing the video failed")
             return self.encoder.writer.frames_written
+
+
+# --- continued jobs (continuation.py): resume, branch, extend ----------------------------------------------------
+
+@dataclass
+class LoopStart:
+    """Where a continued job's section loop starts."""
+    first_section: int
+    history: History  # the latents before it
+
+
+def _prepare_continued(origin: "continuation.Origin", files: "_JobFiles", lender: ModelLender, emit,
+                       cancel: threading.Event, decode_context: int | None, frame_sink,
+                       started: float) -> tuple[JobInputs, LoopStart]:
+    """What `_prepare` makes, for a job that continues `origin`: the saved encoder outputs where they still apply
+    (a resume loads no encoder), the history, and the video holding the frames before the first new section."""
+    spec = origin.spec
+    if origin.kind == "resume":
+        files.writing = files.out_path.with_name(f".{files.out_path.stem}.resume-{time.time_ns()}.mp4")
+        files.replaces = origin.video
+    files.record = {**files.record, "continued": {"kind": origin.kind, "video": origin.video.name,
+                                                  "from_section": origin.first_section + 1}}
+    files.write_settings(spec, origin.height, origin.width)
+    emit(Phase("settings", f"seed {spec.seed}, {origin.width}x{origin.height}, {origin.kind} from section "
+                           f"{origin.first_section + 1} of {spec.sections}, {spec.frames} frames"))
+    if origin.anchor_note:
+        emit(Notice(origin.anchor_note))
+    saved = origin.saved.inputs() if origin.saved is not None else {}
+    if saved and origin.saved.settings.get("prompt") == spec.prompt and (
+            spec.cfg == 1 or (origin.saved.settings.get("negative") == spec.negative and "negative_llama" in saved)):
+        positive, negative = _saved_prompt(saved, "positive"), (_saved_prompt(saved, "negative") if spec.cfg != 1 else None)
+    else:
+        emit(Phase("text", "encoding the prompt"))
+        prompts = [spec.prompt] + ([spec.negative] if spec.cfg != 1 else [])
+        embeds, _ = text.encode_prompts(prompts, lender)
+        positive, negative = embeds[0], (embeds[1] if spec.cfg != 1 else None)
+    _check_cancel(cancel)
+    if origin.anchor_image is None:
+        image_embeds, start_latent = saved["image_embeds"], saved["start_latent"]
+    else:
+        emit(Phase("image", "encoding the start image"))
+        image_embeds = _encode_image(lender, origin.anchor_image)
+        with lender.use(VAE) as vae:
+            start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(origin.anchor_image),
+                                          start_latent_generator(spec.seed))
+    generator = section_noise_generator(spec.seed)
+    if origin.generator_state is not None:
+        generator.set_state(origin.generator_state)
+    inputs = JobInputs(spec, origin.width, origin.height, positive, negative, image_embeds, start_latent, generator)
+    emit(Phase("decode", "putting back the frames before the first new section"))
+    history, frames = continuation.history_and_frames(origin, lender, start_latent_generator(spec.seed))
+    files.start_state(spec, inputs, decode_context, origin)
+    files.start_video(inputs, frame_sink, emit, started)
+    writer = files.encoder.writer
+    if origin.copy_frames:
+        writer.copy_frames(origin.video, origin.copy_frames)
+    for pixels in frames:
+        writer.append(pixels)
+        _check_cancel(cancel)
+    if origin.saved is None:  # a brought video: the history it gave stands as section 1's latents (resumable)
+        files.state.section_sampled(0, history.latents, generator.get_state())
+        files.state.section_saved(0, writer.frames_written)
+    return inputs, LoopStart(origin.first_section, history)
+
+
+def _saved_prompt(saved: dict, name: str) -> text.PromptEmbeds:
+    return text.PromptEmbeds(saved[f"{name}_llama"], saved[f"{name}_llama_mask"], saved[f"{name}_clip_pooled"])
+
+
+def _input_tensors(inputs: JobInputs) -> dict[str, torch.Tensor]:
+    """The encoders' outputs a continued job reuses (state.py's inputs.safetensors)."""
+    tensors = {"start_latent": inputs.start_latent, "image_embeds": inputs.image_embeds}
+    for name, embeds in (("positive", inputs.positive), ("negative", inputs.negative)):
+        if embeds is not None:
+            tensors.update({f"{name}_llama": embeds.llama, f"{name}_llama_mask": embeds.llama_mask,
+                            f"{name}_clip_pooled": embeds.clip_pooled})
+    return tensors
