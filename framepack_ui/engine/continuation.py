@@ -172,11 +172,11 @@ def probe_video(path: Path) -> VideoProbe:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise InputError(f"{path.name} has no video stream")
+                raise InputError(f"{path.name} has no video frames")
             stream = container.streams.video[0]
             first = next(container.decode(stream), None)
             if first is None:
-                raise InputError(f"{path.name} has no frames")
+                raise InputError(f"{path.name} has no video frames")
             duration = (float(stream.duration * stream.time_base) if stream.duration else
                         container.duration / av.time_base if container.duration else None)
             return VideoProbe(first.width, first.height, first.to_ndarray(format="rgb24"),
