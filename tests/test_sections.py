@@ -93,16 +93,17 @@ def test_state_saved_beside_video_per_section_with_its_cap(manager, start_image,
     assert {"start_latent", "image_embeds", "positive_llama", "positive_clip_pooled"} <= set(inputs)
     assert saved.section(2)["latents"].dtype == torch.float32 and saved.section(2)["latents"].shape[2] == 9
     assert saved.manifest["width"] == 64 and saved.manifest["settings"]["seed"] == 5
-    # "resume" keeps only the newest sections' latents: enough to resume a 4-section job
+    # "resume" keeps only the newest sections' latents: enough to resume a 5-section job stopped after 4
     capped = tmp_path / "capped.mp4"
-    end = f1.run(spec_of(start_image, seconds=4.8, section_state="resume"), capped, manager, lambda e: None,
-                 section_hook=stop_at(3))
+    end = f1.run(spec_of(start_image, seconds=6.0, section_state="resume"), capped, manager, lambda e: None,
+                 section_hook=stop_at(4))
     assert isinstance(end, Stopped)
     files = sorted(p.name for p in state_path(capped).glob("section_*"))
-    assert files == [f"section_{i:04d}.safetensors" for i in range(4 - RESUME_SECTIONS, 4)]
-    end = f1.run(spec_of(start_image, seconds=4.8), capped, manager, lambda e: None,
+    assert files == [f"section_{i:04d}.safetensors" for i in range(5 - RESUME_SECTIONS, 5)]  # sections 2..4
+    assert load_state(capped).sections_done == 4
+    end = f1.run(spec_of(start_image, seconds=6.0), capped, manager, lambda e: None,
                  start=Continuation("resume", str(capped)))
-    assert isinstance(end, Finished) and count_frames(capped) == 1 + 36 * 4
+    assert isinstance(end, Finished) and count_frames(capped) == 1 + 36 * 5
 
 
 def test_removing_an_output_removes_its_state(uninterrupted, tmp_path):

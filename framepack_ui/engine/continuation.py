@@ -32,7 +32,7 @@ from . import image as image_ops
 from . import vae as vae_ops
 from .lending import VAE, ModelLender
 from .sections import HISTORY_SIZES, OVERLAP_FRAMES, History, decode_latent_count, section_frames
-from .state import RESUME_SECTIONS, SavedState, check_models, check_size, load_state
+from .state import RESUME_SECTIONS, SavedState, check_models, load_state
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ class Origin:
     generator_state: torch.Tensor | None = None  # continue the source's section noise (None: fresh from the seed)
     anchor_image: np.ndarray | None = None  # the start image to encode (None: the saved start latent)
     anchor_note: str = ""  # which frame anchors the start latent, in words
-
-    @property
-    def output_sections(self) -> int:
-        return self.spec.sections
 
 
 def open_origin(start: Continuation, spec: JobSpec, model_files: dict | None) -> Origin:

@@ -41,7 +41,6 @@ MANIFEST = "state.json"
 INPUTS = "inputs.safetensors"
 # The newest sections a resume reads: the 19 history latents (sections.HISTORY_SIZES) span 3 sections of 9
 RESUME_SECTIONS = -(-sum(HISTORY_SIZES) // LATENT_WINDOW)
-SECTION_KEYS = ("latents", "generator")
 
 
 def section_file(section: int) -> str:
@@ -241,9 +240,3 @@ def check_models(saved: SavedState, model_files: dict | None) -> None:
     changed = sorted(k for k in set(made_with) | set(model_files) if made_with.get(k) != model_files.get(k))
     raise InputError(f"{saved.video.name} was made with other model files ({', '.join(changed[:2])}): its sections "
                      f"cannot be continued with these")
-
-
-def check_size(saved: SavedState, width: int, height: int) -> None:
-    if saved.size != (width, height):
-        raise InputError(f"{saved.video.name} is {saved.size[0]}x{saved.size[1]}; this job would be {width}x{height}: "
-                         f"keep its resolution to continue it")
