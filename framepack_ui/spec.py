@@ -119,11 +119,6 @@ class Continuation:
             raise InputError("the section to branch from must be 1 or more")
         return self
 
-    def record(self) -> dict:
-        """What the new output's settings say it was made from."""
-        return {"kind": self.kind, "video": Path(self.video).name,
-                **({"from_section": self.from_section} if self.kind == "branch" else {})}
-
 
 def _finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
