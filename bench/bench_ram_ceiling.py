@@ -21,7 +21,6 @@ if not __package__:  # run as `python bench/bench_ram_ceiling.py`: see bench/_re
     import _repo  # noqa: F401
 
 import argparse
-import os
 import statistics
 from pathlib import Path
 
@@ -29,21 +28,12 @@ import torch
 
 from bench.common import (STEPS, BenchManager, bench_plan, build_transformer, cpu_stand_in, header, inputs,
                           latent_hw, now, plan_decisions, proc_status_mib, sampling_s_per_frame, write_result)
+from bench.proc import cgroup_memory, disk_read_bytes, drop_page_cache
 from framepack_ui.engine import denoiser as denoiser_ops
 from framepack_ui.engine.lending import TRANSFORMER
 from framepack_ui.memory import allocator
 from framepack_ui.memory.plan import PlanOverrides
 from framepack_ui.weights.layout import COMPONENTS
-
-
-def drop_from_page_cache(folder: Path) -> None:
-    for path in folder.rglob("*.safetensors"):  # the bf16 shards and the fp8 cache under fp8/
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def prepare(models_dir: Path, with_fp8: bool, tiny: bool) -> None:
@@ -68,24 +58,7 @@ def prepare(models_dir: Path, with_fp8: bool, tiny: bool) -> None:
         fp8.ensure_cache(folder)  # the app's own one-time conversion, verified
         print(f"fp8 cache {sum(p.stat().st_size for p in fp8.cache_dir(folder).glob('*.safetensors')) / 1e9:.1f} GB "
               f"in {time.perf_counter() - t:.0f} s", flush=True)
-    drop_from_page_cache(models_dir)
-
-
-def disk_read_bytes() -> int:
-    try:
-        with open("/proc/self/io") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
-    except OSError:
-        return 0
-
-
-def cgroup_memory() -> dict:
-    try:
-        group = Path("/proc/self/cgroup").read_text().strip().split("::")[-1]
-        base = Path("/sys/fs/cgroup") / group.lstrip("/")
-        return {k: (base / k).read_text().strip() for k in ("memory.max", "memory.peak") if (base / k).exists()}
-    except OSError as exc:
-        return {"error": str(exc)}
+    drop_page_cache(models_dir)
 
 
 def run(a: argparse.Namespace) -> None:

@@ -33,8 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: %(default)s)")
     g.add_argument("--image", help="start image (PNG, JPEG, WebP...); with --extend: the start image the new "
                                     "sections are anchored to (default: the video's first frame)")
-    g.add_argument("--prompt", help="what happens (needed unless continuing a past output with --resume, --branch or "
-                                    "--extend, which keep its prompt unless given)")
+    g.add_argument("--prompt", help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she '
+                                    'smiles]" (each change lands at the nearest 1.2 s section boundary; with --extend '
+                                    'the times count from the extension\'s start); needed unless continuing a past '
+                                    'output with --resume, --branch or --extend, which keep its prompt unless given')
+    g.add_argument("--prompt-blend", type=int, dest="prompt_blend_sections", metavar="SECTIONS",
+                   help=f"blend each prompt change over this many sections (0 = switch at once; up to 4; default "
+                        f"{d.prompt_blend_sections})")
     # Settings left out are None here: a new job takes JobSpec's defaults, a continued one its source's settings
     g.add_argument("--negative", help="negative prompt, used when --cfg > 1")
     g.add_argument("--seconds", type=float, help=f"length; rounded to 1.2 s sections (default {d.seconds}); with "
@@ -53,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="later sections decode 12 latents, not 18 (0.64x the time, 56 dB of the official decode; "
                         "default on)")
     g.add_argument("--sampler", choices=SAMPLERS, help=f"default {d.sampler}")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA to the video model (kohya / musubi-tuner or diffusers / PEFT .safetensors), "
+                        "at STRENGTH (default 1); repeat for several")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     g.add_argument("--offline", action="store_true", help="never download missing model files")
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
@@ -85,6 +93,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("dir", type=Path)
     t.add_argument("--transformer-mb", type=float, default=None, help="scale the transformer to about N MB")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--full-size", action="store_true",
+                   help="every model at its real config and storage dtype instead (random weights, about 43 GB; for "
+                        "benchmarks on a machine without the real downloads)")
+    t.add_argument("--only", default=None, metavar="NAMES",
+                   help="with --full-size: only these components, comma-separated (text_encoder, text_encoder_2, "
+                        "tokenizer, tokenizer_2, vae, feature_extractor, image_encoder, transformer)")
+    t.add_argument("--device", default=None, help="with --full-size: draw the random values there (cuda: fast)")
 
     pl = sub.add_parser("plan", help="show where each model would live and the predicted peak RAM/commit/VRAM")
     pl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
@@ -196,15 +211,17 @@ def _generate(args) -> int:
 
 
 SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution", "sampler",
-                "teacache", "teacache_threshold", "crf", "fast_decode", "section_state")
+                "teacache", "teacache_threshold", "crf", "fast_decode", "section_state", "prompt_blend_sections")
 
 
 def _job_from_args(args):
     """(JobSpec, Continuation or None, output path) from `generate`'s arguments. A continued job starts from its
     source's recorded settings (the settings file beside it) and changes those given on the command line."""
-    from .spec import Continuation, JobSpec
+    from .spec import Continuation, JobSpec, LoraChoice
 
     given = {name: getattr(args, name) for name in SETTING_ARGS if getattr(args, name) is not None}
+    if args.lora is not None:
+        given["loras"] = tuple(LoraChoice.parse(text) for text in args.lora)
     if args.from_section is not None and args.branch is None:
         raise _input_error("--from-section goes with --branch")
     source = args.resume or args.branch or args.extend
@@ -254,6 +271,10 @@ def _recorded_settings(video: Path) -> dict:
     if not isinstance(recorded, dict):
         return {}
     values = {name: recorded[name] for name in SETTING_ARGS if recorded.get(name) is not None}
+    if isinstance(recorded.get("loras"), list):
+        from .spec import LoraChoice
+
+        values["loras"] = tuple(LoraChoice(**choice) for choice in recorded["loras"] if isinstance(choice, dict))
     image = recorded.get("input_image_file")
     if image and (video.parent / image).is_file():  # the copy beside it, the original may be gone
         values["image"] = str(video.parent / image)
@@ -299,10 +320,34 @@ def _plan(args) -> int:
 
 
 def _make_tiny(args) -> int:
+    if args.full_size:
+        return _make_full_size(args)
+    if args.only is not None or args.device is not None:
+        raise _input_error("--only and --device go with --full-size")
     from .weights.tiny import make_tiny_models
 
     summary = make_tiny_models(args.dir, transformer_mb=args.transformer_mb, seed=args.seed)
     _out(f"tiny models written to {args.dir} ({summary.get('transformer_bytes', 0) / 1e6:.1f} MB transformer)")
+    return EXIT_OK
+
+
+def _make_full_size(args) -> int:
+    """The real configs and dtypes in the real layout: what will be written first, refused in one line where the
+    disk has not the room, then each file with its speed."""
+    from .weights.full_size import make_full_size_models, parse_only, plan_writes
+
+    if args.transformer_mb is not None:
+        raise _input_error("--transformer-mb and --full-size exclude each other")
+    plan = plan_writes(args.dir, parse_only(args.only))
+    _out(plan.line())
+    plan.check_room()  # ModelFilesError (exit 2) when the disk has not the room
+
+    def wrote(path, nbytes, seconds) -> None:
+        _out(f"wrote {path} ({nbytes / 1e9:.2f} GB in {seconds:.1f} s, {nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+
+    summary = make_full_size_models(plan, device=args.device, seed=args.seed, on_file=wrote)
+    rate = f", {summary['GB_per_s']:.2f} GB/s" if summary["GB_per_s"] else ""
+    _out(f"full-size models written to {args.dir}: {summary['bytes'] / 1e9:.1f} GB in {summary['seconds']:.0f} s{rate}")
     return EXIT_OK
 
 

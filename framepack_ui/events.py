@@ -39,7 +39,7 @@ class SectionSaved:
     section: int  # 0-based
     sections: int
     path: str
-    frames_written: int  # frames on disk so far (held-back overlap frames excluded)
+    frames_written: int  # frames the file holds now (held-back overlap frames and the muxer's newest excluded)
     elapsed_s: float
 
 
@@ -71,7 +71,7 @@ class Stopped:
 class Failed:
     message: str  # one line, for the user
     path: str | None = None  # what was kept, if anything
-    reason: str = "internal"  # "input", "models", "memory" (the user can act on it) or "internal"
+    reason: str = "internal"  # "input", "models", "memory", "disk" (the user can act on it) or "internal"
 
 
 TERMINAL = (Finished, Stopped, Failed)  # how a job ends: exactly one of these is its last event

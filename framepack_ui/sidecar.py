@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+METADATA_KEY = "framepack_settings"  # the MP4 metadata tag that holds the same settings as JSON
+
+
 def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
     """Where a video's settings JSON lives: beside it, same stem (`clip.mp4` -> `clip.json`)."""
     return Path(video_path).with_suffix(".json")
@@ -20,6 +23,13 @@ def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
 def state_path(video_path: str | os.PathLike[str]) -> Path:
     """Where a video's saved section state lives (engine/state.py): beside it, `clip.mp4` -> `clip.state/`."""
     return Path(video_path).with_suffix(".state")
+
+
+def input_copy_name(video_path: str | os.PathLike[str], image_path: str | os.PathLike[str] | None) -> str | None:
+    """The file name of the start image's copy beside the video (`clip.mp4`, `me.PNG` -> `clip.input.png`)."""
+    if image_path is None:
+        return None
+    return f"{Path(video_path).stem}.input{Path(image_path).suffix.lower()}"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -61,7 +71,7 @@ def write_sidecar(
     image_name = None
     if image_path is not None:
         src = Path(image_path)
-        dest = video_path.with_name(f"{video_path.stem}.input{src.suffix.lower()}")
+        dest = video_path.with_name(input_copy_name(video_path, src))
         if not (dest.exists() and os.path.samefile(src, dest)):
             fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
             os.close(fd)

@@ -17,6 +17,9 @@ SAMPLERS = ("unipc", "euler")
 # (resume, and branch from any section), "resume" only the newest three, which resume needs
 SECTION_STATE = ("all", "resume")
 CONTINUATIONS = ("resume", "branch", "extend")
+MAX_BLEND_SECTIONS = 4
+LORA_STRENGTH_MAX = 10.0  # |strength|: a LoRA may be applied in reverse too
+LORA_SUFFIX = ".safetensors"  # the only LoRA files read (pickled .pt/.ckpt ones can run code)
 
 
 def section_count(seconds: float) -> int:
@@ -30,8 +33,46 @@ def frame_count(sections: int) -> int:
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA file for the video model and how strongly to apply it (1: as trained, 0: not at all)."""
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """`FILE` or `FILE:STRENGTH` (the command line's --lora). A path that exists as given is a FILE even with a
+        colon in it (C:\\loras\\x.safetensors); InputError names the file when the strength is not a number."""
+        if Path(text).is_file() or ":" not in text:
+            return cls(text)
+        path, _, strength = text.rpartition(":")
+        if not path or any(sep in strength for sep in "/\\"):  # a colon of the path itself (a drive): not a strength
+            return cls(text)
+        try:
+            value = float(strength)
+        except ValueError:
+            raise InputError(f"LoRA {Path(path).name}: strength {strength!r} is not a number") from None
+        return cls(path, value)
+
+    def problem(self) -> str | None:
+        """What is wrong with this choice before its file is read (None: nothing)."""
+        name = Path(str(self.path)).name
+        if isinstance(self.strength, bool) or not _finite(self.strength):
+            return f"LoRA {name}: strength {self.strength!r} is not a number"
+        if abs(self.strength) > LORA_STRENGTH_MAX:
+            limit = f"{LORA_STRENGTH_MAX:g}"
+            return f"LoRA {name}: strength must be -{limit} to {limit}, not {self.strength:g}"
+        if not Path(str(self.path)).is_file():
+            return f"LoRA file not found: {self.path}"
+        if Path(str(self.path)).suffix.lower() != LORA_SUFFIX:
+            return f"LoRA {name}: unknown format: not a {LORA_SUFFIX} file (pickled .pt / .ckpt files are not read)"
+        return None
+
+
+@dataclass(frozen=True)
 class JobSpec:
     image: str  # path of the start image
+    # one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" (prompts.py: each change lands at
+    # the nearest section boundary)
     prompt: str
     negative: str = ""  # used only when cfg > 1
     seconds: float = 5.0  # requested length; rounded to whole sections of 36 frames (1.2 s)
@@ -50,6 +91,9 @@ class JobSpec:
     # False: official.
     fast_decode: bool = True
     section_state: str = "all"  # SECTION_STATE: every section's latents (3.5 MB each at 640 px), or resume's 3
+    # sections over which a prompt change blends from the previous prompt (prompts.py); 0: it switches at once
+    prompt_blend_sections: int = 0
+    loras: tuple[LoraChoice, ...] = ()  # applied to the video model (transformer), in this order
 
     @property
     def sections(self) -> int:
@@ -84,13 +128,35 @@ class JobSpec:
             (1 <= self.crf <= 51, "crf must be 1 to 51 (0, lossless, does not play in browsers)"),
             (isinstance(self.fast_decode, bool), "fast_decode must be true or false"),
             (self.section_state in SECTION_STATE, f"section_state must be one of {', '.join(SECTION_STATE)}"),
+            (_whole(self.prompt_blend_sections) and 0 <= self.prompt_blend_sections <= MAX_BLEND_SECTIONS,
+             f"prompt blend must be 0 (off) to {MAX_BLEND_SECTIONS} sections"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InputError(message)
+        self.prompt_schedule()  # times that parse, in order, within the video
+        for choice in self.loras:
+            if not isinstance(choice, LoraChoice):
+                raise InputError("loras must be LoRA choices (a file and a strength)")
+            problem = choice.problem()
+            if problem:
+                raise InputError(problem)
         if (image_required or self.image) and not Path(self.image).is_file():
             raise InputError(f"image not found: {self.image}")
         return self
+
+    def prompt_schedule(self):
+        """The prompt's changes (prompts.PromptChange list; one at 0 s for a plain prompt); InputError (one line)
+        for a malformed or impossible timed prompt."""
+        from .prompts import schedule  # prompts reads this module's constants
+
+        return schedule(self.prompt, self.sections)
+
+    def section_prompts(self):
+        """What each section is conditioned on (prompts.SectionPrompt list)."""
+        from .prompts import section_prompts
+
+        return section_prompts(self.prompt_schedule(), self.sections, self.prompt_blend_sections)
 
     def settings(self) -> dict:
         """The settings recorded beside the output (sidecar JSON and MP4 metadata)."""
@@ -118,6 +184,10 @@ class Continuation:
         if self.kind == "branch" and (not isinstance(self.from_section, int) or self.from_section < 1):
             raise InputError("the section to branch from must be 1 or more")
         return self
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: float) -> bool:

@@ -1,7 +1,7 @@
 """The rooms of the package and which way imports may go between them (docs/DESIGN.md):
 
     ui -> worker -> {engine, memory};   engine and memory -> compute, weights;   leaves: spec, errors, events,
-    sidecar, units, telemetry.
+    sidecar, units, prompts, telemetry.
 
 Every import is read from the source (also those inside functions, which are how the heavy libraries are kept
 out of the light modules), so a back-edge fails here even when nothing runs it yet.
@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "framepack_ui"
-LEAVES = ("spec", "errors", "events", "sidecar", "units")
+LEAVES = ("spec", "errors", "events", "sidecar", "units", "prompts")
 
 # room -> the rooms (and outside packages) it must never import
 FORBIDDEN = {

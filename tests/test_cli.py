@@ -303,7 +303,7 @@ def test_generate_runs_under_data_limit_below_transformer_size(big_models, limit
     assert result.returncode == 0, result.stderr[-2000:]
     assert "done:" in result.stdout and out.is_file()
     assert "transformer mmap" in result.stdout  # the plan line: the transformer computed from the read-only map
-    sampling = peaks["transformer"]
+    sampling = peaks["sampling"]  # from the first section's "[sampling]" line
     assert sampling["VmData"] < DATA_LIMIT_BYTES
     assert sampling["RssFile"] > 0.9 * size  # the weights were read through the file map (file-backed pages)
     assert sampling["RssAnon"] < 0.5 * size  # and were not copied into anonymous memory
@@ -334,7 +334,7 @@ def test_predicted_vs_measured_peak_ram_and_commit_per_phase(big_models, limited
     machine = Machine.supposed(24, 0, os_name="linux")
     plan = make_plan(machine, weights_on_disk(big_models), PlanOverrides(resolution=64))
     report = []
-    for phase, label in (("text", "text"), ("image", "image"), ("sampling", "transformer"), ("decode", "decode")):
+    for phase, label in (("text", "text"), ("image", "image"), ("sampling", "sampling"), ("decode", "decode")):
         predicted = plan.phase(phase)
         measured = peaks[label]
         for what, pred, meas in (("RAM", predicted.ram_bytes, measured["RssAnon"]),

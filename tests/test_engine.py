@@ -69,8 +69,25 @@ def test_events_stream_steps_with_previews_and_sections(manager, start_image, tm
     assert len(steps) == 2 * FAST["steps"] and [s.section for s in saved] == [0, 1]
     assert steps[0].preview.dtype == np.uint8 and steps[0].preview.shape[2] == 3
     assert steps[0].eta_s > 0 and steps[-1].eta_s > 0  # the last section still has its decode ahead
-    assert saved[0].frames_written == 37 - 32  # the last 32 frames wait for the next section's cross-fade
+    # the last 32 frames wait for the next section's cross-fade, and the muxer writes the newest frame with the next
+    assert saved[0].frames_written == 37 - 32 - 1
     assert isinstance(end, Finished) and end.frames == 1 + 36 * 2
+
+
+def test_phases_say_when_each_section_samples_and_when_the_last_is_written(manager, start_image, tmp_path):
+    """Each section's sampling starts with a phase (after a decode, the page would still say "Decoding" until the
+    next Step, a compiled step later), and after the last decode a "writing" phase covers the wait for the writer:
+    the phases tile the job (bench/bench_app.py times them)."""
+    from framepack_ui.events import Phase
+
+    events, end = run_job(manager, tmp_path / "p.mp4", image=start_image, seconds=2.4)
+    main = [e.name for e in events if isinstance(e, Phase) and e.name in ("sampling", "decode", "writing")]
+    assert main == ["sampling", "decode", "sampling", "decode", "writing"]
+    sampling = [e for e in events if isinstance(e, Phase) and e.name == "sampling"]
+    assert [e.detail for e in sampling] == ["section 1/2", "section 2/2"]
+    first_steps = [next(i for i, e in enumerate(events) if isinstance(e, Step) and e.section == k) for k in (0, 1)]
+    assert all(events.index(phase) < step for phase, step in zip(sampling, first_steps))
+    assert isinstance(end, Finished)
 
 
 def test_stop_midway_keeps_a_playable_video_of_finished_sections(manager, start_image, tmp_path):

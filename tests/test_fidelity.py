@@ -85,3 +85,29 @@ def test_the_output_projection_computes_in_fp32_in_every_profile(models_copy, pr
             assert torch.equal(output.flatten().sort().values, projected.flatten().sort().values)
     finally:
         manager.free()
+
+
+def test_a_lora_on_the_output_projection_keeps_it_in_fp32(tiny_models_dir):
+    """A LoRA swaps the layer's class (compute/lora.py): the fp32 input cast must survive it, and the LoRA's update
+    must count (a wrapper of the instance's forward would bypass the swapped class)."""
+    from framepack_ui.compute import lora as lora_compute, precision
+    from framepack_ui.memory import loading
+
+    transformer = loading.load_transformer(tiny_models_dir, torch.bfloat16, torch.device("cpu"), "ram")
+    precision.compute_output_in_fp32(transformer)
+    projection = transformer.proj_out
+    g = torch.Generator().manual_seed(0)
+    down = torch.randn(2, projection.in_features, generator=g)
+    up = torch.randn(projection.out_features, 2, generator=g)
+    x = torch.randn(5, projection.in_features, generator=g).bfloat16()
+    with torch.no_grad():
+        plain = projection(x)
+        lora_compute.apply_loras(transformer, {"proj_out": [lora_compute.LoraPart(down, up, 0.5)]}, "cpu",
+                                 torch.bfloat16)
+        with_lora = projection(x)
+    merged = projection.weight + 0.5 * up @ down
+    expected = torch.nn.functional.linear(x.float(), merged, projection.bias)
+    assert plain.dtype == with_lora.dtype == torch.float32
+    # the update itself is computed in the LoRA's bf16: within 2 % of its own size of the exact merge
+    update = (expected - plain).abs().max()
+    assert update > 1.0 and (with_lora - expected).abs().max() < 0.02 * update

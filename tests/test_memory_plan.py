@@ -519,6 +519,28 @@ def test_32gb_laptop_plan_takes_fp8_where_bf16_would_spill_from_the_page_cache(a
         assert plan == bf16 and "fp8" not in notes
 
 
+def test_the_page_cache_room_is_what_the_larger_of_sampling_and_decode_leaves():
+    """The streamed blocks are read while the transformer samples and while the VAE decodes (the parked ones come
+    back from the map), so the page cache keeps what the larger of those two phases leaves; the text and image
+    phases come before the transformer loads. No machine of the table tells the phases apart (on the GPU both hold
+    the same anonymous RAM: their activations are in VRAM and the transformer's map has no load transient), so
+    the table's 32 GB laptop with 30 GB free is given 3 GB more in one phase at a time: a sampling buffer or a
+    decode on the CPU would do that. Its 24.9 GB of bf16 blocks fit the 27.3 GB of room, not the 24.3 left."""
+    plan = make_plan(laptop(30), REAL, PlanOverrides(fp8=False))
+    streamed = plan.components["transformer"].page_cache_bytes
+    assert page_cache_room(plan) - 3 * GB < streamed < page_cache_room(plan) and not spills_from_page_cache(plan)
+
+    def heavier(phase: str):
+        return replace(plan, phases=tuple(replace(p, ram_bytes=p.ram_bytes + 3 * GB) if p.phase == phase else p
+                                          for p in plan.phases))
+
+    for phase in ("sampling", "decode"):
+        assert page_cache_room(heavier(phase)) == page_cache_room(plan) - 3 * GB, phase
+        assert spills_from_page_cache(heavier(phase)), phase
+    for phase in ("text", "image"):
+        assert page_cache_room(heavier(phase)) == page_cache_room(plan), phase
+
+
 def test_a_tight_machine_takes_fp8_too_and_says_what_would_keep_it_cached():
     plan = make_plan(laptop(12), REAL)
     assert plan.components["transformer"].storage == "fp8" and spills_from_page_cache(plan)

@@ -88,9 +88,9 @@ def uninterrupted(manager, start_image, tmp_path_factory):
 def test_state_saved_beside_video_per_section_with_its_cap(manager, start_image, uninterrupted, tmp_path):
     out, _ = uninterrupted
     saved = load_state(out)
-    assert saved.sections_done == 3 and [e["frames_written"] for e in saved.manifest["sections"]] == [5, 41, 77]
+    assert saved.sections_done == 3 and [e["frames_on_disk"] for e in saved.manifest["sections"]] == [4, 40, 76]
     inputs = saved.inputs()  # the encoders' outputs: a resume loads no encoder
-    assert {"start_latent", "image_embeds", "positive_llama", "positive_clip_pooled"} <= set(inputs)
+    assert {"start_latent", "image_embeds", "prompt_0_llama", "prompt_0_clip_pooled"} <= set(inputs)
     assert saved.section(2)["latents"].dtype == torch.float32 and saved.section(2)["latents"].shape[2] == 9
     assert saved.manifest["width"] == 64 and saved.manifest["settings"]["seed"] == 5
     # "resume" keeps only the newest sections' latents: enough to resume a 5-section job stopped after 4
@@ -339,3 +339,55 @@ def test_bad_input_is_refused_in_one_line_and_nothing_is_overwritten(tiny_models
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert digest(tmp_path) == before  # nothing started, nothing written
+
+
+# --- 5. prompts over time in a continued job ------------------------------------------------------------------------
+
+TIMED = "[0s: a red square] [1.2s: a blue circle] [2.4s: a green line]"
+
+
+def section_texts(video) -> list[str]:
+    saved = load_state(video)
+    return [p.prompt for p in saved.section_plan()]
+
+
+def test_continued_jobs_condition_each_section_on_its_own_prompt(text_sensitive_models, start_image, tmp_path):
+    """On a transformer that follows the prompt: a resume continues the saved schedule (every distinct prompt's
+    embeddings are in the state), a branch takes the new schedule from section K, an extension's times count
+    from its own start."""
+    lender = cpu_manager(text_sensitive_models)
+    whole = tmp_path / "whole.mp4"
+    assert isinstance(f1.run(spec_of(start_image, prompt=TIMED), whole, lender, lambda e: None), Finished)
+    saved = load_state(whole)
+    assert saved.manifest["prompts"] == ["a red square", "a blue circle", "a green line"]
+    assert {f"prompt_{i}_llama" for i in range(3)} <= set(saved.inputs())
+
+    resumed = tmp_path / "resumed.mp4"
+    assert isinstance(f1.run(spec_of(start_image, prompt=TIMED), resumed, lender, lambda e: None,
+                             section_hook=stop_at(1)), Stopped)
+    end = f1.run(spec_of(start_image, prompt="ignored"), resumed, lender, lambda e: None,
+                 start=Continuation("resume", str(resumed)))
+    assert isinstance(end, Finished)
+    for section in range(3):  # sections 2 and 3 on their own prompts, as the uninterrupted job
+        assert torch.equal(latents(resumed, section), latents(whole, section))
+
+    changed = "[0s: a red square] [1.2s: a yellow star]"
+    fresh = tmp_path / "fresh.mp4"  # the changed prompt from the start: its section 1 is the source's
+    assert isinstance(f1.run(spec_of(start_image, prompt=changed), fresh, lender, lambda e: None), Finished)
+    branched = tmp_path / "branched.mp4"
+    end = f1.run(spec_of(start_image, prompt=changed), branched, lender, lambda e: None,
+                 start=Continuation("branch", str(whole), from_section=2))
+    assert isinstance(end, Finished)
+    assert section_texts(branched) == ["a red square", "a yellow star", "a yellow star"]
+    assert not torch.equal(latents(branched, 1), latents(whole, 1))  # same noise, the new prompt
+    for section in range(3):
+        assert torch.equal(latents(branched, section), latents(fresh, section))
+
+    extended = tmp_path / "extended.mp4"
+    end = f1.run(spec_of("", prompt="[0s: a pink cube] [1.2s: an orange cone]", seconds=2.4), extended, lender,
+                 lambda e: None, start=Continuation("extend", str(whole)))
+    assert isinstance(end, Finished)
+    assert section_texts(extended) == ["a red square", "a blue circle", "a green line", "a pink cube",
+                                       "an orange cone"]
+    starts = [c["section_index"] for c in json.loads(sidecar_path(extended).read_text())["prompt_changes"]]
+    assert starts == [3, 4]

@@ -511,6 +511,42 @@ def test_gallery_lists_past_outputs_and_fills_the_form(server, open_page, start_
     wait_text(other, "progress", r"Done: 37 frames")
 
 
+def test_lora_pickers_reach_the_job_are_recorded_and_come_back_with_use_these_settings(server, open_page,
+                                                                                       start_image_128x96,
+                                                                                       tiny_models_dir):
+    """Two LoRAs of models/loras/ picked with a strength each: the job applies them (its Phase says so), the settings
+    file records them, the past output lists them, and "Use these settings" puts them back in the pickers."""
+    url, _, outputs = server
+    page = open_page(url)
+    for slot, option in ((0, "tiny-musubi-framepack.safetensors"), (2, "tiny-diffusers.safetensors")):
+        page.locator(f"#lora_file_{slot} input").click()  # every picker lists the same files: pick in this one
+        page.locator(f"#lora_file_{slot}").get_by_role("option", name=option, exact=True).click()
+    set_number(page, "lora_strength_0", 0.6)
+    fill_form(page, start_image_128x96, seconds=1.2, prompt="lora job")
+    page.locator("#generate").click()
+    done = wait_text(page, "progress", r"Done: 37 frames")
+    name = re.search(r"saved as (\S+\.mp4)", done).group(1)
+    loras = tiny_models_dir / "loras"
+    assert json.loads((outputs / name).with_suffix(".json").read_text())["loras"] == [
+        {"path": str(loras / "tiny-musubi-framepack.safetensors"), "strength": 0.6},
+        {"path": str(loras / "tiny-diffusers.safetensors"), "strength": 1.0}]
+
+    other = open_page(url)  # a fresh page: no LoRA picked
+    assert other.locator("#lora_file_0 input").input_value() == "(none)"
+    wait_text(other, "gallery", re.escape(name), timeout_s=30)
+    other.locator("#gallery label").filter(has_text=name).click()
+    wait_text(other, "gallery_settings", r"tiny-musubi-framepack\.safetensors x0\.6, tiny-diffusers\.safetensors x1",
+              timeout_s=30)
+    other.locator("#use_settings").click()
+    deadline = time.monotonic() + 30
+    while other.locator("#lora_file_0 input").input_value() != "tiny-musubi-framepack.safetensors":
+        assert time.monotonic() < deadline, "Use these settings did not fill the LoRA picker"
+        time.sleep(0.2)
+    assert other.locator("#lora_strength_0 input[type=number]").input_value() == "0.6"
+    assert other.locator("#lora_file_1 input").input_value() == "tiny-diffusers.safetensors"
+    assert other.locator("#lora_file_2 input").input_value() == "(none)"
+
+
 def test_without_auth_only_outputs_are_readable_over_http(server):
     url, _, outputs = server
     inside = outputs / "readable.json"
@@ -719,3 +755,26 @@ def test_resume_branch_and_extend_a_past_output_from_the_gallery(server, open_pa
     done = wait_text(page, "progress", rf"Job {job + 2} · Done: 109 frames")
     extended = outputs / re.search(r"saved as (\S+\.mp4)", done).group(1)
     assert count_frames(extended) == 73 + 36 and count_frames(stopped) == 73  # the source stays
+
+
+def test_jobs_queued_before_a_restart_wait_on_the_page_until_started_or_dropped(tiny_models_dir, tmp_path,
+                                                                                open_page, start_image_128x96):
+    """Two jobs recorded as queued by an earlier run of the app (worker/queue_records.py) are listed as waiting;
+    nothing runs until "Start waiting jobs" runs both; "Drop waiting jobs" then finds none."""
+    from framepack_ui.spec import JobSpec
+    from framepack_ui.worker import queue_records
+
+    outputs = tmp_path / "outputs"
+    for n, prompt in enumerate(("first waiting", "second waiting")):
+        spec = JobSpec(image=start_image_128x96, prompt=prompt, seconds=1.2, steps=2, resolution=64, seed=n)
+        queue_records.write(outputs / f"19990101_00000{n}_{n}.mp4", spec, "auto", {}, 1000.0 + n)
+    with run_app(tiny_models_dir, outputs, name="app_waiting") as (url, _):
+        page = open_page(url)
+        jobs = wait_text(page, "jobs", r"waiting[\s\S]*waiting", timeout_s=30)
+        assert "queued before the app closed" in jobs and "first waiting" in jobs and "second waiting" in jobs
+        assert "running" not in jobs  # nothing started on its own
+        page.locator("#start_waiting").click()
+        wait_text(page, "jobs", r"finished[\s\S]*finished", timeout_s=2 * JOB_S)
+        page.locator("#drop_waiting").click()
+        page.get_by_text("No jobs are waiting to be dropped.").wait_for(timeout=30_000)
+    assert sorted(json.loads(p.read_text())["status"] for p in outputs.glob("*.json")) == ["finished", "finished"]

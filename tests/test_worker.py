@@ -225,8 +225,8 @@ def test_past_outputs_newest_first_say_how_each_job_ended(make_worker, tmp_path)
     out = tmp_path / "outputs"
     out.mkdir()
     settings = dict(prompt="a cat", negative="", seconds=2.4, seed=5, steps=3, gs=10.0, cfg=1.0, rs=0.0,
-                    teacache=False, teacache_threshold=0.1, resolution=64, crf=20, sampler="euler", width=64,
-                    height=64, sections=2)
+                    teacache=False, teacache_threshold=0.1, resolution=64, crf=20, sampler="euler",
+                    prompt_blend_sections=0, width=64, height=64, sections=2)
 
     def job(stem, age_s, video=True, image=False, **record):
         if video:
@@ -384,6 +384,10 @@ def test_each_job_is_planned_anew_and_an_fp8_plan_converts_first_with_progress(
     progress = [e for e in second if isinstance(e, Progress)]
     assert progress and progress[-1].done == progress[-1].total and fp8.check_cache(folder) is None
     assert [r["memory"]["transformer_storage"] for r in records] == ["bfloat16", "fp8"]
+    # and why, in the plan's own words (the settings file keeps them beside the choice)
+    assert any(note.startswith("transformer stored as fp8 (chosen automatically)") for note in
+               records[1]["memory"]["notes"])
+    assert not any("stored as fp8" in note for note in records[0]["memory"]["notes"])
     bar = present.progress_bar(progress[-1])  # what the page's progress line shows
     assert bar.startswith("Converting the transformer to fp8 (once): [####################] 100 % of"), bar
 

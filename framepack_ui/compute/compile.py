@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 BLOCK_HOOK = "framepack_compiled_block"
 DECODER_HOOK = "framepack_compiled_decoder"
 
+# Versions of a block's compiled graph dynamo keeps (its default is 8, past which a block silently runs eagerly): each
+# LoRA layout a job puts on the blocks (compute/lora.py; fp8 or bf16 Linears, none, another set or rank) is another.
+BLOCK_GRAPH_VERSIONS = 64
+
 # Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
 # a decode); traced, 5 and 4 share one compiled graph and 3 needs another (tests/test_vae_tiles.py), minutes on a
 # GPU. Eager, a 3-latent window (9 frames against 17) peaks below a compiled full one (1.5x the memory, 9/17 the
@@ -71,6 +75,7 @@ def compile_blocks(transformer, mode: str | None = None) -> bool:
     Call it before any per-job hooks (TeaCache) are registered on the blocks: replacing the hook re-links diffusers'
     hook chain around it."""
     blocks = transformer_blocks(transformer)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_VERSIONS)
     if all(getattr(_hook(b, BLOCK_HOOK), "mode", False) == mode for b in blocks):
         return True
     for block in blocks:

@@ -12,6 +12,10 @@ video already holding their frames:
   file, and its last frames (at most 73, 19 latents) are VAE-encoded into the history; the rest of the history is
   zero-padded as the official demo pads it. The start latent (the "start" clean latent every section is
   conditioned on) comes from the video's first frame, or from an image the user picks.
+
+Prompts over time (prompts.py): each section keeps its own prompt. A resume continues the saved plan (state.json's
+"section_prompts"); a branch keeps the source's prompts before section K and takes the new prompt's schedule (on
+the video's own timeline) from K; an extension's prompt times count from the extension's start.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..spec import FPS, FRAMES_PER_SECTION, Continuation, JobSpec
+from ..prompts import PromptChange, SectionPrompt, schedule, section_prompts
+from ..spec import FPS, FRAMES_PER_SECTION, Continuation, JobSpec, LoraChoice
 from . import image as image_ops
 from . import vae as vae_ops
 from .lending import VAE, ModelLender
@@ -37,7 +42,8 @@ from .state import RESUME_SECTIONS, SavedState, check_models, load_state
 log = logging.getLogger(__name__)
 
 SETTINGS_KEPT_BY_RESUME = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution",
-                           "sampler", "teacache", "teacache_threshold", "crf", "fast_decode", "section_state")
+                           "sampler", "teacache", "teacache_threshold", "crf", "fast_decode", "section_state",
+                           "prompt_blend_sections", "loras")
 HISTORY_FRAMES = 1 + 4 * (sum(HISTORY_SIZES) - 1)  # 73: the frames the 19 history latents hold
 CHUNK_FRAMES = 8  # frames of a brought video converted at a time
 
@@ -57,6 +63,8 @@ class Origin:
     generator_state: torch.Tensor | None = None  # continue the source's section noise (None: fresh from the seed)
     anchor_image: np.ndarray | None = None  # the start image to encode (None: the saved start latent)
     anchor_note: str = ""  # which frame anchors the start latent, in words
+    section_prompts: list[SectionPrompt] = field(default_factory=list)  # every section of the output's prompt
+    prompt_changes: list[PromptChange] = field(default_factory=list)  # where its prompts change (the record)
 
 
 def open_origin(start: Continuation, spec: JobSpec, model_files: dict | None) -> Origin:
@@ -72,7 +80,12 @@ def open_origin(start: Continuation, spec: JobSpec, model_files: dict | None) ->
         if saved.sections_done >= spec.sections:
             raise InputError(f"{video.name} is finished ({saved.sections_done} of {spec.sections} sections): "
                              f"nothing to resume")
-        return _from_state("resume", saved, spec, saved.sections_done, same_noise=True)
+        origin = _from_state("resume", saved, spec, saved.sections_done, same_noise=True)
+        plan = saved.section_plan()
+        if len(plan) != spec.sections:
+            raise InputError(f"the saved state of {video.name} plans {len(plan)} sections, its settings "
+                             f"{spec.sections}: it cannot be resumed")
+        return _with_prompts(origin, plan, spec.prompt_schedule())
     if start.kind == "branch":
         saved = _saved(video, model_files)
         k = start.from_section
@@ -83,13 +96,29 @@ def open_origin(start: Continuation, spec: JobSpec, model_files: dict | None) ->
         if spec.resolution != saved.settings["resolution"]:
             raise InputError(f"a branch keeps {video.name}'s resolution ({saved.settings['resolution']})")
         same_noise = spec.seed == saved.settings["seed"]
-        return _from_state("branch", saved, spec, k - 1, same_noise)
-    return _extend(video, spec, model_files)
+        origin = _from_state("branch", saved, spec, k - 1, same_noise)
+        # the new prompt's schedule from section K on; the kept sections keep what they were made with
+        return _with_prompts(origin, saved.section_plan()[:k - 1] + spec.section_prompts()[k - 1:],
+                             spec.prompt_schedule())
+    origin = _extend(video, spec, model_files)
+    first, more = origin.first_section, origin.spec.sections - origin.first_section
+    # the extension's prompt times count from its own start (checked against its length by spec.validate)
+    shift = first * FRAMES_PER_SECTION / FPS
+    changes = [PromptChange(c.at_s + shift, c.section + first, c.prompt) for c in schedule(spec.prompt, more)]
+    added = section_prompts(schedule(spec.prompt, more), more, spec.prompt_blend_sections)
+    before = origin.saved.section_plan()[:first] if origin.saved is not None else [added[0]] * first
+    return _with_prompts(origin, before + added, changes)
+
+
+def _with_prompts(origin: Origin, plan: list[SectionPrompt], changes: list[PromptChange]) -> Origin:
+    return replace(origin, section_prompts=plan, prompt_changes=changes)
 
 
 def resumed_spec(settings: dict, image: str | None = None) -> JobSpec:
     """The job a state's settings describe (its start image only if it is still there: a resume needs none)."""
     values = {key: settings[key] for key in SETTINGS_KEPT_BY_RESUME if key in settings}
+    if "loras" in values:  # recorded as {"path", "strength"} objects
+        values["loras"] = tuple(LoraChoice(**choice) for choice in values["loras"])
     if image is not None:
         values["image"] = image
     if values.get("image") and not Path(values["image"]).is_file():
@@ -113,7 +142,9 @@ def _from_state(kind: str, saved: SavedState, spec: JobSpec, first: int, same_no
     if same_noise and first > 0:
         generator = saved.section(first - 1)["generator"]
     frames_file = saved.frames_file()
-    copy = saved.entry(first - 1)["frames_written"] - 1 if first > 0 else 0
+    # the frames the file held for sure once the section was saved (SectionSaved's frames_on_disk: all but the one
+    # the muxer still held), then the newest final one and the held ones are decoded again (_history_from_state)
+    copy = saved.entry(first - 1)["frames_on_disk"] if first > 0 else 0
     return Origin(kind, spec, width, height, first, saved, frames_file, copy, saved.manifest["sections"][:first],
                   generator, anchor_image, anchor_note)
 

@@ -8,6 +8,7 @@ count per call is constant, so time is linear in video length and memory flat.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -22,7 +23,8 @@ import torch
 from .. import __version__
 from ..errors import Cancelled, UserError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
-from ..sidecar import write_sidecar
+from ..prompts import PromptChange, SectionPrompt, describe, distinct_prompts, schedule_record
+from ..sidecar import METADATA_KEY, input_copy_name, write_sidecar
 from ..spec import LATENT_WINDOW, Continuation, JobSpec
 from ..weights.layout import COMPONENTS
 from . import continuation
@@ -33,9 +35,9 @@ from .denoiser import GUIDANCE_SCALE, Denoiser, model_inputs
 from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
-from .state import SectionStore
+from .state import SectionStore, prompt_tensors
 from .teacache import apply_teacache, remove_teacache
-from .video import BackgroundWriter, SectionVideoWriter
+from .video import BackgroundWriter, SectionVideoWriter, count_frames
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,8 @@ class JobInputs:
     spec: JobSpec  # validated, with its seed
     width: int
     height: int
-    positive: text.PromptEmbeds
+    prompts: dict[str, text.PromptEmbeds]  # every distinct prompt the sections use
+    section_prompts: list[SectionPrompt]  # what each section of the output is conditioned on (prompts.py)
     negative: text.PromptEmbeds | None  # only with real CFG
     image_embeds: torch.Tensor  # (1, 729, 1152) SigLIP
     start_latent: torch.Tensor  # (1, 16, 1, h, w)
@@ -77,7 +80,7 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None, start: Continuation | None = None):
+        record: dict | None = None, out_of_memory_advice: str | None = None, start: Continuation | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -91,6 +94,8 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     (weights.layout.model_fingerprint), which the section state keeps. `start`: continue what an earlier job made
     (resume, branch, extend: continuation.py); checked before anything is written.
     After each section, what continuing from it needs is saved beside the video (state.py).
+    `out_of_memory_advice`: what to pick instead, should the GPU run out of memory (the worker derives it from the
+    job's memory plan: memory.plan.leaner_choices); it ends the one line such a failure gives.
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
@@ -126,6 +131,8 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
                 _sample_sections(inputs, transformer, teacache, lender, files.encoder, emit, cancel,
                                  EtaClock(started, spec.steps, spec.sections - first), decode_context, section_hook,
                                  loop_start, files.state.section_sampled)
+                # what is left: the last section's encode on the writer thread (and freeing the models)
+                emit(Phase("writing", "writing the last section"))
             finally:
                 if teacache is not None:
                     remove_teacache(transformer)
@@ -139,15 +146,25 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
         frames = files.end("failed", exc.message)
         result = Failed(exc.message, files.kept(frames), exc.reason)
     except torch.OutOfMemoryError as exc:
-        message = ("out of memory: " + " ".join(str(exc).split())[:160] +
-                   " (try a lower resolution, or close other programs using the GPU)")
+        # No retry of the section with a leaner plan: that needs the section state saved, to resume from it.
+        advice = out_of_memory_advice or "try a lower resolution, or close other programs using the GPU"
+        what = " ".join(str(exc).split())[:120]
+        del exc  # its traceback holds the failed section's tensors: free them before the next job
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        message = f"out of GPU memory ({what}): {advice}"
         frames = files.end("failed", message)
         result = Failed(message, files.kept(frames), "memory")
     except Exception as exc:  # an internal error: one line for the user, the traceback in the log
-        log.exception("generation failed")
-        message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+        if getattr(exc, "errno", None) == errno.ENOSPC:  # writing the video or the settings (Windows' 112 too)
+            message = f"the disk is full ({out_path.parent}): free some space, then run the job again"
+            reason = "disk"
+        else:
+            log.exception("generation failed")
+            message = f"internal error: {exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+            reason = "internal"
         frames = files.end("failed", message)
-        result = Failed(message, files.kept(frames))
+        result = Failed(message, files.kept(frames), reason)
     emit(result)
     return result
 
@@ -161,13 +178,22 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
     spec, start_latent = inputs.spec, inputs.start_latent
     device, dtype = transformer.device, transformer.dtype
     guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
-    positive = model_inputs(inputs.positive, inputs.image_embeds, guidance, device, dtype)
+    # the model's inputs once per distinct conditioning (a prompt, or a blend of two), not once per section
+    first = loop_start.first_section if loop_start else 0
+    positives = {}
+    for plan in inputs.section_prompts[first:]:
+        if plan not in positives:
+            positives[plan] = model_inputs(_conditioning(plan, inputs.prompts), inputs.image_embeds, guidance,
+                                           device, dtype)
     negative = model_inputs(inputs.negative, inputs.image_embeds, guidance, device, dtype) if inputs.negative else None
     history = loop_start.history if loop_start else History.start(start_latent)
-    for section in range(loop_start.first_section if loop_start else 0, spec.sections):
+    for section in range(first, spec.sections):
         if section_hook:
             section_hook(section)
         _check_cancel(cancel)
+        # said at its start: a section's first Step comes a step later (and, compiling, tens of seconds later)
+        emit(Phase("sampling", f"section {section + 1}/{spec.sections}"))
+        positive = positives[inputs.section_prompts[section]]
         denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
                             conditioning=history.conditioning(start_latent))
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)
@@ -179,6 +205,12 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         del pixels  # the encoder thread frees them once written
 
 
+def _conditioning(plan: SectionPrompt, prompts: dict[str, text.PromptEmbeds]) -> text.PromptEmbeds:
+    if plan.blend_from is None:
+        return prompts[plan.prompt]
+    return text.mix_embeds(prompts[plan.blend_from], prompts[plan.prompt], plan.weight)
+
+
 def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cancel: threading.Event) -> JobInputs:
     """The start image cropped to its bucket, the settings file, the prompt and image embeddings, the start
     latent: everything the sections need before the transformer loads."""
@@ -188,16 +220,22 @@ def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cance
     files.write_settings(spec, height, width)
     emit(Phase("settings", f"seed {spec.seed}, {width}x{height}, {spec.sections} sections, {spec.frames} frames"))
 
-    emit(Phase("text", "encoding the prompt"))
-    # Known prompts come from the prompt cache: the 15 GB text encoder is loaded only for a new one (and the
-    # negative counts only with real CFG, the only time it is used).
-    prompts = [spec.prompt] + ([spec.negative] if spec.cfg != 1 else [])
-    embeds, encoded = text.encode_prompts(prompts, lender)
-    positive, negative = embeds[0], (embeds[1] if spec.cfg != 1 else None)
+    changes, plan = spec.prompt_schedule(), spec.section_prompts()
+    if len(changes) > 1:
+        emit(Phase("prompts", describe(changes)))
+    # Every prompt of every section here, before the transformer loads, so the plan's peaks hold. Known prompts
+    # come from the prompt cache: the 15 GB text encoder is loaded only for new ones, once for all of them (and
+    # the negative counts only with real CFG, the only time it is used).
+    distinct = distinct_prompts(plan)
+    emit(Phase("text", "encoding the prompt" if len(distinct) == 1 else f"encoding {len(distinct)} prompts"))
+    embeds, encoded = text.encode_prompts(distinct + ([spec.negative] if spec.cfg != 1 else []), lender)
+    prompts = dict(zip(distinct, embeds))
+    negative = embeds[-1] if spec.cfg != 1 else None
     if not encoded:
         emit(Phase("text", "prompt embeddings from the cache (text encoder not loaded)"))
-    for message in positive.notices:
-        emit(Notice(message))
+    for prompt, embed in prompts.items():
+        for message in embed.notices:
+            emit(Notice(message if len(prompts) == 1 else f"{message} ('{_short(prompt)}')"))
     _check_cancel(cancel)
 
     emit(Phase("image", "encoding the start image"))
@@ -205,7 +243,7 @@ def _prepare(spec: JobSpec, files: "_JobFiles", lender: ModelLender, emit, cance
     with lender.use(VAE) as vae:
         start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(start_image), start_latent_generator(spec.seed))
     _check_cancel(cancel)
-    return JobInputs(spec, width, height, positive, negative, image_embeds, start_latent,
+    return JobInputs(spec, width, height, prompts, plan, negative, image_embeds, start_latent,
                      section_noise_generator(spec.seed))
 
 
@@ -279,6 +317,10 @@ def _encode_image(lender: ModelLender, start_image):
         return image_ops.encode_siglip(start_image, processor, image_encoder)
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _check_cancel(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise Cancelled()
@@ -298,8 +340,12 @@ class _JobFiles:
         self.replaces: Path | None = None  # a resume's earlier unfinished file, dropped once the new one is in place
         self._image: str | None = None
 
-    def write_settings(self, spec: JobSpec, height: int, width: int) -> None:
+    def write_settings(self, spec: JobSpec, height: int, width: int,
+                       prompts: tuple[list[PromptChange], list[SectionPrompt]] | None = None) -> None:
+        """`prompts`: (changes, each section's prompt) where not the spec's own (a continued job's)."""
+        changes, plan = prompts or (spec.prompt_schedule(), spec.section_prompts())
         self.settings = {**spec.settings(), "height": height, "width": width, "sections": spec.sections,
+                         **schedule_record(changes, plan),
                          "app_version": __version__, **self.record,
                          "models": {name: COMPONENTS[name].repo
                                     for name in ("transformer", "text_encoder", "image_encoder")}}
@@ -308,14 +354,15 @@ class _JobFiles:
         self.settings_path = write_sidecar(self.out_path, {**self.settings, "status": "running"}, self._image)
 
     def start_state(self, spec: JobSpec, inputs: JobInputs, decode_context: int | None,
-                    origin: "continuation.Origin | None" = None, first_section: int = 0) -> None:
+                    origin: "continuation.Origin | None" = None) -> None:
         """The section state beside the video (state.py): the encoders' outputs now, each section as it is made."""
         header = {"settings": self.settings, "width": inputs.width, "height": inputs.height,
                   "model_files": self.record.get("model_files"), "decode_context": decode_context,
                   "planned_sections": spec.sections}
         if origin is not None and origin.saved is None:
             header["brought_video"] = origin.video.name  # its section 1 is that video, not sampled latents
-        self.state = SectionStore(self.out_path, spec.section_state, header, self.writing.name)
+        self.state = SectionStore(self.out_path, spec.section_state, header, self.writing.name,
+                                  inputs.section_prompts)
         resumed = origin is not None and origin.kind == "resume"
         tensors = None if resumed else _input_tensors(inputs)
         self.state.begin(tensors, origin.kept if origin else None,
@@ -323,13 +370,16 @@ class _JobFiles:
 
     def start_video(self, inputs: JobInputs, frame_sink, emit, started: float) -> None:
         spec, out_path = inputs.spec, self.out_path
+        # the settings in the file itself, with the name of the start image's copy beside it (settings from a file)
+        settings = {**self.settings, "input_image_file": input_copy_name(out_path, self._image)}
         writer = SectionVideoWriter(self.writing, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
-                                    metadata={"framepack_settings": json.dumps(self.settings, sort_keys=True)})
+                                    metadata={METADATA_KEY: json.dumps(settings, sort_keys=True)})
 
-        def saved(section, frames_written):  # on the encoder thread, once the section is in the file
-            if self.state is not None:
-                self.state.section_saved(section, frames_written)
-            emit(SectionSaved(section, spec.sections, str(self.writing), frames_written, time.monotonic() - started))
+        def saved(section, frames_on_disk):  # on the encoder thread, once the section is in the file
+            if self.state is not None:  # what a resume copies: the frames a killed job's file holds for sure
+                self.state.section_saved(section, frames_on_disk)
+            emit(SectionSaved(section, spec.sections, str(self.writing), frames_on_disk,
+                              time.monotonic() - started))
 
         self.encoder = BackgroundWriter(writer, saved)
 
@@ -368,7 +418,12 @@ class _JobFiles:
             return self.encoder.close()
         except Exception:  # never let a failing close hide the original outcome
             log.exception("closing the video failed")
-            return self.encoder.writer.frames_written
+            # after a failed write (a full disk) the encoder's count is more than the file holds: count those
+            try:
+                return count_frames(self.writing)
+            except Exception:
+                log.exception("the video %s cannot be read back", self.writing)
+                return 0
 
 
 # --- continued jobs (continuation.py): resume, branch, extend ----------------------------------------------------
@@ -385,26 +440,21 @@ def _prepare_continued(origin: "continuation.Origin", files: "_JobFiles", lender
                        started: float) -> tuple[JobInputs, LoopStart]:
     """What `_prepare` makes, for a job that continues `origin`: the saved encoder outputs where they still apply
     (a resume loads no encoder), the history, and the video holding the frames before the first new section."""
-    spec = origin.spec
+    spec, plan = origin.spec, origin.section_prompts
     if origin.kind == "resume":
         files.writing = files.out_path.with_name(f".{files.out_path.stem}.resume-{time.time_ns()}.mp4")
         files.replaces = origin.video
     files.record = {**files.record, "continued": {"kind": origin.kind, "video": origin.video.name,
                                                   "from_section": origin.first_section + 1}}
-    files.write_settings(spec, origin.height, origin.width)
+    files.write_settings(spec, origin.height, origin.width, (origin.prompt_changes, plan))
     emit(Phase("settings", f"seed {spec.seed}, {origin.width}x{origin.height}, {origin.kind} from section "
                            f"{origin.first_section + 1} of {spec.sections}, {spec.frames} frames"))
+    if len(origin.prompt_changes) > 1:
+        emit(Phase("prompts", describe(origin.prompt_changes)))
     if origin.anchor_note:
         emit(Notice(origin.anchor_note))
     saved = origin.saved.inputs() if origin.saved is not None else {}
-    if saved and origin.saved.settings.get("prompt") == spec.prompt and (
-            spec.cfg == 1 or (origin.saved.settings.get("negative") == spec.negative and "negative_llama" in saved)):
-        positive, negative = _saved_prompt(saved, "positive"), (_saved_prompt(saved, "negative") if spec.cfg != 1 else None)
-    else:
-        emit(Phase("text", "encoding the prompt"))
-        prompts = [spec.prompt] + ([spec.negative] if spec.cfg != 1 else [])
-        embeds, _ = text.encode_prompts(prompts, lender)
-        positive, negative = embeds[0], (embeds[1] if spec.cfg != 1 else None)
+    prompts, negative = _continued_prompts(origin, saved, lender, emit)
     _check_cancel(cancel)
     if origin.anchor_image is None:
         image_embeds, start_latent = saved["image_embeds"], saved["start_latent"]
@@ -417,7 +467,8 @@ def _prepare_continued(origin: "continuation.Origin", files: "_JobFiles", lender
     generator = section_noise_generator(spec.seed)
     if origin.generator_state is not None:
         generator.set_state(origin.generator_state)
-    inputs = JobInputs(spec, origin.width, origin.height, positive, negative, image_embeds, start_latent, generator)
+    inputs = JobInputs(spec, origin.width, origin.height, prompts, plan, negative, image_embeds, start_latent,
+                       generator)
     emit(Phase("decode", "putting back the frames before the first new section"))
     history, frames = continuation.history_and_frames(origin, lender, start_latent_generator(spec.seed))
     files.start_state(spec, inputs, decode_context, origin)
@@ -430,19 +481,33 @@ def _prepare_continued(origin: "continuation.Origin", files: "_JobFiles", lender
         _check_cancel(cancel)
     if origin.saved is None:  # a brought video: the history it gave stands as section 1's latents (resumable)
         files.state.section_sampled(0, history.latents, generator.get_state())
-        files.state.section_saved(0, writer.frames_written)
+        files.state.section_saved(0, writer.frames_on_disk)
     return inputs, LoopStart(origin.first_section, history)
 
 
-def _saved_prompt(saved: dict, name: str) -> text.PromptEmbeds:
-    return text.PromptEmbeds(saved[f"{name}_llama"], saved[f"{name}_llama_mask"], saved[f"{name}_clip_pooled"])
+def _continued_prompts(origin: "continuation.Origin", saved: dict, lender: ModelLender,
+                       emit) -> tuple[dict[str, text.PromptEmbeds], text.PromptEmbeds | None]:
+    """Every prompt of the continued output's sections (and the negative, with real CFG): the saved embeddings of
+    those the source already had, the others encoded (through the prompt cache)."""
+    spec = origin.spec
+    known = origin.saved.prompt_embeds(saved) if origin.saved is not None else {}
+    prompts = {prompt: known[prompt] for prompt in distinct_prompts(origin.section_prompts) if prompt in known}
+    missing = [prompt for prompt in distinct_prompts(origin.section_prompts) if prompt not in prompts]
+    negative = None
+    if spec.cfg != 1 and origin.saved is not None and origin.saved.settings.get("negative") == spec.negative:
+        negative = origin.saved.negative_embeds(saved)
+    wants_negative = spec.cfg != 1 and negative is None
+    if missing or wants_negative:
+        emit(Phase("text", "encoding the prompt" if len(missing) + wants_negative == 1 else
+                   f"encoding {len(missing) + wants_negative} prompts"))
+        embeds, _ = text.encode_prompts(missing + ([spec.negative] if wants_negative else []), lender)
+        prompts.update(zip(missing, embeds))
+        if wants_negative:
+            negative = embeds[-1]
+    return prompts, negative
 
 
 def _input_tensors(inputs: JobInputs) -> dict[str, torch.Tensor]:
     """The encoders' outputs a continued job reuses (state.py's inputs.safetensors)."""
-    tensors = {"start_latent": inputs.start_latent, "image_embeds": inputs.image_embeds}
-    for name, embeds in (("positive", inputs.positive), ("negative", inputs.negative)):
-        if embeds is not None:
-            tensors.update({f"{name}_llama": embeds.llama, f"{name}_llama_mask": embeds.llama_mask,
-                            f"{name}_clip_pooled": embeds.clip_pooled})
-    return tensors
+    return {"start_latent": inputs.start_latent, "image_embeds": inputs.image_embeds,
+            **prompt_tensors(inputs.section_prompts, inputs.prompts, inputs.negative)}

@@ -2,12 +2,16 @@
 
 `clip.mp4` gets `clip.state/` (sidecar.state_path):
 
-    inputs.safetensors        the start latent (1, 16, 1, h, w), SigLIP's features (1, 729, 1152) and the prompt
-                              embeddings (and the negative prompt's, with real CFG): a resume loads no encoder
+    inputs.safetensors        the start latent (1, 16, 1, h, w), SigLIP's features (1, 729, 1152) and the embeddings
+                              of every prompt the sections use (prompt_0_*, prompt_1_*... in state.json's "prompts"
+                              order; and the negative prompt's, with real CFG): a resume loads no encoder
     section_0001.safetensors  per section: its 9 new latents (1, 16, 9, h, w) in float32, exactly as sampled, and
                               the section-noise generator's state after it (5 KB)
-    state.json                the settings, the model files' fingerprint, the size, and per section the frames the
-                              video holds for good once it is written; written last: a section counts once listed
+    state.json                the settings, the model files' fingerprint, the size, the prompts over time ("prompts":
+                              the distinct texts; "section_prompts": per section of the output an index into them,
+                              and while blending the index blended from and the weight), and per section the frames
+                              the video holds for good once it is written (SectionSaved's frames_on_disk); written
+                              last: a section counts once listed
 
 Every file is written to a temporary name and moved into place (os.replace), so a job killed at any moment leaves
 the state of its last finished section. Sizes at 640 px (640x608, latents 80x76): a section 3.5 MB
@@ -30,13 +34,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..errors import InputError
+from ..prompts import SectionPrompt, distinct_prompts
 from ..sidecar import atomic_write_bytes, state_path
 from ..spec import LATENT_WINDOW
 from .sections import HISTORY_SIZES
+from .text import PromptEmbeds
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: prompts over time (one embedding per distinct prompt), frames_on_disk per section
 MANIFEST = "state.json"
 INPUTS = "inputs.safetensors"
 # The newest sections a resume reads: the 19 history latents (sections.HISTORY_SIZES) span 3 sections of 9
@@ -48,6 +54,30 @@ def section_file(section: int) -> str:
     return f"section_{section + 1:04d}.safetensors"
 
 
+def plan_record(plan: list[SectionPrompt]) -> dict:
+    """state.json's record of each section's prompt: the distinct texts once, then per section their indexes."""
+    texts = distinct_prompts(plan)
+    index = {prompt: i for i, prompt in enumerate(texts)}
+    return {"prompts": texts,
+            "section_prompts": [{"prompt": index[p.prompt], "blend_from": None if p.blend_from is None else
+                                 index[p.blend_from], "weight": p.weight} for p in plan]}
+
+
+def prompt_tensors(plan: list[SectionPrompt], prompts: dict[str, PromptEmbeds],
+                   negative: PromptEmbeds | None) -> dict[str, torch.Tensor]:
+    """inputs.safetensors' prompt embeddings: prompt_{i}_* for the i-th of plan_record's texts, negative_*."""
+    tensors = {}
+    named = [(f"prompt_{i}", prompts[prompt]) for i, prompt in enumerate(distinct_prompts(plan))]
+    for name, embeds in named + ([("negative", negative)] if negative is not None else []):
+        tensors.update({f"{name}_llama": embeds.llama, f"{name}_llama_mask": embeds.llama_mask,
+                        f"{name}_clip_pooled": embeds.clip_pooled})
+    return tensors
+
+
+def _embeds(tensors: dict[str, torch.Tensor], name: str) -> PromptEmbeds:
+    return PromptEmbeds(tensors[f"{name}_llama"], tensors[f"{name}_llama_mask"], tensors[f"{name}_clip_pooled"])
+
+
 def tensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return safetensors_bytes({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
 
@@ -57,17 +87,20 @@ class SectionStore:
 
     `section_sampled` (the job's thread) writes a section's latents and generator state as soon as it is sampled;
     `section_saved` (the encoder thread, once the section's frames are in the video) lists it in state.json. Only
-    then does it count: the video then holds all but its newest frame of `frames_written` (the MP4 muxer keeps
-    the newest packet in memory), which is what a resume copies.
+    then does it count, with the frames the video holds then for sure (`frames_on_disk`: the MP4 muxer keeps the
+    newest packet in memory), which is what a resume copies.
     """
 
-    def __init__(self, video: Path, keep: str, header: dict, writing: str | None = None):
+    def __init__(self, video: Path, keep: str, header: dict, writing: str | None = None,
+                 plan: list[SectionPrompt] = ()):
         """`video`: the output; `writing`: the file its frames go to now, if another (a resume's, until it is
-        moved into place): state.json names it from the first section this job adds."""
+        moved into place): state.json names it from the first section this job adds. `plan`: each section's
+        prompt (prompts.SectionPrompt), every section of the output."""
         self.folder = state_path(video)
         self.keep = keep
         self.writing = writing or video.name
-        self.manifest = {"format": STATE_FORMAT, "video": video.name, **header, "sections": []}
+        self.manifest = {"format": STATE_FORMAT, "video": video.name, **header, **plan_record(list(plan)),
+                         "sections": []}
         self._lock = threading.Lock()
 
     def begin(self, inputs: dict[str, torch.Tensor] | None, kept: list[dict] | None = None,
@@ -96,12 +129,12 @@ class SectionStore:
         atomic_write_bytes(self.folder / section_file(section),
                            tensors_bytes({"latents": latents, "generator": generator_state}))
 
-    def section_saved(self, section: int, frames_written: int) -> None:
+    def section_saved(self, section: int, frames_on_disk: int) -> None:
         with self._lock:
             sections = self.manifest["sections"]
             if section != len(sections):
                 raise RuntimeError(f"section {section + 1} saved after {len(sections)}")
-            sections.append({"file": section_file(section), "frames_written": int(frames_written)})
+            sections.append({"file": section_file(section), "frames_on_disk": int(frames_on_disk)})
             self.manifest["video"] = self.writing
             dropped = self._drop_old()
             self._commit()
@@ -178,6 +211,19 @@ class SavedState:
     def inputs(self) -> dict[str, torch.Tensor]:
         return _read(self.folder / INPUTS, self.video)
 
+    def section_plan(self) -> list[SectionPrompt]:
+        """What each section of the video was (or, not made yet, is planned to be) conditioned on."""
+        texts = self.manifest["prompts"]
+        return [SectionPrompt(texts[p["prompt"]], None if p["blend_from"] is None else texts[p["blend_from"]],
+                              float(p["weight"])) for p in self.manifest["section_prompts"]]
+
+    def prompt_embeds(self, inputs: dict[str, torch.Tensor]) -> dict[str, PromptEmbeds]:
+        """Every saved prompt's embeddings by its text, from `inputs` (self.inputs())."""
+        return {prompt: _embeds(inputs, f"prompt_{i}") for i, prompt in enumerate(self.manifest["prompts"])}
+
+    def negative_embeds(self, inputs: dict[str, torch.Tensor]) -> PromptEmbeds | None:
+        return _embeds(inputs, "negative") if "negative_llama" in inputs else None
+
     def section(self, section: int) -> dict[str, torch.Tensor]:
         return _read(self.folder / self.entry(section)["file"], self.video)
 
@@ -196,6 +242,11 @@ def load_state(video: str | os.PathLike[str]) -> SavedState:
         if manifest.get("format") != STATE_FORMAT or not isinstance(sections, list):
             raise ValueError("unknown format")
         int(manifest["width"]), int(manifest["height"]), dict(manifest["settings"])
+        texts, plan = manifest["prompts"], manifest["section_prompts"]
+        if not isinstance(texts, list) or not isinstance(plan, list) or not all(
+                0 <= p["prompt"] < len(texts) and (p["blend_from"] is None or 0 <= p["blend_from"] < len(texts))
+                for p in plan):
+            raise ValueError("bad prompts")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"the saved state of {video.name} is unreadable ({MANIFEST}: {exc.__class__.__name__})") \
             from exc

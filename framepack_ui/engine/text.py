@@ -71,6 +71,28 @@ def encode_prompt(prompt: str, tokenizer, text_encoder, tokenizer_2, text_encode
     return PromptEmbeds(llama.float().cpu(), llama_mask.long().cpu(), pooled.float().cpu(), notices)
 
 
+def mix_embeds(old: PromptEmbeds, new: PromptEmbeds, weight: float) -> PromptEmbeds:
+    """`(1 - weight) * old + weight * new`, for blending across a prompt change (prompts.py).
+
+    CLIP's pooled vectors have one shape and mix exactly. The Llama parts do not: each prompt has its own token
+    count (L_old, L_new; masks all ones, cropped to the real tokens). Both are padded with zero vectors to the longer
+    one and mixed position by position, the mask all ones over it (the transformer cuts the text where the mask's
+    ones end, so it cannot skip positions in between): the longer prompt's extra tokens come in scaled by its
+    share. Position i of one prompt is not the same word as position i of the other, so this mixes the
+    conditioning as ComfyUI's ConditioningAverage does (which crops the other to the first's length instead of
+    padding), not a sentence halfway between the two.
+    """
+    length = max(old.llama.shape[1], new.llama.shape[1])
+
+    def padded(e: PromptEmbeds) -> torch.Tensor:  # (1, length, D)
+        return torch.nn.functional.pad(e.llama.float(), (0, 0, 0, length - e.llama.shape[1]))
+
+    llama = (1 - weight) * padded(old) + weight * padded(new)
+    mask = torch.ones((1, length), dtype=old.llama_mask.dtype)
+    pooled = (1 - weight) * old.clip_pooled.float() + weight * new.clip_pooled.float()
+    return PromptEmbeds(llama, mask, pooled, [])
+
+
 # Part of the prompt cache's key (the lender's prompt cache): anything here that changes the embeddings.
 RECIPE_VERSION = 1
 

@@ -10,7 +10,9 @@ frames (the context decode of f1.py), with the end of the same 33 weights.
 
 The MP4 is fragmented (one fragment per frame, ``empty_moov``) and flushed per packet, so after each
 ``add_section`` the file on disk plays with all but the last written frame (the muxer keeps the newest packet
-until it knows its duration). Such files report 0 frames in the header: use ``count_frames`` (decodes).
+until it knows its duration): ``frames_on_disk`` counts them, and is what a section reports as saved, so that a
+process killed after it leaves a file with exactly that many frames. Such files report 0 frames in the header: use
+``count_frames`` (decodes).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable, Mapping
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -37,6 +40,13 @@ _MOVFLAGS = "frag_every_frame+empty_moov+default_base_moof+use_metadata_tags"
 _ENCODE_CHUNK_FRAMES = 8  # frames converted to uint8 at a time: bounds the temporary copies
 
 FrameSink = Callable[[np.ndarray], None]  # receives uint8 (N, H, W, 3) exactly as handed to the encoder
+
+
+def open_output(path: Path) -> BinaryIO:
+    """The video file, opened by Python rather than by FFmpeg: every byte of the video goes through this file's
+    write, the one place a write error (a full disk: ENOSPC) arises, whatever part of the muxer wrote. Unbuffered,
+    so each fragment the muxer flushes is in the OS's hands at once (it survives the process being killed)."""
+    return open(path, "wb", buffering=0)
 
 
 def crossfade_weights(overlap: int, ramp: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,14 +129,19 @@ class SectionVideoWriter:
         self._closed = False
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._container = av.open(
-            str(self.path),
-            mode="w",
-            format="mp4",
-            # frag_every_frame + flush_packets: each frame reaches the disk as its own fragment (all but the
-            # newest, whose duration the muxer needs first); use_metadata_tags keeps custom keys.
-            options={"movflags": _MOVFLAGS, "flush_packets": "1"},
-        )
+        self._file = open_output(self.path)
+        try:
+            self._container = av.open(
+                self._file,
+                mode="w",
+                format="mp4",
+                # frag_every_frame + flush_packets: each frame reaches the disk as its own fragment (all but the
+                # newest, whose duration the muxer needs first); use_metadata_tags keeps custom keys.
+                options={"movflags": _MOVFLAGS, "flush_packets": "1"},
+            )
+        except BaseException:
+            self._file.close()
+            raise
         try:
             for key, value in (metadata or {}).items():
                 if not isinstance(key, str) or not isinstance(value, str):
@@ -140,7 +155,7 @@ class SectionVideoWriter:
             self._stream.options = {"crf": str(int(crf)), "tune": "zerolatency"}
             self._time_base = Fraction(1, self.fps)
         except BaseException:
-            self._container.close()
+            self._close_files()
             raise
 
     # -- public -------------------------------------------------------------------------------------------------
@@ -149,6 +164,13 @@ class SectionVideoWriter:
     def frames_written(self) -> int:
         """Frames handed to the encoder so far (final; the held-back ones are not counted)."""
         return self._frames_written
+
+    @property
+    def frames_on_disk(self) -> int:
+        """Frames the file holds now, should the process die this instant: one fewer than were encoded while the
+        writer is open (the muxer writes a frame's fragment when the next frame's packet arrives, since it needs
+        the next timestamp for the duration; PyAV offers no call that flushes that fragment), all after close."""
+        return self._frames_written if self._closed else max(self._frames_written - 1, 0)
 
     @property
     def frames_total(self) -> int:
@@ -257,7 +279,7 @@ class SectionVideoWriter:
                 self._container.mux(packet)
         finally:
             self._held = None
-            self._container.close()
+            self._close_files()
 
     def __enter__(self) -> SectionVideoWriter:
         return self
@@ -275,6 +297,12 @@ class SectionVideoWriter:
             log.exception("closing %s after an error failed", self.path)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _close_files(self) -> None:
+        try:
+            self._container.close()  # writes what the muxer still holds: may fail on a full disk
+        finally:
+            self._file.close()
 
     def _fade(self, pixels: torch.Tensor, fade: int) -> list[torch.Tensor]:
         """The held frames with the section's first ``fade`` frames cross-faded into their end."""
@@ -345,7 +373,7 @@ class BackgroundWriter:
 
     At most one section waits in the queue (`put` blocks while one does): with the one being written and the
     one being decoded that bounds the pixels in RAM to three sections (in practice one: encoding a section
-    takes far less than sampling the next). `on_saved(section, frames_written)` runs on the helper thread once
+    takes far less than sampling the next). `on_saved(section, frames_on_disk)` runs on the helper thread once
     the section is in the file. An error there is kept, the sections after it are dropped, and the next `put`
     or `finish` raises it on the job's thread, where it fails the job as an inline error would.
     """
@@ -399,7 +427,7 @@ class BackgroundWriter:
     def _write(self, section: int, pixels: torch.Tensor, fade: int | None) -> None:
         try:
             self.writer.add_section(pixels, fade)
-            self._on_saved(section, self.writer.frames_written)
+            self._on_saved(section, self.writer.frames_on_disk)
         except BaseException as exc:  # noqa: BLE001 - handed to the job's thread
             self._error = exc
 

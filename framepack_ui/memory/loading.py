@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFilesError
+from .exhaustion import out_of_host_memory
 from .storage import load_mapped_pretrained as mapped_pretrained
 from .storage import load_mapped_transformer as mapped_transformer
 from ..weights.layout import COMPONENTS
@@ -27,6 +28,8 @@ def _explain_failures(name: str, folder: Path):
     except ModelFilesError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as exc:
+        if out_of_host_memory(exc):
+            raise  # not the files' fault: the manager says what the load needed (exhaustion.py)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelFilesError(
             f"could not load {name} from {folder}: {first_line[:300]} (the files may be incomplete or corrupt: "

@@ -8,7 +8,9 @@ For each model the plan's ComponentPlan says where it lives (`where`), what its 
 (`storage`), its compute dtype, whether it stays loaded (`keep`) and how it computes (compile, attention, fp8
 matmul: applied through framepack_ui.compute once per load). A streamed model keeps its BlockStreamer here, and
 where the plan says `park_for_decode`, using the VAE parks the transformer's resident blocks (their VRAM goes to
-the decode) and restores them after.
+the decode) and restores them after. The job's LoRAs (`set_loras`) are put on the transformer when it loads, or at
+once on the loaded one: a new LoRA set or strength changes only the LoRA tensors (compute/lora.py), never the
+model's weights, so it reloads nothing.
 
 The manager is the engine's `ModelLender` (engine/lending.py): `use`, `compute_place`, the prompt cache,
 `first_use_notice`. It does not import the engine.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -25,9 +28,11 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..compute import attention, compile as compiled, precision
+from ..compute import lora as lora_compute
 from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
-from . import loading
+from . import exhaustion, loading
+from .lora import LoraSet
 from .plan import ComponentPlan, LoadPlan
 from .prompt_cache import PromptCache
 from .streaming import BlockStreamer, stream_model, stream_transformer
@@ -140,6 +145,8 @@ class ModelManager:
         self.on_prewarm = on_prewarm
         self.prewarm_count = 0  # pre-warms that reserved something (tests)
         self.park_count = 0  # times the transformer's resident blocks were parked for the VAE (tests)
+        self._loras = LoraSet()  # the LoRAs the transformer computes with (set_loras)
+        self._loras_applied: tuple | None = None  # the LoraSet.key on the loaded transformer (None: none applied)
         self._lock = threading.RLock()  # the idle timer frees from its own thread
         self._in_use = 0
         self._idle_timer: threading.Timer | None = None
@@ -166,7 +173,9 @@ class ModelManager:
         """The transformer compiles once per size; the VAE decoder once per load (it decodes in even tiles)."""
         model = self._loaded.get(name)
         if name == "transformer" and model is not None and compiled.blocks_compiled(model):
-            key, notice = (name, tuple(shape)), TRANSFORMER_COMPILE_NOTICE
+            # a block with LoRA layers is another graph: a new layout of LoRAs compiles again
+            layout = tuple(sorted(lora_compute.lora_layers(model).items()))
+            key, notice = (name, tuple(shape), layout), TRANSFORMER_COMPILE_NOTICE
         elif name == "vae" and model is not None and compiled.decoder_compiled(model):
             key, notice = (name,), VAE_COMPILE_NOTICE
         else:
@@ -206,11 +215,21 @@ class ModelManager:
         log.info("loading %s (%s, %s, %s)", name, c.where, c.compute_dtype,
                  "read-only file map" if c.storage in ("map", "fp8") else "RAM copy")
         self._prewarm_for(name)
+        started = time.perf_counter()
         device = self.device_of(name)
-        model = self._builders[name](self.models_dir, c, device)
+        try:
+            model = self._builders[name](self.models_dir, c, device)
+        except Exception as exc:
+            if not exhaustion.out_of_host_memory(exc):
+                raise
+            message = exhaustion.load_shortfall(name, c, exhaustion.commit_free_now(), exhaustion.ram_free_now())
+            raise MemoryPlanError(message) from exc
         streamer = self._stream(name, model, c, device) if streamed(c) else None
         try:
             self._apply_speed_options(name, model, c)
+            if name == "transformer":
+                self._loras_applied = None
+                self._apply_loras(model)
         except BaseException:
             if streamer is not None:
                 streamer.close()  # a load that fails holds nothing: no hooks, no page-locked memory
@@ -219,6 +238,7 @@ class ModelManager:
         if streamer is not None:
             self._streamers[name] = streamer
         self.load_count[name] = self.load_count.get(name, 0) + 1
+        log.info("loaded %s in %.2f s", name, time.perf_counter() - started)
 
     @staticmethod
     def _stream(name: str, model, c: ComponentPlan, device: torch.device) -> BlockStreamer:
@@ -242,6 +262,27 @@ class ModelManager:
                 compiled.compile_blocks(model)  # lazy: each block compiles on its first call
         elif name == "vae" and c.compile:
             compiled.compile_vae_decoder(model)  # lazy: compiles at the first decode
+
+    # --- LoRA -------------------------------------------------------------------------------------------------------
+
+    def set_loras(self, loras: LoraSet | None) -> None:
+        """The LoRAs (with their strengths) the transformer computes with from now on (None: none): put on the
+        loaded transformer at once (only their own tensors move: compute/lora.py), else when it loads. The plan
+        counted their memory (PlanOverrides.lora)."""
+        with self._lock:
+            self._loras = loras or LoraSet()
+            model = self._loaded.get("transformer")
+            if model is not None:
+                self._apply_loras(model)
+
+    def _apply_loras(self, model) -> None:
+        if self._loras.key == self._loras_applied:
+            return
+        count = lora_compute.apply_loras(model, self._loras.parts(), self.device_of("transformer"),
+                                         compute_dtype(self.component("transformer")))
+        self._loras_applied = self._loras.key
+        if count or self._loras.entries:
+            log.info("LoRA on %d layers of the transformer: %s", count, self._loras.describe() or "none")
 
     def _park_for(self, name: str):
         """Using the VAE while a streamed transformer is loaded, where the plan says the decode needs the room:
@@ -280,6 +321,8 @@ class ModelManager:
                     if streamer is not None:
                         streamer.close()  # waits for in-flight copies, removes its hooks
                     self._noticed = {n for n in self._noticed if n[0] != key}
+                    if key == "transformer":
+                        self._loras_applied = None
                     log.info("freed %s", key)
                 del model
         gc.collect()

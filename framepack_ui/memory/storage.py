@@ -256,6 +256,11 @@ class UpcastOnForward(LayerwiseCastingHook):
     def initialize_hook(self, module):
         return module  # the storage stays as mapped
 
+    def deinitalize_hook(self, module):
+        # diffusers' hook refuses to be removed (it cast the storage, and casting back would lose precision); this
+        # one never changed the storage, so it can be taken off and put back (compute/lora.py does, to swap a class)
+        return module
+
     def new_forward(self, module, *args, **kwargs):
         if isinstance(module, torch.nn.Embedding):
             # a lookup reads only its rows: convert those, not the table (Llama's is 1.05 GB in fp16); same numbers

@@ -5,13 +5,20 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..spec import SAMPLERS, SEED_MAX, JobSpec
+from ..spec import MAX_BLEND_SECTIONS, SAMPLERS, SEED_MAX, JobSpec
 from . import present
 
 CSS = """
 #gauges, #progress { font-variant-numeric: tabular-nums; }
 #preview img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 #plan pre { font-size: 12px; }
+.fp-timeline .fp-bar { display: flex; height: 18px; border-radius: 4px; overflow: hidden; font-size: 11px; }
+.fp-timeline .fp-bar span { text-align: center; color: white; border-right: 1px solid white; }
+.fp-timeline .fp-bad span { background: #bbb; }
+.fp-timeline .fp-marks { position: relative; height: 16px; font-size: 11px; }
+.fp-timeline .fp-mark { position: absolute; transform: translateX(-50%); white-space: nowrap; }
+.fp-timeline ul { margin: 2px 0; padding-left: 0; list-style: none; font-size: 13px; }
+.fp-timeline .fp-problem { color: #c0392b; font-size: 13px; }
 """
 
 
@@ -24,10 +31,15 @@ class Page:
     download_cancel: gr.Button  # stops the download; the next one resumes it
     download_progress: gr.Markdown
     image: gr.Image
+    settings_file: gr.File  # drop a past video or its settings JSON: the form gets its settings back
+    restore_note: gr.Markdown
     prompt: gr.Textbox
+    prompt_rows: gr.Dataframe  # the timeline editor: (time, prompt) rows kept in step with the prompt's syntax
+    prompt_blend: gr.Slider
     negative: gr.Textbox
     seconds: gr.Slider
     length: gr.Markdown
+    timeline: gr.HTML  # where sections and prompt changes fall (present.timeline_html)
     seed: gr.Number
     randomise: gr.Button
     steps: gr.Slider
@@ -59,6 +71,9 @@ class Page:
     gallery_settings: gr.Markdown
     use_settings: gr.Button
     gallery_seen: gr.State  # the outputs folder listing last shown, to refresh only on change
+    lora_files: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
+    lora_strengths: list  # gr.Number per LoRA slot
+    lora_refresh: gr.Button  # lists the LoRA folder again
     resume: gr.Button  # continue the selected interrupted or stopped output in place
     branch_section: gr.Number  # K: the first section a branch makes anew (1-based)
     branch: gr.Button  # the selected output's sections before K kept, the rest made with the form's settings
@@ -67,25 +82,37 @@ class Page:
     extend: gr.Button
     extend_video: gr.File  # a video from elsewhere to extend instead of the selected output
     remove: gr.Button  # delete the selected output with its settings and section state
+    # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
+    start_waiting: gr.Button | None = None
+    drop_waiting: gr.Button | None = None
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
-                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
+                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
+                self.prompt_blend]
 
     def form_outputs(self) -> list:
-        """What "Use these settings" fills: the start image, then present.FORM_KEYS in order."""
+        """What settings from a past job fill ("Use these settings", a dropped file): the start image, then
+        present.FORM_KEYS and present.RESTORED_EXTRAS in order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
-                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler]
+                self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
+                self.prompt_blend, self.profile, self.storage, self.prompt_rows]
+
+    def lora_inputs(self) -> list:
+        """Every LoRA slot's file, then every slot's strength (present.lora_choices' order)."""
+        return [*self.lora_files, *self.lora_strengths]
 
     def job_outputs(self) -> list:
         """What following a job updates: the job id, then present.OUTPUTS in order."""
         return [self.job_id, self.preview, self.section_video, self.progress, self.final_video]
 
 
-def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto") -> Page:
+def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto",
+               lora_files: list[str] = (), loras_dir: str = "models/loras") -> Page:
     """Create the components inside the current gr.Blocks context. `models_notice`: the missing-models banner
-    text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected."""
+    text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected;
+    `lora_files`: the LoRA files in `loras_dir` (worker.lora_files())."""
     d = JobSpec(image="", prompt="")
     with gr.Column(visible=bool(models_notice), elem_id="models_banner") as banner:
         notice = gr.Markdown(models_notice, elem_id="models_notice")
@@ -97,8 +124,21 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Start image",
                              elem_id="start_image", height=320)
-            prompt = gr.Textbox(label="Prompt", lines=2, placeholder="The girl dances gracefully, with clear "
-                                "movements, full of charm.", elem_id="prompt")
+            settings_file = gr.File(label="Settings from a file: drop a past video (.mp4) or its settings (.json)",
+                                    file_types=[".mp4", ".json"], type="filepath", elem_id="settings_file",
+                                    height=90)
+            restore_note = gr.Markdown("", elem_id="restore_note")
+            prompt = gr.Textbox(label="Prompt (prompts over time: [0s: a woman waves] [2.4s: she smiles])", lines=2,
+                                placeholder="The girl dances gracefully, with clear movements, full of charm.",
+                                elem_id="prompt")
+            with gr.Accordion("Prompts over time", open=True):
+                prompt_rows = gr.Dataframe(value=present.prompt_rows(""), headers=present.PROMPT_COLUMNS,
+                                           datatype=["str", "str"], column_count=2,
+                                           type="array", interactive=True, elem_id="prompt_rows",
+                                           label="Each change lands at the nearest section boundary (every 1.2 s)")
+                prompt_blend = gr.Slider(0, MAX_BLEND_SECTIONS, value=d.prompt_blend_sections, step=1,
+                                         label="Blend each change over N sections (0: switch at the boundary)",
+                                         elem_id="prompt_blend")
             negative = gr.Textbox(label="Negative prompt (used only when CFG > 1)", value=d.negative,
                                   elem_id="negative")
             with gr.Row():
@@ -106,6 +146,7 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
             seconds = gr.Slider(0.1, 120, value=d.seconds, step=0.1, label="Length (seconds)", elem_id="seconds")
             length = gr.Markdown(present.length_text(d.seconds), elem_id="length")
+            timeline = gr.HTML(present.timeline_html("", d.seconds), elem_id="timeline")
             with gr.Row():
                 seed = gr.Number(value=d.seed, precision=0, minimum=-1, maximum=SEED_MAX,
                                  label="Seed (-1 = random)", elem_id="seed", scale=3)
@@ -126,6 +167,18 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 crf = gr.Slider(1, 51, value=d.crf, step=1, label="MP4 quality (CRF: lower is better, bigger)",
                                 elem_id="crf")
                 sampler = gr.Radio(list(SAMPLERS), value=d.sampler, label="Sampler", elem_id="sampler")
+            with gr.Accordion("LoRA", open=bool(lora_files)):
+                gr.Markdown(f"LoRA files for the video model (kohya / musubi-tuner or diffusers .safetensors) in "
+                            f"`{loras_dir}`, each at its strength (1: as trained, 0: off).", elem_id="lora_help")
+                lora_pickers, lora_strengths = [], []
+                for slot in range(present.LORA_SLOTS):
+                    with gr.Row():
+                        lora_pickers.append(gr.Dropdown([present.NO_LORA, *lora_files], value=present.NO_LORA[1],
+                                                        label=f"LoRA {slot + 1}", elem_id=f"lora_file_{slot}",
+                                                        scale=3))
+                        lora_strengths.append(gr.Number(1.0, minimum=-10, maximum=10, step=0.05, label="Strength",
+                                                        elem_id=f"lora_strength_{slot}", scale=1))
+                lora_refresh = gr.Button("List the LoRA folder again", size="sm", elem_id="lora_refresh")
             with gr.Accordion("Memory", open=True):
                 profile = gr.Dropdown(list(profiles), value=profile if profile in profiles else profiles[0], label="Memory profile (auto: planned for "
                                       "this machine; the others force where the big models live)",
@@ -145,6 +198,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
             gauges = gr.Markdown("Reading the gauges...", elem_id="gauges")
             with gr.Accordion("Jobs", open=True):
                 jobs = gr.Markdown("No jobs yet.", elem_id="jobs")
+                with gr.Row():
+                    start_waiting = gr.Button("Start waiting jobs", size="sm", elem_id="start_waiting")
+                    drop_waiting = gr.Button("Drop waiting jobs", size="sm", elem_id="drop_waiting")
     with gr.Accordion("Past outputs", open=True):
         with gr.Row():
             with gr.Column(scale=1):
@@ -171,9 +227,11 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 extend_video = gr.File(label="...or extend a video from elsewhere (instead of the selected output)",
                                        file_types=["video"], type="filepath", elem_id="extend_video", height=80)
                 remove = gr.Button("Delete this output", variant="stop", size="sm", elem_id="remove_output")
-    return Page(banner, notice, download, download_cancel, download_progress, image, prompt, negative, seconds,
-                length, seed, randomise, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler, profile,
-                storage, plan, generate, stop, progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
+    return Page(banner, notice, download, download_cancel, download_progress, image, settings_file, restore_note,
+                prompt, prompt_rows, prompt_blend, negative, seconds, length, timeline, seed, randomise, steps, gs,
+                cfg, rs, teacache, threshold, resolution, crf, sampler, profile, storage, plan, generate, stop,
+                progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
-                use_settings, gr.State(None), resume, branch_section, branch, extend_seconds, extend_image, extend,
-                extend_video, remove)
+                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh, resume, branch_section,
+                branch, extend_seconds, extend_image, extend, extend_video, remove,
+                start_waiting=start_waiting, drop_waiting=drop_waiting)

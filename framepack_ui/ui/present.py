@@ -6,6 +6,7 @@ page is sent only what changed (a growing video is not re-sent at every sampler 
 """
 from __future__ import annotations
 
+import html
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -14,7 +15,8 @@ from typing import Any
 
 from ..errors import InputError
 from ..events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
-from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, frame_count, section_count
+from ..prompts import SECTION_S, format_timed, parse_timed, schedule, section_prompts
+from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, LoraChoice, frame_count, section_count
 from ..units import GB
 from ..worker.events import Queued
 
@@ -26,14 +28,20 @@ FP8_OPTION = {"auto": None, "bf16": False, "fp8": True}
 PHASES = {  # engine phase names in words (anything else shows its own detail)
     "starting": "Starting the engine",
     "settings": "Preparing",
+    "prompts": "Prompts over time",
     "text": "Encoding the prompt",
     "image": "Encoding the start image",
     "transformer": "Loading the video model",
+    "sampling": "Sampling",
     "decode": "Decoding",
+    "writing": "Writing the video",
     "convert": "Converting the video model to fp8 (once)",
     "plan": "Planning where the models live",
     "download": "Downloading the models",
+    "lora": "Reading the LoRAs",
 }
+LORA_SLOTS = 4  # LoRA pickers on the page, each with its strength
+NO_LORA = ("(none)", "")  # the picker's empty choice: (label, value)
 
 
 @dataclass(frozen=True)
@@ -168,22 +176,58 @@ def length_text(seconds: float | None) -> str:
 
 def spec_from_inputs(image: str | None, prompt: str, negative: str, seconds: float, seed: float, steps: float,
                      gs: float, cfg: float, rs: float, teacache: bool, teacache_threshold: float,
-                     resolution: float, crf: float, sampler: str) -> JobSpec:
+                     resolution: float, crf: float, sampler: str, prompt_blend_sections: float = 0) -> JobSpec:
     """The form's values as a JobSpec; InputError (one line) for what the form itself cannot hold."""
     if not image:
         raise InputError("upload a start image first")
     numbers = dict(seconds=seconds, seed=seed, steps=steps, gs=gs, cfg=cfg, rs=rs,
-                   teacache_threshold=teacache_threshold, resolution=resolution, crf=crf)
+                   teacache_threshold=teacache_threshold, resolution=resolution, crf=crf,
+                   prompt_blend_sections=prompt_blend_sections)
     for name, value in numbers.items():
         if value is None:
             raise InputError(f"{name} is empty")
-    for name in ("seed", "steps", "resolution", "crf"):
+    for name in ("seed", "steps", "resolution", "crf", "prompt_blend_sections"):
         if numbers[name] != int(numbers[name]):
             raise InputError(f"{name} must be a whole number")
     return JobSpec(image=str(image), prompt=prompt or "", negative=negative or "", seconds=float(seconds),
                    seed=int(seed), steps=int(steps), gs=float(gs), cfg=float(cfg), rs=float(rs),
                    resolution=int(resolution), sampler=sampler, teacache=bool(teacache),
-                   teacache_threshold=float(teacache_threshold), crf=int(crf))
+                   teacache_threshold=float(teacache_threshold), crf=int(crf),
+                   prompt_blend_sections=int(prompt_blend_sections))
+
+
+def lora_choices(names: list, strengths: list, folder: Path) -> tuple[LoraChoice, ...]:
+    """The LoRA pickers' values (file names in `folder`, "" or None for none) and strengths as the job's choices;
+    InputError (one line) for a strength the form left empty."""
+    choices = []
+    for name, strength in zip(names, strengths):
+        if not name:
+            continue
+        if strength is None:
+            raise InputError(f"LoRA {name}: strength is empty")
+        choices.append(LoraChoice(str(Path(folder) / name), strength))
+    return tuple(choices)
+
+
+def lora_form_values(settings: dict, available: list[str], slots: int = LORA_SLOTS) -> tuple[list, list, list[str]]:
+    """What "Use these settings" puts in the LoRA pickers: (names, strengths) for every slot ("" and 1 for the
+    empty ones), and the recorded LoRAs it cannot (not in the LoRA folder, or beyond the pickers)."""
+    names, strengths, missing = [], [], []
+    for entry in settings.get("loras") or []:
+        name = Path(str(entry.get("path", ""))).name if isinstance(entry, dict) else ""
+        if name in available and len(names) < slots:
+            names.append(name)
+            strengths.append(entry.get("strength", 1.0))
+        elif name:
+            missing.append(name)
+    pad = slots - len(names)
+    return names + [NO_LORA[1]] * pad, strengths + [1.0] * pad, missing
+
+
+def loras_text(settings: dict) -> str:
+    """'a.safetensors x0.8, b.safetensors x1': the LoRAs a job recorded ("" for none)."""
+    return ", ".join(f"{Path(str(e.get('path', ''))).name} x{e.get('strength', 1.0):g}"
+                     for e in settings.get("loras") or [] if isinstance(e, dict))
 
 
 def jobs_table(jobs) -> str:
@@ -200,6 +244,8 @@ def jobs_table(jobs) -> str:
 def _job_progress(job) -> str:
     if job.status == "queued":
         return f"position {job.position}"
+    if job.status == "waiting":
+        return "queued before the app closed: start or drop it (buttons below)"
     if job.status == "running":
         if job.step is None:
             return "starting"
@@ -255,7 +301,9 @@ def _cell(text: str, limit: int) -> str:
 # --------------------------------------------------------------------------------------------- past outputs
 
 FORM_KEYS = ("prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "teacache", "teacache_threshold",
-             "resolution", "crf", "sampler")  # the sidecar keys "Use these settings" puts back in the form
+             "resolution", "crf", "sampler", "prompt_blend_sections")  # the sidecar keys put back in the form
+# ...then these, from the settings' memory record and the prompt (restored_form)
+RESTORED_EXTRAS = ("profile", "storage", "prompt_rows")
 ENDED = {"finished": "finished", "stopped": "stopped", "failed": "failed", "running": "running now",
          "interrupted": "interrupted (the app was closed mid-job)", "unknown": "no settings file"}
 
@@ -295,6 +343,8 @@ def gallery_details(entry) -> str:
         lines.append(f"{entry.sections_saved} sections saved: branch from any of them, or extend it{resume}")
     rows = ["| setting | value |", "|---|---|"]
     rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
+    if loras_text(s):
+        rows.append(f"| LoRA | {_cell(loras_text(s), 200)} |")
     if entry.image:
         rows.append(f"| start image | {Path(entry.image).name} |")
     return "  \n".join(lines) + "\n\n" + "\n".join(rows)
@@ -317,6 +367,95 @@ def continued_spec(base: JobSpec, image: str | None, seconds: float | None = Non
 def form_values(settings: dict) -> dict[str, Any]:
     """The sidecar's settings that the form can hold, by FORM_KEYS name (others left out)."""
     return {key: settings[key] for key in FORM_KEYS if settings.get(key) is not None}
+
+
+def restored_form(settings: dict, profiles) -> dict[str, Any]:
+    """Every form value a past job's settings give back (FORM_KEYS, then RESTORED_EXTRAS): the memory profile
+    where the page offers it, the storage the job asked for, the timeline editor's rows for its prompt. Values a
+    file does not hold are left out (the form keeps its own)."""
+    values = form_values(settings)
+    memory = settings.get("memory") if isinstance(settings.get("memory"), dict) else {}
+    if memory.get("profile") in profiles:
+        values["profile"] = memory["profile"]
+    if memory.get("storage_asked") in FP8_OPTION:
+        values["storage"] = memory["storage_asked"]
+    rows = prompt_rows(values["prompt"]) if isinstance(values.get("prompt"), str) else None
+    if rows is not None:
+        values["prompt_rows"] = rows
+    return values
+
+
+def restored_note(name: str, settings: dict, image: str | None) -> str:
+    """One line: whose settings the form now holds, and whether the start image came back."""
+    changes = len(settings.get("prompt_changes") or []) or len(prompt_rows(str(settings.get("prompt", ""))) or [])
+    prompts = f"{changes} prompts over time, " if changes > 1 else ""
+    found = (f"start image {Path(image).name}" if image else
+             "its start image was not found beside it or in the outputs folder: upload it again")
+    return f"Settings of **{_cell(name, 80)}** restored: {prompts}seed {settings.get('seed', '?')}; {found}."
+
+
+# ---------------------------------------------------------------------------------------- prompts over time
+
+PROMPT_COLUMNS = ["time (s)", "prompt"]
+# one colour per prompt span on the timeline (cycled)
+SPAN_COLOURS = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#e15759", "#76b7b2")
+
+
+def prompt_rows(prompt: str) -> list[list[str]] | None:
+    """The timeline editor's rows ([time, prompt] per change; one row at 0 for a plain prompt) for the prompt
+    text; None while the text does not parse (the editor keeps its rows, the timeline says what is wrong)."""
+    try:
+        pairs = parse_timed(prompt or "")
+    except InputError:
+        return None
+    return [[f"{seconds:g}", text] for seconds, text in pairs]
+
+
+def prompt_from_rows(rows) -> str:
+    """The prompt text for the editor's rows, blank rows left out (prompts.format_timed)."""
+    kept = []
+    for row in rows or []:
+        cells = [("" if cell is None else str(cell)) for cell in list(row)[:2]] + ["", ""]
+        if cells[0].strip() or cells[1].strip():
+            kept.append((cells[0], cells[1]))
+    return format_timed(kept)
+
+
+def timeline_html(prompt: str, seconds: float | None, blend_sections: float | None = 0) -> str:
+    """Under the length slider: the video's sections as a bar, each coloured by its prompt (blended ones as a
+    gradient), a mark where each prompt starts, and a line per prompt saying where its change lands; or, for a
+    prompt that cannot run, the one line Generate would refuse it with."""
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        return ""
+    sections = section_count(seconds)
+    try:
+        changes = schedule(prompt or "", sections)
+        plan = section_prompts(changes, sections, int(blend_sections or 0))
+    except InputError as exc:
+        cells = "".join(f'<span style="flex:1" title="section {i + 1}">{i + 1}</span>' for i in range(sections))
+        return (f'<div class="fp-timeline"><div class="fp-bar fp-bad">{cells}</div>'
+                f'<div class="fp-problem">⚠ {html.escape(exc.message)}</div></div>')
+    colour = {c.prompt: SPAN_COLOURS[i % len(SPAN_COLOURS)] for i, c in enumerate(changes)}
+    cells = []
+    for i, section in enumerate(plan):
+        start = f"{i * SECTION_S:.1f}–{(i + 1) * SECTION_S:.1f} s"
+        if section.blend_from is None:
+            fill, says = colour[section.prompt], section.prompt
+        else:
+            fill = f"linear-gradient(to right, {colour[section.blend_from]}, {colour[section.prompt]})"
+            says = f"{section.weight:.0%} {section.prompt}, {1 - section.weight:.0%} {section.blend_from}"
+        cells.append(f'<span style="flex:1;background:{fill}" title="section {i + 1}, {start}: '
+                     f'{html.escape(says, quote=True)}">{i + 1}</span>')
+    marks = "".join(f'<span class="fp-mark" style="left:{100 * c.section / sections:.2f}%">▲ {c.lands_s:.1f} s</span>'
+                    for c in changes[1:])
+    lines = []
+    for c in changes:
+        asked = ("" if math.isclose(c.at_s, c.lands_s, abs_tol=1e-9) else
+                 f" (asked {c.at_s:g} s: lands at the nearest section boundary)")
+        lines.append(f'<li><b style="color:{colour[c.prompt]}">■</b> from {c.lands_s:.1f} s, section {c.section + 1}'
+                     f'{asked}: {html.escape(_cell(c.prompt, 120))}</li>')
+    return (f'<div class="fp-timeline"><div class="fp-bar">{"".join(cells)}</div><div class="fp-marks">{marks}</div>'
+            f'<ul>{"".join(lines)}</ul></div>')
 
 
 def models_notice_text(missing: str, need_bytes: int = 0, free_bytes: int | None = None) -> str:

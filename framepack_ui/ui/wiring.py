@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 
 import gradio as gr
 
@@ -33,7 +34,8 @@ def build_ui(worker) -> gr.Blocks:
     gr.set_static_paths([worker.live_dir()])
     with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S, analytics_enabled=False) as demo:
         gr.Markdown("# FramePack UI\nFramePack F1 image-to-video, on this machine.")
-        page = build_page(_notice(worker), worker.plan_choices(), worker.profile)
+        page = build_page(_notice(worker), worker.plan_choices(), worker.profile, worker.lora_files(),
+                          str(worker.loras_dir))
         _wire(demo, page, worker)
     return demo
 
@@ -79,10 +81,15 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, profile, storage, request: gr.Request):
+                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+        # `loras`: every LoRA slot's file, then every slot's strength (Page.lora_inputs); Gradio puts the request in
+        # its place among the positional parameters
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
-                                            teacache_threshold, resolution, crf, sampler)
+                                            teacache_threshold, resolution, crf, sampler, prompt_blend)
+            slots = len(page.lora_files)
+            spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
+                                                            worker.loras_dir))
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
@@ -106,11 +113,14 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
             raise gr.Error("Select a past output with a video first.", print_exception=False)
         return entry
 
-    def form_spec(form: tuple, image: str | None, seconds: float | None = None):
+    def form_spec(form: tuple, image: str | None, seconds: float | None = None, loras: tuple = ()):
         """The form's settings (present.spec_from_inputs's order, its image left out) with `image` as the start
-        image: the source's, or the one picked for Extend."""
+        image: the source's, or the one picked for Extend; `loras`: the LoRA slots (Page.lora_inputs)."""
         try:
             spec = present.spec_from_inputs(image or "(the video's own)", *form)
+            slots = len(page.lora_files)
+            spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
+                                                            worker.loras_dir))
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         return present.continued_spec(spec, image, seconds)
@@ -121,18 +131,20 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         yield from continued(Continuation("resume", entry.video), spec, profile, storage, request.session_hash)
 
     def branch(name, section, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold,
-               resolution, crf, sampler, profile, storage, request: gr.Request):
+               resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
         entry = selected(name)
-        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler)
-        spec = form_spec(form, entry.image)
+        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
+                prompt_blend)
+        spec = form_spec(form, entry.image, loras=loras)
         start = Continuation("branch", entry.video, int(section or 0))
         yield from continued(start, spec, profile, storage, request.session_hash)
 
     def extend(name, more_seconds, image, video, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
-               threshold, resolution, crf, sampler, profile, storage, request: gr.Request):
+               threshold, resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
         source = video or selected(name).video
-        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler)
-        spec = form_spec(form, image, more_seconds)
+        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
+                prompt_blend)
+        spec = form_spec(form, image, more_seconds, loras)
         yield from continued(Continuation("extend", source), spec, profile, storage, request.session_hash)
 
     def remove(name):
@@ -157,6 +169,11 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     def stop(job_id):
         if job_id is None or not worker.cancel(job_id):
             gr.Info("This page has no queued or running job to stop.")
+
+    def waiting(act, words: str):
+        """Resume or cancel every job that waits since the app restarted."""
+        if not [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]:
+            gr.Info(f"No jobs are waiting to be {words}.")
 
     def tick(previous, seen):
         gauges = read_gauges(previous=previous)
@@ -205,19 +222,68 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         entry = find(name)
         return (entry.video if entry is not None else None), present.gallery_details(entry)
 
+    def fill_form(name: str, settings: dict, image: str | None) -> tuple:
+        """form_outputs() and the restore note for a past job's settings: one path for the gallery and a file."""
+        values = present.restored_form(settings, worker.plan_choices())
+        keys = (*present.FORM_KEYS, *present.RESTORED_EXTRAS)
+        available = worker.lora_files()
+        names, strengths, missing = present.lora_form_values(settings, available)
+        if missing:
+            gr.Info(f"Not in {worker.loras_dir}: {', '.join(missing)} (LoRA left out)")
+        pickers = [gr.update(choices=[present.NO_LORA, *available], value=n) for n in names]
+        return (image or gr.skip(), *(values.get(key, gr.skip()) for key in keys), *pickers, *strengths,
+                present.restored_note(name, settings, image))
+
     def use_settings(name):
         entry = find(name)
         if entry is None:
             gr.Info("Select a past output first.")
-            return tuple(gr.skip() for _ in page.form_outputs())
-        values = present.form_values(entry.settings)
-        return (entry.image or gr.skip(), *(values.get(key, gr.skip()) for key in present.FORM_KEYS))
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + len(page.lora_inputs()) + 1))
+        return fill_form(entry.name, entry.settings, entry.image)
+
+    def settings_from_file(path):
+        """The form filled from a dropped file; the drop zone emptied for the next one."""
+        if not path:
+            return tuple(gr.skip() for _ in range(len(page.form_outputs()) + len(page.lora_inputs()) + 2))
+        try:
+            restored = worker.settings_from_file(path)
+        except UserError as exc:  # one line; nothing in the form changes
+            gr.Warning(exc.message)
+            return (*(gr.skip() for _ in [*page.form_outputs(), *page.lora_inputs()]), f"⚠ {exc.message}", None)
+        return (*fill_form(restored.name, restored.settings, restored.image), None)
+
+    def rows_from_prompt(prompt, rows):
+        new_rows = present.prompt_rows(prompt)
+        if new_rows is None or present.prompt_from_rows(rows) == present.prompt_from_rows(new_rows):
+            return gr.skip()  # unparsed (the timeline says why), or the rows say it already: they stay as they are
+        return new_rows
+
+    def prompt_from_rows(rows):
+        return present.prompt_from_rows(rows)
+
+    def list_loras(*current):
+        available = worker.lora_files()
+        return tuple(gr.update(choices=[present.NO_LORA, *available], value=value if value in available else "")
+                     for value in current)
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
-    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage], page.job_outputs(), **stream)
+    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()],
+                        page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
+    page.start_waiting.click(lambda: waiting(worker.resume, "started"), None, None, **stream)
+    page.drop_waiting.click(lambda: waiting(worker.cancel, "dropped"), None, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
+    # The prompt box and the timeline editor follow each other: the rows follow every change of the prompt (a
+    # textbox's `input` event can carry the value before the keystroke), the prompt follows the user's edits of
+    # the rows; rows that already say what the prompt says are left alone, so neither echoes the other. The
+    # timeline under the length follows the prompt, the length and the blend.
+    quiet = dict(queue=False, show_progress="hidden", trigger_mode="always_last")  # the newest edit wins
+    page.prompt.change(rows_from_prompt, [page.prompt, page.prompt_rows], page.prompt_rows, **quiet)
+    page.prompt_rows.input(prompt_from_rows, page.prompt_rows, page.prompt, **quiet)
+    timeline_inputs = [page.prompt, page.seconds, page.prompt_blend]
+    for control in timeline_inputs:
+        control.change(present.timeline_html, timeline_inputs, page.timeline, **quiet)
     gauges = dict(show_progress="hidden", concurrency_id="gauges", concurrency_limit=None)
     tick_io = ([page.last_gauges, page.gallery_seen],
                [page.gauges, page.jobs, page.last_gauges, page.gallery, page.gallery_seen])
@@ -235,8 +301,12 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False).then(  # the selected one may have
         show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)  # grown (a resume)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
-    page.use_settings.click(use_settings, page.gallery, page.form_outputs(), queue=False)
-    job_settings = [*page.spec_inputs(), page.profile, page.storage]
+    restored = [*page.form_outputs(), *page.lora_inputs(), page.restore_note]
+    page.use_settings.click(use_settings, page.gallery, restored, queue=False)
+    page.settings_file.upload(settings_from_file, page.settings_file, [*restored, page.settings_file],
+                              show_progress="hidden")
+    page.lora_refresh.click(list_loras, page.lora_files, page.lora_files, queue=False)
+    job_settings = [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()]
     page.resume.click(resume, [page.gallery, page.profile, page.storage], page.job_outputs(), **stream)
     page.branch.click(branch, [page.gallery, page.branch_section, *job_settings], page.job_outputs(), **stream)
     page.extend.click(extend, [page.gallery, page.extend_seconds, page.extend_image, page.extend_video,

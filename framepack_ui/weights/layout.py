@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ModelFilesError
 from ..units import GB
 
 DOWNLOAD_COMMAND = "python -m framepack_ui download"  # what the one-line messages tell the user to run
+LORAS_DIR = "loras"  # models/loras/: the LoRA files the web app offers (any path works on the command line)
 
 HUNYUAN_REPO = "hunyuanvideo-community/HunyuanVideo"
 REDUX_REPO = "lllyasviel/flux_redux_bfl"
@@ -108,3 +111,23 @@ def _file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
         f.seek(max(0, size - FINGERPRINT_SPAN_BYTES))
         digest.update(f.read(FINGERPRINT_SPAN_BYTES))
     return f"{size}:{digest.hexdigest()[:32]}"
+
+
+def check_small_files(models_dir: Path, names: tuple[str, ...] | None = None) -> None:
+    """Raise ModelFilesError naming the first JSON file (configs, shard indexes, tokenizers) of the components that
+    is not a JSON object: cheap (the files are small), so a job checks them before any long work, beside the weights'
+    safetensors headers (memory/storage.py read_header); a broken config would otherwise fail only when its model
+    loads, after the models before it. Missing files are left to `missing`."""
+    for name in names or tuple(COMPONENTS):
+        folder = COMPONENTS[name].folder(models_dir)
+        for file in COMPONENTS[name].files:
+            path = folder / file
+            if not file.endswith(".json") or not path.is_file():
+                continue
+            try:
+                if not isinstance(json.loads(path.read_text(encoding="utf-8")), dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                why = " ".join(str(exc).split())[:80]
+                raise ModelFilesError(f"{path} is not readable JSON ({why}): the file is corrupt or incomplete: "
+                                      f"delete it and download again ({DOWNLOAD_COMMAND})") from exc

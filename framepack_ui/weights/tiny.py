@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from framepack_ui.units import MB
-from framepack_ui.weights.layout import COMPONENTS, F1_REPO, HUNYUAN_REPO, REDUX_REPO
+from framepack_ui.weights.layout import COMPONENTS, F1_REPO, HUNYUAN_REPO, LORAS_DIR, REDUX_REPO
 
 log = logging.getLogger(__name__)
 
@@ -404,19 +404,21 @@ def _transformer_builder(config: dict):
 
 
 class _RandomFill:
-    """Random tensors for one component, deterministic for a seed.
+    """Random tensors for one component, deterministic for a seed (and the device that draws them).
 
-    Small tensors get their own normal_ draws. Tensors larger than the pool are tiled from one pool of normal
-    draws (starting at a random offset): drawing 750 M normals for a 1.5 GB test transformer takes ~10 s,
-    copying takes well under one, and a size or memory test does not care that the values repeat.
+    On the CPU, small tensors get their own normal_ draws and tensors larger than the pool are tiled from one pool
+    of normal draws (starting at a random offset): drawing 750 M normals for a 1.5 GB test transformer takes ~10 s,
+    copying takes well under one, and a size or memory test does not care that the values repeat. On a GPU every
+    tensor is drawn whole, on the device (fast enough for the 42 GB full-size set), and handed back on the CPU.
     """
 
     POOL_SIZE = 1_048_573  # prime, so tiled rows don't line up with power-of-two widths
 
-    def __init__(self, seed: int, dtype):
+    def __init__(self, seed: int, dtype, device=None):
         import torch
 
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device or "cpu")
+        self.generator = torch.Generator(self.device).manual_seed(seed)
         self.dtype = dtype
         self.pool = None
 
@@ -425,6 +427,9 @@ class _RandomFill:
 
         if len(shape) == 1 and "norm" in name and name.endswith("weight"):
             return torch.ones(shape, dtype=self.dtype)  # norm scales of 1 keep activations at a sane size
+        if self.device.type != "cpu":
+            drawn = torch.empty(shape, dtype=self.dtype, device=self.device)
+            return drawn.normal_(0.0, INIT_STD, generator=self.generator).cpu()  # one tensor on the device at a time
         count = math.prod(shape)
         if count <= self.POOL_SIZE:
             # normal_ fills bf16/fp16 directly: no fp32 copy of a large model is ever made
@@ -457,33 +462,186 @@ def _split_into_shards(shapes: dict[str, tuple[int, ...]], count: int, itemsize:
     return [names[bounds[k]:bounds[k + 1]] for k in range(count)]
 
 
-def _write_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype, seed: int, *, prefix: str = "",
-                   single_name: str | None = None, shard_stem: str | None = None, shard_count: int = 1,
-                   index_name: str | None = None) -> int:
-    """Writes random tensors (one file, or `shard_count` shards and an index); returns the tensor bytes."""
+def _split_by_max_bytes(shapes: dict[str, tuple[int, ...]], max_bytes: int, itemsize: int) -> list[list[str]]:
+    """save_pretrained's own sharding (huggingface_hub's split_state_dict_into_shards): tensors in order, a new
+    shard whenever the next tensor would take the current one past `max_bytes`. At the real configs this gives the
+    real repositories' shard sizes (text encoder 4.98/5.00/4.92/0.12 GB with "5GB"; transformer about 10/10/5.8 GB
+    with "10GB")."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * itemsize
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def _weight_files(shapes: dict[str, tuple[int, ...]], itemsize: int, *, prefix: str = "",
+                  single_name: str | None = None, shard_stem: str | None = None, shard_count: int = 1,
+                  index_name: str | None = None, max_shard_bytes: int | None = None) -> list[tuple[str, list[str]]]:
+    """(file name, tensor names with the checkpoint's prefix) of each file, in writing order. `max_shard_bytes`:
+    split as save_pretrained does, which must give `shard_count` shards (the real file names say how many)."""
+    keyed = [prefix + n for n in shapes]  # real checkpoints carry the pre-v5 module prefixes
+    if single_name:
+        return [(single_name, keyed)]
+    keyed_shapes = {prefix + n: s for n, s in shapes.items()}
+    if max_shard_bytes is not None:
+        groups = _split_by_max_bytes(keyed_shapes, max_shard_bytes, itemsize)
+        if len(groups) != shard_count:
+            raise ValueError(f"{max_shard_bytes / 1e9:g} GB shards give {len(groups)} files, not {shard_count}")
+    else:
+        groups = _split_into_shards(keyed_shapes, shard_count, itemsize)
+    return [(f"{shard_stem}-{i:05d}-of-{shard_count:05d}.safetensors", group)
+            for i, group in enumerate(groups, start=1)]
+
+
+def _write_weights(folder: Path, shapes: dict[str, tuple[int, ...]], dtype, seed: int, *, device=None,
+                   on_file: Callable[[Path, int, float], None] | None = None, **files) -> int:
+    """Writes random tensors (one file, or shards and an index: `_weight_files`' arguments); returns the tensor
+    bytes. `device`: where the values are drawn (default the CPU). `on_file(path, bytes, seconds)` after each file."""
+    import time
+
     import torch
     from safetensors.torch import save_file
 
-    fill = _RandomFill(seed, dtype)
+    fill = _RandomFill(seed, dtype, device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    keyed = {prefix + n: s for n, s in shapes.items()}  # real checkpoints carry the pre-v5 module prefixes
-    if single_name:
-        groups, files = [list(keyed)], [single_name]
-    else:
-        groups = _split_into_shards(keyed, shard_count, itemsize)
-        files = [f"{shard_stem}-{i:05d}-of-{shard_count:05d}.safetensors" for i in range(1, shard_count + 1)]
+    prefix = files.get("prefix", "")
+    index_name = files.get("index_name")
     folder.mkdir(parents=True, exist_ok=True)
     total, weight_map = 0, {}
-    for group, file_name in zip(groups, files):
+    for file_name, group in _weight_files(shapes, itemsize, **files):
+        started = time.perf_counter()
         # one shard in memory at a time; the generator runs in key order, so shard boundaries don't matter
-        tensors = {n: fill.tensor(n, keyed[n]) for n in group}
+        tensors = {n: fill.tensor(n, shapes[n.removeprefix(prefix)]) for n in group}
         save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
-        total += sum(t.numel() * itemsize for t in tensors.values())
+        written = sum(t.numel() * itemsize for t in tensors.values())
+        total += written
         weight_map.update({n: file_name for n in group})
         del tensors
+        if on_file is not None:
+            on_file(folder / file_name, written, time.perf_counter() - started)
     if index_name:
         _write_json(folder / index_name, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return total
+
+
+# --- LoRA files ------------------------------------------------------------------------------------------------
+
+TINY_LORA_RANK = 4
+TINY_LORA_STD = 0.1  # down and up: an update of about the weights' own size (rank 4 x 0.1 x 0.1 ~ 0.02)
+# One file per format the app reads, with the key names real trainers write (memory/lora.py):
+#   musubi-tuner (kohya keys, this transformer's layer names; every block Linear without "norm" in its name, as
+#   musubi-tuner's FramePack network excludes them), alpha 2 at rank 4 (scale 0.5), bf16;
+#   diffusers (PEFT keys under `transformer.`, the attention Linears), lora_alpha 8 / r 4 in the file's metadata, fp32;
+#   kohya HunyuanVideo (the original code's layer names, qkv and linear1 fused), alpha 4 (scale 1), fp16, with a few
+#   text-encoder keys the app ignores;
+#   ComfyUI / diffusion-pipe style (PEFT keys under `diffusion_model.`, original names), no alpha (scale 1), bf16.
+TINY_LORAS = ("tiny-musubi-framepack.safetensors", "tiny-diffusers.safetensors",
+              "tiny-kohya-hunyuanvideo.safetensors", "tiny-comfy-hunyuanvideo.safetensors")
+ATTENTION_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                     "attn.add_v_proj", "attn.to_add_out")
+
+
+def _original_layers(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """The original HunyuanVideo code's block Linears ((out, in)) for a transformer of these diffusers shapes."""
+    def shape(name):
+        return shapes[f"{name}.weight"]
+
+    layers = {}
+    duals = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks.")})
+    singles = sorted({int(k.split(".")[1]) for k in shapes if k.startswith("single_transformer_blocks.")})
+    for n in duals:
+        b = f"transformer_blocks.{n}"
+        for side, q, out, ff, mod in (("img", "to_q", "to_out.0", "ff", "norm1"),
+                                      ("txt", "add_q_proj", "to_add_out", "ff_context", "norm1_context")):
+            width, into = shape(f"{b}.attn.{q}")
+            layers[f"double_blocks.{n}.{side}_attn_qkv"] = (3 * width, into)
+            layers[f"double_blocks.{n}.{side}_attn_proj"] = shape(f"{b}.attn.{out}")
+            layers[f"double_blocks.{n}.{side}_mlp.fc1"] = shape(f"{b}.{ff}.net.0.proj")
+            layers[f"double_blocks.{n}.{side}_mlp.fc2"] = shape(f"{b}.{ff}.net.2")
+            layers[f"double_blocks.{n}.{side}_mod.linear"] = shape(f"{b}.{mod}.linear")
+    for n in singles:
+        b = f"single_transformer_blocks.{n}"
+        width, into = shape(f"{b}.attn.to_q")
+        layers[f"single_blocks.{n}.linear1"] = (3 * width + shape(f"{b}.proj_mlp")[0], into)
+        layers[f"single_blocks.{n}.linear2"] = shape(f"{b}.proj_out")
+        layers[f"single_blocks.{n}.modulation.linear"] = shape(f"{b}.norm.linear")
+    return layers
+
+
+def tiny_lora_tensors(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, tuple[dict, dict]]:
+    """file name -> (tensors, metadata) of the tiny LoRA files (TINY_LORAS) for a transformer of these shapes. One
+    metadata entry per file: safetensors writes several in no fixed order, and the same seed must give the same
+    bytes."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    r = TINY_LORA_RANK
+
+    def pair(out_in, dtype):
+        out, into = out_in
+        down = (torch.randn(r, into, generator=g) * TINY_LORA_STD).to(dtype)
+        up = (torch.randn(out, r, generator=g) * TINY_LORA_STD).to(dtype)
+        return down, up
+
+    blocks = {k[: -len(".weight")]: v for k, v in shapes.items() if len(v) == 2 and k.endswith(".weight")
+              and k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    files = {}
+
+    musubi = {}
+    for name, out_in in blocks.items():
+        if "norm" in name:
+            continue
+        key = "lora_unet_" + name.replace(".", "_")
+        musubi[f"{key}.lora_down.weight"], musubi[f"{key}.lora_up.weight"] = pair(out_in, torch.bfloat16)
+        musubi[f"{key}.alpha"] = torch.tensor(2.0)
+    files[TINY_LORAS[0]] = (musubi, {"format": "pt"})
+
+    peft = {}
+    for name, out_in in blocks.items():
+        if name.split(".", 2)[2] in ATTENTION_LINEARS:
+            peft[f"transformer.{name}.lora_A.weight"], peft[f"transformer.{name}.lora_B.weight"] = \
+                pair(out_in, torch.float32)
+    config = {"transformer.r": r, "transformer.lora_alpha": 2 * r, "transformer.alpha_pattern": {},
+              "transformer.rank_pattern": {}, "transformer.target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+              "transformer.use_dora": False, "transformer.use_rslora": False}
+    files[TINY_LORAS[1]] = (peft, {"lora_adapter_metadata": json.dumps(config, indent=2, sort_keys=True)})
+
+    original = _original_layers(shapes)
+    kohya = {}
+    for name, out_in in original.items():
+        key = "lora_unet_" + name.replace(".", "_")
+        kohya[f"{key}.lora_down.weight"], kohya[f"{key}.lora_up.weight"] = pair(out_in, torch.float16)
+        kohya[f"{key}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
+    for te_layer in ("lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+                     "lora_te_text_model_encoder_layers_0_mlp_fc1"):  # the text encoder's: ignored with a notice
+        kohya[f"{te_layer}.lora_down.weight"], kohya[f"{te_layer}.lora_up.weight"] = pair((32, 32), torch.float16)
+        kohya[f"{te_layer}.alpha"] = torch.tensor(float(r), dtype=torch.float16)
+    files[TINY_LORAS[2]] = (kohya, {"format": "pt"})
+
+    comfy = {}
+    for name, out_in in original.items():
+        if name.endswith(("attn_qkv", "linear1", "linear2")):
+            comfy[f"diffusion_model.{name}.lora_A.weight"], comfy[f"diffusion_model.{name}.lora_B.weight"] = \
+                pair(out_in, torch.bfloat16)
+    files[TINY_LORAS[3]] = (comfy, {"format": "pt"})
+    return files
+
+
+def write_tiny_loras(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> list[str]:
+    """The tiny LoRA files (TINY_LORAS) for a transformer of these shapes, written into `folder`; their paths."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (tensors, metadata) in tiny_lora_tensors(shapes, seed).items():
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(folder / name), metadata=metadata)
+        paths.append(str(folder / name))
+    return paths
 
 
 # --- transformer size ------------------------------------------------------------------------------------------
@@ -548,7 +706,8 @@ def make_tiny_models(models_dir: Path, transformer_mb: float | None = None, seed
     """Writes a complete tiny random model set under `models_dir` in the real layout; returns a summary.
 
     `transformer_mb` scales only the transformer (about that many MB of bf16 weights, +-20%); the encoders and
-    the VAE stay tiny. Same seed, same bytes.
+    the VAE stay tiny. Tiny LoRA files for that transformer go into `models_dir/loras/`, one per format the app
+    reads (TINY_LORAS). Same seed, same bytes.
     """
     import torch
 
@@ -587,6 +746,8 @@ def make_tiny_models(models_dir: Path, transformer_mb: float | None = None, seed
         summary["components"][name] = {"folder": str(folder), "params": sum(math.prod(s) for s in shapes.values()),
                                        "bytes": written, "dtype": str(dtype).removeprefix("torch.")}
         log.info("tiny %s: %d tensors, %.2f MB in %s", name, len(shapes), written / MB, folder)
+        if name == "transformer":
+            summary["loras"] = write_tiny_loras(models_dir / LORAS_DIR, shapes, seed)
     for name in ("tokenizer", "tokenizer_2", "feature_extractor"):
         summary["components"][name] = {"folder": str(folders[name])}
     summary["transformer_bytes"] = summary["components"]["transformer"]["bytes"]

@@ -7,6 +7,7 @@ closed mid-job) is shown as "interrupted".
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..sidecar import sidecar_path, state_path
+from .restore import start_image
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,10 @@ def past_outputs(outputs_dir: Path, running: set[str] = frozenset(), limit: int 
         except OSError:
             continue
         stems[path.stem] = max(stems.get(path.stem, 0.0), mtime)
-    newest = sorted(stems, key=lambda s: (stems[s], s), reverse=True)[:limit]
-    return [_entry(outputs_dir, stem, stems[stem], running) for stem in newest]
+    newest = sorted(stems, key=lambda s: (stems[s], s), reverse=True)
+    entries = (_entry(outputs_dir, stem, stems[stem], running) for stem in newest)
+    # a job not started yet has only its record (queue_records.py): it is listed with the jobs, not here
+    return list(itertools.islice((entry for entry in entries if entry.status != "queued"), limit))
 
 
 def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> PastOutput:
@@ -69,13 +73,11 @@ def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> Pas
     status = str(settings.get("status", "unknown")) if settings else "unknown"
     if status == "running" and str(video.resolve()) not in running:
         status = "interrupted"
-    image = settings.get("input_image_file")
-    image_path = outputs_dir / image if isinstance(image, str) and image else None
+    image = start_image(settings, (outputs_dir,))  # as settings from a dropped file find it
     has_video = video.is_file() and video.stat().st_size > 0
     frames = settings.get("frames")
-    return PastOutput(video.name, str(video.resolve()) if has_video else None, settings,
-                      str(image_path.resolve()) if image_path is not None and image_path.is_file() else None,
-                      status, str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime,
+    return PastOutput(video.name, str(video.resolve()) if has_video else None, settings, image, status,
+                      str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime,
                       _sections_saved(video))
 
 

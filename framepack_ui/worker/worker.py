@@ -23,23 +23,26 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
-from ..events import TERMINAL, Failed, Finished, Phase, Progress, SectionSaved, Step, Stopped
+from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
-from ..spec import Continuation, JobSpec
+from ..spec import LORA_SUFFIX, Continuation, JobSpec
 from ..units import GB
+from . import queue_records
 from .events import Queued
 from .gallery import PastOutput, listing_signature, past_outputs, remove_output
 from .live import clear_live, live_dir, section_link
+from .restore import Restored, settings_from_file
 
 log = logging.getLogger(__name__)
 
 STATUS = {Finished: "finished", Stopped: "stopped", Failed: "failed"}
 MAX_ENDED_JOBS = 100  # ended jobs kept for replay and the jobs list; older ones are forgotten
 
-# f1.run(spec, out_path, manager, emit, cancel, record=...) -> Finished | Stopped | Failed
+# f1.run(spec, out_path, manager, emit, cancel, record=..., out_of_memory_advice=...) -> Finished | Stopped | Failed
 RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
+STORAGE_ASKED = {None: "auto", False: "bf16", True: "fp8"}  # a job's fp8 plan option, in the settings' words
 
 
 @dataclass(frozen=True)
@@ -63,20 +66,29 @@ class _Job:
     listener: Callable | None = None  # submit's on_event: called with each event as it happens
     start: Continuation | None = None  # what the job continues (resume, branch, extend), if anything
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
+    out_of_memory_advice: str | None = None  # from the job's memory plan: what to pick should the GPU run out
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
     cancel: threading.Event = field(default_factory=threading.Event)
     events: list = field(default_factory=list)
-    status: str = "queued"
+    status: str = "queued"  # queued, waiting (queued before the app restarted: the user starts it), running...
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
 
 
 @dataclass(frozen=True)
+class _JobLoras:
+    """A job's LoRAs as read, what the plan counts for them, and their identity (LoraSet.key)."""
+    lora_set: object = None  # memory.lora.LoraSet; None: no LoRA
+    cost: object = None  # memory.plan.LoraCost
+    key: tuple = ()
+
+
+@dataclass(frozen=True)
 class JobInfo:
     """A snapshot of one job, for lists and for a page that reattaches."""
     id: str
-    status: str  # queued, running, finished, stopped, failed
+    status: str  # queued, waiting (queued before the app restarted: `resume` queues it), running, finished...
     position: int | None  # place in the queue (1 = starts next); None unless queued
     spec: JobSpec  # with the seed actually used
     out_path: str
@@ -105,6 +117,8 @@ class Worker:
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
         folder; None: in memory only). `serves_pages`: the web app's worker, which drops the section-video links an
         earlier run left (live.py); the command line's leaves them alone, since an app may be serving that folder.
+        The web app's worker also keeps its queue on disk: jobs queued but not started when the app closed (or was
+        killed) come back, waiting for the user to `resume` or `cancel` them (queue_records.py).
         `background`: jobs run on the worker's own thread; without it, on the thread that calls `run_queued` (the
         command line: its main thread, where Ctrl+C reaches the job as a stop)."""
         self.models_dir = Path(models_dir)
@@ -121,6 +135,8 @@ class Worker:
         self._manager = manager
         self._fixed_manager = manager is not None
         self._manager_key = None  # the placements the current manager applies
+        self._manager_loras = None  # the LoRA set (LoraSet.key) of the current manager's last job
+        self._placement_kept = False  # the current manager was kept for a LoRA change (_keep_placement)
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
         self._download_cancel = threading.Event()
@@ -134,6 +150,7 @@ class Worker:
         self.serves_pages = serves_pages
         if serves_pages:
             clear_live(self.outputs_dir)
+            self._restore_waiting()
         self._thread = None
         if background:
             self._thread = threading.Thread(target=self._loop, name="framepack-worker", daemon=True)
@@ -164,6 +181,10 @@ class Worker:
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event,
                        start)
+            # before it can start: the engine's own settings file then replaces the record. Not for a continued
+            # job: a resume's record would replace its source's settings file, and none records what it continues
+            if self.serves_pages and start is None:
+                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -190,20 +211,43 @@ class Worker:
         return (origin.spec if start.kind == "resume" else spec), out_path
 
     def cancel(self, job_id: str) -> bool:
-        """A queued job is dropped; the running one stops at its next step and keeps its finished sections.
-        False when the job is unknown or already ended."""
+        """A queued or waiting job is dropped (with its record); the running one stops at its next step and keeps
+        its finished sections. False when the job is unknown or already ended."""
         with self._cond:
             job = self._jobs.get(job_id)
             if job is None or job.result is not None:
                 return False
-            if job in self._queue:
-                self._queue.remove(job)
+            if job in self._queue or job.status == "waiting":
+                if job in self._queue:
+                    self._queue.remove(job)
+                queue_records.drop(job.out_path)
                 self._end(job, Stopped(None, 0))
                 self._renumber()
             else:
                 job.cancel.set()
             log.info("job %s: stop asked", job_id)
             return True
+
+    def resume(self, job_id: str) -> bool:
+        """Queue a job that waits since the app restarted (status "waiting"); False for any other job."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status != "waiting" or self._closed:
+                return False
+            job.status = "queued"
+            self._queue.append(job)
+            self._renumber()
+        log.info("job %s: queued again after the restart", job_id)
+        return True
+
+    def _restore_waiting(self) -> None:
+        """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
+        for record in queue_records.read_all(self.outputs_dir):
+            job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
+                       record.plan_options, status="waiting")
+            job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
+            self._jobs[job.id] = job
+            log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
 
     def events(self, job_id: str, since: int = 0) -> Iterator[object]:
         """Every event of the job from index `since`, then live ones; ends after Finished, Stopped or Failed."""
@@ -231,6 +275,21 @@ class Worker:
     def job(self, job_id: str) -> JobInfo:
         with self._cond:
             return self._info(self._job(job_id))
+
+    @property
+    def loras_dir(self) -> Path:
+        """Where the web app's LoRA picker looks: `models/loras/`."""
+        from ..weights.layout import LORAS_DIR
+
+        return self.models_dir / LORAS_DIR
+
+    def lora_files(self) -> list[str]:
+        """The LoRA files (.safetensors) in `loras_dir`, by name, sorted; [] when the folder is missing."""
+        try:
+            return sorted(p.name for p in self.loras_dir.iterdir()
+                          if p.is_file() and p.suffix.lower() == LORA_SUFFIX and not p.name.startswith("."))
+        except OSError:
+            return []
 
     def missing_models(self) -> str:
         """"" when every model file is in place, else one line naming what is missing and where it goes."""
@@ -300,6 +359,11 @@ class Worker:
         with self._cond:
             running = self._running.id if self._running is not None else None
         return running, listing_signature(self.outputs_dir)
+
+    def settings_from_file(self, path: str | Path) -> Restored:
+        """The settings of a past video or settings file, and its start image where it was saved (beside the file,
+        or in the outputs folder); InputError (one line) when the file holds none (restore.py)."""
+        return settings_from_file(path, (self.outputs_dir,))
 
     def live_dir(self) -> Path:
         """Where section_video's links live (serve it in place: see live.py)."""
@@ -441,7 +505,8 @@ class Worker:
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
             more = {"start": job.start} if job.start is not None else {}
-            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record, **more)
+            result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record,
+                             out_of_memory_advice=job.out_of_memory_advice, **more)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
@@ -456,6 +521,8 @@ class Worker:
             # before the end is seen: the file says so by then (the gallery lists it; the command line's job
             # that never started writes nothing beside its --out)
             self._record_failure(job, job.result or result)
+        if self.serves_pages:  # the engine never took it (stopped first, or an engine that writes no settings)
+            queue_records.drop(job.out_path)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
                 self._end(job, result)
@@ -468,13 +535,23 @@ class Worker:
             self._run_job = run
         if self.download_missing is not None:
             self._ensure_models(job, emit)
+        loras = self._read_loras(job, emit)  # before anything is planned, converted or loaded
         if not self._fixed_manager:
             # Planned before anything loads: a plan that cannot fit fails the job here (MemoryPlanError, one
-            # line), not half-way through. The same decisions keep the manager and the models it holds.
-            plan = self._make_plan(job.profile, job.spec.resolution, **job.plan_options)
+            # line), not half-way through; so do broken model files (the plan reads every safetensors header, and
+            # the small JSON files are read first). The same decisions keep the manager and the models it holds.
+            from ..weights.layout import check_small_files
+
+            check_small_files(self.models_dir)
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
+            from ..memory.plan import leaner_choices
 
             key = applied_decisions(plan)
+            if (self._manager is not None and key != self._manager_key
+                    and (loras.key != self._manager_loras or self._placement_kept)):
+                plan, key = self._keep_placement(job, plan, key, loras.cost)
+                self._placement_kept = key == self._manager_key
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
                     self._manager.free()
@@ -482,17 +559,63 @@ class Worker:
                 cache = {} if self.prompt_cache_dir is DEFAULT_CACHE else {"prompt_cache_dir": self.prompt_cache_dir}
                 self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress, **cache)
                 self._manager_key = key
+            self._manager.plan = plan  # the same decisions; the costs of this job (its LoRAs)
+            self._manager_loras = loras.key
             log.info("job %s plan (%s): %s", job.id, job.profile, plan.summary())
             emit(Phase("plan", plan.summary()))
             transformer = plan.components["transformer"]
             if transformer.storage == "fp8":
                 self._convert_fp8(job, emit)
-            job.record = {"memory": {"profile": job.profile, "transformer_storage": "fp8" if transformer.storage ==
-                                     "fp8" else transformer.storage_dtype, "plan": plan.summary()}}
+            storage = "fp8" if transformer.storage == "fp8" else transformer.storage_dtype
+            # what the page asked (restored by settings from a file), what the plan made of it, and why
+            job.record = {"memory": {"profile": job.profile,
+                                     "storage_asked": STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"),
+                                     "transformer_storage": storage, "plan": plan.summary(),
+                                     "notes": list(plan.notes)}}
+            job.out_of_memory_advice = leaner_choices(plan)
+        if hasattr(self._manager, "set_loras"):
+            self._manager.set_loras(loras.lora_set)  # None takes the previous job's off
+        elif loras.lora_set is not None:
+            raise InputError("this worker's model lender takes no LoRAs")
         from ..weights.layout import model_fingerprint
 
         job.record["model_files"] = model_fingerprint(self.models_dir)  # kept with the section state
         return self._run_job, self._manager
+
+    def _read_loras(self, job: _Job, emit) -> "_JobLoras":
+        """The job's LoRA files read and checked against the transformer's layers (memory/lora.py): a file that
+        does not fit fails the job here, in one line, before anything is converted or loaded."""
+        if not job.spec.loras:
+            return _JobLoras()
+        from ..memory.lora import read_lora_set
+
+        lora_set, linears = read_lora_set(job.spec.loras, self.models_dir)
+        emit(Phase("lora", lora_set.describe()))
+        for notice in lora_set.notices:
+            emit(Notice(notice))
+        return _JobLoras(lora_set, lora_set.cost(linears), lora_set.key)
+
+    def _keep_placement(self, job: _Job, plan, key, lora_cost):
+        """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
+        resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
+        job's plan too, rather than reloading the transformer for the LoRA's few hundred MB; and kept so for the
+        jobs after, until it no longer fits. Returns (plan, its applied decisions)."""
+        resident = self._manager.plan.components["transformer"].resident_blocks
+        if resident is None:
+            return plan, key
+        try:
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
+                                   **{**job.plan_options, "resident_blocks": resident})
+        except UserError:
+            return plan, key
+        from ..memory.manager import applied_decisions
+
+        if self._manager.plan.components["transformer"].park_for_decode:
+            # the loaded placement parks its resident blocks while the VAE decodes, which frees VRAM only: it fits
+            # a plan that need not park too
+            kept = kept.with_component("transformer", park_for_decode=True)
+        kept_key = applied_decisions(kept)
+        return (kept, kept_key) if kept_key == self._manager_key else (plan, key)
 
     def _convert_fp8(self, job: _Job, emit) -> None:
         """The fp8 cache made before the engine starts, where the plan stores the transformer as fp8 and the cache is
@@ -539,7 +662,7 @@ class Worker:
         path = sidecar_path(job.out_path)
         try:
             record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-            if isinstance(record, dict) and record.get("status") != "running":
+            if isinstance(record, dict) and record.get("status") not in ("running", queue_records.QUEUED):
                 return  # the engine recorded how it ended
             if not isinstance(record, dict):
                 record = job.spec.settings()

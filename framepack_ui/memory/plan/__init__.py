@@ -44,10 +44,11 @@ The package, one job per module:
 from .budgets import COMMIT_MARGIN_BYTES, PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES
 from .catalogue import PLAN_CHOICES, VAE_TILE_OVERLAP_PX, fp8_weights, real_weights, with_real_defaults
 from .costs import sampling_tokens
+from .explain import leaner_choices
 from .placement import make_plan
-from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
+from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost, PlanOverrides
 from .vocabulary import Storage, Where
 
 __all__ = ["COMMIT_MARGIN_BYTES", "PIN_HEADROOM_BYTES", "PLAN_CHOICES", "RAM_RESERVE_BYTES", "VAE_TILE_OVERLAP_PX",
-           "ComponentPlan", "LoadPlan", "PhaseCost", "PlanOverrides", "Storage", "Where", "fp8_weights", "make_plan",
-           "real_weights", "sampling_tokens", "with_real_defaults"]
+           "ComponentPlan", "LoadPlan", "LoraCost", "PhaseCost", "PlanOverrides", "Storage", "Where", "fp8_weights",
+           "leaner_choices", "make_plan", "real_weights", "sampling_tokens", "with_real_defaults"]

@@ -15,7 +15,7 @@ from .measured import (RUNTIME_BASELINE_COMMIT_BYTES, RUNTIME_BASELINE_RAM_BYTES
                        VAE_COMPILED_UNTILED_RATIO, VAE_DECODE_REF_PIXELS, VAE_DECODE_REF_UNTILED_BYTES,
                        VAE_DECODE_SECONDS, VAE_DECODE_SECONDS_COMPILED, VAE_TILE_DECODE_BYTES,
                        VAE_TILE_DECODE_BYTES_COMPILED)
-from .types import ComponentPlan, LoadPlan, PhaseCost
+from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost
 from .vocabulary import Storage, Where
 
 CUDA_HOST_OVERHEAD_BYTES = 1 * GB  # host-side CUDA/cuBLAS/cuDNN state: an estimate, not measured
@@ -150,6 +150,25 @@ def with_pinned_sources(c: ComponentPlan, w: ComponentWeights) -> ComponentPlan:
     pinned = streamed + (sum(w.block_bytes[:c.resident_blocks]) if c.park_for_decode else 0)
     return replace(c, ram_bytes=pinned, commit_bytes=pinned, page_cache_bytes=c.page_cache_bytes - pinned,
                    pinned_sources=True, note=f"{gb_text(streamed)} streamed per step from page-locked RAM")
+
+
+def lora_bytes(cost: LoraCost | None, itemsize: int) -> int:
+    """What a job's LoRAs hold beside the transformer in its compute dtype (compute/lora.py): their down and up
+    matrices, and while a layer runs, its weight merged with its update (at most the largest layer's)."""
+    if cost is None:
+        return 0
+    return (cost.params + cost.largest_layer_params) * itemsize
+
+
+def with_lora(c: ComponentPlan, nbytes: int) -> ComponentPlan:
+    """The transformer's placement with its LoRAs: on the GPU (VRAM, parked or not: the LoRA stays), or in RAM where
+    it computes on the CPU."""
+    if not nbytes:
+        return c
+    if c.device == "cuda":
+        return replace(c, vram_bytes=c.vram_bytes + nbytes, parked_vram_bytes=c.parked_vram_bytes + nbytes,
+                       lora_bytes=nbytes)
+    return replace(c, ram_bytes=c.ram_bytes + nbytes, commit_bytes=c.commit_bytes + nbytes, lora_bytes=nbytes)
 
 
 # --- phases --------------------------------------------------------------------------------------------------------

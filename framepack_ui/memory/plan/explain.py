@@ -77,3 +77,29 @@ def decode_name(plan: LoadPlan) -> str:
     """How the plan's VAE decodes, in words: "in 384 px tiles" or "untiled"."""
     vae = plan.components["vae"]
     return f"in {vae.vae_tile_px} px tiles" if vae.vae_tiling else "untiled"
+
+
+# Resolutions a leaner job may step down to (the bucket scale; below 256 px a video is a thumbnail)
+LEANER_RESOLUTIONS = (640, 544, 480, 384, 320, 256)
+
+
+def leaner_choices(plan: LoadPlan) -> str:
+    """What to pick after running out of GPU memory under `plan`, in one line, leanest change first: the
+    'streamed' profile where the transformer was all on the GPU, fp8 storage where its blocks were bf16 on the GPU
+    (half the VRAM per resident block), a lower resolution (sampling's activations and the decode's tiles grow
+    with it). A streamed plan already kept as many blocks on the GPU as the VRAM free at its start allowed: other
+    programs that took VRAM since are the first suspect."""
+    transformer = plan.components["transformer"]
+    choices = []
+    if transformer.where == Where.GPU:
+        choices.append("the 'streamed' memory profile (--plan streamed)")
+    if transformer.device == "cuda" and transformer.storage != Storage.FP8:
+        choices.append("fp8 storage of the video model (--fp8)")
+    lower = next((r for r in LEANER_RESOLUTIONS if r < plan.resolution), None)
+    if lower is not None:
+        choices.append(f"resolution {lower} (this job ran at {plan.resolution})")
+    close = "close other programs using the GPU"
+    if not choices:
+        return close
+    leaner = "pick " + ", or ".join(choices)
+    return f"{close}, or {leaner}" if transformer.where == Where.GPU_STREAMED else leaner

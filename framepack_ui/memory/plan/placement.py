@@ -10,8 +10,9 @@ from ..probe import ComponentWeights, Machine
 from .budgets import (FP8_CONVERSION_MARGIN_BYTES, PIN_HEADROOM_BYTES, Budgets, DoesNotFit, budgets_for, check,
                       page_cache_room, shortfall, spills_from_page_cache)
 from .catalogue import ENTRY_COMPONENTS, PLAN_CHOICES, compute_itemsize, fp8_weights, with_real_defaults
-from .costs import (decode_activations, decode_seconds, entry_weights, phase_costs, place, runtime_baseline,
-                    sampling_activations, text_activations, tile_table, with_pinned_sources)
+from .costs import (decode_activations, decode_seconds, entry_weights, lora_bytes, phase_costs, place,
+                    runtime_baseline, sampling_activations, text_activations, tile_table, with_lora,
+                    with_pinned_sources)
 from .explain import decode_name, gb_text
 from .measured import VAE_SMALLEST_TILE_PX
 from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
@@ -142,8 +143,11 @@ def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOv
     plans = {"vae": _place_vae(ctx)}
     plans["image_encoder"] = _place_image_encoder(ctx)
     plans["text_encoders"] = _place_text_encoders(ctx)
-    plans["transformer"] = _place_transformer(ctx, plans["vae"])
+    plans["transformer"] = with_lora(_place_transformer(ctx, plans["vae"]), ctx.lora_bytes)
     notes = []
+    if o.lora is not None:
+        notes.append(f"LoRA on {o.lora.layers} layers: {gb_text(ctx.lora_bytes)} beside the transformer "
+                     f"({'VRAM' if ctx.cuda else 'RAM'}), applied as each layer runs (no weights rewritten)")
     if o.fp8:
         plans["transformer"], note = _apply_fp8(plans["transformer"], ctx.w["transformer"])
         notes.append(note)
@@ -187,6 +191,7 @@ class _Context:
     budgets: Budgets
     sampling_act: int
     text_act: int
+    lora_bytes: int  # the job's LoRAs beside the transformer (costs.lora_bytes)
 
     @classmethod
     def of(cls, machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,
@@ -196,7 +201,8 @@ class _Context:
         sampling_act = sampling_activations(w["transformer"], w["image_encoder"], o.resolution,
                                             itemsize=compute_itemsize("transformer", cuda))
         text_act = text_activations(weights["text_encoder"], compute_itemsize("text_encoders", cuda))
-        return cls(o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act)
+        lora = lora_bytes(o.lora, compute_itemsize("transformer", cuda))
+        return cls(o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act, lora)
 
     def vae_decode(self, tile_px: int | None) -> int:
         """What the VAE's decode allocates, untiled (None) or in tiles of `tile_px`."""
@@ -223,7 +229,7 @@ def _place_vae(ctx: _Context) -> ComponentPlan:
     untiled = ctx.vae_decode(None)
     if ctx.cuda:
         untiled_fits = (vae.params * compute_itemsize("vae", cuda=True)
-                        + ctx.w["transformer"].params * compute_itemsize("transformer", cuda=True)
+                        + ctx.w["transformer"].params * compute_itemsize("transformer", cuda=True) + ctx.lora_bytes
                         + max(ctx.sampling_act, untiled) <= ctx.budgets.vram)
         tiled = (o.vae_tiling if o.vae_tiling is not None
                  else not untiled_fits and ctx.vae_decode(VAE_SMALLEST_TILE_PX) < untiled)
@@ -268,9 +274,9 @@ def _place_transformer(ctx: _Context, vae: ComponentPlan) -> ComponentPlan:
         return place("transformer", t, Where.MMAP)
     # The transformer stays loaded through the decode (the engine decodes inside its `use`). Resident, it shares
     # the VAE's decode room; streamed, it can park its resident blocks while the VAE decodes (the manager does:
-    # streaming.BlockStreamer.park), so only the sampling phase bounds them.
-    sampling_room = ctx.budgets.vram - vae.vram_bytes - ctx.sampling_act
-    decode_room = ctx.budgets.vram - vae.vram_bytes - ctx.decode_bytes(vae)
+    # streaming.BlockStreamer.park), so only the sampling phase bounds them. Its LoRAs stay in VRAM throughout.
+    sampling_room = ctx.budgets.vram - vae.vram_bytes - ctx.sampling_act - ctx.lora_bytes
+    decode_room = ctx.budgets.vram - vae.vram_bytes - ctx.decode_bytes(vae) - ctx.lora_bytes
     room = min(sampling_room, decode_room)
     full = place("transformer", t, Where.GPU)
     if o.plan != "streamed" and full.vram_bytes <= room and o.resident_blocks is None:

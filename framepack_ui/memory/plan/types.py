@@ -10,6 +10,15 @@ from .vocabulary import Storage, Where
 
 
 @dataclass(frozen=True)
+class LoraCost:
+    """What a job's LoRAs add to the transformer (memory/lora.py LoraSet.cost): their tensors on the compute device,
+    and while a layer runs its weight merged with its update (compute/lora.py), at most the largest one's."""
+    params: int  # elements of every down and up matrix together
+    largest_layer_params: int  # in x out of the largest layer with a LoRA
+    layers: int
+
+
+@dataclass(frozen=True)
 class PlanOverrides:
     """What the user may force. `plan`: "auto", or one placement for the big models (see PLAN_CHOICES)."""
     plan: str = "auto"
@@ -24,6 +33,7 @@ class PlanOverrides:
     attention: str | None = None  # one of compute.backends.ATTENTION_BACKENDS; None: diffusers' default (SDPA's choice)
     fp8_matmul: bool | None = None  # e4m3 matmuls (auto: fp8 storage on a GPU of compute capability 8.9+)
     pin_streamed: bool | None = None  # streamed transformer blocks in page-locked RAM (auto: where RAM allows)
+    lora: LoraCost | None = None  # the job's LoRAs: counted beside the transformer
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class ComponentPlan:
     compile: bool = False
     attention: str | None = None
     fp8_matmul: bool = False
+    lora_bytes: int = 0  # the LoRAs' tensors and their transient merge, included in vram_bytes or ram_bytes
 
     @property
     def device(self) -> str:
