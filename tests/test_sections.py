@@ -391,3 +391,20 @@ def test_continued_jobs_condition_each_section_on_its_own_prompt(text_sensitive_
                                        "an orange cone"]
     starts = [c["section_index"] for c in json.loads(sidecar_path(extended).read_text())["prompt_changes"]]
     assert starts == [3, 4]
+
+
+def test_a_resumed_extension_keeps_its_prompts_and_their_record(text_sensitive_models, start_image, tmp_path):
+    lender = cpu_manager(text_sensitive_models)
+    source = tmp_path / "source.mp4"
+    assert isinstance(f1.run(spec_of(start_image, prompt="a red square", seconds=1.2), source, lender,
+                             lambda e: None), Finished)
+    extended = tmp_path / "extended.mp4"
+    assert isinstance(f1.run(spec_of("", prompt="[0s: a pink cube] [1.2s: an orange cone]", seconds=2.4), extended,
+                             lender, lambda e: None, section_hook=stop_at(2),
+                             start=Continuation("extend", str(source))), Stopped)
+    end = f1.run(spec_of("", prompt=""), extended, lender, lambda e: None,
+                 start=Continuation("resume", str(extended)))
+    assert isinstance(end, Finished) and count_frames(extended) == 1 + 36 * 3
+    assert section_texts(extended) == ["a red square", "a pink cube", "an orange cone"]
+    changes = json.loads(sidecar_path(extended).read_text())["prompt_changes"]
+    assert [(c["section_index"], c["prompt"]) for c in changes] == [(1, "a pink cube"), (2, "an orange cone")]

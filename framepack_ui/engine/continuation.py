@@ -85,7 +85,11 @@ def open_origin(start: Continuation, spec: JobSpec, model_files: dict | None) ->
         if len(plan) != spec.sections:
             raise InputError(f"the saved state of {video.name} plans {len(plan)} sections, its settings "
                              f"{spec.sections}: it cannot be resumed")
-        return _with_prompts(origin, plan, spec.prompt_schedule())
+        # the changes as the source recorded them (an extension's count from where it started)
+        recorded = saved.settings.get("prompt_changes")
+        changes = ([PromptChange(c["at_s"], c["section_index"], c["prompt"]) for c in recorded]
+                   if isinstance(recorded, list) else spec.prompt_schedule())
+        return _with_prompts(origin, plan, changes)
     if start.kind == "branch":
         saved = _saved(video, model_files)
         k = start.from_section
