@@ -22,7 +22,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     from .memory.plan import PLAN_CHOICES
-    from .spec import JobSpec, SAMPLERS
+    from .spec import SECTION_STATE, JobSpec, SAMPLERS
 
     d = JobSpec(image="", prompt="")
     parser = _OneLineParser(prog="python -m framepack_ui", description="FramePack F1 image-to-video, headless.")
@@ -31,28 +31,34 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="turn an image and a prompt into an MP4")
     g.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: %(default)s)")
-    g.add_argument("--image", required=True, help="start image (PNG, JPEG, WebP...)")
-    g.add_argument("--prompt", required=True,
-                   help='one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" (each change '
-                        'lands at the nearest 1.2 s section boundary)')
-    g.add_argument("--prompt-blend", type=int, default=d.prompt_blend_sections, metavar="SECTIONS",
-                   help="blend each prompt change over this many sections (0 = switch at once; up to 4)")
-    g.add_argument("--negative", default=d.negative, help="negative prompt, used when --cfg > 1")
-    g.add_argument("--seconds", type=float, default=d.seconds, help="length; rounded to 1.2 s sections")
-    g.add_argument("--seed", type=int, default=d.seed, help="0 to 2^32-1, or -1 for a random seed")
-    g.add_argument("--steps", type=int, default=d.steps)
-    g.add_argument("--gs", type=float, default=d.gs, help="distilled guidance (default %(default)s)")
-    g.add_argument("--cfg", type=float, default=d.cfg, help="real CFG; 1 = off, >1 doubles the model calls")
-    g.add_argument("--rs", type=float, default=d.rs, help="CFG rescale 0..1")
-    g.add_argument("--resolution", type=int, default=d.resolution, help="bucket scale in px (default 640)")
-    g.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=d.teacache,
-                   help="skip model calls whose input barely changed (faster, hands slightly worse)")
-    g.add_argument("--teacache-threshold", type=float, default=d.teacache_threshold)
-    g.add_argument("--crf", type=int, default=d.crf, help="x264 quality 1..51, lower is better")
-    g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=d.fast_decode,
-                   help="later sections decode 12 latents, not 18 (0.64x the time, 56 dB of the official decode)")
-    g.add_argument("--sampler", choices=SAMPLERS, default=d.sampler)
-    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+    g.add_argument("--image", help="start image (PNG, JPEG, WebP...); with --extend: the start image the new "
+                                    "sections are anchored to (default: the video's first frame)")
+    g.add_argument("--prompt", help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she '
+                                    'smiles]" (each change lands at the nearest 1.2 s section boundary; with --extend '
+                                    'the times count from the extension\'s start); needed unless continuing a past '
+                                    'output with --resume, --branch or --extend, which keep its prompt unless given')
+    g.add_argument("--prompt-blend", type=int, dest="prompt_blend_sections", metavar="SECTIONS",
+                   help=f"blend each prompt change over this many sections (0 = switch at once; up to 4; default "
+                        f"{d.prompt_blend_sections})")
+    # Settings left out are None here: a new job takes JobSpec's defaults, a continued one its source's settings
+    g.add_argument("--negative", help="negative prompt, used when --cfg > 1")
+    g.add_argument("--seconds", type=float, help=f"length; rounded to 1.2 s sections (default {d.seconds}); with "
+                                                 f"--extend: the seconds added")
+    g.add_argument("--seed", type=int, help=f"0 to 2^32-1, or -1 for a random seed (default {d.seed})")
+    g.add_argument("--steps", type=int, help=f"default {d.steps}")
+    g.add_argument("--gs", type=float, help=f"distilled guidance (default {d.gs})")
+    g.add_argument("--cfg", type=float, help="real CFG; 1 = off, >1 doubles the model calls")
+    g.add_argument("--rs", type=float, help="CFG rescale 0..1")
+    g.add_argument("--resolution", type=int, help=f"bucket scale in px (default {d.resolution})")
+    g.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip model calls whose input barely changed (faster, hands slightly worse; default on)")
+    g.add_argument("--teacache-threshold", type=float, help=f"default {d.teacache_threshold}")
+    g.add_argument("--crf", type=int, help=f"x264 quality 1..51, lower is better (default {d.crf})")
+    g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="later sections decode 12 latents, not 18 (0.64x the time, 56 dB of the official decode; "
+                        "default on)")
+    g.add_argument("--sampler", choices=SAMPLERS, help=f"default {d.sampler}")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="apply a LoRA to the video model (kohya / musubi-tuner or diffusers / PEFT .safetensors), "
                         "at STRENGTH (default 1); repeat for several")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -69,7 +75,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="where prompt embeddings are cached (default: MODELS/.cache/prompts); a known prompt never "
                         "loads the 15 GB text encoder")
     g.add_argument("--no-prompt-cache", action="store_true", help="do not read or write prompt embeddings on disk")
-    g.add_argument("--out", required=True, type=Path, help="output .mp4 path")
+    g.add_argument("--section-state", choices=SECTION_STATE, default=None,
+                   help="what is kept beside the video to continue it: all (every section's latents, 3.5 MB a "
+                        "section at 640 px) or resume (the newest 3: resume, but no branch from earlier sections)")
+    g.add_argument("--out", type=Path, help="output .mp4 path")
+    more = g.add_mutually_exclusive_group()
+    more.add_argument("--resume", type=Path, metavar="OUT.mp4",
+                      help="continue an interrupted or stopped output to its planned length, in the same file")
+    more.add_argument("--branch", type=Path, metavar="PAST.mp4",
+                      help="keep PAST's sections before --from-section K and make the rest anew (with the settings "
+                           "given here) as --out; PAST stays")
+    more.add_argument("--extend", type=Path, metavar="VIDEO",
+                      help="continue a past output or any video by --seconds, as --out holding the whole video")
+    g.add_argument("--from-section", type=int, metavar="K", help="with --branch: the first section made anew (1-based)")
 
     t = sub.add_parser("make-tiny-models", help="write tiny random models in the real layout (for tests)")
     t.add_argument("dir", type=Path)
@@ -154,16 +172,9 @@ def _quiet_libraries() -> None:
 def _generate(args) -> int:
     """One job through the same Worker as the web app (planning, downloads, the model lifecycle), its events
     printed as they come; Ctrl+C stops it and keeps the finished sections."""
-    from .spec import JobSpec, LoraChoice
-
-    spec = JobSpec(image=args.image, prompt=args.prompt, negative=args.negative, seconds=args.seconds,
-                   seed=args.seed, steps=args.steps, gs=args.gs, cfg=args.cfg, rs=args.rs,
-                   resolution=args.resolution, sampler=args.sampler, teacache=args.teacache,
-                   teacache_threshold=args.teacache_threshold, crf=args.crf, fast_decode=args.fast_decode,
-                   prompt_blend_sections=args.prompt_blend,
-                   loras=tuple(LoraChoice.parse(text) for text in args.lora))
-    spec.validate()  # before any heavy import: bad input answers at once
-    if args.out.suffix.lower() != ".mp4":
+    spec, start, out = _job_from_args(args)
+    spec.validate(image_required=start is None)  # before any heavy import: bad input answers at once
+    if out.suffix.lower() != ".mp4":
         raise _input_error("--out must end in .mp4")
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
@@ -175,7 +186,7 @@ def _generate(args) -> int:
     cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
     # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop that keeps what is done
-    worker = Worker(args.models, args.out.parent, device=args.device, profile=args.plan, keep_models_s=0,
+    worker = Worker(args.models, out.parent, device=args.device, profile=args.plan, keep_models_s=0,
                     download_missing=not args.offline, serves_pages=False, background=False, **cache)
     seen = []  # every event, printed as it happens
 
@@ -183,7 +194,7 @@ def _generate(args) -> int:
         seen.append(event)
         _show(event)
 
-    worker.submit(spec, out_path=args.out, plan_options=_plan_options(args), on_event=show)
+    worker.submit(spec, out_path=out, plan_options=_plan_options(args), on_event=show, start=start)
     try:
         worker.run_queued()
     finally:
@@ -197,6 +208,77 @@ def _generate(args) -> int:
     # bad input, missing models, or a plan that cannot fit (refused before the job started): a usage error
     refused = result.reason in ("input", "models") or (result.reason == "memory" and not started)
     return EXIT_USAGE if refused else EXIT_FAILED
+
+
+SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution", "sampler",
+                "teacache", "teacache_threshold", "crf", "fast_decode", "section_state", "prompt_blend_sections")
+
+
+def _job_from_args(args):
+    """(JobSpec, Continuation or None, output path) from `generate`'s arguments. A continued job starts from its
+    source's recorded settings (the settings file beside it) and changes those given on the command line."""
+    from .spec import Continuation, JobSpec, LoraChoice
+
+    given = {name: getattr(args, name) for name in SETTING_ARGS if getattr(args, name) is not None}
+    if args.lora is not None:
+        given["loras"] = tuple(LoraChoice.parse(text) for text in args.lora)
+    if args.from_section is not None and args.branch is None:
+        raise _input_error("--from-section goes with --branch")
+    source = args.resume or args.branch or args.extend
+    if source is None:
+        if "image" not in given or "prompt" not in given:
+            raise _input_error("--image and --prompt are needed (or continue a video: --resume, --branch, --extend)")
+        if args.out is None:
+            raise _input_error("--out is needed")
+        return JobSpec(**given), None, args.out
+    if args.resume is not None:
+        kind, out = "resume", args.resume
+        if args.out is not None and args.out.resolve() != args.resume.resolve():
+            raise _input_error("--resume continues OUT.mp4 in place: leave out --out")
+        if set(given) - {"image"}:
+            raise _input_error("--resume continues with the saved settings: change them with --branch instead")
+    else:
+        kind, out = ("branch", args.out) if args.branch is not None else ("extend", args.out)
+        if out is None:
+            raise _input_error(f"--{kind} needs --out NEW.mp4 (the source stays as it is)")
+        if kind == "branch" and args.from_section is None:
+            raise _input_error("--branch needs --from-section K (the first section made anew)")
+        if kind == "branch" and "image" in given:
+            raise _input_error("a branch keeps its source's start image: leave out --image")
+    if not source.is_file():
+        raise _input_error(f"video not found: {source}")
+    recorded = _recorded_settings(source)
+    if kind == "extend":
+        recorded.pop("seconds", None)  # --seconds is the length added
+        recorded.pop("image", None)  # the new sections' start image: --image, or the video's own
+    values = {**recorded, **given}
+    if "prompt" not in values:
+        raise _input_error(f"{source.name} has no settings file to take the prompt from: give --prompt")
+    values.setdefault("image", "")
+    return JobSpec(**values), Continuation(kind, str(source), args.from_section), out
+
+
+def _recorded_settings(video: Path) -> dict:
+    """The settings a past output recorded in its settings file (none for a video from elsewhere)."""
+    import json
+
+    from .sidecar import sidecar_path
+
+    try:
+        recorded = json.loads(sidecar_path(video).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(recorded, dict):
+        return {}
+    values = {name: recorded[name] for name in SETTING_ARGS if recorded.get(name) is not None}
+    if isinstance(recorded.get("loras"), list):
+        from .spec import LoraChoice
+
+        values["loras"] = tuple(LoraChoice(**choice) for choice in recorded["loras"] if isinstance(choice, dict))
+    image = recorded.get("input_image_file")
+    if image and (video.parent / image).is_file():  # the copy beside it, the original may be gone
+        values["image"] = str(video.parent / image)
+    return values
 
 
 def _show(event) -> None:

@@ -20,6 +20,11 @@ def sidecar_path(video_path: str | os.PathLike[str]) -> Path:
     return Path(video_path).with_suffix(".json")
 
 
+def state_path(video_path: str | os.PathLike[str]) -> Path:
+    """Where a video's saved section state lives (engine/state.py): beside it, `clip.mp4` -> `clip.state/`."""
+    return Path(video_path).with_suffix(".state")
+
+
 def input_copy_name(video_path: str | os.PathLike[str], image_path: str | os.PathLike[str] | None) -> str | None:
     """The file name of the start image's copy beside the video (`clip.mp4`, `me.PNG` -> `clip.input.png`)."""
     if image_path is None:
@@ -27,7 +32,7 @@ def input_copy_name(video_path: str | os.PathLike[str], image_path: str | os.Pat
     return f"{Path(video_path).stem}.input{Path(image_path).suffix.lower()}"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -82,5 +87,5 @@ def write_sidecar(
         image_name = dest.name
     record["input_image_file"] = image_name
     text = json.dumps(record, indent=2, ensure_ascii=False, default=_json_default) + "\n"
-    _atomic_write_bytes(json_path, text.encode("utf-8"))
+    atomic_write_bytes(json_path, text.encode("utf-8"))
     return json_path

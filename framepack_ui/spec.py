@@ -13,6 +13,10 @@ FPS = 30
 LATENT_WINDOW = 9  # new latent frames per section
 FRAMES_PER_SECTION = LATENT_WINDOW * 4  # 36 new video frames per section (4x temporal compression)
 SAMPLERS = ("unipc", "euler")
+# What a job keeps of each section beside its video (engine/state.py): "all" its new latents for every section
+# (resume, and branch from any section), "resume" only the newest three, which resume needs
+SECTION_STATE = ("all", "resume")
+CONTINUATIONS = ("resume", "branch", "extend")
 MAX_BLEND_SECTIONS = 4
 LORA_STRENGTH_MAX = 10.0  # |strength|: a LoRA may be applied in reverse too
 LORA_SUFFIX = ".safetensors"  # the only LoRA files read (pickled .pt/.ckpt ones can run code)
@@ -86,6 +90,7 @@ class JobSpec:
     # dB PSNR against the official decode of the same latents (docs/benchmarks.md, "Context decode of 12 latents").
     # False: official.
     fast_decode: bool = True
+    section_state: str = "all"  # SECTION_STATE: every section's latents (3.5 MB each at 640 px), or resume's 3
     # sections over which a prompt change blends from the previous prompt (prompts.py); 0: it switches at once
     prompt_blend_sections: int = 0
     loras: tuple[LoraChoice, ...] = ()  # applied to the video model (transformer), in this order
@@ -104,8 +109,10 @@ class JobSpec:
             return replace(self, seed=random.SystemRandom().randint(0, SEED_MAX))
         return self
 
-    def validate(self) -> "JobSpec":
-        """Raise InputError naming the first bad field and its range; return self when all are fine."""
+    def validate(self, image_required: bool = True) -> "JobSpec":
+        """Raise InputError naming the first bad field and its range; return self when all are fine.
+        `image_required`: False for a job continued from saved sections or a video (Continuation), which has its
+        start latent already; an image it names must still be there."""
         checks = [
             (isinstance(self.prompt, str), "prompt must be text"),
             (self.seed == -1 or 0 <= self.seed <= SEED_MAX, f"seed must be -1 (random) or 0 to {SEED_MAX}"),
@@ -120,6 +127,7 @@ class JobSpec:
              "teacache threshold must be 0 to 1"),
             (1 <= self.crf <= 51, "crf must be 1 to 51 (0, lossless, does not play in browsers)"),
             (isinstance(self.fast_decode, bool), "fast_decode must be true or false"),
+            (self.section_state in SECTION_STATE, f"section_state must be one of {', '.join(SECTION_STATE)}"),
             (_whole(self.prompt_blend_sections) and 0 <= self.prompt_blend_sections <= MAX_BLEND_SECTIONS,
              f"prompt blend must be 0 (off) to {MAX_BLEND_SECTIONS} sections"),
         ]
@@ -133,7 +141,7 @@ class JobSpec:
             problem = choice.problem()
             if problem:
                 raise InputError(problem)
-        if not Path(self.image).is_file():
+        if (image_required or self.image) and not Path(self.image).is_file():
             raise InputError(f"image not found: {self.image}")
         return self
 
@@ -153,6 +161,29 @@ class JobSpec:
     def settings(self) -> dict:
         """The settings recorded beside the output (sidecar JSON and MP4 metadata)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """A job that starts from what an earlier one made rather than from its image alone (engine/continuation.py).
+
+    resume: `video` is an interrupted or stopped output; its saved sections are continued to its planned length,
+    in the same file. branch: `video`'s sections before `from_section` (1-based) are kept and the rest made anew,
+    as a new output. extend: `video` (a past output, or any video) is continued by the job's `seconds`, as a new
+    output holding the whole video.
+    """
+    kind: str  # CONTINUATIONS
+    video: str
+    from_section: int | None = None  # branch only
+
+    def validate(self) -> "Continuation":
+        if self.kind not in CONTINUATIONS:
+            raise InputError(f"continuation must be one of {', '.join(CONTINUATIONS)}")
+        if not Path(self.video).is_file():
+            raise InputError(f"video not found: {self.video}")
+        if self.kind == "branch" and (not isinstance(self.from_section, int) or self.from_section < 1):
+            raise InputError("the section to branch from must be 1 or more")
+        return self
 
 
 def _whole(value) -> bool:

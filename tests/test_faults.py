@@ -341,13 +341,13 @@ def test_a_full_disk_while_writing_the_video_fails_one_line_keeps_what_is_writte
 def test_a_full_disk_while_writing_the_settings_fails_one_line_before_any_model_loads(
         make_worker, start_image_80x64, monkeypatch):
     disk = Disk()
-    write_bytes = sidecar._atomic_write_bytes
+    write_bytes = sidecar.atomic_write_bytes
 
     def atomic_write_bytes(path, data):
         disk.check()
         write_bytes(path, data)
 
-    monkeypatch.setattr(sidecar, "_atomic_write_bytes", atomic_write_bytes)
+    monkeypatch.setattr(sidecar, "atomic_write_bytes", atomic_write_bytes)
     disk.full = True
     worker = make_worker()
     events = all_events(worker, worker.submit(spec(start_image_80x64, "no room for its settings")))

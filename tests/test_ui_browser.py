@@ -711,6 +711,52 @@ def test_an_attention_this_machine_cannot_run_stops_the_app_with_one_line(tiny_m
     assert "Traceback" not in output
 
 
+def test_resume_branch_and_extend_a_past_output_from_the_gallery(server, open_page, tiny_models_dir, start_image):
+    """A job stopped after its first section (the engine run here, on the same tiny models) is resumed in place,
+    branched from its section 2 with the form's prompt and seed, and extended by a section, all from the gallery."""
+    from conftest import cpu_manager
+    from framepack_ui.engine import f1
+    from framepack_ui.errors import Cancelled
+    from framepack_ui.spec import JobSpec
+
+    url, _, outputs = server
+    stopped = outputs / "20000101_000000_stopped.mp4"
+
+    def stop_second(section):
+        if section == 1:
+            raise Cancelled()
+
+    spec = JobSpec(image=start_image, prompt="resume me", seconds=2.4, resolution=64, steps=2, seed=3)
+    assert isinstance(f1.run(spec, stopped, cpu_manager(tiny_models_dir), lambda e: None, section_hook=stop_second),
+                      Stopped)
+    page = open_page(url)
+    page.locator("#gallery_refresh").click()
+    wait_text(page, "gallery", re.escape(stopped.name), timeout_s=30)
+    page.locator("#gallery label").filter(has_text=stopped.name).click()
+    wait_text(page, "gallery_settings", r"1 sections saved.*Resume continues it", timeout_s=30)
+    page.locator("#resume").click()
+    done = wait_text(page, "progress", rf"Done: 73 frames in .* saved as {re.escape(stopped.name)}")
+    job = int(re.search(r"Job (\d+)", done).group(1))
+    assert count_frames(stopped) == 73
+
+    page.locator("#prompt textarea").fill("a branch")
+    for elem_id, value in (("seconds", 2.4), ("steps", 2), ("resolution", 64), ("seed", 9), ("branch_section", 2)):
+        set_number(page, elem_id, value)
+    page.locator("#branch").click()
+    done = wait_text(page, "progress", rf"Job {job + 1} · Done: 73 frames")
+    branched = outputs / re.search(r"saved as (\S+\.mp4)", done).group(1)
+    assert branched != stopped and count_frames(branched) == 73
+    assert json.loads(branched.with_suffix(".json").read_text())["continued"]["from_section"] == 2
+
+    page.locator("#gallery_refresh").click()  # the selected output grew: its details say so
+    wait_text(page, "gallery_settings", r"finished, 73 frames.*\n.*\n2 sections saved", timeout_s=30)
+    set_number(page, "extend_seconds", 1.2)
+    page.locator("#extend").click()
+    done = wait_text(page, "progress", rf"Job {job + 2} · Done: 109 frames")
+    extended = outputs / re.search(r"saved as (\S+\.mp4)", done).group(1)
+    assert count_frames(extended) == 73 + 36 and count_frames(stopped) == 73  # the source stays
+
+
 def test_jobs_queued_before_a_restart_wait_on_the_page_until_started_or_dropped(tiny_models_dir, tmp_path,
                                                                                 open_page, start_image_128x96):
     """Two jobs recorded as queued by an earlier run of the app (worker/queue_records.py) are listed as waiting;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -22,10 +23,11 @@ import torch
 from .. import __version__
 from ..errors import Cancelled, UserError
 from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
-from ..prompts import SectionPrompt, describe, distinct_prompts, schedule_record
+from ..prompts import PromptChange, SectionPrompt, describe, distinct_prompts, schedule_record
 from ..sidecar import METADATA_KEY, input_copy_name, write_sidecar
-from ..spec import LATENT_WINDOW, JobSpec
+from ..spec import LATENT_WINDOW, Continuation, JobSpec
 from ..weights.layout import COMPONENTS
+from . import continuation
 from . import image as image_ops
 from . import text, vae as vae_ops
 from .clock import EtaClock
@@ -33,6 +35,7 @@ from .denoiser import GUIDANCE_SCALE, Denoiser, model_inputs
 from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
+from .state import SectionStore, prompt_tensors
 from .teacache import apply_teacache, remove_teacache
 from .video import BackgroundWriter, SectionVideoWriter, count_frames
 
@@ -48,7 +51,7 @@ class JobInputs:
     width: int
     height: int
     prompts: dict[str, text.PromptEmbeds]  # every distinct prompt the sections use
-    section_prompts: list[SectionPrompt]  # what each section is conditioned on (prompts.py)
+    section_prompts: list[SectionPrompt]  # what each section of the output is conditioned on (prompts.py)
     negative: text.PromptEmbeds | None  # only with real CFG
     image_embeds: torch.Tensor  # (1, 729, 1152) SigLIP
     start_latent: torch.Tensor  # (1, 16, 1, h, w)
@@ -56,14 +59,15 @@ class JobInputs:
 
 
 def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: threading.Event | None = None,
-             section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC):
+             section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
+             start: Continuation | None = None):
     """Iterate the events of one job (see `run`); the job runs in a helper thread while you iterate."""
     events: queue.Queue = queue.Queue()
     end = object()
 
     def job():
         try:
-            run(spec, out_path, lender, events.put, cancel, section_hook, frame_sink, decode_context)
+            run(spec, out_path, lender, events.put, cancel, section_hook, frame_sink, decode_context, start=start)
         finally:
             events.put(end)
 
@@ -76,7 +80,7 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None, out_of_memory_advice: str | None = None):
+        record: dict | None = None, out_of_memory_advice: str | None = None, start: Continuation | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -86,7 +90,10 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     `decode_context`: None decodes as the official loop (18 latents per later section); k (1..9) decodes the 9
     new latents after k older ones (k a multiple of 3 keeps the VAE's frame-tile grid: see sections.py).
     Default: ALIGNED_CONTEXT when `spec.fast_decode`, else None. `record`: more to record with the job's settings
-    (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under.
+    (in the settings file and the MP4's metadata), e.g. the memory plan the worker ran it under, and "model_files"
+    (weights.layout.model_fingerprint), which the section state keeps. `start`: continue what an earlier job made
+    (resume, branch, extend: continuation.py); checked before anything is written.
+    After each section, what continuing from it needs is saved beside the video (state.py).
     `out_of_memory_advice`: what to pick instead, should the GPU run out of memory (the worker derives it from the
     job's memory plan: memory.plan.leaner_choices); it ends the one line such a failure gives.
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
@@ -97,11 +104,20 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     out_path = Path(out_path)
     files = _JobFiles(out_path, record)
     try:
-        spec = spec.validate().with_seed()
+        spec = spec.validate(image_required=start is None).with_seed()
+        origin = None
+        if start is not None:
+            origin = continuation.open_origin(start, spec, files.record.get("model_files"))
+            spec = origin.spec
         if decode_context is _FROM_SPEC:
             decode_context = ALIGNED_CONTEXT if spec.fast_decode else None
         check_decode_context(decode_context)
-        inputs = _prepare(spec, files, lender, emit, cancel)
+        if origin is None:
+            inputs, loop_start = _prepare(spec, files, lender, emit, cancel), None
+            files.start_state(spec, inputs, decode_context)
+        else:
+            inputs, loop_start = _prepare_continued(origin, files, lender, emit, cancel, decode_context, frame_sink,
+                                                    started)
         emit(Phase("transformer", "loading the video model"))
         with lender.use(TRANSFORMER) as transformer:
             notice = lender.first_use_notice(TRANSFORMER, (inputs.height, inputs.width))
@@ -109,9 +125,12 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
                 emit(Phase("transformer", notice))
             teacache = apply_teacache(transformer, spec.teacache_threshold) if spec.teacache else None
             try:
-                files.start_video(inputs, frame_sink, emit, started)
+                if files.encoder is None:
+                    files.start_video(inputs, frame_sink, emit, started)
+                first = loop_start.first_section if loop_start else 0
                 _sample_sections(inputs, transformer, teacache, lender, files.encoder, emit, cancel,
-                                 EtaClock(started, spec.steps, spec.sections), decode_context, section_hook)
+                                 EtaClock(started, spec.steps, spec.sections - first), decode_context, section_hook,
+                                 loop_start, files.state.section_sampled)
                 # what is left: the last section's encode on the writer thread (and freeing the models)
                 emit(Phase("writing", "writing the last section"))
             finally:
@@ -151,20 +170,24 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
 
 
 def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLender, encoder: BackgroundWriter,
-                     emit, cancel: threading.Event, clock: EtaClock, decode_context: int | None, section_hook) -> None:
-    """The section loop: history -> clean latents -> sample -> append -> decode the tail -> write."""
+                     emit, cancel: threading.Event, clock: EtaClock, decode_context: int | None, section_hook,
+                     loop_start: "LoopStart | None" = None, on_section_done=None) -> None:
+    """The section loop: history -> clean latents -> sample -> append -> decode the tail -> write.
+    `loop_start`: a continued job's first section and the history before it; `on_section_done(section,
+    new_latents, generator_state)`: each section's latents as sampled (the section state)."""
     spec, start_latent = inputs.spec, inputs.start_latent
     device, dtype = transformer.device, transformer.dtype
     guidance = torch.tensor([spec.gs * GUIDANCE_SCALE], device=device, dtype=dtype)
     # the model's inputs once per distinct conditioning (a prompt, or a blend of two), not once per section
+    first = loop_start.first_section if loop_start else 0
     positives = {}
-    for plan in inputs.section_prompts:
+    for plan in inputs.section_prompts[first:]:
         if plan not in positives:
             positives[plan] = model_inputs(_conditioning(plan, inputs.prompts), inputs.image_embeds, guidance,
                                            device, dtype)
     negative = model_inputs(inputs.negative, inputs.image_embeds, guidance, device, dtype) if inputs.negative else None
-    history = History.start(start_latent)
-    for section in range(spec.sections):
+    history = loop_start.history if loop_start else History.start(start_latent)
+    for section in range(first, spec.sections):
         if section_hook:
             section_hook(section)
         _check_cancel(cancel)
@@ -174,6 +197,8 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
                             conditioning=history.conditioning(start_latent))
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)
+        if on_section_done:
+            on_section_done(section, new_latents, inputs.generator.get_state())
         history.append(new_latents)
         pixels = _decode_tail(lender, history, section, spec.sections, decode_context, emit, clock)
         encoder.put(section, *section_frames(pixels, section, decode_context))
@@ -310,39 +335,77 @@ class _JobFiles:
         self.settings: dict | None = None
         self.settings_path: Path | None = None
         self.encoder: BackgroundWriter | None = None
+        self.state: SectionStore | None = None
+        self.writing = out_path  # where the frames go: a resume writes beside the output, then moves it there
+        self.replaces: Path | None = None  # a resume's earlier unfinished file, dropped once the new one is in place
         self._image: str | None = None
 
-    def write_settings(self, spec: JobSpec, height: int, width: int) -> None:
+    def write_settings(self, spec: JobSpec, height: int, width: int,
+                       prompts: tuple[list[PromptChange], list[SectionPrompt]] | None = None) -> None:
+        """`prompts`: (changes, each section's prompt) where not the spec's own (a continued job's)."""
+        changes, plan = prompts or (spec.prompt_schedule(), spec.section_prompts())
         self.settings = {**spec.settings(), "height": height, "width": width, "sections": spec.sections,
-                         **schedule_record(spec.prompt_schedule(), spec.section_prompts()),
+                         **schedule_record(changes, plan),
                          "app_version": __version__, **self.record,
                          "models": {name: COMPONENTS[name].repo
                                     for name in ("transformer", "text_encoder", "image_encoder")}}
-        self._image = spec.image
+        self._image = spec.image or None
         self.out_path.parent.mkdir(parents=True, exist_ok=True)
-        self.settings_path = write_sidecar(self.out_path, {**self.settings, "status": "running"}, spec.image)
+        self.settings_path = write_sidecar(self.out_path, {**self.settings, "status": "running"}, self._image)
+
+    def start_state(self, spec: JobSpec, inputs: JobInputs, decode_context: int | None,
+                    origin: "continuation.Origin | None" = None) -> None:
+        """The section state beside the video (state.py): the encoders' outputs now, each section as it is made."""
+        header = {"settings": self.settings, "width": inputs.width, "height": inputs.height,
+                  "model_files": self.record.get("model_files"), "decode_context": decode_context,
+                  "planned_sections": spec.sections}
+        if origin is not None and origin.saved is None:
+            header["brought_video"] = origin.video.name  # its section 1 is that video, not sampled latents
+        self.state = SectionStore(self.out_path, spec.section_state, header, self.writing.name,
+                                  inputs.section_prompts)
+        resumed = origin is not None and origin.kind == "resume"
+        tensors = None if resumed else _input_tensors(inputs)
+        self.state.begin(tensors, origin.kept if origin else None,
+                         origin.saved.folder if origin and origin.saved else None)
 
     def start_video(self, inputs: JobInputs, frame_sink, emit, started: float) -> None:
         spec, out_path = inputs.spec, self.out_path
         # the settings in the file itself, with the name of the start image's copy beside it (settings from a file)
         settings = {**self.settings, "input_image_file": input_copy_name(out_path, self._image)}
-        writer = SectionVideoWriter(out_path, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
+        writer = SectionVideoWriter(self.writing, inputs.width, inputs.height, crf=spec.crf, frame_sink=frame_sink,
                                     metadata={METADATA_KEY: json.dumps(settings, sort_keys=True)})
 
         def saved(section, frames_on_disk):  # on the encoder thread, once the section is in the file
-            emit(SectionSaved(section, spec.sections, str(out_path), frames_on_disk, time.monotonic() - started))
+            if self.state is not None:  # what a resume copies: the frames a killed job's file holds for sure
+                self.state.section_saved(section, frames_on_disk)
+            emit(SectionSaved(section, spec.sections, str(self.writing), frames_on_disk,
+                              time.monotonic() - started))
 
         self.encoder = BackgroundWriter(writer, saved)
 
     def end(self, status: str, message: str | None = None) -> int:
         """Close the video (frames in the file) and record how the job ended in the settings file."""
         frames = self._close()
+        if self.writing != self.out_path and self.encoder is not None:
+            frames = self._move_into_place(frames)
         if self.settings is not None:
             try:
                 write_sidecar(self.out_path, {**self.settings, "status": status, "frames": frames,
                                               **({"message": message} if message else {})}, self._image)
             except OSError:
                 log.exception("writing the settings sidecar failed")
+        return frames
+
+    def _move_into_place(self, frames: int) -> int:
+        """A resume's file replaces the output it continued (it holds all of its frames and more)."""
+        try:
+            os.replace(self.writing, self.out_path)
+            if self.state is not None:
+                self.state.set_video(self.out_path.name)
+            if self.replaces is not None and self.replaces != self.out_path:
+                self.replaces.unlink(missing_ok=True)
+        except OSError:
+            log.exception("moving %s into place failed; the frames are in it", self.writing)
         return frames
 
     def kept(self, frames: int) -> str | None:
@@ -357,7 +420,94 @@ class _JobFiles:
             log.exception("closing the video failed")
             # after a failed write (a full disk) the encoder's count is more than the file holds: count those
             try:
-                return count_frames(self.out_path)
+                return count_frames(self.writing)
             except Exception:
-                log.exception("the video %s cannot be read back", self.out_path)
+                log.exception("the video %s cannot be read back", self.writing)
                 return 0
+
+
+# --- continued jobs (continuation.py): resume, branch, extend ----------------------------------------------------
+
+@dataclass
+class LoopStart:
+    """Where a continued job's section loop starts."""
+    first_section: int
+    history: History  # the latents before it
+
+
+def _prepare_continued(origin: "continuation.Origin", files: "_JobFiles", lender: ModelLender, emit,
+                       cancel: threading.Event, decode_context: int | None, frame_sink,
+                       started: float) -> tuple[JobInputs, LoopStart]:
+    """What `_prepare` makes, for a job that continues `origin`: the saved encoder outputs where they still apply
+    (a resume loads no encoder), the history, and the video holding the frames before the first new section."""
+    spec, plan = origin.spec, origin.section_prompts
+    if origin.kind == "resume":
+        files.writing = files.out_path.with_name(f".{files.out_path.stem}.resume-{time.time_ns()}.mp4")
+        files.replaces = origin.video
+    files.record = {**files.record, "continued": {"kind": origin.kind, "video": origin.video.name,
+                                                  "from_section": origin.first_section + 1}}
+    files.write_settings(spec, origin.height, origin.width, (origin.prompt_changes, plan))
+    emit(Phase("settings", f"seed {spec.seed}, {origin.width}x{origin.height}, {origin.kind} from section "
+                           f"{origin.first_section + 1} of {spec.sections}, {spec.frames} frames"))
+    if len(origin.prompt_changes) > 1:
+        emit(Phase("prompts", describe(origin.prompt_changes)))
+    if origin.anchor_note:
+        emit(Notice(origin.anchor_note))
+    saved = origin.saved.inputs() if origin.saved is not None else {}
+    prompts, negative = _continued_prompts(origin, saved, lender, emit)
+    _check_cancel(cancel)
+    if origin.anchor_image is None:
+        image_embeds, start_latent = saved["image_embeds"], saved["start_latent"]
+    else:
+        emit(Phase("image", "encoding the start image"))
+        image_embeds = _encode_image(lender, origin.anchor_image)
+        with lender.use(VAE) as vae:
+            start_latent = vae_ops.encode(vae, image_ops.to_model_tensor(origin.anchor_image),
+                                          start_latent_generator(spec.seed))
+    generator = section_noise_generator(spec.seed)
+    if origin.generator_state is not None:
+        generator.set_state(origin.generator_state)
+    inputs = JobInputs(spec, origin.width, origin.height, prompts, plan, negative, image_embeds, start_latent,
+                       generator)
+    emit(Phase("decode", "putting back the frames before the first new section"))
+    history, frames = continuation.history_and_frames(origin, lender, start_latent_generator(spec.seed))
+    files.start_state(spec, inputs, decode_context, origin)
+    files.start_video(inputs, frame_sink, emit, started)
+    writer = files.encoder.writer
+    if origin.copy_frames:
+        writer.copy_frames(origin.video, origin.copy_frames)
+    for pixels in frames:
+        writer.append(pixels)
+        _check_cancel(cancel)
+    if origin.saved is None:  # a brought video: the history it gave stands as section 1's latents (resumable)
+        files.state.section_sampled(0, history.latents, generator.get_state())
+        files.state.section_saved(0, writer.frames_on_disk)
+    return inputs, LoopStart(origin.first_section, history)
+
+
+def _continued_prompts(origin: "continuation.Origin", saved: dict, lender: ModelLender,
+                       emit) -> tuple[dict[str, text.PromptEmbeds], text.PromptEmbeds | None]:
+    """Every prompt of the continued output's sections (and the negative, with real CFG): the saved embeddings of
+    those the source already had, the others encoded (through the prompt cache)."""
+    spec = origin.spec
+    known = origin.saved.prompt_embeds(saved) if origin.saved is not None else {}
+    prompts = {prompt: known[prompt] for prompt in distinct_prompts(origin.section_prompts) if prompt in known}
+    missing = [prompt for prompt in distinct_prompts(origin.section_prompts) if prompt not in prompts]
+    negative = None
+    if spec.cfg != 1 and origin.saved is not None and origin.saved.settings.get("negative") == spec.negative:
+        negative = origin.saved.negative_embeds(saved)
+    wants_negative = spec.cfg != 1 and negative is None
+    if missing or wants_negative:
+        emit(Phase("text", "encoding the prompt" if len(missing) + wants_negative == 1 else
+                   f"encoding {len(missing) + wants_negative} prompts"))
+        embeds, _ = text.encode_prompts(missing + ([spec.negative] if wants_negative else []), lender)
+        prompts.update(zip(missing, embeds))
+        if wants_negative:
+            negative = embeds[-1]
+    return prompts, negative
+
+
+def _input_tensors(inputs: JobInputs) -> dict[str, torch.Tensor]:
+    """The encoders' outputs a continued job reuses (state.py's inputs.safetensors)."""
+    return {"start_latent": inputs.start_latent, "image_embeds": inputs.image_embeds,
+            **prompt_tensors(inputs.section_prompts, inputs.prompts, inputs.negative)}

@@ -30,6 +30,7 @@ from typing import BinaryIO
 import av
 import numpy as np
 import torch
+from av.bitstream import BitStreamFilterContext
 
 from .sections import OVERLAP_FRAMES
 
@@ -215,6 +216,56 @@ class SectionVideoWriter:
         self._held = self._slice_tail(segments, n_write)
         self._frames_total += frames if self._frames_total == 0 else frames - fade
 
+    def append(self, pixels: torch.Tensor) -> None:
+        """Append frames with no cross-fade ((3, T, H, W) in [-1, 1]): everything but the last ``overlap - 1``
+        frames of the video is encoded, those are held for the next section's fade. A continued video is put
+        back this way (its frames after the copied ones, or a whole video brought to extend, a chunk at a time)."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        pixels = self._check(pixels)
+        segments = [pixels] if self._held is None else [self._held, pixels]
+        tail = sum(s.shape[1] for s in segments)
+        n_write = max(tail - (self.overlap - 1), 0)
+        self._write_segments(segments, n_write)
+        self._held = self._slice_tail(segments, n_write)
+        self._frames_total += pixels.shape[1]
+
+    def copy_frames(self, source: str | os.PathLike[str], frames: int) -> None:
+        """Put the first ``frames`` frames of ``source`` (an MP4 this writer's settings made) into this file as they
+        are: their H.264 packets copied, not decoded and encoded again, so they decode to the same pixels. Only
+        before anything else is written. The new encoder then starts a stream of its own at the next frame (an
+        IDR frame: x264 cannot take up an old encoder's state).
+
+        Why by hand: the packets must reach the MP4 muxer in Annex B, as x264's own do (the muxer converts those
+        to length-prefixed NAL units), and the new encoder's SPS and PPS, written once in the file's header, must
+        be the ones the copied frames were encoded with; raises ValueError where they differ (another x264 build
+        or settings) or ``source`` has fewer frames.
+        """
+        if self._frames_total or self._closed:
+            raise RuntimeError("copy_frames comes before any frame is written")
+        with av.open(str(source)) as src:
+            in_stream = src.streams.video[0]
+            if (in_stream.codec_context.name, in_stream.width, in_stream.height) != ("h264", self.width, self.height):
+                raise ValueError(f"{source} is not an H.264 video of {self.width}x{self.height}")
+            self._container.start_encoding()  # opens x264: its SPS and PPS go into the header now
+            if _parameter_sets(in_stream.codec_context.extradata) != _parameter_sets(self._stream.codec_context.extradata):
+                raise ValueError(f"{source} was encoded with other H.264 parameters than this encoder's")
+            to_annex_b = BitStreamFilterContext("h264_mp4toannexb", in_stream)
+            copied = 0
+            for packet in src.demux(in_stream):
+                for out in to_annex_b.filter(packet if packet.size else None):
+                    if copied < frames:
+                        out.stream = self._stream
+                        out.pts = out.dts = copied
+                        out.time_base, out.duration = self._time_base, 1
+                        self._container.mux(out)
+                        copied += 1
+                if copied >= frames:
+                    break
+        if copied < frames:
+            raise ValueError(f"{source} has {copied} whole frames, {frames} were needed")
+        self._frames_written = self._frames_total = frames
+
     def close(self) -> None:
         """Encode the held-back frames and finalise the file. Safe to call twice."""
         if self._closed:
@@ -379,6 +430,22 @@ class BackgroundWriter:
             self._on_saved(section, self.writer.frames_on_disk)
         except BaseException as exc:  # noqa: BLE001 - handed to the job's thread
             self._error = exc
+
+
+def _parameter_sets(extradata: bytes | None) -> list[bytes]:
+    """The SPS and PPS NAL units of H.264 extradata, in Annex B (x264's) or avcC (an MP4 track's) form."""
+    data = bytes(extradata or b"")
+    if data[:1] == b"\x01":  # avcC: version, profile, compat, level, length size, SPS count, then sized units
+        units, pos = [], 5
+        for count_mask in (0x1F, 0xFF):
+            count, pos = data[pos] & count_mask, pos + 1
+            for _ in range(count):
+                size = int.from_bytes(data[pos:pos + 2], "big")
+                units.append(data[pos + 2:pos + 2 + size])
+                pos += 2 + size
+        return units
+    units = [unit.strip(b"\x00") for unit in data.split(b"\x00\x00\x01")]
+    return [unit for unit in units if unit and unit[0] & 0x1F in (7, 8)]  # SPS, PPS (not x264's SEI)
 
 
 def count_frames(path: str | os.PathLike[str]) -> int:

@@ -74,6 +74,14 @@ class Page:
     lora_pickers: list  # gr.Dropdown per LoRA slot: a file of models/loras/ ("" for none)
     lora_strengths: list  # gr.Number per LoRA slot
     lora_refresh: gr.Button  # lists the LoRA folder again
+    resume: gr.Button  # continue the selected interrupted or stopped output in place
+    branch_section: gr.Number  # K: the first section a branch makes anew (1-based)
+    branch: gr.Button  # the selected output's sections before K kept, the rest made with the form's settings
+    extend_seconds: gr.Number
+    extend_image: gr.Image  # the start image the extension is anchored to (empty: the video's own)
+    extend: gr.Button
+    extend_video: gr.File  # a video from elsewhere to extend instead of the selected output
+    remove: gr.Button  # delete the selected output with its settings and section state
     # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
     start_waiting: gr.Button | None = None
     drop_waiting: gr.Button | None = None
@@ -204,10 +212,26 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                                          height=300)
                 gallery_settings = gr.Markdown(present.gallery_details(None), elem_id="gallery_settings")
                 use_settings = gr.Button("Use these settings", elem_id="use_settings")
+                resume = gr.Button("Resume (continue to its planned length, in the same file)", elem_id="resume")
+                with gr.Row():
+                    branch_section = gr.Number(value=2, precision=0, minimum=1, label="Branch from section K",
+                                               elem_id="branch_section", scale=1)
+                    branch = gr.Button("Branch from section K (the form's prompt, seed and settings)",
+                                       elem_id="branch", scale=2)
+                with gr.Row():
+                    extend_seconds = gr.Number(value=2.4, minimum=0.1, label="Extend by seconds",
+                                               elem_id="extend_seconds", scale=1)
+                    extend = gr.Button("Extend (the form's prompt and settings)", elem_id="extend", scale=2)
+                extend_image = gr.Image(type="filepath", sources=["upload", "clipboard"], height=160,
+                                        label=present.EXTEND_IMAGE_LABEL, elem_id="extend_image")
+                extend_video = gr.File(label="...or extend a video from elsewhere (instead of the selected output)",
+                                       file_types=["video"], type="filepath", elem_id="extend_video", height=80)
+                remove = gr.Button("Delete this output", variant="stop", size="sm", elem_id="remove_output")
     return Page(banner, notice, download, download_cancel, download_progress, image, settings_file, restore_note,
                 prompt, prompt_rows, prompt_blend, negative, seconds, length, timeline, seed, randomise, steps, gs,
                 cfg, rs, teacache, threshold, resolution, crf, sampler, profile, storage, plan, generate, stop,
                 progress, preview, section_video, final_video, gauges, jobs, gr.Timer(1.0),
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
-                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh,
+                use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh, resume, branch_section,
+                branch, extend_seconds, extend_image, extend, extend_video, remove,
                 start_waiting=start_waiting, drop_waiting=drop_waiting)

@@ -338,6 +338,9 @@ def gallery_details(entry) -> str:
     size = f"{s['width']}x{s['height']}, " if "width" in s and "height" in s else ""
     sections = f"{s['sections']} sections, " if "sections" in s else ""
     lines.append(f"{size}{sections}seed {s.get('seed', '?')}")
+    if entry.sections_saved:
+        resume = " (Resume continues it)" if can_resume(entry) else ""
+        lines.append(f"{entry.sections_saved} sections saved: branch from any of them, or extend it{resume}")
     rows = ["| setting | value |", "|---|---|"]
     rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
     if loras_text(s):
@@ -345,6 +348,20 @@ def gallery_details(entry) -> str:
     if entry.image:
         rows.append(f"| start image | {Path(entry.image).name} |")
     return "  \n".join(lines) + "\n\n" + "\n".join(rows)
+
+
+EXTEND_IMAGE_LABEL = ("Start image for Extend: anchors the new sections (empty: a past output's own start image, "
+                      "or a video's first frame)")
+
+
+def can_resume(entry) -> bool:
+    """An output that stopped, failed or was interrupted before its planned length, with sections saved."""
+    return entry is not None and entry.status in ("stopped", "failed", "interrupted") and entry.sections_saved > 0
+
+
+def continued_spec(base: JobSpec, image: str | None, seconds: float | None = None) -> JobSpec:
+    """The form's settings for a branch or an extension: its start image is the source's (or the one picked)."""
+    return replace(base, image=image or "", **({"seconds": float(seconds)} if seconds else {}))
 
 
 def form_values(settings: dict) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import gradio as gr
 
 from ..errors import ModelFilesError, UserError
 from ..events import TERMINAL, Failed
-from ..spec import SEED_MAX
+from ..spec import SEED_MAX, Continuation, JobSpec
 from ..telemetry import read_gauges, starved
 from ..worker import DOWNLOAD_COMMAND
 from . import present
@@ -97,6 +97,66 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         yield from follow(job_id, request.session_hash)
+
+    def continued(start: Continuation, spec, profile, storage, session: str):
+        """Submit a job that continues a past output (the worker checks it first) and follow it."""
+        try:
+            job_id = worker.submit(spec, profile=profile, plan_options={"fp8": present.FP8_OPTION.get(storage)},
+                                   start=start)
+        except UserError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        yield from follow(job_id, session)
+
+    def selected(name):
+        entry = find(name)
+        if entry is None or not entry.video:
+            raise gr.Error("Select a past output with a video first.", print_exception=False)
+        return entry
+
+    def form_spec(form: tuple, image: str | None, seconds: float | None = None, loras: tuple = ()):
+        """The form's settings (present.spec_from_inputs's order, its image left out) with `image` as the start
+        image: the source's, or the one picked for Extend; `loras`: the LoRA slots (Page.lora_inputs)."""
+        try:
+            spec = present.spec_from_inputs(image or "(the video's own)", *form)
+            slots = len(page.lora_pickers)
+            spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
+                                                            worker.loras_dir))
+        except UserError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        return present.continued_spec(spec, image, seconds)
+
+    def resume(name, profile, storage, request: gr.Request):
+        entry = selected(name)
+        spec = JobSpec(image=entry.image or "", prompt="")  # the worker continues it with its saved settings
+        yield from continued(Continuation("resume", entry.video), spec, profile, storage, request.session_hash)
+
+    def branch(name, section, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold,
+               resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+        entry = selected(name)
+        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
+                prompt_blend)
+        spec = form_spec(form, entry.image, loras=loras)
+        start = Continuation("branch", entry.video, int(section or 0))
+        yield from continued(start, spec, profile, storage, request.session_hash)
+
+    def extend(name, more_seconds, image, video, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
+               threshold, resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+        source = video or selected(name).video
+        form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
+                prompt_blend)
+        spec = form_spec(form, image, more_seconds, loras)
+        yield from continued(Continuation("extend", source), spec, profile, storage, request.session_hash)
+
+    def remove(name):
+        entry = find(name)
+        if entry is None:
+            gr.Info("Select a past output first.")
+            return gr.skip(), gr.skip()
+        try:
+            worker.remove_output(entry.name)
+        except UserError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        return gr.update(choices=present.gallery_choices(worker.past_outputs()), value=None), None
 
     def reattach(request: gr.Request):
         """On page load: follow the running job, if any, from its start."""
@@ -238,13 +298,20 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     demo.load(show_plan, plan_inputs, page.plan, **planning)
     for control in plan_inputs:
         control.change(show_plan, plan_inputs, page.plan, **planning)
-    page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False)
+    page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False).then(  # the selected one may have
+        show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)  # grown (a resume)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)
     restored = [*page.form_outputs(), *page.lora_inputs(), page.restore_note]
     page.use_settings.click(use_settings, page.gallery, restored, queue=False)
     page.settings_file.upload(settings_from_file, page.settings_file, [*restored, page.settings_file],
                               show_progress="hidden")
     page.lora_refresh.click(list_loras, page.lora_pickers, page.lora_pickers, queue=False)
+    job_settings = [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()]
+    page.resume.click(resume, [page.gallery, page.profile, page.storage], page.job_outputs(), **stream)
+    page.branch.click(branch, [page.gallery, page.branch_section, *job_settings], page.job_outputs(), **stream)
+    page.extend.click(extend, [page.gallery, page.extend_seconds, page.extend_image, page.extend_video,
+                               *job_settings], page.job_outputs(), **stream)
+    page.remove.click(remove, page.gallery, [page.gallery, page.gallery_video], queue=False)
 
 
 def _updates(job_id, changed: dict) -> tuple:

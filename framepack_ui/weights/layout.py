@@ -7,6 +7,8 @@ same tree can be filled by a download, by hand from an existing Hugging Face cac
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +78,39 @@ def missing(models_dir: Path, names: tuple[str, ...] | None = None) -> dict[str,
         if lacking:
             result[name] = lacking
     return result
+
+
+# Saved section state (engine/state.py) is continued only with the transformer and VAE it was made with: they
+# are told apart by each weight file's size and a hash of its first and last MiB (the safetensors header and some
+# weights; the whole 26 GB would take minutes to hash).
+FINGERPRINT_COMPONENTS = ("transformer", "vae")
+FINGERPRINT_SPAN_BYTES = 1 << 20
+
+
+def model_fingerprint(models_dir: Path) -> dict[str, str]:
+    """{"transformer/diffusion_pytorch_model-00001-of-00003.safetensors": "<size>:<sha256 of its ends>", ...};
+    files that are missing are left out."""
+    result = {}
+    for name in FINGERPRINT_COMPONENTS:
+        component = COMPONENTS[name]
+        for file in component.files:
+            path = component.folder(models_dir) / file
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            result[f"{name}/{file}"] = _file_fingerprint(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return result
+
+
+@functools.lru_cache(maxsize=64)  # each file read once per process while it is unchanged
+def _file_fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_SPAN_BYTES))
+        f.seek(max(0, size - FINGERPRINT_SPAN_BYTES))
+        digest.update(f.read(FINGERPRINT_SPAN_BYTES))
+    return f"{size}:{digest.hexdigest()[:32]}"
 
 
 def check_small_files(models_dir: Path, names: tuple[str, ...] | None = None) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import logging
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..sidecar import sidecar_path, state_path
 from .restore import start_image
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,7 @@ class PastOutput:
     message: str = ""  # why a failed job failed
     frames: int | None = None
     mtime: float = 0.0
+    sections_saved: int = 0  # sections in its saved state (engine/state.py): resume, branch and extend read them
 
 
 def past_outputs(outputs_dir: Path, running: set[str] = frozenset(), limit: int = MAX_ENTRIES) -> list[PastOutput]:
@@ -74,7 +77,35 @@ def _entry(outputs_dir: Path, stem: str, mtime: float, running: set[str]) -> Pas
     has_video = video.is_file() and video.stat().st_size > 0
     frames = settings.get("frames")
     return PastOutput(video.name, str(video.resolve()) if has_video else None, settings, image, status,
-                      str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime)
+                      str(settings.get("message", "")), frames if isinstance(frames, int) else None, mtime,
+                      _sections_saved(video))
+
+
+def _sections_saved(video: Path) -> int:
+    """Sections listed in the video's state.json (0 without one); the engine checks the files when it reads them."""
+    try:
+        manifest = json.loads((state_path(video) / "state.json").read_text(encoding="utf-8"))
+        return len(manifest["sections"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def remove_output(outputs_dir: Path, name: str) -> list[str]:
+    """Delete the video `name` of `outputs_dir` with its settings file, start-image copy, section state and a
+    resume's unfinished file; returns the names removed."""
+    video = Path(outputs_dir) / Path(name).name
+    removed = []
+    beside = [video, sidecar_path(video), *video.parent.glob(f"{video.stem}.input.*"),
+              *video.parent.glob(f".{video.stem}.resume-*.mp4")]
+    for path in beside:
+        if path.is_file():
+            path.unlink()
+            removed.append(path.name)
+    state = state_path(video)
+    if state.is_dir():
+        shutil.rmtree(state)
+        removed.append(state.name)
+    return removed
 
 
 def listing_signature(outputs_dir: Path) -> tuple:

@@ -25,11 +25,11 @@ from typing import Callable, Iterator
 from ..errors import Cancelled, InputError, UserError
 from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..sidecar import sidecar_path, write_sidecar
-from ..spec import LORA_SUFFIX, JobSpec
+from ..spec import LORA_SUFFIX, Continuation, JobSpec
 from ..units import GB
 from . import queue_records
 from .events import Queued
-from .gallery import PastOutput, listing_signature, past_outputs
+from .gallery import PastOutput, listing_signature, past_outputs, remove_output
 from .live import clear_live, live_dir, section_link
 from .restore import Restored, settings_from_file
 
@@ -64,6 +64,7 @@ class _Job:
     profile: str = DEFAULT_PROFILE  # memory profile (memory.plan.PLAN_CHOICES)
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # submit's on_event: called with each event as it happens
+    start: Continuation | None = None  # what the job continues (resume, branch, extend), if anything
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
     out_of_memory_advice: str | None = None  # from the job's memory plan: what to pick should the GPU run out
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
@@ -158,15 +159,19 @@ class Worker:
     # ---------------------------------------------------------------------------------------------------- API
 
     def submit(self, spec: JobSpec, profile: str | None = None, *, out_path: str | Path | None = None,
-               plan_options: dict | None = None, on_event: Callable | None = None) -> str:
+               plan_options: dict | None = None, on_event: Callable | None = None,
+               start: Continuation | None = None) -> str:
         """Validate (InputError names the bad field; nothing is queued then) and queue; returns the job id.
         `profile`: the memory profile for this job (default: the worker's `profile`). `out_path`: the video's path
         (default: a new name in the outputs folder). `plan_options`: more of the memory plan's overrides
         (memory.plan.PlanOverrides fields: fp8, compile, attention, fp8_matmul, pin_streamed). `on_event(event)`:
         called as each of the job's events happens, in the thread that emits it (the job's, or the encoder's for
         SectionSaved), with the worker's lock held, before anyone iterating `events` sees it: keep it quick (the
-        command line prints there, so its lines keep time with the work)."""
-        spec = spec.validate().with_seed()  # the seed is fixed now, so the file name and the events carry it
+        command line prints there, so its lines keep time with the work). `start`: continue an earlier output
+        (spec.Continuation), checked here: a resume writes to that output, with its saved settings."""
+        spec = spec.validate(image_required=start is None).with_seed()  # the seed is fixed now, so the file name
+        if start is not None:  # and the events carry it
+            spec, out_path = self._check_continuation(start, spec, out_path)
         profile = profile or self.profile
         if profile not in self._profiles:
             raise InputError(f"memory profile must be one of {', '.join(self._profiles)}, not {profile!r}")
@@ -174,8 +179,11 @@ class Worker:
             if self._closed:
                 raise RuntimeError("the worker is shut down")
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
-            job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event)
-            if self.serves_pages:  # before it can start: the engine's own settings file then replaces the record
+            job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event,
+                       start)
+            # before it can start: the engine's own settings file then replaces the record. Not for a continued
+            # job: a resume's record would replace its source's settings file, and none records what it continues
+            if self.serves_pages and start is None:
                 queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
             self._jobs[job.id] = job
             self._queue.append(job)
@@ -183,6 +191,24 @@ class Worker:
             self._cond.notify_all()
         log.info("job %s queued: %s", job.id, job.out_path.name)
         return job.id
+
+    def _check_continuation(self, start: Continuation, spec: JobSpec, out_path) -> tuple[JobSpec, Path | None]:
+        """InputError (one line) unless `start` can be continued with these models; nothing is queued then. The
+        engine (and torch) is imported here, for a continued job only."""
+        from ..engine.continuation import open_origin
+        from ..weights.layout import model_fingerprint
+
+        source = Path(start.video).resolve()
+        if start.kind == "resume":
+            out_path = source
+        elif out_path is not None and Path(out_path).resolve() == source:
+            raise InputError(f"a {start.kind} is a new output: choose another file than {source.name}")
+        with self._cond:
+            busy = {j.out_path.resolve() for j in self._jobs.values() if j.result is None}
+        if source in busy:
+            raise InputError(f"{source.name} is being written by a job: wait for it to end")
+        origin = open_origin(start, spec, model_fingerprint(self.models_dir))
+        return (origin.spec if start.kind == "resume" else spec), out_path
 
     def cancel(self, job_id: str) -> bool:
         """A queued or waiting job is dropped (with its record); the running one stops at its next step and keeps
@@ -318,6 +344,15 @@ class Worker:
         with self._cond:
             running = {str(self._running.out_path.resolve())} if self._running is not None else set()
         return past_outputs(self.outputs_dir, running)
+
+    def remove_output(self, name: str) -> list[str]:
+        """Delete a past output and everything beside it (settings, start image, section state); refused for one a
+        job is writing. Returns the names removed."""
+        with self._cond:
+            busy = {j.out_path.name for j in self._jobs.values() if j.result is None}
+        if name in busy:
+            raise InputError(f"{name} is being written by a job: stop it first")
+        return remove_output(self.outputs_dir, name)
 
     def outputs_signature(self) -> tuple:
         """Changes when the outputs folder's videos or settings files change (reads no file)."""
@@ -469,8 +504,9 @@ class Worker:
             emit(Phase("starting", "starting the engine"))
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
+            more = {"start": job.start} if job.start is not None else {}
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record,
-                             out_of_memory_advice=job.out_of_memory_advice)
+                             out_of_memory_advice=job.out_of_memory_advice, **more)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
             result = Stopped(self._kept(job), 0)
         except UserError as exc:  # e.g. the models folder cannot be read
@@ -541,6 +577,9 @@ class Worker:
             self._manager.set_loras(loras.lora_set)  # None takes the previous job's off
         elif loras.lora_set is not None:
             raise InputError("this worker's model lender takes no LoRAs")
+        from ..weights.layout import model_fingerprint
+
+        job.record["model_files"] = model_fingerprint(self.models_dir)  # kept with the section state
         return self._run_job, self._manager
 
     def _read_loras(self, job: _Job, emit) -> "_JobLoras":
