@@ -66,34 +66,41 @@ def sync(work: Path) -> None:
                     old.unlink()
         for relative in wanted:
             src, dst = source / relative, target / relative
-            if not dst.exists() or dst.stat().st_mtime_ns != src.stat().st_mtime_ns or src.read_bytes() != dst.read_bytes():
+            if (not dst.exists() or dst.stat().st_mtime_ns != src.stat().st_mtime_ns
+                    or src.read_bytes() != dst.read_bytes()):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
 
 
-def mutmut(work: Path, *args: str) -> int:
+def mutmut_command() -> str:
+    """mutmut from the same environment as this Python (the dev requirements install it into .venv)."""
     executable = Path(sys.executable).with_name("mutmut")
-    return subprocess.call([str(executable) if executable.exists() else "mutmut", *args], cwd=work)
+    return str(executable) if executable.exists() else "mutmut"
+
+
+def mutmut(work: Path, *args: str) -> int:
+    return subprocess.call([mutmut_command(), *args], cwd=work)
 
 
 def survivors(work: Path) -> list[str]:
     """The names of the mutants that survived the last run (`mutmut results` prints "NAME: survived")."""
-    executable = Path(sys.executable).with_name("mutmut")
-    out = subprocess.run([str(executable) if executable.exists() else "mutmut", "results"], cwd=work,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([mutmut_command(), "results"], cwd=work, capture_output=True, text=True).stdout
     return [line.strip().rsplit(":", 1)[0] for line in out.splitlines() if line.strip().endswith(": survived")]
 
 
 def report(name: str, work: Path) -> int:
-    """Print the score (killed and timed-out mutants of those tested) and the surviving mutants."""
+    """Print the score and list the mutants not caught. The score is caught (killed, or timed out: the tests
+    hung) of those tested; a mutant in code that no selected test runs counts as tested and not caught."""
     if mutmut(work, "export-cicd-stats") != 0:
         return 1
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    tested = stats["total"] - stats["skipped"] - stats["no_tests"]
     caught = stats["killed"] + stats["timeout"]
+    done = caught + sum(stats[k] for k in ("survived", "no_tests", "suspicious", "segfault",
+                                           "check_was_interrupted_by_user"))
+    tested = done - stats["check_was_interrupted_by_user"]
     print(f"{name}: {caught} of {tested} mutants caught ({100 * caught / max(tested, 1):.1f} %), "
           f"{stats['survived']} survived, {stats['no_tests']} in code no selected test runs, "
-          f"{stats['suspicious']} suspicious, {stats['total'] - stats['killed'] - stats['timeout'] - stats['survived'] - stats['no_tests'] - stats['suspicious']} not run")
+          f"{stats['suspicious']} suspicious, {stats['total'] - stats['skipped'] - done} not run yet")
     return mutmut(work, "results")
 
 
