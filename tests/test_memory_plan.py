@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import math
 import re
 from dataclasses import replace
 
@@ -645,8 +644,8 @@ def test_each_refusal_names_what_is_needed_what_there_is_and_the_difference():
                         re.findall(r"(\d+(?:\.\d+)?[GM])", commit.value.message)[:2])
     short = float(re.search(r"(\d+\.\d) GB short", commit.value.message).group(1))
     assert 0 < short == pytest.approx(needs - available, abs=0.06), commit.value.message
-    assert f"by at least {math.ceil(short)} GB" in commit.value.message or \
-        f"by at least {math.ceil(short) + 1} GB" in commit.value.message
+    grow_gb = int(re.search(r"by at least (\d+) GB", commit.value.message).group(1))
+    assert short <= grow_gb < short + 1.05  # the shortfall rounded up to whole GB
     grown = make_plan(replace(tight, pagefile_growable=True, disk_free_bytes=100 * GB), REAL)
     short_gb = (grown.peak_commit_bytes - grown.commit_budget_bytes) / GB
     assert any(n.startswith(f"commit is {short_gb:.1f} GB short") for n in grown.notes), grown.notes
@@ -682,11 +681,9 @@ def test_a_phase_exactly_at_its_budget_fits():
     with pytest.raises(MemoryPlanError, match="pagefile"):
         check(replace(short, machine=replace(growable, disk_free_bytes=GB + RAM_RESERVE_BYTES)), weights)
     # the streamed blocks that exactly fill the page cache's room stay cached
-    t = plan.components["transformer"]
     exact = plan.with_component("transformer", page_cache_bytes=page_cache_room(plan))
     assert not spills_from_page_cache(exact) and spills_from_page_cache(
         plan.with_component("transformer", page_cache_bytes=page_cache_room(plan) + 1))
-    assert t.page_cache_bytes < page_cache_room(plan)
 
 
 def test_the_budgets_leave_the_reserves_and_no_vram_to_a_plan_without_the_gpu():

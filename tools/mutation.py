@@ -36,10 +36,14 @@ def read_config(path: Path = REPO / "setup.cfg") -> tuple[dict[str, str], dict[s
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(path, encoding="utf-8")
     shared = dict(parser["mutmut"]) if parser.has_section("mutmut") else {}
-    modules = {name[len(SECTION_PREFIX):]: {key: parser[name][key].split() if key == "mutate"
-                                                 else [line for line in parser[name][key].splitlines() if line]
-                                            for key in ("mutate", "tests")}
-               for name in parser.sections() if name.startswith(SECTION_PREFIX)}
+    modules = {}
+    for name in parser.sections():
+        if name.startswith(SECTION_PREFIX):
+            section = parser[name]
+            modules[name[len(SECTION_PREFIX):]] = {
+                "mutate": section["mutate"].split(),
+                "tests": [line for line in section["tests"].splitlines() if line],  # one pytest argument a line
+            }
     return shared, modules
 
 
@@ -48,7 +52,8 @@ def workspace_config(shared: dict[str, str], module: dict[str, list[str]]) -> st
     lines = ["[mutmut]", "source_paths = framepack_ui"]
     for key, value in shared.items():  # mutmut reads a value on several lines as a list, on one as itself
         values = [v for v in value.splitlines() if v]
-        lines.append(f"{key} = {values[0]}" if len(values) == 1 else f"{key} =" + "".join(f"\n    {v}" for v in values))
+        lines.append(f"{key} = {values[0]}" if len(values) == 1
+                     else f"{key} =" + "".join(f"\n    {v}" for v in values))
     lines += ["only_mutate =" + "".join(f"\n    {p}" for p in module["mutate"]),
               "pytest_add_cli_args_test_selection =" + "".join(f"\n    {t}" for t in module["tests"])]
     return "\n".join(lines) + "\n"
