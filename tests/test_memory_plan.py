@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -13,6 +14,7 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
 from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
 from framepack_ui.memory.plan.budgets import page_cache_room, spills_from_page_cache
+from framepack_ui.memory.plan.explain import gb_text
 from framepack_ui.memory import probe as probe_module
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, linux_memory_from, parse_meminfo, probe_machine,
                                        weights_bytes, weights_on_disk, windows_memory_from)
@@ -616,3 +618,96 @@ def test_a_cached_fp8_transformer_is_kept_until_bf16_fits_with_room_to_spare():
     assert make_plan(just_fits, cached).components["transformer"].storage == "fp8"
     roomy = laptop(31, ram_total_bytes=34 * GiB)
     assert make_plan(roomy, cached).components["transformer"].storage == "map"
+
+
+# --- what check() says and where its limits are (found unguarded by the mutation check, docs/mutation.md) ----------
+
+def test_each_refusal_names_what_is_needed_what_there_is_and_the_difference():
+    with pytest.raises(MemoryPlanError) as ram:
+        supposed(6, 0)
+    needs, can = (float(g) for g in re.findall(r"(\d+\.\d+)G", ram.value.message)[:2])
+    short = float(re.search(r"(\d+\.\d) GB short", ram.value.message).group(1))
+    assert "total minus 4 GB for the system" in ram.value.message
+    assert 0 < short == pytest.approx(needs - can, abs=0.06), ram.value.message
+    with pytest.raises(MemoryPlanError) as vram:
+        supposed(32, 2)
+    needs, free = (float(g[:-1]) / (1000 if g.endswith("M") else 1) for g in
+                   re.findall(r"(\d+(?:\.\d+)?[GM])", vram.value.message)[:2])
+    short = float(re.search(r"(\d+\.\d) GB short", vram.value.message).group(1))
+    assert 0 < short == pytest.approx(needs - free, abs=0.06), vram.value.message
+    tight = Machine(ram_total_bytes=32 * GB, ram_available_bytes=30 * GB, commit_limit_bytes=34 * GB,
+                    commit_available_bytes=int(1.5 * GB), commit_enforced=True, vram_total_bytes=8 * GB,
+                    vram_free_bytes=8 * GB, os_name="windows")
+    with pytest.raises(MemoryPlanError) as commit:
+        make_plan(tight, REAL)
+    needs, available = (float(g[:-1]) / (1000 if g.endswith("M") else 1) for g in
+                        re.findall(r"(\d+(?:\.\d+)?[GM])", commit.value.message)[:2])
+    short = float(re.search(r"(\d+\.\d) GB short", commit.value.message).group(1))
+    assert 0 < short == pytest.approx(needs - available, abs=0.06), commit.value.message
+    grow_gb = int(re.search(r"by at least (\d+) GB", commit.value.message).group(1))
+    assert short <= grow_gb < short + 1.05  # the shortfall rounded up to whole GB
+    grown = make_plan(replace(tight, pagefile_growable=True, disk_free_bytes=100 * GB), REAL)
+    short_gb = (grown.peak_commit_bytes - grown.commit_budget_bytes) / GB
+    assert any(n.startswith(f"commit is {short_gb:.1f} GB short") for n in grown.notes), grown.notes
+    with pytest.raises(MemoryPlanError, match=r"resident in VRAM needs (\d+\.\d) GB more VRAM") as gpu:
+        make_plan(Machine.supposed(32, 8), REAL, PlanOverrides("gpu"))
+    assert 10 < float(re.search(r"needs (\d+\.\d) GB", gpu.value.message).group(1)) < 30
+
+
+def test_a_phase_exactly_at_its_budget_fits():
+    """Budgets are what may be used: a phase that uses exactly that much fits (and a byte more does not)."""
+    from framepack_ui.memory.plan.budgets import check
+
+    plan = make_plan(laptop(30), REAL, PlanOverrides(fp8=False))
+    weights = real_weights()
+
+    def with_sampling(**changes):
+        return replace(plan, phases=tuple(replace(p, **changes) if p.phase == "sampling" else p for p in plan.phases))
+
+    check(with_sampling(ram_bytes=plan.ram_budget_bytes), weights)
+    check(with_sampling(vram_bytes=plan.vram_budget_bytes), weights)
+    with pytest.raises(MemoryPlanError):
+        check(with_sampling(ram_bytes=plan.ram_budget_bytes + 1), weights)
+    with pytest.raises(MemoryPlanError):
+        check(with_sampling(vram_bytes=plan.vram_budget_bytes + 1), weights)
+    enforced = replace(plan, commit_budget_bytes=plan.peak_commit_bytes)
+    check(enforced, weights)
+    with pytest.raises(MemoryPlanError):
+        check(replace(enforced, commit_budget_bytes=plan.peak_commit_bytes - 1), weights)
+    # the pagefile is grown only where the disk keeps RAM_RESERVE_BYTES beside the growth
+    short = replace(enforced, commit_budget_bytes=plan.peak_commit_bytes - GB)
+    growable = replace(plan.machine, pagefile_growable=True, disk_free_bytes=GB + RAM_RESERVE_BYTES + 1)
+    assert any("pagefile will be grown" in n for n in check(replace(short, machine=growable), weights).notes)
+    with pytest.raises(MemoryPlanError, match="pagefile"):
+        check(replace(short, machine=replace(growable, disk_free_bytes=GB + RAM_RESERVE_BYTES)), weights)
+    # the streamed blocks that exactly fill the page cache's room stay cached
+    exact = plan.with_component("transformer", page_cache_bytes=page_cache_room(plan))
+    assert not spills_from_page_cache(exact) and spills_from_page_cache(
+        plan.with_component("transformer", page_cache_bytes=page_cache_room(plan) + 1))
+
+
+def test_the_budgets_leave_the_reserves_and_no_vram_to_a_plan_without_the_gpu():
+    from framepack_ui.memory.plan.budgets import COMMIT_MARGIN_BYTES, VRAM_MARGIN_BYTES, budgets_for
+
+    enforced = replace(Machine.supposed(32, 8), commit_enforced=True, commit_available_bytes=20 * GB)
+    budgets = budgets_for(enforced, cuda=True)
+    assert budgets.ram == 28 * GB and budgets.vram == 8 * GB - VRAM_MARGIN_BYTES
+    assert budgets.commit == 20 * GB - COMMIT_MARGIN_BYTES
+    assert budgets_for(enforced, cuda=False).vram == 0  # a GPU the plan does not use lends it nothing
+    assert budgets_for(replace(enforced, commit_enforced=False), cuda=True).commit is None  # Linux overcommit
+
+
+def test_the_notes_say_which_sizes_are_expected_what_is_streamed_and_what_is_pinned():
+    laptop_plan, roomy, big = supposed(32, 8), supposed(64, 8), supposed(128, 80)
+    expected = "expected sizes (not on disk): image_encoder, text_encoder, text_encoder_2, transformer, vae"
+    assert expected in laptop_plan.notes
+    streamed = ("gpu-streamed: blocks beyond the resident ones are copied from the read-only map each step "
+                "through two pinned block buffers")
+    assert streamed + " (the only pinned memory)" in laptop_plan.notes
+    assert roomy.components["transformer"].pinned_sources and streamed in roomy.notes  # the text encoders'
+    assert any(n.startswith("pinned: ") and "8 GB of RAM stays free" in n for n in roomy.notes)
+    assert not any(n.startswith("gpu-streamed") or n.startswith("pinned") for n in big.notes)
+    spilling = make_plan(laptop(19), REAL, PlanOverrides(fp8=False))
+    t = spilling.components["transformer"]
+    assert (f"the page cache can keep about {gb_text(page_cache_room(spilling))} of the {gb_text(t.page_cache_bytes)}"
+            f" streamed each step") in " ".join(spilling.notes)

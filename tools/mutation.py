@@ -36,10 +36,14 @@ def read_config(path: Path = REPO / "setup.cfg") -> tuple[dict[str, str], dict[s
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(path, encoding="utf-8")
     shared = dict(parser["mutmut"]) if parser.has_section("mutmut") else {}
-    modules = {name[len(SECTION_PREFIX):]: {key: parser[name][key].split() if key == "mutate"
-                                                 else [line for line in parser[name][key].splitlines() if line]
-                                            for key in ("mutate", "tests")}
-               for name in parser.sections() if name.startswith(SECTION_PREFIX)}
+    modules = {}
+    for name in parser.sections():
+        if name.startswith(SECTION_PREFIX):
+            section = parser[name]
+            modules[name[len(SECTION_PREFIX):]] = {
+                "mutate": section["mutate"].split(),
+                "tests": [line for line in section["tests"].splitlines() if line],  # one pytest argument a line
+            }
     return shared, modules
 
 
@@ -48,7 +52,8 @@ def workspace_config(shared: dict[str, str], module: dict[str, list[str]]) -> st
     lines = ["[mutmut]", "source_paths = framepack_ui"]
     for key, value in shared.items():  # mutmut reads a value on several lines as a list, on one as itself
         values = [v for v in value.splitlines() if v]
-        lines.append(f"{key} = {values[0]}" if len(values) == 1 else f"{key} =" + "".join(f"\n    {v}" for v in values))
+        lines.append(f"{key} = {values[0]}" if len(values) == 1
+                     else f"{key} =" + "".join(f"\n    {v}" for v in values))
     lines += ["only_mutate =" + "".join(f"\n    {p}" for p in module["mutate"]),
               "pytest_add_cli_args_test_selection =" + "".join(f"\n    {t}" for t in module["tests"])]
     return "\n".join(lines) + "\n"
@@ -66,34 +71,41 @@ def sync(work: Path) -> None:
                     old.unlink()
         for relative in wanted:
             src, dst = source / relative, target / relative
-            if not dst.exists() or dst.stat().st_mtime_ns != src.stat().st_mtime_ns or src.read_bytes() != dst.read_bytes():
+            if (not dst.exists() or dst.stat().st_mtime_ns != src.stat().st_mtime_ns
+                    or src.read_bytes() != dst.read_bytes()):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dst)
 
 
-def mutmut(work: Path, *args: str) -> int:
+def mutmut_command() -> str:
+    """mutmut from the same environment as this Python (the dev requirements install it into .venv)."""
     executable = Path(sys.executable).with_name("mutmut")
-    return subprocess.call([str(executable) if executable.exists() else "mutmut", *args], cwd=work)
+    return str(executable) if executable.exists() else "mutmut"
+
+
+def mutmut(work: Path, *args: str) -> int:
+    return subprocess.call([mutmut_command(), *args], cwd=work)
 
 
 def survivors(work: Path) -> list[str]:
     """The names of the mutants that survived the last run (`mutmut results` prints "NAME: survived")."""
-    executable = Path(sys.executable).with_name("mutmut")
-    out = subprocess.run([str(executable) if executable.exists() else "mutmut", "results"], cwd=work,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([mutmut_command(), "results"], cwd=work, capture_output=True, text=True).stdout
     return [line.strip().rsplit(":", 1)[0] for line in out.splitlines() if line.strip().endswith(": survived")]
 
 
 def report(name: str, work: Path) -> int:
-    """Print the score (killed and timed-out mutants of those tested) and the surviving mutants."""
+    """Print the score and list the mutants not caught. The score is caught (killed, or timed out: the tests
+    hung) of those tested; a mutant in code that no selected test runs counts as tested and not caught."""
     if mutmut(work, "export-cicd-stats") != 0:
         return 1
     stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    tested = stats["total"] - stats["skipped"] - stats["no_tests"]
     caught = stats["killed"] + stats["timeout"]
+    done = caught + sum(stats[k] for k in ("survived", "no_tests", "suspicious", "segfault",
+                                           "check_was_interrupted_by_user"))
+    tested = done - stats["check_was_interrupted_by_user"]
     print(f"{name}: {caught} of {tested} mutants caught ({100 * caught / max(tested, 1):.1f} %), "
           f"{stats['survived']} survived, {stats['no_tests']} in code no selected test runs, "
-          f"{stats['suspicious']} suspicious, {stats['total'] - stats['killed'] - stats['timeout'] - stats['survived'] - stats['no_tests'] - stats['suspicious']} not run")
+          f"{stats['suspicious']} suspicious, {stats['total'] - stats['skipped'] - done} not run yet")
     return mutmut(work, "results")
 
 
