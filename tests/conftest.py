@@ -158,3 +158,23 @@ def text_sensitive_models(tiny_models_dir, tmp_path_factory) -> Path:
     shutil.copytree(tiny_models_dir, models_dir, ignore=shutil.ignore_patterns(".cache"))  # no cached prompts
     scale_transformer_weights(models_dir, TEXT_SENSITIVE_SCALES)
     return models_dir
+
+
+@pytest.fixture
+def make_worker(tiny_models_dir, tmp_path):
+    """make(**Worker options): a Worker on the tiny models writing to tmp_path/outputs, on the CPU, shut down after
+    the test."""
+    from framepack_ui.engine import f1
+    from framepack_ui.worker import Worker
+
+    workers = []
+
+    def make(run_job=f1.run, **kwargs):
+        worker = Worker(kwargs.pop("models_dir", None) or tiny_models_dir, tmp_path / "outputs", device="cpu",
+                        run_job=run_job, **kwargs)
+        workers.append(worker)
+        return worker
+
+    yield make
+    for worker in workers:
+        worker.shutdown()

@@ -31,38 +31,7 @@ from framepack_ui.weights import layout
 from framepack_ui.weights.tiny import make_tiny_models
 from framepack_ui.worker import Worker
 from framepack_ui.worker.gallery import past_outputs
-from job_settings import FAST_128PX
-
-TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit when something hangs
-
-
-@pytest.fixture
-def make_worker(tiny_models_dir, tmp_path):
-    workers = []
-
-    def make(run_job=f1.run, **kwargs):
-        worker = Worker(kwargs.pop("models_dir", tiny_models_dir), tmp_path / "outputs", device="cpu",
-                        run_job=run_job, **kwargs)
-        workers.append(worker)
-        return worker
-
-    yield make
-    for worker in workers:
-        worker.shutdown()
-
-
-def spec(image, prompt="a red square moves", **settings) -> JobSpec:
-    return JobSpec(image=image, prompt=prompt, **{**FAST_128PX, **settings})
-
-
-def all_events(worker, job_id) -> list:
-    """Follow a job to its end (in a thread, so a hang fails the test instead of blocking it)."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.extend(worker.events(job_id)), daemon=True)
-    thread.start()
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), f"job {job_id} did not end within {TIMEOUT_S} s"
-    return out
+from worker_jobs import TIMEOUT_S, all_events, spec
 
 
 # --- out of GPU memory during a section --------------------------------------------------------------------------

@@ -16,41 +16,9 @@ from framepack_ui.engine.video import count_frames
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.errors import InputError
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Stopped
-from framepack_ui.spec import JobSpec
 from framepack_ui.ui import present
-from framepack_ui.worker import Queued, Worker
-from job_settings import FAST_128PX
-
-TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit when something hangs
-
-
-@pytest.fixture
-def make_worker(tiny_models_dir, tmp_path):
-    workers = []
-
-    def make(run_job=f1.run, manager=None, models_dir=None, keep_models_s=0):
-        worker = Worker(models_dir or tiny_models_dir, tmp_path / "outputs", device="cpu", run_job=run_job,
-                        manager=manager, keep_models_s=keep_models_s)
-        workers.append(worker)
-        return worker
-
-    yield make
-    for worker in workers:
-        worker.shutdown()
-
-
-def spec(image, prompt="a red square moves", **settings) -> JobSpec:
-    return JobSpec(image=image, prompt=prompt, **{**FAST_128PX, **settings})
-
-
-def all_events(worker, job_id) -> list:
-    """Follow a job to its end (in a thread, so a hang fails the test instead of blocking it)."""
-    out: list = []
-    thread = threading.Thread(target=lambda: out.extend(worker.events(job_id)), daemon=True)
-    thread.start()
-    thread.join(TIMEOUT_S)
-    assert not thread.is_alive(), f"job {job_id} did not end within {TIMEOUT_S} s"
-    return out
+from framepack_ui.worker import Queued
+from worker_jobs import TIMEOUT_S, all_events, spec
 
 
 def wait_until(condition, timeout_s: float = TIMEOUT_S) -> None:
