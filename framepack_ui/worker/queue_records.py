@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
@@ -71,11 +71,10 @@ def read_all(outputs_dir: Path) -> list[QueuedRecord]:
             continue
         out_path = path.with_suffix(".mp4")
         image = record.get("input_image_file")
-        settings = {f.name: record[f.name] for f in fields(JobSpec) if f.name in record}
         try:
             if not isinstance(image, str) or not image:
                 raise InputError("no copy of the start image")
-            spec = JobSpec(**{**settings, "image": str(outputs_dir / Path(image).name)}).validate()
+            spec = JobSpec.from_settings(record, image=str(outputs_dir / Path(image).name)).validate()
         except (InputError, TypeError) as exc:
             log.warning("queued job %s cannot come back (%s): dropped", out_path.name, exc)
             drop(out_path)
