@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from framepack_ui.engine import f1
 from framepack_ui.engine.video import count_frames
@@ -17,6 +18,7 @@ from framepack_ui.sidecar import sidecar_path
 from framepack_ui.errors import InputError
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Stopped
 from framepack_ui.ui import present
+from framepack_ui.units import GB
 from framepack_ui.worker import Queued
 from worker_jobs import TIMEOUT_S, all_events, spec
 
@@ -380,3 +382,40 @@ def test_a_stopped_fp8_conversion_keeps_nothing(make_worker, models_copy, start_
     assert isinstance(events[-1], Stopped) and any(isinstance(e, Progress) for e in seen)
     folder = COMPONENTS["transformer"].folder(models_copy)
     assert fp8.check_cache(folder) == "absent" and not list(folder.glob("fp8/*"))
+
+
+def test_the_next_job_plans_with_the_memory_its_own_kept_models_hold(make_worker, start_image_80x64, monkeypatch):
+    """An 8 GB card planned with the real transformer's sizes: after the first job its kept transformer holds VRAM
+    and RAM, which the probe for the second job sees as taken. The worker counts what its own models hold as free
+    (it frees them before placing others), so the second job gets the same plan and the same loaded models rather
+    than fewer resident blocks and a reload. Loading is injected (no CUDA here): the scripted engine marks the
+    transformer loaded, and the probe takes off what its plan says it holds."""
+    from dataclasses import replace
+
+    from framepack_ui.memory import probe
+    from framepack_ui.memory.plan import real_weights
+
+    held = {"ram": 0, "vram": 0}
+
+    def probe_now(*args, **kwargs):
+        machine = probe.Machine.supposed(32, 8)
+        return replace(machine, ram_available_bytes=machine.ram_available_bytes - held["ram"],
+                       vram_free_bytes=machine.vram_free_bytes - held["vram"])
+
+    monkeypatch.setattr(probe, "probe_machine", probe_now)
+    monkeypatch.setattr(probe, "weights_on_disk", lambda models_dir: real_weights())
+    placements = []
+
+    def engine(spec, out_path, manager, emit, cancel, record=None, **kwargs):
+        transformer = manager.plan.components["transformer"]
+        placements.append((id(manager), transformer.resident_blocks))
+        manager._loaded["transformer"] = torch.nn.Identity()  # as if lent: held until the manager frees it
+        held.update(ram=transformer.ram_bytes, vram=transformer.vram_bytes)
+        emit(Finished(str(out_path), "", 0, 0.0))
+
+    worker = make_worker(run_job=engine, keep_models_s=None, device="cuda")
+    for _ in range(2):
+        assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64)))[-1], Finished)
+    first, second = placements
+    assert held["vram"] > 2 * GB and first[1] > 0  # the case: blocks resident, a large share of the card held
+    assert second == first

@@ -321,6 +321,9 @@ class Worker:
 
         device = self._device or _default_device()
         machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        if self._manager is not None and not self._fixed_manager:
+            # what this worker's own kept models hold is the next plan's to place again (freed before any reload)
+            machine = machine.with_returned(*self._manager.held_memory())
         options = {key: value for key, value in options.items() if value is not None}  # None: the plan's default
         options.setdefault("attention", self.attention)
         return make_plan(machine, weights_on_disk(self.models_dir),
