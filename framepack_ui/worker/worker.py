@@ -181,10 +181,9 @@ class Worker:
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event,
                        start)
-            # before it can start: the engine's own settings file then replaces the record. Not for a continued
-            # job: a resume's record would replace its source's settings file, and none records what it continues
-            if self.serves_pages and start is None:
-                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
+            # before it can start: the engine's own settings file then replaces the record
+            if self.serves_pages:
+                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at, start)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -244,7 +243,7 @@ class Worker:
         """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
         for record in queue_records.read_all(self.outputs_dir):
             job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
-                       record.plan_options, status="waiting")
+                       record.plan_options, start=record.start, status="waiting")
             job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
             self._jobs[job.id] = job
             log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
