@@ -272,6 +272,9 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
     data = repos[layout.F1_REPO][shard]
     guard_loopback_only(monkeypatch)
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 4096)  # several chunks per file: cancel lands mid-file
+    # the client's read timeout (10 s) outlasts the hub's hold however slow a loaded machine is: a timed-out read
+    # would resume on its own, racing the cancel (the hold is released by the test, not by time)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10 * TIMEOUT_S)
     with FakeHub(repos) as hub:
         isolate_hf(monkeypatch, tmp_path, hub.url)
         models = tmp_path / "models"
@@ -280,10 +283,13 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
         reached, release = hub.hold(layout.F1_REPO, shard, at=len(data) // 2)
         assert worker.start_download()
         assert reached.wait(TIMEOUT_S), "the download never reached the transformer shard"
-        on_shard = lambda: worker.download_status().file.endswith(shard)  # noqa: E731
-        wait_until(on_shard)
-        start = worker.download_status().done_bytes
-        wait_until(lambda: on_shard() and worker.download_status().done_bytes >= start + len(data) // 4)
+        dest = layout.COMPONENTS["transformer"].folder(models) / shard
+
+        def shard_written() -> int:  # the partial file's size: what the client has read (the hub holds at half)
+            return sum(p.stat().st_size for p in dest.parent.glob(f"{shard}.*.incomplete"))
+
+        wait_until(lambda: shard_written() >= len(data) // 4)
+        assert worker.download_status().file.endswith(shard)
         assert worker.cancel_download()  # while the hub holds the rest of the shard back
         release.set()
         wait_until(lambda: worker.download_status().state != "running")
@@ -291,7 +297,6 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
         assert stopped.state == "stopped", stopped
         line = present.download_text(stopped)
         assert "\n" not in line and re.match(r"Download stopped at \d+%: .* press Download models to resume", line)
-        dest = layout.COMPONENTS["transformer"].folder(models) / shard
         assert not dest.exists()  # nothing half-fetched looks complete
         [partial] = dest.parent.glob(f"{shard}.*.incomplete")
         kept = partial.stat().st_size
