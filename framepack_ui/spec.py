@@ -168,7 +168,8 @@ class JobSpec:
 
     def _cache_checks(self) -> list[tuple[bool, str]]:
         return [
-            (self.cache in ("", *CACHE_METHODS), f"cache must be one of {', '.join(CACHE_METHODS)}, not {self.cache!r}"),
+            (self.cache in ("", *CACHE_METHODS),
+             f"cache must be one of {', '.join(CACHE_METHODS)}, not {self.cache!r}"),
             (_finite(self.magcache_threshold) and 0 <= self.magcache_threshold <= 1,
              "magcache threshold must be 0 to 1"),
             (_whole(self.magcache_max_skip_steps) and 0 <= self.magcache_max_skip_steps <= MAGCACHE_MAX_SKIP_LIMIT,

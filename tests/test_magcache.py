@@ -337,7 +337,8 @@ def test_cli_cache_options_make_the_spec_and_the_old_teacache_flags_still_choose
     assert (spec.cache_method, spec.magcache_threshold, spec.magcache_max_skip_steps,
             spec.magcache_retention_ratio) == ("magcache", 0.15, 4, 0.25)
     assert _args("--cache-calibrate").cache_method == "magcache" and _args("--cache-calibrate").cache_calibrate
-    assert _args("--no-teacache").cache_method == "off" and _args("--no-teacache", "--cache", "magcache").cache_method == "magcache"
+    assert _args("--no-teacache").cache_method == "off"
+    assert _args("--no-teacache", "--cache", "magcache").cache_method == "magcache"  # no contradiction
     assert _args("--teacache", "--teacache-threshold", "0.2").cache_method == "teacache"
     assert _args("--cache", "off").cache_method == "off"
     assert _args().cache_method == "teacache"
@@ -381,3 +382,33 @@ def test_cli_calibrates_then_uses_the_calibration_and_refuses_it_damaged(tiny_mo
     err = capsys.readouterr().err
     assert f"MagCache calibration {stored} cannot be read" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "bad.mp4").exists()
+
+
+# --- the web app's form (present.py; the browser test is test_ui_cache.py) ------------------------------------------
+
+def test_the_form_restores_the_step_cache_from_new_and_older_settings():
+    from framepack_ui.ui import present
+
+    assert present.cache_form_values({"teacache": False}) == {"cache": "off"}  # before the choice existed
+    assert present.cache_form_values({"teacache": True, "teacache_threshold": 0.2}) == {"cache": "teacache"}
+    assert present.cache_form_values({"cache": "magcache", "teacache": True, "magcache_threshold": 0.15,
+                                      "magcache_max_skip_steps": 4, "magcache_retention_ratio": 0.25}) == {
+        "cache": "magcache", "magcache_threshold": 0.15, "magcache_max_skip_steps": 4, "magcache_retention_ratio": 0.25}
+    assert present.cache_form_values({}) == {}  # nothing said: the form keeps its own
+    form = present.restored_form({"prompt": "p", "teacache": False}, ("auto",))
+    assert form["cache"] == "off"
+
+
+def test_the_forms_calibration_is_magcaches_and_the_teacache_flag_follows_the_choice(start_image):
+    from framepack_ui.ui import present
+
+    base = JobSpec(image=start_image, prompt="p")
+    spec = present.with_cache(base, "teacache", 0.1, 3, 0.2, True)
+    assert (spec.cache_method, spec.cache_calibrate, spec.teacache) == ("magcache", True, False)
+    spec = present.with_cache(base, "off", 0.1, 3, 0.2, False)
+    assert (spec.cache_method, spec.teacache) == ("off", False)
+    with pytest.raises(InputError, match="whole number"):
+        present.with_cache(base, "magcache", 0.1, 2.5, 0.2, False)
+    view = present.fold([CacheReport(0, 2, "magcache", 12, 25), CacheReport(1, 2, "magcache", 13, 25)],
+                        present.JobView(job_id="1", status="running"))
+    assert "Model calls computed per section (magcache): 12/25, 13/25" in present.progress_text(view)

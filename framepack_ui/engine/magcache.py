@@ -6,17 +6,17 @@ the schedule, not on the input, so it is measured once (calibration) and the acc
 residual, sum |1 - product of the ratios since|, is known before the step runs. A step is skipped while that error
 stays within the threshold, at most K steps in a row, and never in the first `retention_ratio` of the steps.
 
-Why not diffusers' own `hooks.mag_cache` (0.42.1), which this follows: (1) its rule lacks the F1 demo's guard that
-a single step's ratio be within 1 +- 0.06, and it rounds the retention steps where the demo truncates them. With the
+Why not diffusers' own `hooks.mag_cache` (0.42.1), which this follows: (1) its rule lacks the F1 demo's guard that a
+single step's ratio be within 1 +- 0.06, and it rounds the retention steps where the demo truncates them. With the
 published ratios the two agree at the defaults for 25 steps, but at threshold 0.15 the library skips step 22 (ratio
 0.9375), from 0.25 it skips the last step (ratio 0.785), and at 12 or 30 steps they differ at the default threshold
-(tests/test_magcache.py); the published ratios and defaults were tuned with the demo's rule. (2) Its calibration mode prints the ratios and clears them at
-the end of each section, so there is nothing to store for later jobs. (3) It counts steps itself, one per call of
-the last block, in a context the FramePack transformer never opens (`cache_context`); the denoiser here says which
-step and branch (real CFG) each call is, as it does for TeaCache. What is taken from it: the interpolation of the
-ratios to another step count (`nearest_interp`). The hooks are TeaCache's shape (teacache.py): the first block
-decides, the later ones pass through while skipping, the last records the residual; so they sit on compiled,
-streamed, fp8 and LoRA-carrying blocks alike, as TeaCache's do.
+(tests/test_magcache.py); the published ratios and defaults were tuned with the demo's rule. (2) Its calibration
+mode prints the ratios and clears them at the end of each section, so there is nothing to store for later jobs. (3)
+It counts steps itself, one per call of the last block, in a context the FramePack transformer never opens
+(`cache_context`); the denoiser here says which step and branch (real CFG) each call is, as it does for TeaCache.
+What is taken from it: the interpolation of the ratios to another step count (`nearest_interp`). The hooks are
+TeaCache's shape (teacache.py): the first block decides, the later ones pass through while skipping, the last
+records the residual; so they sit on compiled, streamed, fp8 and LoRA-carrying blocks alike, as TeaCache's do.
 """
 from __future__ import annotations
 
