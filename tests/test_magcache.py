@@ -83,6 +83,8 @@ def test_at_most_k_steps_are_skipped_in_a_row_and_the_retained_steps_always_run(
     assert _pattern(MagCache(flat, threshold=0.1, max_skip_steps=2, retention_ratio=0.2), 10) == "CCSSCSSCSS"
     assert _pattern(MagCache(flat, threshold=0.1, max_skip_steps=0, retention_ratio=0.2), 10) == "C" * 10
     assert _pattern(MagCache(flat, threshold=0.1, max_skip_steps=9, retention_ratio=0.5), 10) == "CCCCCSSSSS"
+    # 0.25 of 10 steps: the demo truncates to 2 retained steps (diffusers' hook rounds to 3)
+    assert _pattern(MagCache(flat, threshold=0.1, max_skip_steps=9, retention_ratio=0.25), 10) == "CCSSSSSSSS"
 
 
 def test_threshold_zero_and_calibration_never_skip_even_with_no_error():
