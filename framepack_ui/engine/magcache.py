@@ -17,6 +17,8 @@ It counts steps itself, one per call of the last block, in a context the FramePa
 What is taken from it: the interpolation of the ratios to another step count (`nearest_interp`). The hooks are
 TeaCache's shape (teacache.py): the first block decides, the later ones pass through while skipping, the last
 records the residual; so they sit on compiled, streamed, fp8 and LoRA-carrying blocks alike, as TeaCache's do.
+diffusers' First-Block Cache (`hooks.first_block_cache`) is another rule (it runs the first block every step and
+compares its output), with the same `cache_context` need; it is not offered: the choice is TeaCache or MagCache.
 """
 from __future__ import annotations
 
