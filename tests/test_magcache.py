@@ -414,3 +414,25 @@ def test_the_forms_calibration_is_magcaches_and_the_teacache_flag_follows_the_ch
     view = present.fold([CacheReport(0, 2, "magcache", 12, 25), CacheReport(1, 2, "magcache", 13, 25)],
                         present.JobView(job_id="1", status="running"))
     assert "Model calls computed per section (magcache): 12/25, 13/25" in present.progress_text(view)
+
+
+def test_magcache_on_a_transformer_streamed_block_by_block_gives_the_resident_runs_frames(tiny_models_dir,
+                                                                                          start_image, tmp_path):
+    """The hooks sit on the blocks as the streamer's do: a skipped call leaves the streamed blocks unused, and the
+    frames and computed calls are the resident plan's."""
+    from conftest import cpu_plan, streamed_on_cpu
+
+    settings = dict(cache="magcache", magcache_threshold=1.0, magcache_max_skip_steps=2, magcache_retention_ratio=0.0)
+    results = {}
+    for name, plan in (("resident", cpu_plan(tiny_models_dir)),
+                       ("streamed", streamed_on_cpu(cpu_plan(tiny_models_dir), 1))):
+        manager = cpu_manager(tiny_models_dir, plan)
+        try:
+            events = _job(manager, tmp_path / f"{name}.mp4", start_image, **settings)
+        finally:
+            manager.free()
+        assert isinstance(events[-1], Finished), events[-1]
+        results[name] = [(r.computed, r.calls) for r in events if isinstance(r, CacheReport)]
+    # published ratios at 6 steps (1, 1.02344, 1.03906, 1.02344, 0.96875, 0.78516), K 2: C S S C S C
+    assert results["streamed"] == results["resident"] == [(3, 6)]
+    assert np.array_equal(_frames(tmp_path / "streamed.mp4"), _frames(tmp_path / "resident.mp4"))
