@@ -152,6 +152,8 @@ def _cache_settings(args) -> dict:
         elif (given["cache"] == "teacache") != args.teacache:
             flag = "--teacache" if args.teacache else "--no-teacache"
             raise _input_error(f"{flag} contradicts --cache {given['cache']}: give one of them")
+    elif "cache" in given:
+        given["teacache"] = given["cache"] == "teacache"  # kept in step for older readers of the settings
     return given
 
 

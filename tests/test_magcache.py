@@ -342,7 +342,8 @@ def test_cli_cache_options_make_the_spec_and_the_old_teacache_flags_still_choose
     assert _args("--no-teacache").cache_method == "off"
     assert _args("--no-teacache", "--cache", "magcache").cache_method == "magcache"  # no contradiction
     assert _args("--teacache", "--teacache-threshold", "0.2").cache_method == "teacache"
-    assert _args("--cache", "off").cache_method == "off"
+    assert _args("--cache", "off").cache_method == "off" and not _args("--cache", "off").teacache
+    assert not _args("--cache", "magcache").teacache  # the flag kept in step for older readers of the settings
     assert _args().cache_method == "teacache"
 
 
@@ -399,6 +400,9 @@ def test_the_form_restores_the_step_cache_from_new_and_older_settings():
     assert present.cache_form_values({}) == {}  # nothing said: the form keeps its own
     form = present.restored_form({"prompt": "p", "teacache": False}, ("auto",))
     assert form["cache"] == "off"
+    assert present.cache_text({"cache": "magcache", "magcache_threshold": 0.15, "magcache_max_skip_steps": 4,
+                               "magcache_retention_ratio": 0.2}) == "magcache (threshold 0.15, K 4, retention 0.2)"
+    assert present.cache_text({"teacache": True, "teacache_threshold": 0.15}) == "teacache (threshold 0.15)"
 
 
 def test_the_forms_calibration_is_magcaches_and_the_teacache_flag_follows_the_choice(start_image):

@@ -210,6 +210,19 @@ def cache_form_values(settings: dict) -> dict[str, Any]:
     return {"cache": method, **values}
 
 
+def cache_text(settings: dict) -> str:
+    """'magcache (threshold 0.1, K 3, retention 0.2)', 'teacache (threshold 0.15)' or 'off'."""
+    values = cache_form_values(settings)
+    method = values.get("cache", "")
+    if method == "magcache":
+        return (f"magcache (threshold {values.get('magcache_threshold', '?')}, "
+                f"K {values.get('magcache_max_skip_steps', '?')}, "
+                f"retention {values.get('magcache_retention_ratio', '?')})")
+    if method == "teacache":
+        return f"teacache (threshold {settings.get('teacache_threshold', '?')})"
+    return method
+
+
 def length_text(seconds: float | None) -> str:
     """'2 sections, 73 frames (2.4 s)': what a requested length becomes."""
     if seconds is None or not math.isfinite(seconds) or seconds <= 0:
@@ -388,6 +401,8 @@ def gallery_details(entry) -> str:
         lines.append(f"{entry.sections_saved} sections saved: branch from any of them, or extend it{resume}")
     rows = ["| setting | value |", "|---|---|"]
     rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
+    if cache_form_values(s).get("cache"):
+        rows.append(f"| step cache | {cache_text(s)} |")
     if loras_text(s):
         rows.append(f"| LoRA | {_cell(loras_text(s), 200)} |")
     if entry.image:
