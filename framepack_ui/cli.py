@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=None,
                    help="skip model calls whose input barely changed (faster, hands slightly worse; default on)")
     g.add_argument("--teacache-threshold", type=float, help=f"default {d.teacache_threshold}")
+    _add_cache_options(g, d)
     g.add_argument("--crf", type=int, help=f"x264 quality 1..51, lower is better (default {d.crf})")
     g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="later sections decode 12 latents, not 18 (0.64x the time, 56 dB of the official decode; "
@@ -114,6 +115,46 @@ def _parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="download the model files that are missing")
     dl.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     return parser
+
+
+def _add_cache_options(parser, d) -> None:
+    """The step cache: which one, and MagCache's settings (TeaCache's are --teacache and --teacache-threshold)."""
+    from .spec import CACHE_METHODS
+
+    parser.add_argument("--cache", choices=CACHE_METHODS, default=None,
+                        help="skip model calls whose result is predictable from the last computed one: teacache (the "
+                             "official demo's, default), magcache (MagCache, opt-in until checked on the real weights) "
+                             "or off; --teacache/--no-teacache still choose teacache or off")
+    parser.add_argument("--magcache-threshold", type=float, default=None,
+                        help=f"MagCache: the accumulated error allowed while skipping, 0 to 1 (default "
+                             f"{d.magcache_threshold}; 0 computes every step)")
+    parser.add_argument("--magcache-max-skip-steps", type=int, default=None, metavar="K",
+                        help=f"MagCache: at most K steps skipped in a row (default {d.magcache_max_skip_steps})")
+    parser.add_argument("--magcache-retention-ratio", type=float, default=None,
+                        help=f"MagCache: the first fraction of the steps is always computed (default "
+                             f"{d.magcache_retention_ratio})")
+    parser.add_argument("--cache-calibrate", action="store_true", default=None,
+                        help="run once without skipping and record MagCache's ratios for this model, step count, "
+                             "resolution, storage and LoRA set (under MODELS/.cache/magcache/); later MagCache jobs "
+                             "with the same use them (implies --cache magcache)")
+
+
+def _cache_settings(args) -> dict:
+    """The step cache's settings given on the command line. --teacache/--no-teacache alone choose between TeaCache
+    and off (also over a continued job's recorded method); with --cache they must agree."""
+    given = {name: getattr(args, name) for name in CACHE_ARGS if getattr(args, name, None) is not None}
+    if args.cache_calibrate:
+        given["cache_calibrate"] = True
+        given.setdefault("cache", "magcache")
+    if args.teacache is not None:
+        if "cache" not in given:
+            given["cache"] = ""  # the teacache flag decides (spec.CACHE_METHODS)
+        elif (given["cache"] == "teacache") != args.teacache:
+            flag = "--teacache" if args.teacache else "--no-teacache"
+            raise _input_error(f"{flag} contradicts --cache {given['cache']}: give one of them")
+    elif "cache" in given:
+        given["teacache"] = given["cache"] == "teacache"  # kept in step for older readers of the settings
+    return given
 
 
 def _add_speed_options(parser) -> None:
@@ -214,6 +255,9 @@ SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs",
                 "teacache", "teacache_threshold", "crf", "fast_decode", "section_state", "prompt_blend_sections")
 
 
+CACHE_ARGS = ("cache", "magcache_threshold", "magcache_max_skip_steps", "magcache_retention_ratio")
+
+
 def _job_from_args(args):
     """(JobSpec, Continuation or None, output path) from `generate`'s arguments. A continued job starts from its
     source's recorded settings (the settings file beside it) and changes those given on the command line."""
@@ -222,6 +266,7 @@ def _job_from_args(args):
     given = {name: getattr(args, name) for name in SETTING_ARGS if getattr(args, name) is not None}
     if args.lora is not None:
         given["loras"] = tuple(LoraChoice.parse(text) for text in args.lora)
+    given.update(_cache_settings(args))
     if args.from_section is not None and args.branch is None:
         raise _input_error("--from-section goes with --branch")
     source = args.resume or args.branch or args.extend
@@ -270,7 +315,7 @@ def _recorded_settings(video: Path) -> dict:
         return {}
     if not isinstance(recorded, dict):
         return {}
-    values = {name: recorded[name] for name in SETTING_ARGS if recorded.get(name) is not None}
+    values = {name: recorded[name] for name in SETTING_ARGS + CACHE_ARGS if recorded.get(name) is not None}
     if isinstance(recorded.get("loras"), list):
         from .spec import LoraChoice
 
@@ -282,7 +327,7 @@ def _recorded_settings(video: Path) -> dict:
 
 
 def _show(event) -> None:
-    from .events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
+    from .events import CacheReport, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 
     if isinstance(event, Phase):
         _out(f"download {event.detail}" if event.name == "download" else f"[{event.name}] {event.detail}")
@@ -291,6 +336,9 @@ def _show(event) -> None:
         _out(f"{event.task}: {100 * event.done // max(1, event.total)}% of {event.total / 1e9:.1f} GB{left}")
     elif isinstance(event, Notice):
         _out(f"note: {event.message}")
+    elif isinstance(event, CacheReport):
+        _out(f"section {event.section + 1}/{event.sections}: {event.method} computed {event.computed} of "
+             f"{event.calls} model calls")
     elif isinstance(event, Step):
         eta = f", ETA {event.eta_s:.0f}s" if event.eta_s is not None else ""
         _out(f"section {event.section + 1}/{event.sections} step {event.step}/{event.steps} "

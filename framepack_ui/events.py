@@ -75,3 +75,14 @@ class Failed:
 
 
 TERMINAL = (Finished, Stopped, Failed)  # how a job ends: exactly one of these is its last event
+
+
+@dataclass(frozen=True)
+class CacheReport:
+    """A section's model calls and how many of them the step cache computed (the others reused the residual the
+    blocks added at the last computed call); `method`: spec.CACHE_METHODS."""
+    section: int  # 0-based
+    sections: int
+    method: str
+    computed: int
+    calls: int

@@ -20,6 +20,11 @@ CONTINUATIONS = ("resume", "branch", "extend")
 MAX_BLEND_SECTIONS = 4
 LORA_STRENGTH_MAX = 10.0  # |strength|: a LoRA may be applied in reverse too
 LORA_SUFFIX = ".safetensors"  # the only LoRA files read (pickled .pt/.ckpt ones can run code)
+# Step caches (engine/teacache.py, engine/magcache.py): skip the transformer's blocks on steps whose result is
+# predictable from the last computed one. "" in a spec (older settings files, --teacache/--no-teacache): the
+# `teacache` flag decides between "teacache" and "off".
+CACHE_METHODS = ("off", "teacache", "magcache")
+MAGCACHE_MAX_SKIP_LIMIT = 10
 
 
 def section_count(seconds: float) -> int:
@@ -94,6 +99,21 @@ class JobSpec:
     # sections over which a prompt change blends from the previous prompt (prompts.py); 0: it switches at once
     prompt_blend_sections: int = 0
     loras: tuple[LoraChoice, ...] = ()  # applied to the video model (transformer), in this order
+    cache: str = ""  # CACHE_METHODS, or "" to follow `teacache` (see CACHE_METHODS); read it as `cache_method`
+    # MagCache (engine/magcache.py), the defaults of its authors' F1 demo (E010K3R02): skip while the accumulated
+    # magnitude-ratio error stays within the threshold, at most K steps in a row, never in the first 20 % of steps
+    magcache_threshold: float = 0.10
+    magcache_max_skip_steps: int = 3
+    magcache_retention_ratio: float = 0.2
+    # one full uncached run that records this model's and settings' magnitude ratios for later MagCache jobs
+    cache_calibrate: bool = False
+
+    @property
+    def cache_method(self) -> str:
+        """The step cache this job runs with: `cache`, or for a spec that leaves it empty, the `teacache` flag."""
+        if self.cache:
+            return self.cache
+        return "teacache" if self.teacache else "off"
 
     @property
     def sections(self) -> int:
@@ -130,6 +150,7 @@ class JobSpec:
             (self.section_state in SECTION_STATE, f"section_state must be one of {', '.join(SECTION_STATE)}"),
             (_whole(self.prompt_blend_sections) and 0 <= self.prompt_blend_sections <= MAX_BLEND_SECTIONS,
              f"prompt blend must be 0 (off) to {MAX_BLEND_SECTIONS} sections"),
+            *self._cache_checks(),
         ]
         for ok, message in checks:
             if not ok:
@@ -144,6 +165,21 @@ class JobSpec:
         if (image_required or self.image) and not Path(self.image).is_file():
             raise InputError(f"image not found: {self.image}")
         return self
+
+    def _cache_checks(self) -> list[tuple[bool, str]]:
+        return [
+            (self.cache in ("", *CACHE_METHODS),
+             f"cache must be one of {', '.join(CACHE_METHODS)}, not {self.cache!r}"),
+            (_finite(self.magcache_threshold) and 0 <= self.magcache_threshold <= 1,
+             "magcache threshold must be 0 to 1"),
+            (_whole(self.magcache_max_skip_steps) and 0 <= self.magcache_max_skip_steps <= MAGCACHE_MAX_SKIP_LIMIT,
+             f"magcache max skip steps must be 0 to {MAGCACHE_MAX_SKIP_LIMIT}"),
+            (_finite(self.magcache_retention_ratio) and 0 <= self.magcache_retention_ratio <= 1,
+             "magcache retention ratio must be 0 to 1"),
+            (isinstance(self.cache_calibrate, bool), "cache_calibrate must be true or false"),
+            (not self.cache_calibrate or self.cache_method == "magcache",
+             "cache calibration records MagCache's ratios: it goes with cache magcache"),
+        ]
 
     def prompt_schedule(self):
         """The prompt's changes (prompts.PromptChange list; one at 0 s for a plain prompt); InputError (one line)

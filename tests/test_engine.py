@@ -12,6 +12,7 @@ import torch
 
 from framepack_ui.engine import f1, denoiser, sections
 from framepack_ui.engine.image import buckets, nearest_bucket
+from framepack_ui.engine.teacache import apply_teacache, remove_teacache
 from framepack_ui.engine.video import count_frames, read_metadata
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.events import Failed, Finished, Notice, SectionSaved, Step, Stopped
@@ -170,7 +171,7 @@ def test_teacache_threshold_zero_equals_off_and_positive_skips(manager, start_im
     with manager.use("transformer") as transformer:
         calls = {}
         for threshold in (0.0, 0.15):
-            cache = f1.apply_teacache(transformer, threshold)
+            cache = apply_teacache(transformer, threshold)
             try:
                 d = _tiny_denoiser(transformer, cache, steps=25)
                 from framepack_ui.engine.sampling import flux_mu, flux_sigmas, sample_unipc
@@ -178,7 +179,7 @@ def test_teacache_threshold_zero_equals_off_and_positive_skips(manager, start_im
                              flux_sigmas(25, flux_mu(9 * 16)))
                 calls[threshold] = cache.computed_calls
             finally:
-                f1.remove_teacache(transformer)
+                remove_teacache(transformer)
     assert calls[0.0] == 25
     assert calls[0.15] < 25
 

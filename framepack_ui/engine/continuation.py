@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 SETTINGS_KEPT_BY_RESUME = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution",
                            "sampler", "teacache", "teacache_threshold", "crf", "fast_decode", "section_state",
-                           "prompt_blend_sections", "loras")
+                           "prompt_blend_sections", "loras", "cache", "magcache_threshold", "magcache_max_skip_steps",
+                           "magcache_retention_ratio")
 HISTORY_FRAMES = 1 + 4 * (sum(HISTORY_SIZES) - 1)  # 73: the frames the 19 history latents hold
 CHUNK_FRAMES = 8  # frames of a brought video converted at a time
 

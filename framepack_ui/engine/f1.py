@@ -22,12 +22,12 @@ import torch
 
 from .. import __version__
 from ..errors import Cancelled, UserError
-from ..events import Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
+from ..events import CacheReport, Failed, Finished, Notice, Phase, SectionSaved, Step, Stopped
 from ..prompts import PromptChange, SectionPrompt, describe, distinct_prompts, schedule_record
 from ..sidecar import METADATA_KEY, input_copy_name, write_sidecar
 from ..spec import LATENT_WINDOW, Continuation, JobSpec
 from ..weights.layout import COMPONENTS
-from . import continuation
+from . import continuation, step_cache
 from . import image as image_ops
 from . import text, vae as vae_ops
 from .clock import EtaClock
@@ -36,7 +36,6 @@ from .lending import IMAGE_ENCODER, TRANSFORMER, VAE, ModelLender
 from .sampling import flux_mu, flux_sigmas, sample_euler, sample_unipc
 from .sections import ALIGNED_CONTEXT, History, check_decode_context, decode_latent_count, section_frames
 from .state import SectionStore, prompt_tensors
-from .teacache import apply_teacache, remove_teacache
 from .video import BackgroundWriter, SectionVideoWriter, count_frames
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,8 @@ def generate(spec: JobSpec, out_path: str | Path, lender: ModelLender, cancel: t
 
 def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: threading.Event | None = None,
         section_hook=None, frame_sink=None, decode_context: int | None | object = _FROM_SPEC,
-        record: dict | None = None, out_of_memory_advice: str | None = None, start: Continuation | None = None):
+        record: dict | None = None, out_of_memory_advice: str | None = None, start: Continuation | None = None,
+        calibration_dir: Path | None = None):
     """Write `out_path`, calling `emit(event)` as work progresses; returns (and emits) exactly one of
     Finished, Stopped or Failed. Never raises for a job's own failure: a failed or stopped job keeps a
     playable video of its finished sections and a settings sidecar that says how it ended.
@@ -96,6 +96,7 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     After each section, what continuing from it needs is saved beside the video (state.py).
     `out_of_memory_advice`: what to pick instead, should the GPU run out of memory (the worker derives it from the
     job's memory plan: memory.plan.leaner_choices); it ends the one line such a failure gives.
+    `calibration_dir`: where MagCache's calibrations are kept (step_cache.py; None: the published ratios only).
     Sections are encoded on a helper thread while the next one samples; SectionSaved is emitted from there,
     once the section is in the file, so it may come after the next section's first Steps.
     """
@@ -112,6 +113,11 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
         if decode_context is _FROM_SPEC:
             decode_context = ALIGNED_CONTEXT if spec.fast_decode else None
         check_decode_context(decode_context)
+        ratios = None  # MagCache's, checked before anything is encoded or loaded (a bad calibration file: one line)
+        if spec.cache_method == "magcache":
+            height, width = (origin.height, origin.width) if origin is not None else _bucket(spec)
+            ratios = step_cache.mag_ratios(spec, height, width, files.record, calibration_dir)
+        files.record = {**files.record, **step_cache.record_of(spec, ratios)}
         if origin is None:
             inputs, loop_start = _prepare(spec, files, lender, emit, cancel), None
             files.start_state(spec, inputs, decode_context)
@@ -123,19 +129,20 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
             notice = lender.first_use_notice(TRANSFORMER, (inputs.height, inputs.width))
             if notice:
                 emit(Phase("transformer", notice))
-            teacache = apply_teacache(transformer, spec.teacache_threshold) if spec.teacache else None
+            cache = step_cache.attach(transformer, spec, ratios)
             try:
                 if files.encoder is None:
                     files.start_video(inputs, frame_sink, emit, started)
                 first = loop_start.first_section if loop_start else 0
-                _sample_sections(inputs, transformer, teacache, lender, files.encoder, emit, cancel,
+                _sample_sections(inputs, transformer, cache, lender, files.encoder, emit, cancel,
                                  EtaClock(started, spec.steps, spec.sections - first), decode_context, section_hook,
                                  loop_start, files.state.section_sampled)
+                if spec.cache_calibrate:
+                    _save_calibration(spec, cache, inputs, files.record, calibration_dir, emit)
                 # what is left: the last section's encode on the writer thread (and freeing the models)
                 emit(Phase("writing", "writing the last section"))
             finally:
-                if teacache is not None:
-                    remove_teacache(transformer)
+                step_cache.detach(transformer, cache)
         files.encoder.finish()  # every section in the file; an encoder error fails the job here
         frames = files.end("finished")
         result = Finished(str(out_path), str(files.settings_path), frames, time.monotonic() - started)
@@ -169,7 +176,7 @@ def run(spec: JobSpec, out_path: str | Path, lender: ModelLender, emit, cancel: 
     return result
 
 
-def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLender, encoder: BackgroundWriter,
+def _sample_sections(inputs: JobInputs, transformer, cache, lender: ModelLender, encoder: BackgroundWriter,
                      emit, cancel: threading.Event, clock: EtaClock, decode_context: int | None, section_hook,
                      loop_start: "LoopStart | None" = None, on_section_done=None) -> None:
     """The section loop: history -> clean latents -> sample -> append -> decode the tail -> write.
@@ -194,15 +201,38 @@ def _sample_sections(inputs: JobInputs, transformer, teacache, lender: ModelLend
         # said at its start: a section's first Step comes a step later (and, compiling, tens of seconds later)
         emit(Phase("sampling", f"section {section + 1}/{spec.sections}"))
         positive = positives[inputs.section_prompts[section]]
-        denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, teacache,
+        denoiser = Denoiser(transformer, positive, negative, spec.cfg, spec.rs, spec.steps, cache,
                             conditioning=history.conditioning(start_latent))
+        calls_before = (cache.computed_calls, cache.skipped_calls) if cache is not None else None
         new_latents = _sample_section(spec, section, denoiser, start_latent, inputs.generator, cancel, emit, clock)
+        if cache is not None:
+            computed, skipped = (now - before for now, before in
+                                 zip((cache.computed_calls, cache.skipped_calls), calls_before))
+            emit(CacheReport(section, spec.sections, spec.cache_method, computed, computed + skipped))
         if on_section_done:
             on_section_done(section, new_latents, inputs.generator.get_state())
         history.append(new_latents)
         pixels = _decode_tail(lender, history, section, spec.sections, decode_context, emit, clock)
         encoder.put(section, *section_frames(pixels, section, decode_context))
         del pixels  # the encoder thread frees them once written
+
+
+def _bucket(spec: JobSpec) -> tuple[int, int]:
+    """(height, width) of the job's resolution bucket, from its start image (read again by _prepare)."""
+    source = image_ops.load_image(spec.image)
+    return image_ops.nearest_bucket(*source.shape[:2], resolution=spec.resolution)
+
+
+def _save_calibration(spec: JobSpec, cache, inputs: JobInputs, record: dict, folder: Path, emit) -> None:
+    """A calibration run's ratios (the mean over its sections) stored for the MagCache jobs after it."""
+    ratios = cache.calibrated_ratios(spec.steps)
+    if ratios is None:
+        emit(Notice("MagCache calibration: no section was sampled in full, nothing stored"))
+        return
+    key = step_cache.calibration_key(spec, inputs.height, inputs.width, record)
+    path = step_cache.save_calibration(folder, key, ratios)
+    emit(Notice(f"MagCache calibrated on {len(cache.calibration)} sections and stored in {path}: later MagCache "
+                f"jobs with this model, step count, resolution, storage and LoRA set use it"))
 
 
 def _conditioning(plan: SectionPrompt, prompts: dict[str, text.PromptEmbeds]) -> text.PromptEmbeds:

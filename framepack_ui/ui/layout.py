@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from ..spec import MAX_BLEND_SECTIONS, SAMPLERS, SEED_MAX, JobSpec
+from ..spec import CACHE_METHODS, MAGCACHE_MAX_SKIP_LIMIT, MAX_BLEND_SECTIONS, SAMPLERS, SEED_MAX, JobSpec
 from . import present
 
 CSS = """
@@ -85,6 +85,17 @@ class Page:
     # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
     start_waiting: gr.Button | None = None
     drop_waiting: gr.Button | None = None
+    # the step cache (present.CACHE_KEYS, then the calibration checkbox); the teacache checkbox above follows it
+    cache: gr.Radio | None = None
+    magcache_threshold: gr.Slider | None = None
+    magcache_max_skip_steps: gr.Slider | None = None
+    magcache_retention_ratio: gr.Slider | None = None
+    cache_calibrate: gr.Checkbox | None = None
+
+    def cache_inputs(self) -> list:
+        """The inputs of present.with_cache after the spec, in its order."""
+        return [self.cache, self.magcache_threshold, self.magcache_max_skip_steps, self.magcache_retention_ratio,
+                self.cache_calibrate]
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
@@ -97,7 +108,7 @@ class Page:
         present.FORM_KEYS and present.RESTORED_EXTRAS in order."""
         return [self.image, self.prompt, self.negative, self.seconds, self.seed, self.steps, self.gs, self.cfg,
                 self.rs, self.teacache, self.teacache_threshold, self.resolution, self.crf, self.sampler,
-                self.prompt_blend, self.profile, self.storage, self.prompt_rows]
+                self.prompt_blend, self.profile, self.storage, self.prompt_rows, *self.cache_inputs()[:-1]]
 
     def lora_inputs(self) -> list:
         """Every LoRA slot's file, then every slot's strength (present.lora_choices' order)."""
@@ -157,9 +168,10 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 cfg = gr.Slider(1, 32, value=d.cfg, step=0.1, label="CFG (1 = off; above 1 doubles the time)",
                                 elem_id="cfg")
                 rs = gr.Slider(0, 1, value=d.rs, step=0.01, label="CFG rescale (only with CFG > 1)", elem_id="rs")
+                cache, magcache_settings = _step_cache_controls(d)
                 with gr.Row():
                     teacache = gr.Checkbox(value=d.teacache, label="TeaCache (faster, hands a bit worse)",
-                                           elem_id="teacache")
+                                           elem_id="teacache", visible=False)  # follows `cache` (older settings)
                     threshold = gr.Slider(0, 1, value=d.teacache_threshold, step=0.01, label="TeaCache threshold",
                                           elem_id="teacache_threshold")
                 resolution = gr.Slider(64, 1280, value=d.resolution, step=16,
@@ -234,4 +246,24 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
                 use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh, resume, branch_section,
                 branch, extend_seconds, extend_image, extend, extend_video, remove,
-                start_waiting=start_waiting, drop_waiting=drop_waiting)
+                start_waiting=start_waiting, drop_waiting=drop_waiting, cache=cache, **magcache_settings)
+
+
+def _step_cache_controls(d: JobSpec) -> tuple:
+    """The step cache's choice and MagCache's settings (spec.JobSpec's fields, its defaults)."""
+    cache = gr.Radio(list(CACHE_METHODS), value=d.cache_method, elem_id="cache",
+                     label="Step cache: skip model calls predictable from the last one (teacache: the official "
+                           "demo's; magcache: faster, opt-in until checked on the real weights)")
+    with gr.Row():
+        threshold = gr.Slider(0, 1, value=d.magcache_threshold, step=0.005, label="MagCache threshold",
+                              elem_id="magcache_threshold")
+        max_skip = gr.Slider(0, MAGCACHE_MAX_SKIP_LIMIT, value=d.magcache_max_skip_steps, step=1,
+                             label="MagCache: at most K steps skipped in a row", elem_id="magcache_max_skip_steps")
+        retention = gr.Slider(0, 1, value=d.magcache_retention_ratio, step=0.01,
+                              label="MagCache: first fraction of steps always computed",
+                              elem_id="magcache_retention_ratio")
+    calibrate = gr.Checkbox(value=False, elem_id="cache_calibrate",
+                            label="Calibrate MagCache with this job (one run without skipping; later MagCache jobs "
+                                  "with this model, steps, resolution, storage and LoRAs use its ratios)")
+    return cache, dict(magcache_threshold=threshold, magcache_max_skip_steps=max_skip,
+                       magcache_retention_ratio=retention, cache_calibrate=calibrate)

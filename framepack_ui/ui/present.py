@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..events import Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
+from ..events import CacheReport, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
 from ..prompts import SECTION_S, format_timed, parse_timed, schedule, section_prompts
-from ..spec import FPS, FRAMES_PER_SECTION, JobSpec, LoraChoice, frame_count, section_count
+from ..spec import CACHE_METHODS, FPS, FRAMES_PER_SECTION, JobSpec, LoraChoice, frame_count, section_count
 from ..units import GB
 from ..worker.events import Queued
 
@@ -61,6 +61,8 @@ class JobView:
     frames_written: int = 0
     final_video: str | None = None
     result: str = ""  # one line once the job ended
+    computed_calls: tuple[str, ...] = ()  # per section, "computed/calls" of the step cache (CacheReport)
+    cache_method: str = ""
 
 
 def apply(view: JobView, event) -> JobView:
@@ -79,6 +81,9 @@ def apply(view: JobView, event) -> JobView:
         return replace(view, status="running", position=None, phase="Sampling", step=event,
                        elapsed_s=event.elapsed_s, s_per_frame=_s_per_frame(event) or view.s_per_frame,
                        preview=event.preview if event.preview is not None else view.preview)
+    if isinstance(event, CacheReport):
+        return replace(view, computed_calls=(*view.computed_calls, f"{event.computed}/{event.calls}"),
+                       cache_method=event.method)
     if isinstance(event, SectionSaved):
         return replace(view, section_video=event.path, sections_saved=view.sections_saved + 1,
                        frames_written=event.frames_written, elapsed_s=event.elapsed_s,
@@ -145,6 +150,8 @@ def progress_text(view: JobView) -> str:
         if step is not None and step.eta_s is not None:
             parts.append(f"ETA {_duration(step.eta_s)}")
     lines = [" · ".join(parts)]
+    if view.computed_calls:
+        lines.append(cache_line(view))
     lines += [f"Note: {note}" for note in view.notes]
     return "  \n".join(lines)
 
@@ -163,6 +170,57 @@ def changes(old: JobView | None, new: JobView) -> dict[str, Any]:
     if old is None or (new.final_video, new.status) != (old.final_video, old.status):
         out["final_video"] = new.final_video
     return out
+
+
+def cache_line(view: JobView) -> str:
+    """'Model calls computed per section (magcache): 12/25, 13/25' (the rest reused the last computed residual)."""
+    return f"Model calls computed per section ({view.cache_method}): {', '.join(view.computed_calls)}"
+
+
+# The step cache's form values, in Page.cache_inputs() order; restored from a past job's settings (RESTORED_EXTRAS)
+CACHE_KEYS = ("cache", "magcache_threshold", "magcache_max_skip_steps", "magcache_retention_ratio")
+
+
+def with_cache(spec: JobSpec, cache: str, magcache_threshold: float, magcache_max_skip_steps: float,
+               magcache_retention_ratio: float, calibrate: bool) -> JobSpec:
+    """The form's step cache on the spec: the method chosen (calibrating is MagCache's), TeaCache's checkbox kept
+    in step for older readers of the settings; InputError (one line) for what the form cannot hold."""
+    if calibrate:
+        cache = "magcache"
+    for name, value in (("magcache threshold", magcache_threshold), ("magcache max skip steps",
+                                                                      magcache_max_skip_steps),
+                        ("magcache retention ratio", magcache_retention_ratio)):
+        if value is None:
+            raise InputError(f"{name} is empty")
+    if magcache_max_skip_steps != int(magcache_max_skip_steps):
+        raise InputError("magcache max skip steps must be a whole number")
+    return replace(spec, cache=cache, teacache=cache == "teacache", magcache_threshold=float(magcache_threshold),
+                   magcache_max_skip_steps=int(magcache_max_skip_steps),
+                   magcache_retention_ratio=float(magcache_retention_ratio), cache_calibrate=bool(calibrate))
+
+
+def cache_form_values(settings: dict) -> dict[str, Any]:
+    """CACHE_KEYS from a past job's settings; one from before the choice existed has only its teacache flag."""
+    values = {key: settings[key] for key in CACHE_KEYS[1:] if settings.get(key) is not None}
+    method = settings.get("cache")
+    if method not in CACHE_METHODS:
+        if not isinstance(settings.get("teacache"), bool):
+            return values
+        method = "teacache" if settings["teacache"] else "off"
+    return {"cache": method, **values}
+
+
+def cache_text(settings: dict) -> str:
+    """'magcache (threshold 0.1, K 3, retention 0.2)', 'teacache (threshold 0.15)' or 'off'."""
+    values = cache_form_values(settings)
+    method = values.get("cache", "")
+    if method == "magcache":
+        return (f"magcache (threshold {values.get('magcache_threshold', '?')}, "
+                f"K {values.get('magcache_max_skip_steps', '?')}, "
+                f"retention {values.get('magcache_retention_ratio', '?')})")
+    if method == "teacache":
+        return f"teacache (threshold {settings.get('teacache_threshold', '?')})"
+    return method
 
 
 def length_text(seconds: float | None) -> str:
@@ -303,7 +361,7 @@ def _cell(text: str, limit: int) -> str:
 FORM_KEYS = ("prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "teacache", "teacache_threshold",
              "resolution", "crf", "sampler", "prompt_blend_sections")  # the sidecar keys put back in the form
 # ...then these, from the settings' memory record and the prompt (restored_form)
-RESTORED_EXTRAS = ("profile", "storage", "prompt_rows")
+RESTORED_EXTRAS = ("profile", "storage", "prompt_rows", *CACHE_KEYS)
 ENDED = {"finished": "finished", "stopped": "stopped", "failed": "failed", "running": "running now",
          "interrupted": "interrupted (the app was closed mid-job)", "unknown": "no settings file"}
 
@@ -343,6 +401,8 @@ def gallery_details(entry) -> str:
         lines.append(f"{entry.sections_saved} sections saved: branch from any of them, or extend it{resume}")
     rows = ["| setting | value |", "|---|---|"]
     rows += [f"| {key} | {_cell(s[key], 200)} |" for key in FORM_KEYS if key in s]
+    if cache_form_values(s).get("cache"):
+        rows.append(f"| step cache | {cache_text(s)} |")
     if loras_text(s):
         rows.append(f"| LoRA | {_cell(loras_text(s), 200)} |")
     if entry.image:
@@ -382,6 +442,7 @@ def restored_form(settings: dict, profiles) -> dict[str, Any]:
     rows = prompt_rows(values["prompt"]) if isinstance(values.get("prompt"), str) else None
     if rows is not None:
         values["prompt_rows"] = rows
+    values.update(cache_form_values(settings))
     return values
 
 

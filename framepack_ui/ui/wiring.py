@@ -81,15 +81,17 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         return changed
 
     def generate(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold,
-                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
-        # `loras`: every LoRA slot's file, then every slot's strength (Page.lora_inputs); Gradio puts the request in
-        # its place among the positional parameters
+                 resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *more):
+        # `more`: every LoRA slot's file, then every slot's strength (Page.lora_inputs), then the step cache
+        # (Page.cache_inputs); Gradio puts the request in its place among the positional parameters
+        loras, cache = split_more(more)
         try:
             spec = present.spec_from_inputs(image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
                                             teacache_threshold, resolution, crf, sampler, prompt_blend)
             slots = len(page.lora_pickers)
             spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
                                                             worker.loras_dir))
+            spec = present.with_cache(spec, *cache)
             if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
                 raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
@@ -113,14 +115,22 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
             raise gr.Error("Select a past output with a video first.", print_exception=False)
         return entry
 
-    def form_spec(form: tuple, image: str | None, seconds: float | None = None, loras: tuple = ()):
+    def split_more(more: tuple) -> tuple[tuple, tuple]:
+        """(the LoRA slots' values, the step cache's values) from the inputs after the form's."""
+        count = len(page.cache_inputs())
+        return more[:-count], more[-count:]
+
+    def form_spec(form: tuple, image: str | None, seconds: float | None = None, more: tuple = ()):
         """The form's settings (present.spec_from_inputs's order, its image left out) with `image` as the start
-        image: the source's, or the one picked for Extend; `loras`: the LoRA slots (Page.lora_inputs)."""
+        image: the source's, or the one picked for Extend; `more`: the LoRA slots (Page.lora_inputs) and the step
+        cache (Page.cache_inputs)."""
+        loras, cache = split_more(more)
         try:
             spec = present.spec_from_inputs(image or "(the video's own)", *form)
             slots = len(page.lora_pickers)
             spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
                                                             worker.loras_dir))
+            spec = present.with_cache(spec, *cache)
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         return present.continued_spec(spec, image, seconds)
@@ -131,20 +141,20 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         yield from continued(Continuation("resume", entry.video), spec, profile, storage, request.session_hash)
 
     def branch(name, section, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold,
-               resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+               resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *more):
         entry = selected(name)
         form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
                 prompt_blend)
-        spec = form_spec(form, entry.image, loras=loras)
+        spec = form_spec(form, entry.image, more=more)
         start = Continuation("branch", entry.video, int(section or 0))
         yield from continued(start, spec, profile, storage, request.session_hash)
 
     def extend(name, more_seconds, image, video, _image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
-               threshold, resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *loras):
+               threshold, resolution, crf, sampler, prompt_blend, profile, storage, request: gr.Request, *more):
         source = video or selected(name).video
         form = (prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache, threshold, resolution, crf, sampler,
                 prompt_blend)
-        spec = form_spec(form, image, more_seconds, loras)
+        spec = form_spec(form, image, more_seconds, more)
         yield from continued(Continuation("extend", source), spec, profile, storage, request.session_hash)
 
     def remove(name):
@@ -267,8 +277,11 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
                      for value in current)
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
-    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()],
-                        page.job_outputs(), **stream)
+    page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs(),
+                                   *page.cache_inputs()], page.job_outputs(), **stream)
+    # the hidden TeaCache checkbox follows the step cache's choice (older settings files hold only it)
+    page.cache.change(lambda method: method == "teacache", page.cache, page.teacache, queue=False,
+                      show_progress="hidden")
     page.stop.click(stop, page.job_id, None, **stream)
     page.start_waiting.click(lambda: waiting(worker.resume, "started"), None, None, **stream)
     page.drop_waiting.click(lambda: waiting(worker.cancel, "dropped"), None, None, **stream)
@@ -306,7 +319,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.settings_file.upload(settings_from_file, page.settings_file, [*restored, page.settings_file],
                               show_progress="hidden")
     page.lora_refresh.click(list_loras, page.lora_pickers, page.lora_pickers, queue=False)
-    job_settings = [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()]
+    job_settings = [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs(), *page.cache_inputs()]
     page.resume.click(resume, [page.gallery, page.profile, page.storage], page.job_outputs(), **stream)
     page.branch.click(branch, [page.gallery, page.branch_section, *job_settings], page.job_outputs(), **stream)
     page.extend.click(extend, [page.gallery, page.extend_seconds, page.extend_image, page.extend_video,

@@ -507,6 +507,7 @@ class Worker:
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
             more = {"start": job.start} if job.start is not None else {}
+            more["calibration_dir"] = self._calibration_dir()
             result = run_job(job.spec, job.out_path, manager, emit, job.cancel, record=job.record,
                              out_of_memory_advice=job.out_of_memory_advice, **more)
         except Cancelled:  # stopped before the engine started (e.g. while fetching the models)
@@ -529,6 +530,12 @@ class Worker:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
                 self._end(job, result)
         log.info("job %s %s", job.id, job.status)
+
+    def _calibration_dir(self) -> Path:
+        """Where MagCache's calibrations are kept (engine/step_cache.py): under the models folder."""
+        from ..engine.step_cache import default_calibration_folder
+
+        return default_calibration_folder(self.models_dir)
 
     def _engine(self, job: _Job, emit):
         if self._run_job is None:
