@@ -186,17 +186,18 @@ def reachable(page, elem_id: str, width: int) -> None:
 
 
 def header_lines(page) -> dict[str, int]:
-    """The jobs table's headers with the lines each takes (1: not wrapped)."""
+    """The jobs table's shown headers with the lines each takes (1: not wrapped)."""
     return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#jobs th')]
-        .filter(th => th.innerText.trim()).map(th => {
+        .filter(th => th.innerText.trim() && th.getClientRects().length).map(th => {
             const range = document.createRange(); range.selectNodeContents(th);
             return [th.innerText.trim(), new Set([...range.getClientRects()].map(r => Math.round(r.top))).size]; }))""")
 
 
 def job_rows(page) -> dict[str, tuple[str, str]]:
     """{job id: (status, its button's text)} of the jobs table."""
-    return page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#jobs tr[data-job]')].map(tr =>
+    rows = page.evaluate("""() => Object.fromEntries([...document.querySelectorAll('#jobs tr[data-job]')].map(tr =>
         [tr.dataset.job, [tr.querySelector('.fp-status').innerText, tr.querySelector('button').innerText]]))""")
+    return {job: tuple(row) for job, row in rows.items()}
 
 
 def wait_for(read, ok, timeout_s: float = 30, what: str = ""):
@@ -234,20 +235,20 @@ def test_a_job_moves_the_bars_lists_itself_and_says_it_ended(server, open_page, 
     url, _ = server
     laptop = open_page(url, **LAPTOP, init_script=SPY_SCRIPT, permissions=["notifications"])
     laptop.locator("#notify_sound input").check()
-    fill_form(laptop, start_image_128x96, seconds=3.6, steps=3, prompt="laptop job")
+    long_prompt = "laptop job: " + "a red square glides slowly across a calm blue sea at dawn, " * 4  # cut to fit
+    fill_form(laptop, start_image_128x96, seconds=14.4, steps=4, prompt=long_prompt)  # 12 sections: time to look
+    phone = open_page(url, **PHONE)
+    fill_form(phone, start_image_128x96, seconds=1.2, prompt="phone job")  # ready before the laptop's job starts
     ram_fill = laptop.locator('#gauges [data-gauge="ram"] .fp-gauge-fill')
     before = ram_fill.get_attribute("style")
     laptop.locator("#generate").click()
     job = re.search(r"Job (\d+)", wait_text(laptop, "progress", r"Job \d+ · ")).group(1)
-    wait_for(lambda: ram_fill.get_attribute("style"), lambda s: s != before, what="the RAM bar during the job")
     wait_for(lambda: job_rows(laptop).get(job), lambda row: row == ("running", "Stop"), what="the laptop's row")
-    assert set(header_lines(laptop).values()) == {1}, header_lines(laptop)
-
-    phone = open_page(url, **PHONE)
-    wait_for(lambda: job_rows(phone), lambda rows: rows.get(job) == ("running", "Stop"), what="the phone's table")
-    fill_form(phone, start_image_128x96, seconds=1.2, prompt="phone job")
+    wait_for(lambda: job_rows(phone).get(job), lambda row: row == ("running", "Stop"), what="the phone's table")
     phone.locator("#generate").click()
     queued = re.search(r"Job (\d+): waiting", wait_text(phone, "progress", r"Job \d+: waiting in the queue")).group(1)
+    wait_for(lambda: ram_fill.get_attribute("style"), lambda s: s != before, what="the RAM bar during the job")
+    assert set(header_lines(laptop).values()) == {1}, header_lines(laptop)
     wait_for(lambda: job_rows(phone).get(queued), lambda row: row == ("queued", "Remove"), what="the phone's job")
     assert set(header_lines(phone).values()) == {1}, header_lines(phone)
     assert overflow(phone) == []
@@ -258,7 +259,7 @@ def test_a_job_moves_the_bars_lists_itself_and_says_it_ended(server, open_page, 
     wait_for(lambda: job_rows(phone), lambda rows: queued not in rows and job in rows, what="the phone's table")
 
     assert not laptop.title().startswith("✓")
-    wait_text(laptop, "progress", rf"Job {job} · Done: 109 frames", timeout_s=JOB_S)
+    wait_text(laptop, "progress", rf"Job {job} · Done: 433 frames", timeout_s=2 * JOB_S)
     title = wait_for(laptop.title, lambda t: t.startswith("✓"), timeout_s=10, what="the title")
     assert title == f"✓ Done: job {job} · FramePack UI"
     assert laptop.evaluate("window.__notified") == [f"FramePack UI: job {job} done"]
