@@ -46,6 +46,7 @@ CSS = """
 .fp-jobs td.fp-progress { overflow-wrap: anywhere; }
 .fp-job-act { padding: 1px 6px; border-radius: 4px; border: 1px solid #8886; cursor: pointer; font-size: 12px; }
 .fp-job-act.fp-stop { color: #c0392b; }
+#models_files code, #models_notice code { white-space: normal; overflow-wrap: anywhere; }  /* long paths wrap */
 /* a phone (390 px): nothing wider than the screen */
 @media (max-width: 600px) {
   .gradio-container { padding-left: 4px !important; padding-right: 4px !important; }
