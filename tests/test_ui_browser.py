@@ -349,7 +349,7 @@ def test_start_and_a_page_load_contact_nothing_but_loopback(tiny_models_dir, tmp
         page.on("request", lambda request: requested.append(request.url))
         page.reload()
         page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
-        wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
+        wait_text(page, "gauges", r"RAM\s+[\d.]+ / [\d.]+ GB", timeout_s=30)
         wait_text(page, "plan", r"no CUDA GPU", timeout_s=60)
         time.sleep(3)  # anything sent from a background thread at start has had its chance
         assert psutil.Process(pid).is_running()

@@ -171,7 +171,9 @@ class Page:
     models_files: gr.Markdown | None = None  # the missing files and their folders, folded away under the card
     notify_sound: gr.Checkbox | None = None  # a sound when a job ends
     job_end: gr.HTML | None = None  # its script tells the user a job ended: notification, title, sound
-    my_jobs: gr.BrowserState | None = None  # ids of the jobs this browser submitted (kept across reloads)
+    # ids of the jobs this browser submitted, kept across reloads; encrypted with a key made at each start, so an
+    # app restarted (its job numbers start again at 1) never reads an old list
+    my_jobs: gr.BrowserState | None = None
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""

@@ -486,8 +486,9 @@ def download_html(status) -> str:
         state = "done" if total and done >= total else "ok"
         bars.append(_bar_row(name, pct, _mb_or_gb(done, total), state, name))
     speed = download_speed(status) if status.state == "running" else ""
+    speed_line = f'<p class="fp-download-speed">{speed}</p>' if speed else ""
     return (f'<div class="fp-download"><p class="fp-download-line">{html.escape(line)}</p>'
-            f'{"".join(bars)}{f"<p class=fp-download-speed>{speed}</p>" if speed else ""}</div>')
+            f'{"".join(bars)}{speed_line}</div>')
 
 
 def download_speed(status) -> str:
