@@ -178,10 +178,19 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
         if job_id is None or not worker.cancel(job_id):
             gr.Info("This page has no queued or running job to stop.")
 
-    def waiting(act, words: str):
-        """Resume or cancel every job that waits since the app restarted."""
-        if not [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]:
+    def waiting(act, words: str, session: str):
+        """Resume or cancel every job that waits since the app restarted; the page that did it lists them."""
+        acted = [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]
+        for job_id in acted:
+            own(session, job_id)
+        if not acted:
             gr.Info(f"No jobs are waiting to be {words}.")
+
+    def start_waiting(request: gr.Request):
+        waiting(worker.resume, "started", request.session_hash)
+
+    def drop_waiting(request: gr.Request):
+        waiting(worker.cancel, "dropped", request.session_hash)
 
     def tick(previous, seen, stored, request: gr.Request):
         gauges = read_gauges(previous=previous)
@@ -313,8 +322,8 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
     page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs()],
                         page.job_outputs(), **stream)
     page.stop.click(stop, page.job_id, None, **stream)
-    page.start_waiting.click(lambda: waiting(worker.resume, "started"), None, None, **stream)
-    page.drop_waiting.click(lambda: waiting(worker.cancel, "dropped"), None, None, **stream)
+    page.start_waiting.click(start_waiting, None, None, **stream)
+    page.drop_waiting.click(drop_waiting, None, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
     # The prompt box and the timeline editor follow each other: the rows follow every change of the prompt (a
