@@ -20,16 +20,16 @@ CSS = """
 .fp-timeline ul { margin: 2px 0; padding-left: 0; list-style: none; font-size: 13px; }
 .fp-timeline .fp-problem { color: #c0392b; font-size: 13px; }
 /* gauges and download bars (present.gauges_html, present.download_html) */
-.fp-gauge { display: flex; align-items: center; gap: 6px; font-size: 13px; margin: 2px 0; }
-.fp-gauge-name { flex: 0 0 5.5em; font-weight: 600; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-.fp-gauge-track { flex: 1 1 auto; min-width: 40px; height: 12px; border-radius: 6px; background: #8883;
-                  overflow: hidden; }
+.fp-bars { display: grid; grid-template-columns: auto minmax(40px, 1fr) auto; gap: 3px 8px; align-items: center;
+           font-size: 13px; }  /* one grid for all bars: names, tracks and figures line up */
+.fp-bars .fp-gauge { display: contents; }
+.fp-gauge-name { font-weight: 600; white-space: nowrap; }
+.fp-gauge-track { height: 12px; border-radius: 6px; background: #8883; overflow: hidden; }
 .fp-gauge-fill { display: block; height: 100%; background: #2e86de; transition: width 0.4s; }
 .fp-near .fp-gauge-fill { background: #e67e22; }
 .fp-full .fp-gauge-fill { background: #c0392b; }
 .fp-done .fp-gauge-fill { background: #27ae60; }
-.fp-gauge-figure { flex: 0 1 auto; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; max-width: 55%;
-                   font-variant-numeric: tabular-nums; }
+.fp-gauge-figure { white-space: nowrap; text-align: right; font-variant-numeric: tabular-nums; }
 .fp-gauge-note { font-size: 12px; margin: 2px 0; opacity: 0.8; }
 .fp-warning { color: #c0392b; font-weight: 600; font-size: 13px; margin: 4px 0; }
 .fp-download-line, .fp-download-speed { margin: 2px 0; font-size: 13px; }
@@ -51,6 +51,7 @@ CSS = """
 @media (max-width: 600px) {
   .gradio-container { padding-left: 4px !important; padding-right: 4px !important; }
   .fp-jobs .fp-id { display: none; }
+  .fp-gauge-figure { white-space: normal; }  /* 'VRAM 6.90 / 8.00 GB · PyTorch 5.20 GB' takes two lines */
   .fp-jobs .fp-length { width: 3.2em; }
   #preview img { max-height: 120px; }
 }

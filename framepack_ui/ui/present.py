@@ -488,7 +488,7 @@ def download_html(status) -> str:
     speed = download_speed(status) if status.state == "running" else ""
     speed_line = f'<p class="fp-download-speed">{speed}</p>' if speed else ""
     return (f'<div class="fp-download"><p class="fp-download-line">{html.escape(line)}</p>'
-            f'{"".join(bars)}{speed_line}</div>')
+            f'<div class="fp-bars">{"".join(bars)}</div>{speed_line}</div>')
 
 
 def download_speed(status) -> str:
