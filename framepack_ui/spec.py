@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import InputError
@@ -161,6 +161,16 @@ class JobSpec:
     def settings(self) -> dict:
         """The settings recorded beside the output (sidecar JSON and MP4 metadata)."""
         return asdict(self)
+
+    @classmethod
+    def from_settings(cls, settings: dict, **overrides) -> "JobSpec":
+        """The job recorded settings describe (a settings file, a queued job's record, a section state), not yet
+        validated: their known fields, with the LoRA choices (recorded as {"path", "strength"} objects) made
+        choices again. A malformed LoRA entry raises TypeError, as a wrong field would."""
+        values = {f.name: settings[f.name] for f in fields(cls) if f.name in settings}
+        if isinstance(values.get("loras"), (list, tuple)):
+            values["loras"] = tuple(c if isinstance(c, LoraChoice) else LoraChoice(**c) for c in values["loras"])
+        return cls(**{**values, **overrides})
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,8 @@ def make_worker(tiny_models_dir, tmp_path):
     workers = []
 
     def make(run_job=f1.run, **kwargs):
-        worker = Worker(kwargs.pop("models_dir", None) or tiny_models_dir, tmp_path / "outputs", device="cpu",
-                        run_job=run_job, **kwargs)
+        worker = Worker(kwargs.pop("models_dir", None) or tiny_models_dir, tmp_path / "outputs",
+                        device=kwargs.pop("device", "cpu"), run_job=run_job, **kwargs)
         workers.append(worker)
         return worker
 

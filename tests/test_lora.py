@@ -600,3 +600,18 @@ def test_the_worker_lists_the_lora_folder_for_the_page(tmp_path):
         assert worker.lora_files() == ["A.SAFETENSORS", "b.safetensors"]
     finally:
         worker.shutdown()
+
+
+def test_a_queued_job_with_loras_comes_back_after_a_restart_with_its_loras(tmp_path, start_image):
+    """The queue's record on disk (worker/queue_records.py) keeps the LoRA choices as JSON objects; read back they
+    are choices again, so the job comes back rather than being dropped as invalid."""
+    from framepack_ui.worker import queue_records
+
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"not read here")
+    spec = JobSpec(image=start_image, prompt="a cat", loras=(LoraChoice(str(lora), 0.7),)).validate()
+    out = tmp_path / "outputs" / "clip.mp4"
+    queue_records.write(out, spec, "auto", {}, submitted_at=1.0)
+    [record] = queue_records.read_all(out.parent)
+    assert record.spec.loras == (LoraChoice(str(lora), 0.7),)
+    assert record.spec.prompt == "a cat"

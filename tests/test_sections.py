@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,3 +409,46 @@ def test_a_resumed_extension_keeps_its_prompts_and_their_record(text_sensitive_m
     assert section_texts(extended) == ["a red square", "a pink cube", "an orange cone"]
     changes = json.loads(sidecar_path(extended).read_text())["prompt_changes"]
     assert [(c["section_index"], c["prompt"]) for c in changes] == [(1, "a pink cube"), (2, "an orange cone")]
+
+
+def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_continue(
+        tiny_models_dir, start_image, uninterrupted, tmp_path):
+    """The web app's worker records a queued branch and extension with what each continues; closed before they
+    start, a new worker lists both waiting with it, and the branch, started, continues its source (its settings file
+    says so). A record whose source video is gone is dropped (nothing could run it)."""
+    from framepack_ui.worker import Worker
+
+    whole, _ = uninterrupted
+    outputs = tmp_path / "outputs"
+    first = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None, background=False)
+    branch = first.submit(spec_of(start_image), start=Continuation("branch", str(whole), from_section=3))
+    extend = first.submit(spec_of("", seconds=1.2), start=Continuation("extend", str(whole)))
+    paths = {job.id: Path(job.out_path) for job in first.jobs()}
+    first.shutdown()  # the app closed with both queued
+
+    again = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None)
+    try:
+        jobs = again.jobs()
+        assert [(j.status, Path(j.out_path)) for j in jobs] == [("waiting", paths[branch]), ("waiting", paths[extend])]
+        assert [again._jobs[j.id].start for j in jobs] == [Continuation("branch", str(whole), 3),
+                                                          Continuation("extend", str(whole))]
+        assert again.resume(jobs[0].id)
+        assert isinstance(list(again.events(jobs[0].id))[-1], Finished)
+        assert json.loads(sidecar_path(paths[branch]).read_text())["continued"] == {
+            "kind": "branch", "video": "whole.mp4", "from_section": 3}
+        assert torch.equal(latents(paths[branch], 1), latents(whole, 1))  # sections 1-2 kept from the source
+    finally:
+        again.shutdown()
+    moved = tmp_path / "moved.mp4"
+    copy = outputs / "copy.mp4"
+    shutil.copy(whole, moved)
+    later = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None, background=False)
+    later.submit(spec_of("", seconds=1.2), out_path=copy, start=Continuation("extend", str(moved)))
+    later.shutdown()
+    moved.unlink()  # the source is gone before the restart
+    last = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None)
+    try:
+        assert [Path(j.out_path) for j in last.jobs()] == [paths[extend]]
+        assert not sidecar_path(copy).exists()
+    finally:
+        last.shutdown()

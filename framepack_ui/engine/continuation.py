@@ -32,7 +32,7 @@ import torch
 
 from ..errors import InputError
 from ..prompts import PromptChange, SectionPrompt, schedule, section_prompts
-from ..spec import FPS, FRAMES_PER_SECTION, Continuation, JobSpec, LoraChoice
+from ..spec import FPS, FRAMES_PER_SECTION, Continuation, JobSpec
 from . import image as image_ops
 from . import vae as vae_ops
 from .lending import VAE, ModelLender
@@ -121,13 +121,11 @@ def _with_prompts(origin: Origin, plan: list[SectionPrompt], changes: list[Promp
 def resumed_spec(settings: dict, image: str | None = None) -> JobSpec:
     """The job a state's settings describe (its start image only if it is still there: a resume needs none)."""
     values = {key: settings[key] for key in SETTINGS_KEPT_BY_RESUME if key in settings}
-    if "loras" in values:  # recorded as {"path", "strength"} objects
-        values["loras"] = tuple(LoraChoice(**choice) for choice in values["loras"])
     if image is not None:
         values["image"] = image
     if values.get("image") and not Path(values["image"]).is_file():
         values["image"] = ""
-    return JobSpec(**values).validate(image_required=False)
+    return JobSpec.from_settings(values).validate(image_required=False)
 
 
 def _saved(video: Path, model_files: dict | None) -> SavedState:

@@ -302,6 +302,19 @@ class ModelManager:
         if self._loaded.get("transformer") is transformer:  # not freed meanwhile
             streamer.restore()
 
+    def held_memory(self) -> tuple[int, int, int]:
+        """(RAM, commit, VRAM) bytes the loaded models hold, all of which `free()` gives back: RAM and commit as the
+        plan costed them, VRAM as the CUDA allocator reserves it on the plan's GPU (the plan's figures without
+        one)."""
+        with self._lock:
+            loaded = [self.plan.components[name] for name in self._loaded]
+        ram, commit = sum(c.ram_bytes for c in loaded), sum(c.commit_bytes for c in loaded)
+        if self.gpu.type == "cuda" and torch.cuda.is_available():
+            vram = torch.cuda.memory_reserved(self.gpu)
+        else:
+            vram = sum(c.vram_bytes for c in loaded if c.device == "cuda")
+        return ram, commit, vram
+
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
 

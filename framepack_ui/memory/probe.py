@@ -10,7 +10,7 @@ import logging
 import re
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..units import GB
@@ -76,6 +76,14 @@ class Machine:
                    gpu_name="supposed GPU" if vram else "", os_name=os_name,
                    description=f"a supposed machine with {ram_gb:g} GB RAM" + (f", {vram_gb:g} GB VRAM" if vram else
                                                                                ", no GPU"))
+
+    def with_returned(self, ram_bytes: int, commit_bytes: int, vram_bytes: int) -> "Machine":
+        """This machine as if memory this process holds were free again: the models a worker keeps between jobs
+        (it frees them before it places any others), so the next job is not planned around them."""
+        commit = self.commit_available_bytes
+        return replace(self, ram_available_bytes=min(self.ram_total_bytes, self.ram_available_bytes + ram_bytes),
+                       commit_available_bytes=None if commit is None else commit + commit_bytes,
+                       vram_free_bytes=min(self.vram_total_bytes, self.vram_free_bytes + vram_bytes))
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
 from ..sidecar import sidecar_path, write_sidecar
-from ..spec import JobSpec
+from ..spec import Continuation, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,23 @@ class QueuedRecord:
     profile: str
     plan_options: dict
     submitted_at: float
+    start: Continuation | None = None  # a branch or an extension: the output it continues
 
 
-def write(out_path: Path, spec: JobSpec, profile: str, plan_options: dict, submitted_at: float) -> None:
-    """Record a job as queued. A record that cannot be written (a full disk) costs only the restart's memory of the
-    job: logged, not raised."""
+def write(out_path: Path, spec: JobSpec, profile: str, plan_options: dict, submitted_at: float,
+          start: Continuation | None = None) -> None:
+    """Record a job as queued (a branch or an extension with what it continues; a resume is not recorded: its
+    record would replace its source's settings file, and the gallery offers the source's Resume after a restart).
+    A record that cannot be written (a full disk) costs only the restart's memory of the job: logged, not raised."""
+    if start is not None and start.kind == "resume":
+        return
+    continues = {} if start is None else {"continues": {"kind": start.kind, "video": start.video,
+                                                        "from_section": start.from_section}}
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_sidecar(out_path, {**spec.settings(), "status": QUEUED, "profile": profile,
-                                 "plan_options": plan_options, "submitted_at": submitted_at}, spec.image)
+                                 "plan_options": plan_options, "submitted_at": submitted_at, **continues},
+                      spec.image or None)
     except OSError:
         log.exception("recording the queued job %s failed: it will not come back after a restart", out_path.name)
 
@@ -71,11 +79,15 @@ def read_all(outputs_dir: Path) -> list[QueuedRecord]:
             continue
         out_path = path.with_suffix(".mp4")
         image = record.get("input_image_file")
-        settings = {f.name: record[f.name] for f in fields(JobSpec) if f.name in record}
         try:
-            if not isinstance(image, str) or not image:
+            start = _continuation(record.get("continues"))
+            if isinstance(image, str) and image:
+                spec = JobSpec.from_settings(record, image=str(outputs_dir / Path(image).name))
+            elif start is not None:  # an extension of a video without a new start image, or a branch
+                spec = JobSpec.from_settings(record, image="")
+            else:
                 raise InputError("no copy of the start image")
-            spec = JobSpec(**{**settings, "image": str(outputs_dir / Path(image).name)}).validate()
+            spec = spec.validate(image_required=start is None)
         except (InputError, TypeError) as exc:
             log.warning("queued job %s cannot come back (%s): dropped", out_path.name, exc)
             drop(out_path)
@@ -83,8 +95,17 @@ def read_all(outputs_dir: Path) -> list[QueuedRecord]:
         options = record.get("plan_options")
         records.append(QueuedRecord(out_path, spec, str(record.get("profile") or "auto"),
                                     options if isinstance(options, dict) else {},
-                                    float(record.get("submitted_at") or path.stat().st_mtime)))
+                                    float(record.get("submitted_at") or path.stat().st_mtime), start))
     return sorted(records, key=lambda r: (r.submitted_at, r.out_path.name))
+
+
+def _continuation(recorded) -> Continuation | None:
+    """What a record says its job continues (None: a job from its image); InputError when that is gone."""
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        raise InputError("what it continues is not readable")
+    return Continuation(str(recorded.get("kind")), str(recorded.get("video")), recorded.get("from_section")).validate()
 
 
 def _read(path: Path) -> dict | None:

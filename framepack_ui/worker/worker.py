@@ -186,10 +186,9 @@ class Worker:
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event,
                        start)
-            # before it can start: the engine's own settings file then replaces the record. Not for a continued
-            # job: a resume's record would replace its source's settings file, and none records what it continues
-            if self.serves_pages and start is None:
-                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at)
+            # before it can start: the engine's own settings file then replaces the record
+            if self.serves_pages:
+                queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at, start)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._renumber()
@@ -249,7 +248,7 @@ class Worker:
         """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
         for record in queue_records.read_all(self.outputs_dir):
             job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
-                       record.plan_options, status="waiting")
+                       record.plan_options, start=record.start, status="waiting")
             job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
             self._jobs[job.id] = job
             log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
@@ -326,6 +325,9 @@ class Worker:
 
         device = self._device or _default_device()
         machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        if self._manager is not None and not self._fixed_manager:
+            # what this worker's own kept models hold is the next plan's to place again (freed before any reload)
+            machine = machine.with_returned(*self._manager.held_memory())
         options = {key: value for key, value in options.items() if value is not None}  # None: the plan's default
         options.setdefault("attention", self.attention)
         return make_plan(machine, weights_on_disk(self.models_dir),
