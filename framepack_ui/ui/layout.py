@@ -94,7 +94,6 @@ setInterval(() => {
   const state = match ? 'ended' : (job ? 'live' : null);
   if (match && seen && seen.job === job && seen.state === 'live') {
     document.title = `${match[2] === 'Done' ? '✓ Done' : match[2]}: job ${job} · ${base}`;
-    element.dataset.ended = job;
     if (window.isSecureContext && 'Notification' in window && Notification.permission === 'granted') {
       new Notification(`FramePack UI: job ${job} ${match[2].toLowerCase()}`, {body: line.split('\\n')[0]});
     }
