@@ -38,6 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", default=None, metavar="NAME",
                         help="the transformer's attention for every job, as the command line's --attention: e.g. "
                              "cudnn_fp8 (fp8 attention, Hopper and later, needs nvidia-cudnn-frontend)")
+    parser.add_argument("--offline", action="store_true",
+                        help="download nothing: the page says which model files to copy where")
     parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
                         help="keep the models loaded this long after the last job, for a quick next one "
                              "(default 0: give the memory back at once)")
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("framepack_ui").setLevel(logging.INFO)
     stay_home()
+    if args.offline:  # huggingface_hub and the downloader refuse any download, in one line
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
     from framepack_ui.ui import CSS, build_ui
     from framepack_ui.worker import Worker
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         missing = worker.missing_models()
         if missing:  # the page says the same, with a download button
             log.warning("%s", missing)
-        demo = build_ui(worker)
+        demo = build_ui(worker, offline=args.offline)
         demo.queue()
         host = "0.0.0.0" if args.listen else "127.0.0.1"
         # Gradio prints several lines, and a failed share tunnel a paragraph (and frpc's log): say it in our own

@@ -178,3 +178,46 @@ def make_worker(tiny_models_dir, tmp_path):
     yield make
     for worker in workers:
         worker.shutdown()
+
+
+# --- the browser the UI tests drive: Debian's chromium through Playwright (never `playwright install`) --------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                 "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One browser per test module (CPU is shared); each page gets a context of its own (open_page)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`sudo apt-get install chromium`, or run "
+                    "`python3 install.py --test` as root); the UI tests drive it with Playwright")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(browser):
+    """open_page(url, width=, height=, init_script=, **context options) -> a loaded page in a browser context of its own
+    (another user); closed after the test, so earlier tests' pages do not keep ticking."""
+    contexts = []
+
+    def open_(url, width: int = 1400, height: int = 1500, init_script: str | None = None, **options):
+        context = browser.new_context(viewport={"width": width, "height": height}, **options)
+        contexts.append(context)
+        if init_script:  # runs in every page of the context before the page's own scripts
+            context.add_init_script(init_script)
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()

@@ -27,10 +27,6 @@ from framepack_ui.ui import present
 from framepack_ui.worker import Queued
 
 REPO = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                 "--disable-dev-shm-usage"]
 SERVER_START_S = 120  # importing gradio on a busy 2-core machine
 JOB_S = 90  # the first job also imports torch and loads the tiny models
 # The README's picture: refreshed only on request (FRAMEPACK_UI_SCREENSHOT=1), so test runs leave the tree clean.
@@ -90,38 +86,6 @@ def server(tiny_models_dir, tmp_path_factory):
 def cached_copies(outputs: Path, name: str) -> list[Path]:
     """Copies of the video `name` in the server's Gradio cache."""
     return [p for p in (outputs.parent / "gradio").rglob("*.mp4") if p.name == name]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (`sudo apt-get install chromium`, or run "
-                    "`python3 install.py --test` as root); the UI tests drive it with Playwright")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def open_page(browser):
-    """open_page(url) -> a page in a browser context of its own (another user); closed after the test, so
-    earlier tests' pages do not keep ticking."""
-    contexts = []
-
-    def open_(url):
-        context = browser.new_context(viewport={"width": 1400, "height": 1500})
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(url)
-        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
 
 
 def set_number(page, elem_id: str, value) -> None:
@@ -209,7 +173,7 @@ def test_generate_shows_preview_section_video_gauges_and_final_video(server, ope
     page.get_by_text("upload a start image first").wait_for(timeout=30_000)
     fill_form(page, start_image_128x96, seconds=2.4, steps=3)
     wait_text(page, "length", "2 sections, 73 frames", timeout_s=30)  # updated by a round trip after the change
-    gauges_before = wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
+    gauges_before = wait_text(page, "gauges", r"RAM\s+[\d.]+ / [\d.]+ GB", timeout_s=30)
     assert "no NVIDIA GPU found" in gauges_before  # this machine has none: the panel says so in words
     page.locator("#generate").click()
 
@@ -385,7 +349,7 @@ def test_start_and_a_page_load_contact_nothing_but_loopback(tiny_models_dir, tmp
         page.on("request", lambda request: requested.append(request.url))
         page.reload()
         page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
-        wait_text(page, "gauges", r"RAM .* GB", timeout_s=30)
+        wait_text(page, "gauges", r"RAM\s+[\d.]+ / [\d.]+ GB", timeout_s=30)
         wait_text(page, "plan", r"no CUDA GPU", timeout_s=60)
         time.sleep(3)  # anything sent from a background thread at start has had its chance
         assert psutil.Process(pid).is_running()
@@ -595,60 +559,6 @@ def test_auth_file_a_stranger_gets_the_login_page_and_no_file(auth_server, brows
         assert response.status == 200 and response.body() == b'{"secret": 1}'
     finally:
         context.close()
-
-
-def test_download_button_cancel_then_resume_fills_the_folder_and_a_job_runs(tiny_models_dir, tmp_path, open_page,
-                                                                            start_image_128x96):
-    from fake_hub import FakeHub, repos_of
-    from framepack_ui.weights import layout
-
-    repos = repos_of(tiny_models_dir)
-    models, outputs = tmp_path / "models", tmp_path / "outputs"
-    outputs.mkdir()
-    home = tmp_path / "hf"
-    with FakeHub(repos) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-               "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "HF_TOKEN": ""}
-        with run_app(models, outputs, env=env, name="app_download") as (url, _):
-            page = open_page(url)
-            banner = wait_text(page, "models_notice", r"Model files are missing", timeout_s=30)
-            assert "text_encoder" in banner and re.search(r"About \d+\.\d+ GB to download; [\d.]+ GB free", banner)
-            page.locator("#generate").click()  # refused in one line, nothing queued
-            page.get_by_text("model files are missing").first.wait_for(timeout=30_000)
-
-            # Cancel mid-download: the hub holds the first transformer shard half-sent until Cancel is pressed.
-            shard = "diffusion_pytorch_model-00001-of-00003.safetensors"
-            reached, release = hub.hold(layout.F1_REPO, shard, at=len(repos[layout.F1_REPO][shard]) // 2)
-            page.locator("#download_models").click()
-            assert reached.wait(120), "the download never reached the transformer"
-            page.locator("#download_cancel").click()
-            time.sleep(1)  # the click reaches the worker before the held bytes come
-            release.set()
-            stopped = wait_text(page, "download_progress", r"Download stopped", timeout_s=60).strip()
-            assert "\n" not in stopped and "press Download models to resume" in stopped
-            assert page.locator("#models_banner").is_visible() and layout.missing(models)
-            dest = layout.COMPONENTS["transformer"].folder(models) / shard
-            assert not dest.exists()  # nothing half-fetched looks complete
-            kept = {p for p in models.rglob("*") if p.is_file() and p.suffix != ".incomplete" and "lock" not in p.name}
-            assert kept  # the files fetched before the cancel
-            hub.clear_log()
-
-            page.locator("#download_models").click()  # resumes: what was fetched is not fetched again
-            shown, deadline = set(), time.monotonic() + 120
-            while page.locator("#models_banner").is_visible():  # until the banner goes away
-                shown.add(page.locator("#download_progress").inner_text().strip())
-                assert time.monotonic() < deadline, f"the download did not finish; it showed {shown}"
-                time.sleep(0.05)
-            wait_text(page, "download_progress", r"Models downloaded", timeout_s=30)  # the progress line's end
-            print("download progress shown:", shown)  # the percentage lines, when the page polled in time
-            assert layout.missing(models) == {}
-            assert any("/resolve/" in p for p in hub.requested_paths("GET"))
-            fetched_again = {(models / repo / path) for repo, path in hub.files_requested()}
-            assert fetched_again and not fetched_again & kept and dest in fetched_again
-            fill_form(page, start_image_128x96, seconds=1.2)
-            page.locator("#generate").click()
-            wait_text(page, "progress", r"Done: 37 frames")
 
 
 def test_auth_file_lines_are_read_and_a_bad_line_is_named(tmp_path):

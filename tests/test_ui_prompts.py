@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, JOB_S, choose, fill_form, run_app, set_number, text, wait_text
+from test_ui_browser import JOB_S, choose, fill_form, run_app, set_number, text, wait_text
 
 # every field of the form at a value other than its default, and what the page then shows
 PROMPT = "[0s: a red square] [1.3s: a blue square]"
@@ -24,33 +24,6 @@ def server(tiny_models_dir, tmp_path_factory):
     with run_app(tiny_models_dir, outputs, env={"GRADIO_TEMP_DIR": str(outputs.parent / "gradio")},
                  name="prompts-app") as (url, _):
         yield url, outputs
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def open_page(browser):
-    contexts = []
-
-    def open_(url):
-        context = browser.new_context(viewport={"width": 1400, "height": 1800})
-        contexts.append(context)
-        page = context.new_page()
-        page.goto(url)
-        page.locator("#start_image input[type=file]").wait_for(state="attached", timeout=60_000)
-        return page
-
-    yield open_
-    for context in contexts:
-        context.close()
 
 
 def rows(page) -> list[str]:
@@ -91,7 +64,7 @@ def numbers_equal(state: dict) -> dict:
 
 def test_the_timeline_editor_follows_the_prompt_and_shows_where_changes_land(server, open_page):
     url, _ = server
-    page = open_page(url)
+    page = open_page(url, height=1800)
     set_number(page, "seconds", 4.8)
     page.locator("#prompt textarea").fill("[0s: a woman waves] [2.3s: she smiles]")
     wait_until(lambda: rows(page), ["0", "a woman waves", "2.3", "she smiles"])
@@ -117,7 +90,7 @@ def test_the_timeline_editor_follows_the_prompt_and_shows_where_changes_land(ser
 
 def test_each_bad_input_is_refused_in_one_line_and_nothing_starts(server, open_page, start_image_128x96, tmp_path):
     url, _ = server
-    page = open_page(url)
+    page = open_page(url, height=1800)
     fill_form(page, start_image_128x96, seconds=2.4)
     for prompt, message in [("[0s: a] [2,4s: b]", "prompt time '2,4s' is not a time in seconds"),
                             ("[1.2s: b] [0s: a]", "prompt times out of order: 0s comes after 1.2s"),
@@ -144,7 +117,7 @@ def test_each_bad_input_is_refused_in_one_line_and_nothing_starts(server, open_p
 def test_a_dropped_video_or_settings_file_and_the_gallery_restore_every_setting(server, open_page,
                                                                               start_image_128x96, tmp_path):
     url, outputs = server
-    page = open_page(url)
+    page = open_page(url, height=1800)
     fill_form(page, start_image_128x96, seconds=2.4, steps=2, prompt=PROMPT)
     for name, value in SETTINGS.items():
         if name == "negative":
@@ -169,7 +142,7 @@ def test_a_dropped_video_or_settings_file_and_the_gallery_restore_every_setting(
     sidecar.parent.mkdir()
     shutil.copy(outputs / f"{name}.json", sidecar)
     for dropped in (alone, sidecar):
-        fresh = open_page(url)  # a form at its defaults
+        fresh = open_page(url, height=1800)  # a form at its defaults
         assert form_state(fresh)["seed"] == "31337" and not form_state(fresh)["image"]
         fresh.locator("#settings_file input[type=file]").set_input_files(str(dropped))
         note = wait_text(fresh, "restore_note", r"restored", timeout_s=30)
@@ -178,7 +151,7 @@ def test_a_dropped_video_or_settings_file_and_the_gallery_restore_every_setting(
         wait_until(lambda: numbers_equal(form_state(fresh)), numbers_equal(made))
         wait_text(fresh, "timeline", r"from 1.2 s, section 2 \(asked 1.3 s")
 
-    gallery = open_page(url)  # "Use these settings" takes the same path
+    gallery = open_page(url, height=1800)  # "Use these settings" takes the same path
     gallery.locator("#gallery label").filter(has_text=f"{name}.mp4").click()
     wait_text(gallery, "gallery_settings", r"finished, 73 frames", timeout_s=30)
     gallery.locator("#use_settings").click()

@@ -19,6 +19,89 @@ CSS = """
 .fp-timeline .fp-mark { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .fp-timeline ul { margin: 2px 0; padding-left: 0; list-style: none; font-size: 13px; }
 .fp-timeline .fp-problem { color: #c0392b; font-size: 13px; }
+/* gauges and download bars (present.gauges_html, present.download_html) */
+.fp-bars { display: grid; grid-template-columns: auto minmax(40px, 1fr) auto; gap: 3px 8px; align-items: center;
+           font-size: 13px; }  /* one grid for all bars: names, tracks and figures line up */
+.fp-bars .fp-gauge { display: contents; }
+.fp-gauge-name { font-weight: 600; white-space: nowrap; }
+.fp-gauge-track { height: 12px; border-radius: 6px; background: #8883; overflow: hidden; }
+.fp-gauge-fill { display: block; height: 100%; background: #2e86de; transition: width 0.4s; }
+.fp-near .fp-gauge-fill { background: #e67e22; }
+.fp-full .fp-gauge-fill { background: #c0392b; }
+.fp-done .fp-gauge-fill { background: #27ae60; }
+.fp-gauge-figure { white-space: nowrap; text-align: right; font-variant-numeric: tabular-nums; }
+.fp-gauge-note { font-size: 12px; margin: 2px 0; opacity: 0.8; }
+.fp-warning { color: #c0392b; font-weight: 600; font-size: 13px; margin: 4px 0; }
+.fp-download-line, .fp-download-speed { margin: 2px 0; font-size: 13px; }
+/* the jobs table fits the column it is in: fixed layout, headers on one line, the prompt cut with an ellipsis */
+.fp-jobs { width: 100%; table-layout: fixed; border-collapse: collapse; font-size: 13px; }
+.fp-jobs th { white-space: nowrap; text-align: left; font-weight: 600; }
+.fp-jobs th, .fp-jobs td { padding: 2px 4px; border-bottom: 1px solid #8884; vertical-align: top;
+                           overflow: hidden; text-overflow: ellipsis; }
+.fp-jobs .fp-id { width: 2.2em; }
+.fp-jobs .fp-status { width: 5.2em; }
+.fp-jobs .fp-length { width: 3.8em; white-space: nowrap; }
+.fp-jobs .fp-act { width: 4.6em; }
+.fp-jobs td.fp-prompt { white-space: nowrap; }
+.fp-jobs td.fp-progress { overflow-wrap: anywhere; }
+.fp-job-act { padding: 1px 6px; border-radius: 4px; border: 1px solid #8886; cursor: pointer; font-size: 12px; }
+.fp-job-act.fp-stop { color: #c0392b; }
+#models_files code, #models_notice code { white-space: normal; overflow-wrap: anywhere; }  /* long paths wrap */
+/* a phone (390 px): nothing wider than the screen */
+@media (max-width: 600px) {
+  .gradio-container { padding-left: 4px !important; padding-right: 4px !important; }
+  .fp-jobs .fp-id { display: none; }
+  .fp-gauge-figure { white-space: normal; }  /* 'VRAM 6.90 / 8.00 GB · PyTorch 5.20 GB' takes two lines */
+  .fp-jobs .fp-length { width: 3.2em; }
+  #preview img { max-height: 120px; }
+}
+"""
+
+# The jobs table's Stop/Remove buttons: one listener on the component (its rows are re-rendered every tick).
+JOBS_JS = """
+element.addEventListener('click', (event) => {
+  const button = event.target.closest('button.fp-job-act');
+  if (button) trigger('click', {job: button.dataset.job, act: button.dataset.act});
+});
+"""
+
+# When the followed job ends (its progress line turns to Done, Stopped or Failed while the page watches): the tab's
+# title says so (seen from another tab, also over plain-HTTP LAN), a notification where the browser allows one
+# (a secure context: localhost or HTTPS; permission is asked at the Generate click, a user gesture), and a short
+# tone if the box is ticked. The title comes back at the next click or key.
+JOB_END_JS = """
+const base = document.title;
+let seen = null;
+const ended = /^Job (\\d+) · (Done|Stopped|Failed):/;
+document.addEventListener('click', (event) => {
+  if (event.target.closest('#generate') && window.isSecureContext && 'Notification' in window
+      && Notification.permission === 'default') Notification.requestPermission();
+});
+for (const kind of ['pointerdown', 'keydown']) document.addEventListener(kind, () => { document.title = base; });
+function tone() {
+  const audio = new (window.AudioContext || window.webkitAudioContext)();
+  const osc = audio.createOscillator();
+  osc.frequency.value = 880;
+  osc.connect(audio.destination);
+  osc.start();
+  osc.stop(audio.currentTime + 0.25);
+}
+setInterval(() => {
+  const box = document.querySelector('#progress');
+  const line = box ? box.innerText.trim() : '';
+  const match = line.match(ended);
+  const job = (line.match(/^Job (\\d+)/) || [])[1] || null;
+  const state = match ? 'ended' : (job ? 'live' : null);
+  if (match && seen && seen.job === job && seen.state === 'live') {
+    document.title = `${match[2] === 'Done' ? '✓ Done' : match[2]}: job ${job} · ${base}`;
+    if (window.isSecureContext && 'Notification' in window && Notification.permission === 'granted') {
+      new Notification(`FramePack UI: job ${job} ${match[2].toLowerCase()}`, {body: line.split('\\n')[0]});
+    }
+    const sound = document.querySelector('#notify_sound input');
+    if (sound && sound.checked) { try { tone(); } catch (e) {} }
+  }
+  seen = {job, state};
+}, 500);
 """
 
 
@@ -29,7 +112,7 @@ class Page:
     models_notice: gr.Markdown
     download: gr.Button
     download_cancel: gr.Button  # stops the download; the next one resumes it
-    download_progress: gr.Markdown
+    download_progress: gr.HTML  # present.download_html: a line and a bar per model
     image: gr.Image
     settings_file: gr.File  # drop a past video or its settings JSON: the form gets its settings back
     restore_note: gr.Markdown
@@ -60,8 +143,8 @@ class Page:
     preview: gr.Image
     section_video: gr.Video
     final_video: gr.Video
-    gauges: gr.Markdown
-    jobs: gr.Markdown
+    gauges: gr.HTML  # present.gauges_html
+    jobs: gr.HTML  # present.jobs_html; its Stop/Remove buttons send a click with {job, act}
     timer: gr.Timer
     job_id: gr.State  # the job this page follows (and Stop stops)
     last_gauges: gr.State  # the previous reading, for the disk read rate
@@ -85,6 +168,12 @@ class Page:
     # the jobs queued before the app restarted (they wait for the user): queue them all, or drop them all
     start_waiting: gr.Button | None = None
     drop_waiting: gr.Button | None = None
+    models_files: gr.Markdown | None = None  # the missing files and their folders, folded away under the card
+    notify_sound: gr.Checkbox | None = None  # a sound when a job ends
+    job_end: gr.HTML | None = None  # its script tells the user a job ended: notification, title, sound
+    # ids of the jobs this browser submitted, kept across reloads; encrypted with a key made at each start, so an
+    # app restarted (its job numbers start again at 1) never reads an old list
+    my_jobs: gr.BrowserState | None = None
     # the step cache (present.CACHE_KEYS, then the calibration checkbox); the teacache checkbox above follows it
     cache: gr.Radio | None = None
     magcache_threshold: gr.Slider | None = None
@@ -120,17 +209,24 @@ class Page:
 
 
 def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), profile: str = "auto",
-               lora_files: list[str] = (), loras_dir: str = "models/loras") -> Page:
+               lora_files: list[str] = (), loras_dir: str = "models/loras", models_files: str = "",
+               offline: bool = False) -> Page:
     """Create the components inside the current gr.Blocks context. `models_notice`: the missing-models banner
     text ("" when none is missing); `profiles`: the memory profiles (worker.plan_choices()), `profile` selected;
-    `lora_files`: the LoRA files in `loras_dir` (worker.lora_files())."""
+    `lora_files`: the LoRA files in `loras_dir` (worker.lora_files()); `models_files`: the missing files, folded
+    away under the banner (present.missing_files_text); `offline`: no Download button, the list open instead."""
     d = JobSpec(image="", prompt="")
     with gr.Column(visible=bool(models_notice), elem_id="models_banner") as banner:
         notice = gr.Markdown(models_notice, elem_id="models_notice")
         with gr.Row():
-            download = gr.Button("Download models", variant="primary", elem_id="download_models", size="sm")
-            download_cancel = gr.Button("Cancel download", variant="stop", elem_id="download_cancel", size="sm")
-    download_progress = gr.Markdown("", elem_id="download_progress")  # stays to say the download ended
+            download = gr.Button("Download models", variant="primary", elem_id="download_models", size="sm",
+                                 visible=not offline)
+            # shown only while a download runs (wiring)
+            download_cancel = gr.Button("Cancel download", variant="stop", elem_id="download_cancel", size="sm",
+                                        visible=False)
+        with gr.Accordion("Files, and where to copy them by hand", open=offline, elem_id="models_files_box"):
+            files = gr.Markdown(models_files, elem_id="models_files")
+    download_progress = gr.HTML("", elem_id="download_progress", js_on_load=None)  # stays to say it ended
     with gr.Row():
         with gr.Column(scale=1):
             image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Start image",
@@ -207,12 +303,14 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
             section_video = gr.Video(label="Video so far (grows by a section at a time)", autoplay=True,
                                      loop=True, interactive=False, elem_id="section_video", height=360)
             final_video = gr.Video(label="Final video", interactive=False, elem_id="final_video", height=360)
-            gauges = gr.Markdown("Reading the gauges...", elem_id="gauges")
+            gauges = gr.HTML("Reading the gauges...", elem_id="gauges", js_on_load=None)
             with gr.Accordion("Jobs", open=True):
-                jobs = gr.Markdown("No jobs yet.", elem_id="jobs")
+                jobs = gr.HTML(present.jobs_html([]), elem_id="jobs", js_on_load=JOBS_JS)
                 with gr.Row():
                     start_waiting = gr.Button("Start waiting jobs", size="sm", elem_id="start_waiting")
                     drop_waiting = gr.Button("Drop waiting jobs", size="sm", elem_id="drop_waiting")
+                notify_sound = gr.Checkbox(False, label="Play a sound when a job ends", elem_id="notify_sound")
+                job_end = gr.HTML("", elem_id="job_end", js_on_load=JOB_END_JS)
     with gr.Accordion("Past outputs", open=True):
         with gr.Row():
             with gr.Column(scale=1):
@@ -246,7 +344,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 gr.State(None), gr.State(None), gallery, gallery_refresh, gallery_video, gallery_settings,
                 use_settings, gr.State(None), lora_pickers, lora_strengths, lora_refresh, resume, branch_section,
                 branch, extend_seconds, extend_image, extend, extend_video, remove,
-                start_waiting=start_waiting, drop_waiting=drop_waiting, cache=cache, **magcache_settings)
+                start_waiting=start_waiting, drop_waiting=drop_waiting, models_files=files,
+                notify_sound=notify_sound, job_end=job_end, my_jobs=gr.BrowserState([], storage_key="framepack_jobs"),
+                cache=cache, **magcache_settings)
 
 
 def _step_cache_controls(d: JobSpec) -> tuple:

@@ -288,17 +288,6 @@ def loras_text(settings: dict) -> str:
                      for e in settings.get("loras") or [] if isinstance(e, dict))
 
 
-def jobs_table(jobs) -> str:
-    """The worker's jobs (JobInfo list) as a Markdown table, newest first."""
-    if not jobs:
-        return "No jobs yet."
-    rows = ["| job | status | progress | file | prompt |", "|---|---|---|---|---|"]
-    for job in reversed(jobs):
-        rows.append(f"| {job.id} | {job.status} | {_job_progress(job)} | {Path(job.out_path).name} | "
-                    f"{_cell(job.spec.prompt, 40)} |")
-    return "\n".join(rows)
-
-
 def _job_progress(job) -> str:
     if job.status == "queued":
         return f"position {job.position}"
@@ -316,26 +305,6 @@ def _job_progress(job) -> str:
     if isinstance(result, Failed):
         return _cell(result.message, 60)
     return ""
-
-
-def gauges_text(g, warning: str | None = None) -> str:
-    """The gauges panel (telemetry.Gauges) in Markdown: RAM, swap, commit, VRAM, GPU load, disk reads."""
-    swap_name = "pagefile" if sys.platform == "win32" else "swap"
-    lines = [
-        f"**RAM** {_gb(g.ram_used_bytes)} / {_gb(g.ram_total_bytes)} GB · **app** {_gb(g.process_rss_bytes)} GB · "
-        f"**{swap_name}** {_gb(g.swap_used_bytes)} / {_gb(g.swap_total_bytes)} GB · "
-        f"**commit** {_gb(g.commit_used_bytes)} / {_gb(g.commit_limit_bytes)} GB",
-    ]
-    disk = f"{g.disk_read_mb_s:.0f} MB/s" if g.disk_read_mb_s is not None else "n/a"
-    if g.gpu_available:
-        torch_part = f" (PyTorch {_gb(g.torch_reserved_bytes)} GB)" if g.torch_reserved_bytes is not None else ""
-        lines.append(f"**VRAM** {_gb(g.vram_used_bytes)} / {_gb(g.vram_total_bytes)} GB{torch_part} · "
-                     f"**GPU** {g.gpu_util_pct:.0f}% · **disk read** {disk} · {g.gpu_note}")
-    else:
-        lines.append(f"**GPU**: {g.gpu_note} · **disk read** {disk}")
-    if warning:
-        lines.append(f"⚠ {warning}")
-    return "  \n".join(lines)
 
 
 def _gb(n: int | None) -> str:
@@ -519,16 +488,6 @@ def timeline_html(prompt: str, seconds: float | None, blend_sections: float | No
             f'<ul>{"".join(lines)}</ul></div>')
 
 
-def models_notice_text(missing: str, need_bytes: int = 0, free_bytes: int | None = None) -> str:
-    """The banner when model files are missing: which, where, how much to download and the room there is."""
-    if not missing:
-        return ""
-    space = f"About {_gb(need_bytes)} GB to download" if need_bytes else "The download size is not known yet"
-    if free_bytes is not None:
-        space += f"; {_gb(free_bytes)} GB free on that disk" + (" (not enough)" if free_bytes < need_bytes else "")
-    return f"**Model files are missing.** {missing}.  \n{space}. Press **Download models** to fetch them here."
-
-
 def download_text(status) -> str:
     """The download's progress (worker.DownloadStatus) in one line."""
     if status.state == "failed":
@@ -545,4 +504,159 @@ def download_text(status) -> str:
     pct = 100 * status.done_bytes / status.total_bytes
     unit, scale = ("GB", GB) if status.total_bytes >= GB else ("MB", 1_000_000)
     return (f"Downloading: {pct:.0f}% ({status.done_bytes / scale:.2f} / {status.total_bytes / scale:.2f} {unit}), "
-            f"now {status.file}")
+            f"now {status.file}{resume_text(status)}")
+
+
+# --------------------------------------------------------------------------------------------- first run: the models
+
+def models_card(missing_models: list, need_bytes: int, free_bytes: int | None, offline: bool = False) -> str:
+    """The short card at the top when model files are missing (Markdown; "" when none is). `missing_models`:
+    worker.missing_model_files(). Offline, it says to copy them in by hand (the list below says what and where)."""
+    if not missing_models:
+        return ""
+    if offline:
+        return (f"**The models are not here yet** ({_gb1(need_bytes)} GB), and the app runs offline (`--offline`): "
+                f"copy the files listed below into their folders, then reload this page.")
+    free = ""
+    if free_bytes is not None:
+        short = " (not enough: free some space or choose another `--models` folder)" if free_bytes < need_bytes else ""
+        free = f", {_gb1(free_bytes)} GB free on that disk{short}"
+    return f"**The models are not here yet:** {_gb1(need_bytes)} GB to download{free}."
+
+
+def missing_files_text(missing_models: list) -> str:
+    """Markdown: per model, the folder its missing files go in and the files, for copying them in by hand."""
+    parts = []
+    for model in missing_models:
+        files = "\n".join(f"  - `{file}`" for file in model.files)
+        parts.append(f"- **{model.name}** (about {_gb1(model.approx_bytes)} GB) from `{model.repo}`, into "
+                     f"`{model.folder}`:\n{files}")
+    return ("Each file goes in the folder shown, as in the Hugging Face repository (copy them from another "
+            "machine or a Hugging Face cache):\n\n" + "\n".join(parts)) if parts else ""
+
+
+def download_html(status) -> str:
+    """The download's progress (worker.DownloadStatus): one line (download_text) over a bar per model, the whole
+    download's speed and time left; "" when no download ran."""
+    line = download_text(status)
+    if not line:
+        return ""
+    bars = []
+    for name, done, total in status.models:
+        pct = min(100 * done / total, 100.0) if total else 0.0
+        state = "done" if total and done >= total else "ok"
+        bars.append(_bar_row(name, pct, _mb_or_gb(done, total), state, name))
+    speed = download_speed(status) if status.state == "running" else ""
+    speed_line = f'<p class="fp-download-speed">{speed}</p>' if speed else ""
+    return (f'<div class="fp-download"><p class="fp-download-line">{html.escape(line)}</p>'
+            f'<div class="fp-bars">{"".join(bars)}</div>{speed_line}</div>')
+
+
+def download_speed(status) -> str:
+    """'12.3 MB/s, about 4 min 10 s left': from the bytes this run fetched (not those it resumed) over its time."""
+    if status.started_at_s is None or status.updated_at_s is None:
+        return ""
+    span_s = status.updated_at_s - status.started_at_s
+    fetched = status.done_bytes - status.started_done_bytes
+    if span_s <= 0 or fetched <= 0:
+        return "measuring the speed..."
+    rate = fetched / span_s  # bytes per second
+    left_s = max(status.total_bytes - status.done_bytes, 0) / rate
+    return f"{rate / 1_000_000:.1f} MB/s, about {_duration(left_s)} left"
+
+
+def resume_text(status) -> str:
+    """', resumed with 1.20 GB already here': where a download that continues a stopped one (or files copied in by
+    hand) started; "" for a fresh one."""
+    return f", resumed with {_mb_or_gb(status.resumed_bytes)} already here" if status.resumed_bytes else ""
+
+
+def _mb_or_gb(done: int, total: int | None = None) -> str:
+    unit, scale = ("GB", GB) if (total or done) >= GB else ("MB", 1_000_000)
+    return f"{done / scale:.2f} / {total / scale:.2f} {unit}" if total is not None else f"{done / scale:.2f} {unit}"
+
+
+def _gb1(n: int) -> str:
+    return f"{n / GB:.1f}"
+
+
+# --------------------------------------------------------------------------------------------- gauges as bars
+
+NEAR_LIMIT_PCT = 80  # a memory gauge this full turns amber...
+AT_LIMIT_PCT = 95  # ...and this full red
+DISK_BAR_FULL_MB_S = 1000  # the disk-read bar's full scale (a SATA SSD reads ~500 MB/s, NVMe a few GB/s)
+
+
+def gauges_html(g, warning: str | None = None) -> str:
+    """The gauges (telemetry.Gauges) as bars with their figures: RAM, swap/pagefile, commit, VRAM, GPU busy and disk
+    reads; a memory bar near its limit is amber, at it red; the starved-GPU warning beside them in plain words."""
+    swap_name = "Pagefile" if sys.platform == "win32" else "Swap"
+    rows = [_memory_row("RAM", g.ram_used_bytes, g.ram_total_bytes, f" · app {_gb(g.process_rss_bytes)} GB"),
+            _memory_row(swap_name, g.swap_used_bytes, g.swap_total_bytes),
+            _memory_row("Commit", g.commit_used_bytes, g.commit_limit_bytes)]
+    if g.gpu_available:
+        torch_part = f" · PyTorch {_gb(g.torch_reserved_bytes)} GB" if g.torch_reserved_bytes is not None else ""
+        rows.append(_memory_row("VRAM", g.vram_used_bytes, g.vram_total_bytes, torch_part))
+        busy = g.gpu_util_pct or 0.0
+        # a busy GPU is good news: only a starved one (the warning) is coloured
+        rows.append(_bar_row("GPU", busy, f"{busy:.0f}% busy", "full" if warning else "ok", "gpu"))
+    if g.disk_read_mb_s is not None:
+        rate = g.disk_read_mb_s
+        rows.append(_bar_row("Disk read", min(100 * rate / DISK_BAR_FULL_MB_S, 100.0), f"{rate:.0f} MB/s",
+                             "near" if warning else "ok", "disk"))
+    else:
+        rows.append(_bar_row("Disk read", 0.0, "n/a", "ok", "disk"))
+    note = f'<p class="fp-gauge-note">GPU: {html.escape(g.gpu_note)}</p>'
+    alert = f'<p class="fp-warning" role="alert">⚠ {html.escape(warning)}</p>' if warning else ""
+    return f'<div class="fp-gauges"><div class="fp-bars">{"".join(rows)}</div>{note}{alert}</div>'
+
+
+def gauge_level(pct: float) -> str:
+    """'ok', 'near' or 'full': how close a memory gauge is to its limit."""
+    return "full" if pct >= AT_LIMIT_PCT else "near" if pct >= NEAR_LIMIT_PCT else "ok"
+
+
+def _memory_row(name: str, used: int | None, total: int | None, extra: str = "") -> str:
+    if used is None or not total:
+        return _bar_row(name, 0.0, "n/a" if total is None else "none", "ok", name.lower())
+    pct = 100 * used / total
+    return _bar_row(name, min(pct, 100.0), f"{_gb(used)} / {_gb(total)} GB{extra}", gauge_level(pct), name.lower())
+
+
+def _bar_row(name: str, pct: float, figure: str, level: str, key: str) -> str:
+    return (f'<div class="fp-gauge fp-{level}" data-gauge="{html.escape(key)}" data-pct="{pct:.1f}">'
+            f'<span class="fp-gauge-name">{html.escape(name)}</span>'
+            f'<span class="fp-gauge-track"><span class="fp-gauge-fill" style="width:{pct:.1f}%"></span></span>'
+            f'<span class="fp-gauge-figure">{html.escape(figure)}</span></div>')
+
+
+# --------------------------------------------------------------------------------------------- the jobs table
+
+JOB_ACTIONS = {"running": "stop", "queued": "remove", "waiting": "remove"}  # anything else (ended): "remove"
+
+
+def page_jobs(jobs, mine) -> list:
+    """The jobs a page lists: its own (ids in `mine`), the running one and those waiting since a restart (any page
+    may start or drop them)."""
+    return [job for job in jobs if job.id in mine or job.status in ("running", "waiting")]
+
+
+def jobs_html(jobs) -> str:
+    """The jobs (JobInfo list, oldest first) as a table that fits a phone: status, progress, length, prompt, and a
+    Stop (running) or Remove (queued: drops it; ended: off this list) per job; newest first."""
+    if not jobs:
+        return '<p class="fp-jobs-empty">No jobs yet.</p>'
+    rows = []
+    for job in reversed(jobs):
+        act = JOB_ACTIONS.get(job.status, "remove")
+        prompt = " ".join(str(job.spec.prompt).split())
+        rows.append(f'<tr data-job="{html.escape(job.id)}"><td class="fp-id">{html.escape(job.id)}</td>'
+                    f'<td class="fp-status fp-{html.escape(job.status)}">{html.escape(job.status)}</td>'
+                    f'<td class="fp-progress">{html.escape(_job_progress(job))}</td>'
+                    f'<td class="fp-length">{job.spec.seconds:g} s</td>'
+                    f'<td class="fp-prompt" title="{html.escape(prompt, quote=True)}">{html.escape(prompt)}</td>'
+                    f'<td class="fp-act"><button class="fp-job-act fp-{act}" data-job="{html.escape(job.id)}" '
+                    f'data-act="{act}">{act.capitalize()}</button></td></tr>')
+    head = ('<tr><th class="fp-id">#</th><th class="fp-status">Status</th><th class="fp-progress">Progress</th>'
+            '<th class="fp-length">Length</th><th class="fp-prompt">Prompt</th><th class="fp-act"></th></tr>')
+    return f'<table class="fp-jobs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'

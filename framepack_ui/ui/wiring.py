@@ -27,27 +27,33 @@ POLL_S = 1.0  # how often a waiting stream checks whether its page has moved on 
 DOWNLOAD_POLL_S = 0.5
 
 
-def build_ui(worker) -> gr.Blocks:
-    """The whole app page for `worker` (see framepack_ui.worker.Worker). Launch it with `css=layout.CSS`."""
+def build_ui(worker, offline: bool = False) -> gr.Blocks:
+    """The whole app page for `worker` (see framepack_ui.worker.Worker). Launch it with `css=layout.CSS`.
+    `offline`: nothing is downloaded; the card says which files to copy where."""
     # The growing section video is served in place under a new name per section (worker/live.py), never
     # copied; final videos, gallery videos and uploads go through Gradio's cache: drop them after a day.
     gr.set_static_paths([worker.live_dir()])
     with gr.Blocks(title="FramePack UI", delete_cache=CACHE_CLEANUP_S, analytics_enabled=False) as demo:
         gr.Markdown("# FramePack UI\nFramePack F1 image-to-video, on this machine.")
-        page = build_page(_notice(worker), worker.plan_choices(), worker.profile, worker.lora_files(),
-                          str(worker.loras_dir))
-        _wire(demo, page, worker)
+        page = build_page(_notice(worker, offline), worker.plan_choices(), worker.profile, worker.lora_files(),
+                          str(worker.loras_dir), present.missing_files_text(worker.missing_model_files()), offline)
+        _wire(demo, page, worker, offline)
     return demo
 
 
-def _notice(worker) -> str:
-    """The missing-models banner text ("" when nothing is missing)."""
-    missing = worker.missing_models()
-    return present.models_notice_text(missing, *worker.download_need()) if missing else ""
+def _notice(worker, offline: bool = False) -> str:
+    """The missing-models card ("" when nothing is missing)."""
+    missing = worker.missing_model_files()
+    return present.models_card(missing, *worker.download_need(), offline=offline) if missing else ""
 
 
-def _wire(demo: gr.Blocks, page: Page, worker) -> None:
+def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
     following: dict[str, str] = {}  # page session -> the job it follows; a page follows one job at a time
+    submitted: dict[str, set[str]] = {}  # page session -> the jobs it submitted (the jobs table lists them)
+    removed: dict[str, set[str]] = {}  # page session -> ended jobs taken off its table
+
+    def own(session: str, job_id: str) -> None:
+        submitted.setdefault(session, set()).add(job_id)
 
     def follow(job_id: str, session: str):
         """Yield job_outputs() updates while this page follows `job_id` (replay first, then live)."""
@@ -92,12 +98,13 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
             spec = replace(spec, loras=present.lora_choices(list(loras[:slots]), list(loras[slots:]),
                                                             worker.loras_dir))
             spec = present.with_cache(spec, *cache)
-            if worker.missing_models():  # the full list (which files, which folder) is in the note at the top
-                raise ModelFilesError(f"model files are missing: see the note at the top of the page, or run "
+            if worker.missing_models():  # the full list (which files, which folder) is under the card at the top
+                raise ModelFilesError(f"model files are missing: see the card at the top of the page, or run "
                                       f"`{DOWNLOAD_COMMAND}`")
             job_id = worker.submit(spec, profile=profile, plan_options={"fp8": present.FP8_OPTION.get(storage)})
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
+        own(request.session_hash, job_id)
         yield from follow(job_id, request.session_hash)
 
     def continued(start: Continuation, spec, profile, storage, session: str):
@@ -107,6 +114,7 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
                                    start=start)
         except UserError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
+        own(session, job_id)
         yield from follow(job_id, session)
 
     def selected(name):
@@ -180,39 +188,83 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
         if job_id is None or not worker.cancel(job_id):
             gr.Info("This page has no queued or running job to stop.")
 
-    def waiting(act, words: str):
-        """Resume or cancel every job that waits since the app restarted."""
-        if not [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]:
+    def waiting(act, words: str, session: str):
+        """Resume or cancel every job that waits since the app restarted; the page that did it lists them."""
+        acted = [job.id for job in worker.jobs() if job.status == "waiting" and act(job.id)]
+        for job_id in acted:
+            own(session, job_id)
+        if not acted:
             gr.Info(f"No jobs are waiting to be {words}.")
 
-    def tick(previous, seen):
+    def start_waiting(request: gr.Request):
+        waiting(worker.resume, "started", request.session_hash)
+
+    def drop_waiting(request: gr.Request):
+        waiting(worker.cancel, "dropped", request.session_hash)
+
+    def tick(previous, seen, stored, request: gr.Request):
         gauges = read_gauges(previous=previous)
         jobs = worker.jobs()
         warning = starved(gauges, generating=any(job.status == "running" for job in jobs))
         signature = worker.outputs_signature()
         gallery = gr.skip() if signature == seen else gallery_update()
-        return present.gauges_text(gauges, warning), present.jobs_table(jobs), gauges, gallery, signature
+        session = request.session_hash
+        # this browser's jobs: those it submitted before a reload (kept in the browser) and since
+        mine = (set(stored or ()) | submitted.get(session, set())) - removed.get(session, set())
+        mine &= {job.id for job in jobs}  # the worker forgets nothing while it runs; a restart starts afresh
+        listed = present.page_jobs(jobs, mine)
+        keep = sorted(mine, key=int) if mine != set(stored or ()) else gr.skip()
+        return present.gauges_html(gauges, warning), present.jobs_html(listed), gauges, gallery, signature, keep
 
-    def refresh_notice():
-        notice = _notice(worker)
-        return gr.update(visible=bool(notice)), notice
-
-    def download():
-        """Start the download (or follow the one running) and show its progress until it ends."""
-        if not worker.missing_models():
-            yield gr.update(visible=False), "", ""
+    def job_action(evt: gr.EventData, request: gr.Request):
+        """A Stop or Remove button of the jobs table: stop the running job, drop a queued one from the queue, or
+        take an ended one off this page's table."""
+        data = evt._data or {}
+        job_id, act = str(data.get("job", "")), data.get("act")
+        job = next((j for j in worker.jobs() if j.id == job_id), None)
+        if job is None:
             return
-        worker.start_download()  # False when one is running already: this page then follows it
-        while True:
-            status = worker.download_status()
-            if status.state in ("done", "stopped", "failed"):
-                break
-            yield gr.skip(), gr.skip(), present.download_text(status)
+        if job.status in ("running", "queued", "waiting"):
+            if act == "stop" or job.status != "running":
+                worker.cancel(job_id)
+            return
+        removed.setdefault(request.session_hash, set()).add(job_id)
+
+    def download_card(status=None) -> tuple:
+        """download_outputs: the banner, card, file list and buttons as the models folder and `status` say."""
+        notice = _notice(worker, offline)
+        running = status is not None and status.state == "running"
+        files = present.missing_files_text(worker.missing_model_files()) if notice else ""
+        return (gr.update(visible=bool(notice) or running), notice, files,
+                present.download_html(status) if status is not None else gr.skip(),
+                gr.update(visible=not offline and not running), gr.update(visible=running))
+
+    def watch_download(start: bool):
+        """Follow the download until it ends (starting it first if `start`): the progress per model, with Cancel
+        shown only while it runs; the card as the folder then is."""
+        if start:
+            if not worker.missing_models():
+                yield download_card(None)
+                return
+            worker.start_download()  # False when one is running already: this page then follows it
+        status = worker.download_status()
+        if status.state != "running":  # on load, with no download running: the card as it is
+            yield download_card(None)
+            return
+        while status.state == "running":
+            yield (gr.skip(), gr.skip(), gr.skip(), present.download_html(status), gr.update(visible=False),
+                   gr.update(visible=True))
             time.sleep(DOWNLOAD_POLL_S)
+            status = worker.download_status()
         if status.state == "failed":
             gr.Warning(status.message)
-        notice = _notice(worker)
-        yield gr.update(visible=bool(notice)), notice or gr.skip(), present.download_text(status)
+        yield download_card(status)
+
+    def follow_download():
+        yield from watch_download(start=False)
+
+    def download():
+        yield from watch_download(start=True)
 
     def cancel_download():
         if not worker.cancel_download():
@@ -283,8 +335,8 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     page.cache.change(lambda method: method == "teacache", page.cache, page.teacache, queue=False,
                       show_progress="hidden")
     page.stop.click(stop, page.job_id, None, **stream)
-    page.start_waiting.click(lambda: waiting(worker.resume, "started"), None, None, **stream)
-    page.drop_waiting.click(lambda: waiting(worker.cancel, "dropped"), None, None, **stream)
+    page.start_waiting.click(start_waiting, None, None, **stream)
+    page.drop_waiting.click(drop_waiting, None, None, **stream)
     page.randomise.click(lambda: random.SystemRandom().randint(0, SEED_MAX), None, page.seed, queue=False)
     page.seconds.change(present.length_text, page.seconds, page.length, queue=False, show_progress="hidden")
     # The prompt box and the timeline editor follow each other: the rows follow every change of the prompt (a
@@ -298,13 +350,16 @@ def _wire(demo: gr.Blocks, page: Page, worker) -> None:
     for control in timeline_inputs:
         control.change(present.timeline_html, timeline_inputs, page.timeline, **quiet)
     gauges = dict(show_progress="hidden", concurrency_id="gauges", concurrency_limit=None)
-    tick_io = ([page.last_gauges, page.gallery_seen],
-               [page.gauges, page.jobs, page.last_gauges, page.gallery, page.gallery_seen])
+    tick_io = ([page.last_gauges, page.gallery_seen, page.my_jobs],
+               [page.gauges, page.jobs, page.last_gauges, page.gallery, page.gallery_seen, page.my_jobs])
     page.timer.tick(tick, *tick_io, **gauges)
     demo.load(tick, *tick_io, **gauges)
-    demo.load(refresh_notice, None, [page.models_banner, page.models_notice], queue=False)
+    page.jobs.click(job_action, None, None, queue=False)
+    download_outputs = [page.models_banner, page.models_notice, page.models_files, page.download_progress,
+                        page.download, page.download_cancel]
+    demo.load(follow_download, None, download_outputs, **stream)
     demo.load(reattach, None, page.job_outputs(), **stream)
-    page.download.click(download, None, [page.models_banner, page.models_notice, page.download_progress], **stream)
+    page.download.click(download, None, download_outputs, **stream)
     page.download_cancel.click(cancel_download, None, None, **stream)
     planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
     plan_inputs = [page.profile, page.resolution, page.storage]

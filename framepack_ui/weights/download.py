@@ -54,6 +54,8 @@ class DownloadProgress:
     total_bytes: int  # 0 when the hub did not say and there is no estimate
     overall_done: int
     overall_total: int
+    model_done: int = 0  # this file's component (model), for a bar per model
+    model_total: int = 0
 
     def line(self) -> str:
         return (f"{self.component}/{self.file}: {self.done_bytes / MB:.0f}/{self.total_bytes / MB:.0f} MB "
@@ -82,6 +84,29 @@ class _Item:
 
 # --------------------------------------------------------------------------------------------------------
 # what is missing, in words
+
+
+@dataclass(frozen=True)
+class MissingModel:
+    """One model (layout component) with files missing: for a list a person can copy files by hand from."""
+    name: str  # layout component name
+    repo: str  # the Hugging Face repository the files come from
+    folder: Path  # where they go
+    files: tuple[str, ...]  # relative to the repository root (shards folded: model-00001..00004-of-00004...)
+    approx_bytes: int  # what the missing files weigh, estimated from the real model's size
+
+
+def missing_models(models_dir: Path) -> list[MissingModel]:
+    """Every model with files missing, in layout order; [] when none is."""
+    found = []
+    for name, paths in layout.missing(Path(models_dir)).items():
+        component = layout.COMPONENTS[name]
+        folder = component.folder(Path(models_dir))
+        prefix = f"{component.subfolder}/" if component.subfolder else ""
+        files = _compact([p.relative_to(folder).as_posix() for p in paths])
+        found.append(MissingModel(name, component.repo, folder, tuple(prefix + f for f in files),
+                                  component.approx_bytes * len(paths) // len(component.files)))
+    return found
 
 
 def describe_missing(models_dir: Path, names: tuple[str, ...] | None = None) -> str:
@@ -246,6 +271,9 @@ def _fetch_all(items: list[_Item], models_dir: Path, names: tuple[str, ...] | No
                progress: ProgressCallback | None, cancel: threading.Event | None = None) -> None:
     done = {id(item): min(_size(item.partial()), item.estimate) for item in items}
     overall_total = sum(item.estimate for item in items)
+    model_total = {}
+    for item in items:
+        model_total[item.component] = model_total.get(item.component, 0) + item.estimate
 
     sent: dict[int, int] = {}
 
@@ -254,8 +282,9 @@ def _fetch_all(items: list[_Item], models_dir: Path, names: tuple[str, ...] | No
         done[id(item)] = file_done
         if progress is not None and sent.get(id(item)) != file_done:
             sent[id(item)] = file_done
+            model_done = sum(done[id(i)] for i in items if i.component == item.component)
             progress(DownloadProgress(item.component, item.file, file_done, item.size or item.estimate,
-                                      sum(done.values()), overall_total))
+                                      sum(done.values()), overall_total, model_done, model_total[item.component]))
 
     headers = _headers()
     headers["Accept-Encoding"] = "identity"  # byte offsets of the file itself, so a Range resume lines up

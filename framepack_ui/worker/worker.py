@@ -53,6 +53,11 @@ class DownloadStatus:
     done_bytes: int = 0
     total_bytes: int = 0
     message: str = ""  # one line: why it failed or stopped
+    models: tuple = ()  # (name, done_bytes, total_bytes) per model, in download order: a bar each
+    resumed_bytes: int = 0  # model files already here when it started (whole, or partly fetched): where it resumed
+    started_at_s: float | None = None  # time.monotonic() of this run's first report, and the bytes done then:
+    started_done_bytes: int = 0  # the rate (and the time left) count from there, not from the resumed bytes
+    updated_at_s: float | None = None  # time.monotonic() of the newest report
 
 
 @dataclass
@@ -398,10 +403,11 @@ class Worker:
 
     def start_download(self) -> bool:
         """Fetch the missing model files in a background thread; False if a download is already running."""
+        models, here = self._models_to_fetch(), self._model_bytes_here()  # they read the folder: outside the lock
         with self._cond:
             if self._closed or (self._download_thread is not None and self._download_thread.is_alive()):
                 return False
-            self._download = DownloadStatus("running")
+            self._download = DownloadStatus("running", models=models, resumed_bytes=here)
             self._download_cancel.clear()
             self._download_thread = threading.Thread(target=self._fetch_models, name="framepack-download",
                                                      daemon=True)
@@ -418,6 +424,28 @@ class Worker:
         log.info("model download: stop asked")
         return True
 
+    def missing_model_files(self) -> list:
+        """Each model with files missing (weights.download.MissingModel: repository, folder, files), for a list
+        to copy them from by hand; [] when none is."""
+        from ..weights.download import missing_models  # huggingface_hub: only when asked
+
+        return missing_models(self.models_dir)
+
+    def _models_to_fetch(self) -> tuple:
+        """(name, 0, estimated bytes) per model with files missing: the bars before the hub gives the sizes."""
+        return tuple((model.name, 0, model.approx_bytes) for model in self.missing_model_files())
+
+    def _model_bytes_here(self) -> int:
+        """Bytes of model files in the models folder, whole or partly fetched (kept by a stopped download)."""
+        from ..weights import layout
+
+        here = 0
+        for component in layout.COMPONENTS.values():
+            for path in (component.folder(self.models_dir) / name for name in component.files):
+                for found in (path, *path.parent.glob(f"{path.name}.*.incomplete")):
+                    here += found.stat().st_size if found.is_file() else 0
+        return here
+
     def download_status(self) -> DownloadStatus:
         with self._cond:
             return self._download
@@ -426,9 +454,17 @@ class Worker:
         from ..weights.download import ensure_models  # huggingface_hub: only when asked
 
         def progress(p) -> None:
+            now_s = time.monotonic()
             with self._cond:
-                self._download = DownloadStatus("running", f"{p.component}/{p.file}", p.overall_done,
-                                                p.overall_total)
+                old = self._download
+                models = dict((name, (done, total)) for name, done, total in old.models)
+                models[p.component] = (p.model_done, p.model_total)
+                first = old.started_at_s is None
+                self._download = DownloadStatus(
+                    "running", f"{p.component}/{p.file}", p.overall_done, p.overall_total,
+                    models=tuple((name, *figures) for name, figures in models.items()),
+                    resumed_bytes=old.resumed_bytes, started_at_s=now_s if first else old.started_at_s,
+                    started_done_bytes=p.overall_done if first else old.started_done_bytes, updated_at_s=now_s)
 
         log.info("downloading the missing model files into %s", self.models_dir)
         try:
@@ -436,8 +472,8 @@ class Worker:
             status = DownloadStatus("done", "", self._download.total_bytes, self._download.total_bytes)
         except Cancelled:
             got = self._download
-            status = DownloadStatus("stopped", got.file, got.done_bytes, got.total_bytes,
-                                    "download stopped; what it fetched is kept, start it again to resume")
+            status = replace(got, state="stopped",
+                             message="download stopped; what it fetched is kept, start it again to resume")
         except UserError as exc:
             status = DownloadStatus("failed", message=exc.message)
         except Exception as exc:  # one line for the user, the traceback in the log
