@@ -1,0 +1,164 @@
+"""The job's timeline (worker/timeline.py) and the estimate before Generate (worker/speed.py): recorded by the worker
+around the real engine on the tiny models, kept in the settings file, learnt from for the next job."""
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from framepack_ui.engine import f1
+from framepack_ui.events import Finished, Phase, SectionSaved, Step
+from framepack_ui.sidecar import sidecar_path
+from framepack_ui.worker.events import Estimated
+from framepack_ui.worker.speed import (UNKNOWN, JobShape, Measured, add_to_book, estimate, machine_key, measure,
+                                       read_book)
+from framepack_ui.worker.timeline import SERIES, TimelineRecorder
+from worker_jobs import all_events, spec
+
+KEY = machine_key("cpu", "auto", "auto")
+
+
+def timeline(sections: list[tuple[float, float]], before_s: float, after_s: float, first_extra_s: float = 0.0):
+    """A timeline whose sections sample for `s` and decode for `d` seconds each ((s, d) per section)."""
+    rows, t = [], before_s
+    for i, (sampling_s, decode_s) in enumerate(sections):
+        extra = first_extra_s if i == 0 else 0.0
+        rows.append({"sampling_start_s": t, "sampling_end_s": t + sampling_s + extra,
+                     "decode_start_s": t + sampling_s + extra, "decode_end_s": t + sampling_s + extra + decode_s})
+        t = rows[-1]["decode_end_s"]
+    return {"sections": rows, "ended_s": t + after_s}
+
+
+def test_a_measured_job_predicts_another_length_steps_and_cfg_from_its_parts():
+    shape = JobShape(sections=3, steps=10, resolution=64)
+    # 0.5 s a step, 2 s a decode; the first section 4 s slower (warm-up); 6 s before, 1 s after
+    measured = measure(timeline([(5.0, 2.0)] * 3, 6.0, 1.0, first_extra_s=4.0), shape)
+    assert measured.call_s == pytest.approx(0.5) and measured.decode_s == pytest.approx(2.0)
+    assert (measured.before_s, measured.after_s, measured.first_extra_s) == pytest.approx((6.0, 1.0, 4.0))
+    book = {KEY: [measured.__dict__]}
+    other = JobShape(sections=5, steps=20, resolution=64, cfg=3.0)  # CFG: two model calls per step
+    guess = estimate(book, KEY, other)
+    assert guess.sampling_s == pytest.approx(5 * 20 * 2 * 0.5)
+    assert guess.decode_s == pytest.approx(5 * 2.0)
+    assert guess.total_s == pytest.approx(100 + 10 + 6 + 1 + 4)
+    assert guess.source.startswith("measured on this machine (1 job, profile auto)")
+
+
+def test_the_step_time_scales_with_the_tokens_one_size_proportionally_two_sizes_on_a_line():
+    small = Measured(tokens=JobShape(1, 1, 320).tokens, pixels=320 ** 2, teacache=0, call_s=0.3, decode_s=1,
+                     before_s=0, after_s=0, first_extra_s=0)
+    book = {KEY: [small.__dict__]}
+    assert estimate(book, KEY, JobShape(1, 1, 640)).sampling_s == pytest.approx(0.3 * 4)  # 4x the area
+    big = Measured(tokens=JobShape(1, 1, 640).tokens, pixels=640 ** 2, teacache=0, call_s=0.9, decode_s=3,
+                   before_s=0, after_s=0, first_extra_s=0)
+    book = {KEY: [small.__dict__, big.__dict__]}  # 0.3 s at t, 0.9 s at 4t: 0.1 + 0.2 t / t_320
+    assert estimate(book, KEY, JobShape(1, 1, 480)).sampling_s == pytest.approx(0.1 + 0.2 * (480 / 320) ** 2)
+
+
+def test_without_a_job_here_the_cards_figures_else_unknown_and_teacache_is_matched():
+    shape = JobShape(sections=4, steps=25, resolution=640, teacache=0.0)
+    h200 = estimate({}, machine_key("NVIDIA H200", "auto", "auto"), shape)
+    # docs/benchmarks.md row 1: 0.871 s a step and 24.27 s a whole section at 640x608; 640 px is 5 % more area
+    assert h200.total_s == pytest.approx(4 * 24.27 * 640 * 640 / (640 * 608))
+    assert "docs/benchmarks.md" in h200.source and "row 1" in h200.source and "loading" in h200.note
+    assert estimate({}, machine_key("NVIDIA H200", "streamed", "auto"), shape).source.endswith("limited to 8 GB)")
+    laptop = estimate({}, machine_key("NVIDIA GeForce RTX 4060 Laptop GPU", "auto", "auto"), shape)
+    assert laptop.total_s is None and laptop.source == UNKNOWN
+    # another profile's jobs on this machine beat the card's figures, and say so
+    off = Measured(JobShape(1, 1, 640).tokens, 640 ** 2, 0.0, 0.8, 2.0, 10, 1, 0)
+    on = Measured(JobShape(1, 1, 640).tokens, 640 ** 2, 0.15, 0.4, 2.0, 10, 1, 0)
+    book = {machine_key("NVIDIA H200", "gpu", "bf16"): [off.__dict__, on.__dict__]}
+    guess = estimate(book, machine_key("NVIDIA H200", "auto", "auto"), JobShape(1, 10, 640, teacache=0.15))
+    assert "with profile gpu" in guess.source and guess.sampling_s == pytest.approx(10 * 0.4)  # TeaCache's job
+    unmatched = estimate({KEY: [off.__dict__]}, KEY, JobShape(1, 10, 640, teacache=0.15))
+    assert "TeaCache off" in unmatched.note
+
+
+def test_the_book_keeps_the_newest_jobs_per_key_and_survives_a_broken_file(tmp_path):
+    path = tmp_path / ".speed.json"
+    path.write_text("{not json")
+    assert read_book(path) == {}
+    record = Measured(1.0, 1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+    for _ in range(25):
+        add_to_book(path, KEY, record)
+    assert len(read_book(path)[KEY]) == 20
+
+
+def test_the_timeline_keeps_a_long_job_in_a_capped_number_of_points():
+    clock = [0.0]
+    reading = SimpleNamespace(gpu_available=True, gpu_note="GPU X", gpu_util_pct=50.0, vram_used_bytes=2 * 10 ** 9,
+                              ram_used_bytes=10 ** 9, disk_read_mb_s=3.0)
+    recorder = TimelineRecorder(lambda previous: reading, interval_s=3600, max_points=10, clock=lambda: clock[0])
+    recorder.start()
+    for second in range(1, 101):  # 100 readings, as the thread would take them
+        clock[0] = float(second)
+        recorder._sample()
+        recorder.event(Phase("sampling", f"section {second}")) if second % 10 == 0 else None
+    record = recorder.stop()
+    assert len(record["t_s"]) <= 11 and record["interval_s"] >= 8  # the whole job, every 8th-16th second
+    assert record["t_s"][0] == 0 and record["t_s"][-1] == 100
+    assert all(len(record[name]) == len(record["t_s"]) for name in SERIES)
+    assert record["gpu"] == "GPU X" and record["gpu_util_pct"][0] == 50.0 and record["vram_used_gb"][0] == 2.0
+    assert len(record["sections"]) == 10 and len(record["phases"]) == 1  # one mark per change of phase
+    json.dumps(record)  # JSON-ready, for the settings file
+
+
+def slowed(per_step_s: float, per_decode_s: float):
+    """The real engine with each sampler step and each section decode made slower by a sleep at the event that ends
+    it: a stand-in for a slow card whose time, unlike the tiny models' few milliseconds a step on a shared CPU, the
+    estimate can be held to."""
+    def run(spec, out_path, manager, emit, cancel, **kwargs):
+        def slow_emit(event):
+            if isinstance(event, Step):
+                time.sleep(per_step_s)
+            emit(event)
+            if isinstance(event, Phase) and event.detail.startswith("decoding section"):
+                time.sleep(per_decode_s)
+        return f1.run(spec, out_path, manager, slow_emit, cancel, **kwargs)
+    return run
+
+
+STEADY_TOLERANCE = 0.25  # sections after the first: sleeps dominate them, the CPU's share varies with the load
+TOTAL_TOLERANCE = 0.5  # the whole job: loading the models differs by seconds between two jobs on 2 shared cores
+
+
+def test_after_a_first_job_the_estimate_of_a_longer_job_with_more_steps_is_within_its_stated_error(
+        make_worker, start_image_80x64):
+    worker = make_worker(slowed(per_step_s=0.08, per_decode_s=0.3), prompt_cache_dir=None)
+    first_shape = dict(seconds=2.4, steps=4, resolution=64, teacache=False)
+    second_shape = dict(seconds=3.6, steps=12, resolution=64, teacache=False)
+    first = all_events(worker, worker.submit(spec(start_image_80x64, "a red square", **first_shape)))
+    assert isinstance(first[-1], Finished)
+    said = next(e for e in first if isinstance(e, Estimated))
+    assert said.total_s is None and said.source == UNKNOWN  # nothing measured yet: said so
+
+    second_spec = spec(start_image_80x64, "a blue square", **second_shape)
+    guess = worker.estimate(JobShape.of(second_spec))
+    assert guess.source.startswith("measured on this machine (1 job")
+    second = all_events(worker, worker.submit(second_spec))
+    assert isinstance(second[-1], Finished)
+    assert next(e for e in second if isinstance(e, Estimated)).total_s == pytest.approx(guess.total_s)
+    recorded = json.loads(sidecar_path(second[-1].path).read_text())["timeline"]
+    actual = measure(recorded, JobShape.of(second_spec))
+    sections, calls = JobShape.of(second_spec).sections, second_spec.steps
+    steady_actual = sections * (calls * actual.call_s + actual.decode_s)
+    steady_guess = guess.sampling_s + guess.decode_s
+    assert steady_guess == pytest.approx(steady_actual, rel=STEADY_TOLERANCE)
+    assert guess.total_s == pytest.approx(recorded["ended_s"], rel=TOTAL_TOLERANCE)
+
+
+def test_a_jobs_timeline_is_in_its_settings_file_with_its_phases_and_sections(make_worker, start_image_80x64):
+    worker = make_worker()
+    job = worker.submit(spec(start_image_80x64, seconds=2.4))
+    events = all_events(worker, job)
+    assert isinstance(events[-1], Finished)
+    record = json.loads(sidecar_path(events[-1].path).read_text())["timeline"]
+    assert record == worker.timeline(job)
+    names = [name for _, name in record["phases"]]
+    for phase in ("text", "image", "transformer", "sampling", "decode", "writing"):
+        assert phase in names
+    assert len(record["sections"]) == 2 and all("decode_end_s" in s for s in record["sections"])
+    assert len(record["t_s"]) >= 2 and record["ram_used_gb"][0] > 0  # a reading at the start and at the end
+    assert record["t_s"][-1] <= record["ended_s"] + 0.5
