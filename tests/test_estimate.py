@@ -162,3 +162,52 @@ def test_a_jobs_timeline_is_in_its_settings_file_with_its_phases_and_sections(ma
     assert len(record["sections"]) == 2 and all("decode_end_s" in s for s in record["sections"])
     assert len(record["t_s"]) >= 2 and record["ram_used_gb"][0] > 0  # a reading at the start and at the end
     assert record["t_s"][-1] <= record["ended_s"] + 0.5
+
+
+# --- what the page shows (ui/present.py, pure) ---------------------------------------------------------------------
+
+def test_the_jobs_plot_draws_each_gauge_its_phases_and_its_section_starts():
+    from framepack_ui.ui import present
+
+    record = {"interval_s": 1.0, "gpu": "GPU X", "t_s": [0, 1, 2, 3, 4], "gpu_util_pct": [5, 90, None, 95, 10],
+              "vram_used_gb": [1, 6, 7, 7, 2], "ram_used_gb": [3, 3, 3, 3, 3], "disk_read_mb_s": [None] * 5,
+              "phases": [[0, "text"], [1, "sampling"], [2.5, "decode"], [3, "sampling"], [3.8, "writing"]],
+              "sections": [{"sampling_start_s": 1}, {"sampling_start_s": 3}], "ended_s": 4.2}
+    svg = present.job_plot_html(record)
+    assert svg.count('data-series="gpu_util_pct"') == 2  # the missing reading splits its line in two
+    assert 'data-series="vram_used_gb"' in svg and 'data-series="ram_used_gb"' in svg
+    assert 'data-series="disk_read_mb_s"' not in svg  # no figure at all: no line, and not in the legend
+    assert "VRAM (peak 7.0 GB)" in svg and "GPU (peak 95 %)" in svg and "disk" not in svg.split("fp-legend")[1]
+    assert svg.count('class="fp-phase"') == 5 and svg.count('class="fp-section"') == 2
+    assert "Sampling: 1.0-2.5 s" in svg and "GPU X" in svg
+    assert present.job_plot_html(None) == "" and present.job_plot_html({"t_s": []}) == ""
+
+
+def test_the_estimate_is_labelled_with_its_parts_and_source_and_the_job_shows_it_until_its_own_eta():
+    from framepack_ui.ui import present
+    from framepack_ui.worker.speed import Estimate
+
+    guess = Estimate(200.0, "measured on this machine (2 jobs, profile auto)", 150.0, 20.0, 30.0)
+    shown = present.estimate_text(guess)
+    assert shown.startswith("**Estimate: about 3 min 20 s**") and "sampling 2 min 30 s" in shown
+    assert "Source: measured on this machine (2 jobs, profile auto)." in shown
+    assert "each, 13 min 20 s for the 4 jobs" in present.estimate_text(guess, 4)
+    assert present.estimate_text(Estimate(None, UNKNOWN)) == f"**Estimate:** {UNKNOWN}."
+    assert present.shape_from_inputs(2.4, 25, 640, 1, True, 0.15) == JobShape(2, 25, 640, 1.0, 0.15)
+    assert present.shape_from_inputs(None, 25, 640, 1, True, 0.15) is None
+    view = present.fold([Phase("starting"), Estimated(200.0, "x")], present.JobView(job_id="1"))
+    assert "estimated 3 min 20 s in all" in present.progress_text(view)
+    view = present.apply(view, Step(0, 2, 1, 25, 3.0, 90.0))
+    assert "ETA 1 min 30 s" in present.progress_text(view) and "estimated" not in present.progress_text(view)
+
+
+def test_a_batch_is_every_image_with_every_prompt_else_the_forms_own():
+    from framepack_ui.errors import InputError
+    from framepack_ui.ui import present
+
+    assert present.batch_pairs(["a.png", "b.png"], "form.png", "one\n\n two \n", "form prompt") == [
+        ("a.png", "one"), ("a.png", "two"), ("b.png", "one"), ("b.png", "two")]
+    assert present.batch_pairs(None, "form.png", "one\ntwo", "p") == [("form.png", "one"), ("form.png", "two")]
+    assert present.batch_pairs(["a.png"], None, "", "p") == [("a.png", "p")]
+    with pytest.raises(InputError, match="upload a start image"):
+        present.batch_pairs([], None, "one", "p")
