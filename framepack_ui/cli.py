@@ -35,10 +35,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="start image (PNG, JPEG, WebP...); with --extend: the start image the new sections are "
                         "anchored to (default: the video's first frame). Several --image and/or --prompt make a "
                         "batch: a job for each image x each prompt, written as OUT_1.mp4, OUT_2.mp4...")
-    g.add_argument("--prompt", action="append", default=None, help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she '
-                                    'smiles]" (each change lands at the nearest 1.2 s section boundary; with --extend '
-                                    'the times count from the extension\'s start); needed unless continuing a past '
-                                    'output with --resume, --branch or --extend, which keep its prompt unless given')
+    g.add_argument("--prompt", action="append", default=None,
+                   help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" '
+                        '(each change lands at the nearest 1.2 s section boundary; with --extend the times count '
+                        'from the extension\'s start); needed unless continuing a past output with --resume, '
+                        '--branch or --extend, which keep its prompt unless given')
     g.add_argument("--prompt-blend", type=int, dest="prompt_blend_sections", metavar="SECTIONS",
                    help=f"blend each prompt change over this many sections (0 = switch at once; up to 4; default "
                         f"{d.prompt_blend_sections})")

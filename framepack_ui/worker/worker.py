@@ -32,7 +32,7 @@ from .events import Estimated, Queued
 from .gallery import PastOutput, listing_signature, past_outputs, remove_output
 from .live import clear_live, live_dir, section_link
 from .restore import Restored, settings_from_file
-from .speed import SPEED_FILE, Estimate, JobShape, add_to_book, estimate, machine_key, measure, read_book
+from .speed import SPEED_FILE, UNKNOWN, Estimate, JobShape, add_to_book, estimate, machine_key, measure, read_book
 from .timeline import TimelineRecorder
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
 STORAGE_ASKED = {None: "auto", False: "bf16", True: "fp8"}  # a job's fp8 plan option, in the settings' words
+TIMELINE_PLACEHOLDER = "\x00timeline\x00"  # where the compact timeline goes in a settings file's text
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,11 @@ class Worker:
 
     def _job_estimate(self, job: _Job) -> Estimated:
         storage = STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto")
-        guess = self.estimate(JobShape.of(job.spec), job.profile, storage)
+        try:
+            guess = self.estimate(JobShape.of(job.spec), job.profile, storage)
+        except Exception:  # an estimate is never a reason for a job to fail
+            log.exception("job %s: its estimate failed", job.id)
+            return Estimated(None, UNKNOWN)
         return Estimated(guess.total_s, guess.source)
 
     def _device_label(self) -> str:
@@ -394,8 +399,10 @@ class Worker:
         try:
             settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
             if isinstance(settings, dict):
-                settings["timeline"] = record
+                # on one line: the readings would otherwise fill the file a number a line
+                settings["timeline"] = TIMELINE_PLACEHOLDER
                 text = json.dumps(settings, indent=2, ensure_ascii=False, default=str) + "\n"
+                text = text.replace(json.dumps(TIMELINE_PLACEHOLDER), json.dumps(record, separators=(",", ":")), 1)
                 atomic_write_bytes(path, text.encode("utf-8"))
             if isinstance(result, Finished) and job.start is None:  # a continued job's sections differ
                 measured = measure(record, JobShape.of(job.spec))
@@ -403,7 +410,7 @@ class Worker:
                     key = machine_key(self._device_label(), job.profile,
                                       STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"))
                     add_to_book(self.speed_path, key, measured)
-        except (OSError, ValueError):
+        except Exception:  # the plot and the estimate are a view on the job: never a reason for it to fail
             log.exception("job %s: keeping its timeline failed", job.id)
 
     # -------------------------------------------------------------------------------------- past outputs
