@@ -3,7 +3,7 @@
 Each finished job's timeline (timeline.py) gives its speed: seconds per model call per step (a step makes one call,
 two with CFG), seconds per section decode, the time before its first section (starting, planning, encoding the
 prompt and the image, loading the video model) and after its last (writing). They are kept per machine, memory
-profile and storage asked (`machine_key`) in `.speed.json` in the outputs folder, the newest MAX_RECORDS of each.
+profile and storage asked (`machine_key`) in `.cache/speed.json` in the outputs folder, the newest MAX_RECORDS of each.
 
 The model: a step's time grows with the latent tokens a section samples (9 latent frames of (H/16) x (W/16) tokens;
 the history's tokens grow with the same area), so with jobs measured at two or more sizes the time per call is a
@@ -26,7 +26,7 @@ from ..spec import LATENT_WINDOW, JobSpec
 
 log = logging.getLogger(__name__)
 
-SPEED_FILE = ".speed.json"  # in the outputs folder (hidden: the gallery lists no dot-files)
+SPEED_FILE = ".cache/speed.json"  # in the outputs folder, out of the way of its settings files
 MAX_RECORDS = 20  # per machine key: the newest jobs (a driver or library update changes the speed)
 UNKNOWN = "unknown until the first job on this machine"
 
@@ -216,6 +216,7 @@ def read_book(path: Path) -> dict:
 def add_to_book(path: Path, key: str, measured: Measured) -> dict:
     """Keep one more job's speed (the newest MAX_RECORDS per key) and return the book."""
     book = read_book(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     kept = book.pop(key, None)  # re-inserted last: the newest key is the one another profile falls back to
     book[key] = [*(kept if isinstance(kept, list) else []), asdict(measured)][-MAX_RECORDS:]
     atomic_write_bytes(Path(path), (json.dumps(book, indent=1) + "\n").encode("utf-8"))
