@@ -165,6 +165,7 @@ def test_after_a_first_job_the_estimate_of_a_longer_job_with_more_steps_is_withi
     # 3 sections of 12 steps at 0.1 s, 3 decodes at 0.5 s, the first step's and decode's warm-up (3 s), encoding
     # and loading (2.5 s) and writing (0.3 s): 10.9 s, of which job 1 (2 sections of 4 steps) measured each part
     assert recorded["ended_s"] == pytest.approx(10.9, abs=0.01)
+    assert recorded["estimated_s"] == pytest.approx(guess.total_s, abs=0.05)  # kept beside what it took
     assert guess.sampling_s + guess.decode_s + guess.other_s == pytest.approx(guess.total_s)
     assert guess.sampling_s == pytest.approx(sampled - card.FIRST_STEP_EXTRA_S, rel=MODEL_TOLERANCE)
     assert guess.decode_s == pytest.approx(decoded - card.FIRST_DECODE_EXTRA_S, rel=MODEL_TOLERANCE)
@@ -194,14 +195,14 @@ def test_the_jobs_plot_draws_each_gauge_its_phases_and_its_section_starts():
     record = {"interval_s": 1.0, "gpu": "GPU X", "t_s": [0, 1, 2, 3, 4], "gpu_util_pct": [5, 90, None, 95, 10],
               "vram_used_gb": [1, 6, 7, 7, 2], "ram_used_gb": [3, 3, 3, 3, 3], "disk_read_mb_s": [None] * 5,
               "phases": [[0, "text"], [1, "sampling"], [2.5, "decode"], [3, "sampling"], [3.8, "writing"]],
-              "sections": [{"sampling_start_s": 1}, {"sampling_start_s": 3}], "ended_s": 4.2}
+              "sections": [{"sampling_start_s": 1}, {"sampling_start_s": 3}], "ended_s": 4.2, "estimated_s": 5.0}
     svg = present.job_plot_html(record)
     assert svg.count('data-series="gpu_util_pct"') == 2  # the missing reading splits its line in two
     assert 'data-series="vram_used_gb"' in svg and 'data-series="ram_used_gb"' in svg
     assert 'data-series="disk_read_mb_s"' not in svg  # no figure at all: no line, and not in the legend
     assert "VRAM (peak 7.0 GB)" in svg and "GPU (peak 95 %)" in svg and "disk" not in svg.split("fp-legend")[1]
     assert svg.count('class="fp-phase"') == 5 and svg.count('class="fp-section"') == 2
-    assert "Sampling: 1.0-2.5 s" in svg and "GPU X" in svg
+    assert "Sampling: 1.0-2.5 s" in svg and "GPU X" in svg and "4.2 s (estimated 5.0 s)" in svg
     assert present.job_plot_html(None) == "" and present.job_plot_html({"t_s": []}) == ""
 
 

@@ -555,7 +555,10 @@ def job_plot_html(timeline: dict | None, title: str = "This job") -> str:
                  f'<text x="{PLOT_W - PLOT_LEFT}" y="{PLOT_H - 4}" font-size="10" text-anchor="end">'
                  f'{_duration(end_s)}</text>')
     gpu = f" on {html.escape(timeline['gpu'])}" if timeline.get("gpu") else ""
-    return (f'<div class="fp-plot"><div><b>{html.escape(title)}</b>{gpu}: {_duration(end_s)}, a reading every '
+    estimated = timeline.get("estimated_s")
+    took = (f"{_duration(end_s)} (estimated {_duration(estimated)})" if isinstance(estimated, (int, float))
+            else _duration(end_s))
+    return (f'<div class="fp-plot"><div><b>{html.escape(title)}</b>{gpu}: {took}, a reading every '
             f'{timeline.get("interval_s", 1):g} s; dashed: where each section starts</div>'
             f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" role="img" '
             f'aria-label="the job\'s gauges over time">{"".join(parts)}</svg>'

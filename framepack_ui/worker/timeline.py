@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..events import Phase, SectionSaved, Step
 from ..units import GB
+from .events import Estimated
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class TimelineRecorder:
         self._phases: list[list] = []  # [t_s, name] at each change of phase
         self._sections: list[dict] = []  # per section: SECTION_FIELDS, "steps"
         self._ended_s: float | None = None
+        self._estimated_s: float | None = None  # what the worker expected as the job started
 
     def start(self) -> "TimelineRecorder":
         self._started = self._clock()
@@ -69,6 +71,8 @@ class TimelineRecorder:
             elif isinstance(event, Step) and self._sections:
                 section = self._sections[-1]
                 section["sampling_end_s"], section["steps"] = round(now, 3), event.steps
+            elif isinstance(event, Estimated):
+                self._estimated_s = event.total_s
             elif isinstance(event, SectionSaved) and event.section < len(self._sections):
                 self._sections[event.section].setdefault("saved_s", round(now, 3))
 
@@ -100,12 +104,14 @@ class TimelineRecorder:
 
     def snapshot(self) -> dict:
         """The record so far, JSON-ready: {"interval_s", "gpu", "t_s", one list per SERIES (None where the machine
-        gives no figure), "phases": [[t_s, name]...], "sections": [{SECTION_FIELDS, "steps"}...], "ended_s"}."""
+        gives no figure), "phases": [[t_s, name]...], "sections": [{SECTION_FIELDS, "steps"}...], "ended_s",
+        "estimated_s"}."""
         with self._lock:
             return {"interval_s": self._interval_s * self._stride, "gpu": self._gpu, "t_s": list(self._t),
                     **{name: list(values) for name, values in self._series.items()},
                     "phases": [list(p) for p in self._phases], "sections": [dict(s) for s in self._sections],
-                    "ended_s": None if self._ended_s is None else round(self._ended_s, 3)}
+                    "ended_s": None if self._ended_s is None else round(self._ended_s, 3),
+                    "estimated_s": None if self._estimated_s is None else round(self._estimated_s, 1)}
 
     def _loop(self) -> None:
         while not self._stopping.wait(self._interval_s):
