@@ -1,30 +1,30 @@
 """How long a job will take, before it starts: from this machine's own measured speed, or the card's known figures.
 
 Each finished job's timeline (timeline.py) gives its speed: seconds per model call per step (a step makes one call,
-two with CFG), seconds per section decode, the time before its first section (starting, planning, encoding the
-prompt and the image, loading the video model) and after its last (writing). They are kept per machine, memory
-profile and storage asked (`machine_key`) in `.cache/speed.json` in the outputs folder, the newest MAX_RECORDS of each.
+two with CFG) and per section decode (the median of the sections after the first), what the first section took
+more (a compile, the VAE's load), the time before the first section (starting, planning, encoding the prompt and the
+image, loading the video model) and after the last (writing). They are kept per machine, memory profile and storage
+asked (`machine_key`) in `.cache/speed.json` in the outputs folder, the newest MAX_RECORDS of each.
 
 The model: a step's time grows with the latent tokens a section samples (9 latent frames of (H/16) x (W/16) tokens;
 the history's tokens grow with the same area), so with jobs measured at two or more sizes the time per call is a
 line a + b * tokens fitted to them; with one size it is taken as proportional to the tokens (compute-bound, as on a
-GPU at real sizes). A decode scales with the pixels the same way. The time before and after the sections is the
-median of the jobs measured (the first job of an app run also imports the libraries and compiles: it weighs in).
+GPU at real sizes). A decode scales with the pixels the same way. The time before and after the sections and the
+first section's extra are the median of the jobs measured (the first job of an app run also imports the libraries:
+it weighs in).
 TeaCache skips calls, so jobs measured with the same TeaCache setting are preferred. Pure, apart from the book's
 file: the UI asks the worker, which asks here.
 """
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..sidecar import atomic_write_bytes
 from ..spec import LATENT_WINDOW, JobSpec
-
-log = logging.getLogger(__name__)
+from .timeline import SECTION_FIELDS
 
 SPEED_FILE = ".cache/speed.json"  # in the outputs folder, out of the way of its settings files
 MAX_RECORDS = 20  # per machine key: the newest jobs (a driver or library update changes the speed)
@@ -75,8 +75,7 @@ class Measured:
 def measure(timeline: dict, shape: JobShape) -> Measured | None:
     """The speed a finished job's timeline shows; None when it has no whole section."""
     rows = [s for s in timeline.get("sections") or []
-            if all(isinstance(s.get(k), (int, float)) for k in ("sampling_start_s", "sampling_end_s",
-                                                                 "decode_start_s", "decode_end_s"))]
+            if all(isinstance(s.get(k), (int, float)) for k in SECTION_FIELDS)]
     ended = timeline.get("ended_s")
     if not rows or not isinstance(ended, (int, float)):
         return None
