@@ -463,6 +463,13 @@ def summarise_job(timeline: JobTimeline, loads: list[dict], result, record: dict
     J["segments"] = [{**{k: v for k, v in s.items() if k not in ("start", "end")}, "start_s": s["start"] - t0}
                      for s in segments]
     J["notices"] = timeline.notices
+    # what the worker estimated as the job started (worker/speed.py: from the jobs before it, or the card's figures)
+    from framepack_ui.worker.events import Estimated
+
+    said = next((e for _, e in timeline.events if isinstance(e, Estimated)), None)
+    J["estimated_s"], J["estimate_source"] = (said.total_s, said.source) if said else (None, None)
+    J["estimate_error"] = (J["estimated_s"] / J["finished_s"] - 1 if J["estimated_s"] and J["finished_s"]
+                           else None)
     return J
 
 

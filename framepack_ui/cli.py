@@ -31,12 +31,15 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="turn an image and a prompt into an MP4")
     g.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="models folder (default: %(default)s)")
-    g.add_argument("--image", help="start image (PNG, JPEG, WebP...); with --extend: the start image the new "
-                                    "sections are anchored to (default: the video's first frame)")
-    g.add_argument("--prompt", help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she '
-                                    'smiles]" (each change lands at the nearest 1.2 s section boundary; with --extend '
-                                    'the times count from the extension\'s start); needed unless continuing a past '
-                                    'output with --resume, --branch or --extend, which keep its prompt unless given')
+    g.add_argument("--image", action="append", default=None,
+                   help="start image (PNG, JPEG, WebP...); with --extend: the start image the new sections are "
+                        "anchored to (default: the video's first frame). Several --image and/or --prompt make a "
+                        "batch: a job for each image x each prompt, written as OUT_1.mp4, OUT_2.mp4...")
+    g.add_argument("--prompt", action="append", default=None,
+                   help='what happens: one prompt, or prompts over time: "[0s: a woman waves] [2.4s: she smiles]" '
+                        '(each change lands at the nearest 1.2 s section boundary; with --extend the times count '
+                        'from the extension\'s start); needed unless continuing a past output with --resume, '
+                        '--branch or --extend, which keep its prompt unless given')
     g.add_argument("--prompt-blend", type=int, dest="prompt_blend_sections", metavar="SECTIONS",
                    help=f"blend each prompt change over this many sections (0 = switch at once; up to 4; default "
                         f"{d.prompt_blend_sections})")
@@ -211,12 +214,18 @@ def _quiet_libraries() -> None:
 
 
 def _generate(args) -> int:
-    """One job through the same Worker as the web app (planning, downloads, the model lifecycle), its events
-    printed as they come; Ctrl+C stops it and keeps the finished sections."""
-    spec, start, out = _job_from_args(args)
-    spec.validate(image_required=start is None)  # before any heavy import: bad input answers at once
-    if out.suffix.lower() != ".mp4":
-        raise _input_error("--out must end in .mp4")
+    """One job (or a batch: each image x each prompt) through the same Worker as the web app (planning, downloads,
+    the model lifecycle), its events printed as they come; Ctrl+C stops it and keeps the finished sections (and
+    drops a batch's jobs still waiting)."""
+    jobs = [_job_from_args(one) for one in _batch_args(args)]
+    for spec, start, out in jobs:
+        spec.validate(image_required=start is None)  # before any heavy import: bad input answers at once
+        if out.suffix.lower() != ".mp4":
+            raise _input_error("--out must end in .mp4")
+    if len(jobs) > 1:
+        _out(f"batch: {len(jobs)} jobs ({len(args.image)} image(s) x {len(args.prompt)} prompt(s)): "
+             f"{', '.join(out.name for _, _, out in jobs)}")
+    out = jobs[0][2]
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
 
@@ -230,17 +239,27 @@ def _generate(args) -> int:
     worker = Worker(args.models, out.parent, device=args.device, profile=args.plan, keep_models_s=0,
                     download_missing=not args.offline, serves_pages=False, background=False, **cache)
     seen = []  # every event, printed as it happens
+    job_ids: list[str] = []
 
     def show(event) -> None:
         seen.append(event)
         _show(event)
+        if isinstance(event, Stopped) and not any(isinstance(e, Stopped) for e in seen[:-1]):
+            for job_id in job_ids:  # Ctrl+C: a batch's waiting jobs are dropped too
+                worker.cancel(job_id)
 
-    worker.submit(spec, out_path=out, plan_options=_plan_options(args), on_event=show, start=start)
     try:
+        for spec, start, job_out in jobs:
+            job_ids.append(worker.submit(spec, out_path=job_out, plan_options=_plan_options(args), on_event=show,
+                                         start=start))
         worker.run_queued()
     finally:
         worker.shutdown()
-    result = seen[-1]
+    results = [worker.job(job_id).result for job_id in job_ids]
+    if len(jobs) > 1:
+        ended = [type(r).__name__.lower() for r in results]
+        _out(f"batch: {ended.count('finished')} of {len(jobs)} finished")
+    result = next((r for r in results if not isinstance(r, Finished)), results[-1])
     started = any(isinstance(event, Phase) and event.name == "settings" for event in seen)
     if isinstance(result, Finished):
         return EXIT_OK
@@ -256,6 +275,23 @@ SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs",
 
 
 CACHE_ARGS = ("cache", "magcache_threshold", "magcache_max_skip_steps", "magcache_retention_ratio")
+
+
+def _batch_args(args) -> list[argparse.Namespace]:
+    """`generate`'s arguments for each job: one, or for several --image / --prompt each image x each prompt, the
+    outputs numbered after --out (clip.mp4 -> clip_1.mp4, clip_2.mp4...)."""
+    images, prompts = args.image or [None], args.prompt or [None]
+    if len(images) * len(prompts) == 1:
+        return [argparse.Namespace(**{**vars(args), "image": images[0], "prompt": prompts[0]})]
+    if args.resume or args.branch or args.extend:
+        raise _input_error("several --image or --prompt make a batch of new jobs: not with --resume, --branch or "
+                           "--extend")
+    if args.out is None:
+        raise _input_error("--out is needed (a batch numbers its outputs after it: OUT_1.mp4, OUT_2.mp4...)")
+    pairs = [(image, prompt) for image in images for prompt in prompts]
+    return [argparse.Namespace(**{**vars(args), "image": image, "prompt": prompt,
+                                  "out": args.out.with_name(f"{args.out.stem}_{n}{args.out.suffix}")})
+            for n, (image, prompt) in enumerate(pairs, start=1)]
 
 
 def _job_from_args(args):
@@ -328,6 +364,7 @@ def _recorded_settings(video: Path) -> dict:
 
 def _show(event) -> None:
     from .events import CacheReport, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
+    from .worker.events import Estimated
 
     if isinstance(event, Phase):
         _out(f"download {event.detail}" if event.name == "download" else f"[{event.name}] {event.detail}")
@@ -351,6 +388,9 @@ def _show(event) -> None:
         _out(f"stopped: kept {event.frames} frames in {event.path}")
     elif isinstance(event, Failed):
         print(f"error: {event.message}" + (f" (kept {event.path})" if event.path else ""), file=sys.stderr)
+    elif isinstance(event, Estimated):
+        guess = f"about {event.total_s:.0f}s" if event.total_s is not None else "unknown"
+        _out(f"estimate: {guess} ({event.source})")
 
 
 def _plan(args) -> int:

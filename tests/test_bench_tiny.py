@@ -62,6 +62,9 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
     R = json.loads(out.read_text())
     assert R["command"].startswith("python -m bench.bench_app")
     assert len(R["jobs"]) == 2
+    # the worker's estimate as each job started: none before the first job, the first job's speed for the second
+    assert R["jobs"][0]["estimated_s"] is None and R["jobs"][1]["estimated_s"] > 0
+    assert R["jobs"][1]["estimate_source"].startswith("measured on this machine")
     for job in R["jobs"]:
         assert job["result"] == "Finished" and job["sections"] == 2 and job["frames"] == 73
         # the plan's choice, from the job's own settings file

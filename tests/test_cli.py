@@ -342,3 +342,27 @@ def test_predicted_vs_measured_peak_ram_and_commit_per_phase(big_models, limited
             report.append(f"{phase} {what}: predicted {pred // MB} MB, measured {meas // MB} MB")
             assert abs(pred - meas) <= PREDICTION_TOLERANCE * meas, "; ".join(report)
     print("; ".join(report))
+
+
+def test_cli_a_batch_of_two_images_and_two_prompts_writes_four_numbered_outputs(tiny_models_dir, start_image,
+                                                                                 start_image_80x64, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--image",
+                     start_image_80x64, "--prompt", "a red square", "--prompt", "a dark square", "--seconds", "1.2",
+                     "--resolution", "64", "--steps", "2", "--offline", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "batch: 4 of 4 finished" in printed
+    jobs = [json.loads(sidecar_path(tmp_path / f"clip_{n}.mp4").read_text()) for n in range(1, 5)]
+    assert [(Path(job["image"]).name, job["prompt"]) for job in jobs] == [
+        (Path(start_image).name, "a red square"), (Path(start_image).name, "a dark square"),
+        (Path(start_image_80x64).name, "a red square"), (Path(start_image_80x64).name, "a dark square")]
+    assert all(job["status"] == "finished" and job["steps"] == 2 for job in jobs)
+    assert all(count_frames(tmp_path / f"clip_{n}.mp4") == 37 for n in range(1, 5))
+    assert "estimate: about" in printed  # the jobs after the first are estimated from it
+
+
+def test_cli_a_batch_cannot_continue_a_video_and_says_so_in_one_line(tiny_models_dir, start_image, tmp_path):
+    proc = run_cli("generate", "--models", str(tiny_models_dir), "--resume", str(tmp_path / "x.mp4"), "--prompt",
+                   "a", "--prompt", "b", timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "not with --resume" in lines[0]

@@ -23,6 +23,7 @@ import pytest
 
 from framepack_ui.engine.video import count_frames
 from framepack_ui.events import Finished, Phase, SectionSaved, Step, Stopped
+from framepack_ui.sidecar import sidecar_path
 from framepack_ui.ui import present
 from framepack_ui.worker import Queued
 
@@ -688,3 +689,57 @@ def test_jobs_queued_before_a_restart_wait_on_the_page_until_started_or_dropped(
         page.locator("#drop_waiting").click()
         page.get_by_text("No jobs are waiting to be dropped.").wait_for(timeout=30_000)
     assert sorted(json.loads(p.read_text())["status"] for p in outputs.glob("*.json")) == ["finished", "finished"]
+
+
+def test_estimate_before_generate_the_jobs_plot_after_it_and_a_past_jobs_plot_in_the_gallery(
+        tiny_models_dir, tmp_path, open_page, start_image_128x96):
+    outputs = tmp_path / "outputs"  # an app of its own: no job has run on it yet
+    with run_app(tiny_models_dir, outputs, name="estimate") as (url, _):
+        page = open_page(url)
+        fill_form(page, start_image_128x96, seconds=2.4, steps=3)
+        wait_text(page, "estimate", "unknown until the first job on this machine", timeout_s=30)
+        page.locator("#generate").click()
+        wait_text(page, "progress", r"Done: 73 frames")
+        # the plot of the job: its gauges over time (RAM here: no GPU), its phases and its two sections
+        page.locator("#job_plot svg polyline[data-series=ram_used_gb]").wait_for(timeout=30_000)
+        phases = page.locator("#job_plot svg rect.fp-phase title").evaluate_all("els => els.map(e => e.textContent)")
+        assert any(t.startswith("Sampling") for t in phases) and any(t.startswith("Decoding") for t in phases)
+        assert page.locator("#job_plot svg line.fp-section").count() == 2
+        # the next estimate comes from the job just measured, and follows the controls
+        first = wait_text(page, "estimate", r"Estimate: about .* measured on this machine \(1 job", timeout_s=30)
+        set_number(page, "steps", 30)
+        wait_text(page, "estimate", r"Estimate: about", timeout_s=30)
+        deadline = time.monotonic() + 30
+        while text(page, "estimate") == first:
+            assert time.monotonic() < deadline, "the estimate did not follow the steps"
+            time.sleep(0.2)
+        # a past job's plot, from its settings file
+        page.locator("#gallery label").first.click()
+        page.locator("#gallery_plot svg polyline").first.wait_for(timeout=30_000)
+
+
+def test_a_batch_of_two_images_and_two_prompts_gives_four_outputs(server, open_page, start_image_128x96,
+                                                                   start_image_80x64):
+    url, _, outputs = server
+    before = set(outputs.glob("*.mp4"))
+    page = open_page(url)
+    fill_form(page, start_image_128x96, seconds=1.2, steps=2)
+    page.get_by_text("Batch: several images").click()  # folded away by default
+    page.locator("#batch_images input[type=file]").set_input_files([start_image_128x96, start_image_80x64])
+    page.locator("#batch_prompts textarea").fill("a red square\na square in the dark")
+    wait_text(page, "estimate", r"for the 4 jobs|unknown", timeout_s=30)
+    page.locator("#batch_generate").click()
+    deadline = time.monotonic() + 4 * JOB_S
+    while True:
+        made = set(outputs.glob("*.mp4")) - before
+        finished = [p for p in made if sidecar_path(p).is_file()
+                    and json.loads(sidecar_path(p).read_text()).get("status") == "finished"]
+        if len(finished) == 4:
+            break
+        assert time.monotonic() < deadline, f"{len(finished)} of 4 batch jobs finished"
+        time.sleep(0.5)
+    settings = [json.loads(sidecar_path(p).read_text()) for p in made]
+    assert sorted(s["prompt"] for s in settings) == sorted(["a red square", "a square in the dark"] * 2)
+    assert len({(outputs / s["input_image_file"]).read_bytes() for s in settings}) == 2  # both images
+    assert all(s["steps"] == 2 and s["resolution"] == 64 for s in settings)  # the form's settings for each
+    wait_text(page, "progress", r"Done: 37 frames")  # the page followed them in turn, to the last

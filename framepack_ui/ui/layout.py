@@ -102,6 +102,7 @@ setInterval(() => {
   }
   seen = {job, state};
 }, 500);
+.fp-plot { font-size: 12px; } .fp-plot svg { max-width: 100%; height: auto; }
 """
 
 
@@ -185,6 +186,13 @@ class Page:
         """The inputs of present.with_cache after the spec, in its order."""
         return [self.cache, self.magcache_threshold, self.magcache_max_skip_steps, self.magcache_retention_ratio,
                 self.cache_calibrate]
+    estimate: gr.Markdown | None = None  # the expected time before Generate (present.estimate_text)
+    job_plot: gr.HTML | None = None  # the followed job's gauges and phases over time (present.job_plot_html)
+    plot_seen: gr.State | None = None  # what job_plot shows now, to redraw only on change
+    gallery_plot: gr.HTML | None = None  # the selected past output's timeline, from its settings file
+    batch_images: gr.File | None = None  # several start images: a job for each image x each batch prompt
+    batch_prompts: gr.Textbox | None = None  # one prompt a line
+    batch_generate: gr.Button | None = None
 
     def spec_inputs(self) -> list:
         """The inputs of present.spec_from_inputs, in its order."""
@@ -248,9 +256,17 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                                          elem_id="prompt_blend")
             negative = gr.Textbox(label="Negative prompt (used only when CFG > 1)", value=d.negative,
                                   elem_id="negative")
+            with gr.Accordion("Batch: several images and/or prompts, the same settings", open=False):
+                batch_images = gr.File(label="Start images (empty: the one above)", file_count="multiple",
+                                       file_types=["image"], type="filepath", elem_id="batch_images", height=90)
+                batch_prompts = gr.Textbox(label="Prompts, one a line (empty: the prompt above)", lines=3,
+                                           elem_id="batch_prompts")
+                batch_generate = gr.Button("Queue a job for each image x each prompt", elem_id="batch_generate",
+                                           size="sm")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 stop = gr.Button("Stop", variant="stop", elem_id="stop")
+            estimate = gr.Markdown("**Estimate:** reading this machine's past jobs...", elem_id="estimate")
             seconds = gr.Slider(0.1, 120, value=d.seconds, step=0.1, label="Length (seconds)", elem_id="seconds")
             length = gr.Markdown(present.length_text(d.seconds), elem_id="length")
             timeline = gr.HTML(present.timeline_html("", d.seconds), elem_id="timeline")
@@ -304,6 +320,7 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                                      loop=True, interactive=False, elem_id="section_video", height=360)
             final_video = gr.Video(label="Final video", interactive=False, elem_id="final_video", height=360)
             gauges = gr.HTML("Reading the gauges...", elem_id="gauges", js_on_load=None)
+            job_plot = gr.HTML("", elem_id="job_plot")
             with gr.Accordion("Jobs", open=True):
                 jobs = gr.HTML(present.jobs_html([]), elem_id="jobs", js_on_load=JOBS_JS)
                 with gr.Row():
@@ -321,6 +338,7 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 gallery_video = gr.Video(label="Past output", interactive=False, elem_id="gallery_video",
                                          height=300)
                 gallery_settings = gr.Markdown(present.gallery_details(None), elem_id="gallery_settings")
+                gallery_plot = gr.HTML("", elem_id="gallery_plot")
                 use_settings = gr.Button("Use these settings", elem_id="use_settings")
                 resume = gr.Button("Resume (continue to its planned length, in the same file)", elem_id="resume")
                 with gr.Row():
@@ -346,7 +364,9 @@ def build_page(models_notice: str = "", profiles: tuple[str, ...] = ("auto",), p
                 branch, extend_seconds, extend_image, extend, extend_video, remove,
                 start_waiting=start_waiting, drop_waiting=drop_waiting, models_files=files,
                 notify_sound=notify_sound, job_end=job_end, my_jobs=gr.BrowserState([], storage_key="framepack_jobs"),
-                cache=cache, **magcache_settings)
+                cache=cache, **magcache_settings, estimate=estimate, job_plot=job_plot, plot_seen=gr.State(None),
+                gallery_plot=gallery_plot, batch_images=batch_images, batch_prompts=batch_prompts,
+                batch_generate=batch_generate)
 
 
 def _step_cache_controls(d: JobSpec) -> tuple:

@@ -18,7 +18,7 @@ from ..events import CacheReport, Failed, Finished, Notice, Phase, Progress, Sec
 from ..prompts import SECTION_S, format_timed, parse_timed, schedule, section_prompts
 from ..spec import CACHE_METHODS, FPS, FRAMES_PER_SECTION, JobSpec, LoraChoice, frame_count, section_count
 from ..units import GB
-from ..worker.events import Queued
+from ..worker.events import Estimated, Queued
 
 OUTPUTS = ("preview", "section_video", "progress", "final_video")  # the outputs a followed job drives
 MAX_NOTES = 3
@@ -63,12 +63,15 @@ class JobView:
     result: str = ""  # one line once the job ended
     computed_calls: tuple[str, ...] = ()  # per section, "computed/calls" of the step cache (CacheReport)
     cache_method: str = ""
+    estimate: Estimated | None = None  # said as the job started; shown until the engine's own ETA takes over
 
 
 def apply(view: JobView, event) -> JobView:
     """The view after one more event of the followed job."""
     if isinstance(event, Queued):
         return replace(view, status="queued", position=event.position)
+    if isinstance(event, Estimated):
+        return replace(view, estimate=event)
     if isinstance(event, Phase):
         words = PHASES.get(event.name, event.name.capitalize())
         detail = event.detail if event.name == "settings" else ""  # the others' details repeat the words
@@ -149,6 +152,8 @@ def progress_text(view: JobView) -> str:
             parts.append(f"{view.s_per_frame:.2f} s/frame")
         if step is not None and step.eta_s is not None:
             parts.append(f"ETA {_duration(step.eta_s)}")
+        elif view.estimate is not None and view.estimate.total_s is not None:  # until the job measures its own
+            parts.append(f"estimated {_duration(view.estimate.total_s)} in all")
     lines = [" · ".join(parts)]
     if view.computed_calls:
         lines.append(cache_line(view))
@@ -660,3 +665,126 @@ def jobs_html(jobs) -> str:
     head = ('<tr><th class="fp-id">#</th><th class="fp-status">Status</th><th class="fp-progress">Progress</th>'
             '<th class="fp-length">Length</th><th class="fp-prompt">Prompt</th><th class="fp-act"></th></tr>')
     return f'<table class="fp-jobs"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+# ------------------------------------------------------------------------ the job's plot, the estimate, batches
+
+PLOT_SERIES = (  # (timeline key, label, colour, unit, fixed scale or None for the series' own peak)
+    ("gpu_util_pct", "GPU", "#e15759", "%", 100.0),
+    ("vram_used_gb", "VRAM", "#b07aa1", "GB", None),
+    ("ram_used_gb", "RAM", "#4e79a7", "GB", None),
+    ("disk_read_mb_s", "disk reads", "#59a14f", "MB/s", None),
+)
+PHASE_COLOURS = {"text": "#9c755f", "image": "#edc948", "transformer": "#bab0ac", "sampling": "#76b7b2",
+                 "decode": "#f28e2b", "writing": "#8cd17d"}
+PLOT_W, PLOT_H, PLOT_LEFT, PLOT_TOP, PLOT_BOTTOM = 640, 180, 8, 16, 34  # the SVG's user units
+
+
+def job_plot_html(timeline: dict | None, title: str = "This job") -> str:
+    """The job's timeline (worker/timeline.py) as an inline SVG: GPU use, VRAM, RAM and disk reads over time, each
+    line scaled to its own peak (said in the legend), a band under them coloured by phase (text, image, loading,
+    sampling, decode, writing) and a dashed line where each section starts; "" without a timeline."""
+    if not timeline or not timeline.get("t_s"):
+        return ""
+    times = timeline["t_s"]
+    phases = [p for p in timeline.get("phases") or [] if isinstance(p, list) and len(p) == 2]
+    end_s = max([timeline.get("ended_s") or 0, times[-1], *(p[0] for p in phases), 1e-3])
+    inner_w, inner_h = PLOT_W - 2 * PLOT_LEFT, PLOT_H - PLOT_TOP - PLOT_BOTTOM
+
+    def x(t: float) -> float:
+        return PLOT_LEFT + inner_w * min(max(t, 0.0), end_s) / end_s
+
+    parts = [f'<rect x="{PLOT_LEFT}" y="{PLOT_TOP}" width="{inner_w}" height="{inner_h}" fill="#fafafa" '
+             f'stroke="#ccc"/>']
+    band_y = PLOT_TOP + inner_h + 3
+    for i, (start, name) in enumerate(phases):
+        stop = phases[i + 1][0] if i + 1 < len(phases) else end_s
+        words = PHASES.get(name, name)
+        width = max(x(stop) - x(start), 0.5)
+        parts.append(f'<rect class="fp-phase" x="{x(start):.1f}" y="{band_y}" width="{width:.1f}" height="10" '
+                     f'fill="{PHASE_COLOURS.get(name, "#ddd")}"><title>{html.escape(words)}: '
+                     f'{start:.1f}-{stop:.1f} s</title></rect>')
+    for i, section in enumerate(timeline.get("sections") or []):
+        start = section.get("sampling_start_s")
+        if isinstance(start, (int, float)):
+            parts.append(f'<line class="fp-section" x1="{x(start):.1f}" x2="{x(start):.1f}" y1="{PLOT_TOP}" '
+                         f'y2="{band_y + 10}" stroke="#555" stroke-dasharray="3,3"/>'
+                         f'<text x="{x(start) + 2:.1f}" y="{PLOT_TOP - 4}" font-size="10">S{i + 1}</text>')
+    legend = []
+    for key, label, colour, unit, scale in PLOT_SERIES:
+        values = timeline.get(key) or []
+        known = [v for v in values if isinstance(v, (int, float))]
+        if not known:
+            continue
+        top = scale or max(max(known), 1e-9)
+        for run in _runs(times, values):
+            points = " ".join(f"{x(t):.1f},{PLOT_TOP + inner_h * (1 - min(v / top, 1.0)):.1f}" for t, v in run)
+            parts.append(f'<polyline class="fp-series" data-series="{key}" points="{points}" fill="none" '
+                         f'stroke="{colour}" stroke-width="1.5"/>')
+        peak = f"{max(known):.0f}" if unit in ("%", "MB/s") else f"{max(known):.1f}"
+        legend.append(f'<span style="color:{colour}">■</span> {label} (peak {peak} {unit})')
+    seen = list(dict.fromkeys(name for _, name in phases))
+    legend += [f'<span style="color:{PHASE_COLOURS.get(n, "#ddd")}">▬</span> {html.escape(PHASES.get(n, n))}'
+               for n in seen if n in PHASE_COLOURS]
+    parts.append(f'<text x="{PLOT_LEFT}" y="{PLOT_H - 4}" font-size="10">0 s</text>'
+                 f'<text x="{PLOT_W - PLOT_LEFT}" y="{PLOT_H - 4}" font-size="10" text-anchor="end">'
+                 f'{_duration(end_s)}</text>')
+    gpu = f" on {html.escape(timeline['gpu'])}" if timeline.get("gpu") else ""
+    estimated = timeline.get("estimated_s")
+    took = (f"{_duration(end_s)} (estimated {_duration(estimated)})" if isinstance(estimated, (int, float))
+            else _duration(end_s))
+    return (f'<div class="fp-plot"><div><b>{html.escape(title)}</b>{gpu}: {took}, a reading every '
+            f'{timeline.get("interval_s", 1):g} s; dashed: where each section starts</div>'
+            f'<svg viewBox="0 0 {PLOT_W} {PLOT_H}" width="100%" role="img" '
+            f'aria-label="the job\'s gauges over time">{"".join(parts)}</svg>'
+            f'<div class="fp-legend">{" · ".join(legend)}</div></div>')
+
+
+def _runs(times: list, values: list) -> list[list[tuple[float, float]]]:
+    """The (t, value) stretches without a gap (None where the machine gave no figure), two points or more each."""
+    runs, current = [], []
+    for t, v in zip(times, values):
+        if isinstance(v, (int, float)):
+            current.append((t, float(v)))
+        else:
+            runs.append(current)
+            current = []
+    runs.append(current)
+    return [run if len(run) > 1 else run * 2 for run in runs if run]
+
+
+def shape_from_inputs(seconds, steps, resolution, cfg, teacache, teacache_threshold):
+    """The form's values that a job's time depends on (worker.speed.JobShape); None while one is not a number."""
+    from ..worker.speed import JobShape
+
+    values = (seconds, steps, resolution, cfg, teacache_threshold)
+    if any(v is None or not isinstance(v, (int, float)) or not math.isfinite(v) for v in values) or seconds <= 0:
+        return None
+    return JobShape(section_count(seconds), max(int(steps), 1), int(resolution), float(cfg),
+                    float(teacache_threshold) if teacache else 0.0)
+
+
+def estimate_text(guess, jobs: int = 1) -> str:
+    """The estimate before Generate (worker.speed.Estimate), labelled as one, with its source; `jobs`: a batch's
+    count, each taking the estimated time."""
+    if guess is None:
+        return "**Estimate:** set the length, steps and resolution first."
+    if guess.total_s is None:
+        return f"**Estimate:** {guess.source}."
+    parts = [f"sampling {_duration(guess.sampling_s)}", f"decoding {_duration(guess.decode_s)}"]
+    if guess.other_s is not None:
+        parts.append(f"loading, warm-up and writing {_duration(guess.other_s)}")
+    each = f" each, {_duration(guess.total_s * jobs)} for the {jobs} jobs" if jobs > 1 else ""
+    note = f"; {guess.note}" if guess.note else ""
+    return (f"**Estimate: about {_duration(guess.total_s)}**{each} ({', '.join(parts)}{note}). "
+            f"Source: {guess.source}.")
+
+
+def batch_pairs(images, image: str | None, prompts_text: str | None, prompt: str) -> list[tuple[str, str]]:
+    """A batch's jobs, (image, prompt) for every image x every prompt, images first: the batch's images (else the
+    form's start image) and its prompts, one a line (else the form's prompt). InputError without an image."""
+    paths = [str(p) for p in images or [] if p] or ([str(image)] if image else [])
+    if not paths:
+        raise InputError("upload a start image first (or several, in the batch)")
+    lines = [line.strip() for line in (prompts_text or "").splitlines() if line.strip()] or [prompt or ""]
+    return [(path, text) for path in paths for text in lines]

@@ -107,6 +107,58 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
         own(request.session_hash, job_id)
         yield from follow(job_id, request.session_hash)
 
+    def generate_batch(images, prompts, image, prompt, negative, seconds, seed, steps, gs, cfg, rs, teacache,
+                       teacache_threshold, resolution, crf, sampler, prompt_blend, profile, storage,
+                       request: gr.Request, *more):
+        """A job for each batch image x each batch prompt (the form's image or prompt where the batch has none), all
+        with the form's settings; every one checked before any is queued. The page follows them in turn."""
+        loras, cache = split_more(more)  # as generate's
+        try:
+            slots = len(page.lora_pickers)
+            choices = present.lora_choices(list(loras[:slots]), list(loras[slots:]), worker.loras_dir)
+            specs = [present.with_cache(replace(present.spec_from_inputs(
+                path, text, negative, seconds, seed, steps, gs, cfg, rs, teacache, teacache_threshold, resolution,
+                crf, sampler, prompt_blend), loras=choices), *cache).validate()
+                     for path, text in present.batch_pairs(images, image, prompts, prompt)]
+            if worker.missing_models():
+                raise ModelFilesError(f"model files are missing: see the card at the top of the page, or run "
+                                      f"`{DOWNLOAD_COMMAND}`")
+            options = {"fp8": present.FP8_OPTION.get(storage)}
+            job_ids = [worker.submit(spec, profile=profile, plan_options=options) for spec in specs]
+        except UserError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        gr.Info(f"{len(job_ids)} jobs queued; their videos land in the past outputs")
+        for job_id in job_ids:
+            own(request.session_hash, job_id)
+        for job_id in job_ids:
+            yield from follow(job_id, request.session_hash)
+            if request.session_hash in following:  # the page moved on to another job: it follows that one
+                return
+
+    def show_estimate(seconds, steps, resolution, cfg, teacache, threshold, profile, storage, images, prompts):
+        shape = present.shape_from_inputs(seconds, steps, resolution, cfg, teacache, threshold)
+        guess = worker.estimate(shape, profile, storage or "auto") if shape is not None else None
+        batch = (len(images or []) or 1) * (len([line for line in (prompts or "").splitlines() if line.strip()]) or 1)
+        return present.estimate_text(guess, batch)
+
+    def plot_tick(job_id, seen):
+        """The followed job's timeline, redrawn when it grew; kept once the job ended."""
+        try:
+            timeline = worker.timeline(job_id) if job_id is not None else None
+        except KeyError:  # forgotten by the worker (more than its last jobs ago)
+            timeline = None
+        if timeline is None:
+            return gr.skip(), seen
+        signature = (job_id, len(timeline["t_s"]), len(timeline["phases"]), timeline["ended_s"])
+        if signature == seen:
+            return gr.skip(), seen
+        return present.job_plot_html(timeline, f"Job {job_id}"), signature
+
+    def show_past_plot(name):
+        entry = find(name)
+        timeline = entry.settings.get("timeline") if entry is not None else None
+        return present.job_plot_html(timeline if isinstance(timeline, dict) else None, name or "")
+
     def continued(start: Continuation, spec, profile, storage, session: str):
         """Submit a job that continues a past output (the worker checks it first) and follow it."""
         try:
@@ -329,11 +381,26 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
                      for value in current)
 
     stream = dict(show_progress="hidden", concurrency_limit=None)  # the worker, not Gradio, serialises jobs
+    estimate_inputs = [page.seconds, page.steps, page.resolution, page.cfg, page.teacache, page.teacache_threshold,
+                       page.profile, page.storage, page.batch_images, page.batch_prompts]
     page.generate.click(generate, [*page.spec_inputs(), page.profile, page.storage, *page.lora_inputs(),
-                                   *page.cache_inputs()], page.job_outputs(), **stream)
+                                   *page.cache_inputs()], page.job_outputs(), **stream).then(
+        show_estimate, estimate_inputs, page.estimate, queue=False, show_progress="hidden")  # its speed is booked
+    page.batch_generate.click(generate_batch, [page.batch_images, page.batch_prompts, *page.spec_inputs(),
+                                               page.profile, page.storage, *page.lora_inputs(),
+                                               *page.cache_inputs()],
+                              page.job_outputs(), **stream).then(
+        show_estimate, estimate_inputs, page.estimate, queue=False, show_progress="hidden")
     # the hidden TeaCache checkbox follows the step cache's choice (older settings files hold only it)
     page.cache.change(lambda method: method == "teacache", page.cache, page.teacache, queue=False,
                       show_progress="hidden")
+    demo.load(show_estimate, estimate_inputs, page.estimate, queue=False, show_progress="hidden")
+    for control in estimate_inputs:
+        control.change(show_estimate, estimate_inputs, page.estimate, queue=False, show_progress="hidden",
+                       trigger_mode="always_last")
+    page.timer.tick(plot_tick, [page.job_id, page.plot_seen], [page.job_plot, page.plot_seen],
+                    show_progress="hidden", concurrency_id="plot", concurrency_limit=None)
+    page.gallery.change(show_past_plot, page.gallery, page.gallery_plot, queue=False, show_progress="hidden")
     page.stop.click(stop, page.job_id, None, **stream)
     page.start_waiting.click(start_waiting, None, None, **stream)
     page.drop_waiting.click(drop_waiting, None, None, **stream)

@@ -8,3 +8,11 @@ from dataclasses import dataclass
 class Queued:
     """The job waits in the worker's queue; sent on submit and again whenever it moves up."""
     position: int  # 1 = starts next (after the running job, if any)
+
+
+@dataclass(frozen=True)
+class Estimated:
+    """How long the job is expected to take, said as it starts (speed.py); the engine's ETA takes over from its
+    first step."""
+    total_s: float | None  # None: unknown
+    source: str  # where the figure comes from, in words

@@ -24,14 +24,16 @@ from typing import Callable, Iterator
 
 from ..errors import Cancelled, InputError, UserError
 from ..events import TERMINAL, Failed, Finished, Notice, Phase, Progress, SectionSaved, Step, Stopped
-from ..sidecar import sidecar_path, write_sidecar
+from ..sidecar import atomic_write_bytes, sidecar_path, write_sidecar
 from ..spec import LORA_SUFFIX, Continuation, JobSpec
 from ..units import GB
 from . import queue_records
-from .events import Queued
+from .events import Estimated, Queued
 from .gallery import PastOutput, listing_signature, past_outputs, remove_output
 from .live import clear_live, live_dir, section_link
 from .restore import Restored, settings_from_file
+from .speed import SPEED_FILE, UNKNOWN, Estimate, JobShape, add_to_book, estimate, machine_key, measure, read_book
+from .timeline import TimelineRecorder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ RunJob = Callable[..., object]
 DEFAULT_PROFILE = "auto"
 DEFAULT_CACHE = object()  # the manager's default prompt cache folder
 STORAGE_ASKED = {None: "auto", False: "bf16", True: "fp8"}  # a job's fp8 plan option, in the settings' words
+TIMELINE_PLACEHOLDER = "\x00timeline\x00"  # where the compact timeline goes in a settings file's text
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,8 @@ class _Job:
     position: int | None = None
     step_index: int | None = None  # where the newest Step (the only one with a preview) is in `events`
     result: object = None
+    timeline: TimelineRecorder | None = None  # the gauges and phases over time, while it runs (timeline.py)
+    timeline_record: dict | None = None  # ...and once it ended (also in its settings file)
 
 
 @dataclass(frozen=True)
@@ -145,6 +150,7 @@ class Worker:
         self._download = DownloadStatus()
         self._download_thread: threading.Thread | None = None
         self._download_cancel = threading.Event()
+        self._device_name: str | None = None  # the GPU's name or "cpu", read once (speed.machine_key)
         self._profiles = self.plan_choices()  # read once: submit stays quick
         self._cond = threading.Condition()
         self._jobs: dict[str, _Job] = {}  # in submission order
@@ -344,6 +350,76 @@ class Worker:
             return exc.message if exc.message.startswith("--attention") else None
         return None
 
+    # ------------------------------------------------------------------------------- timeline and estimate
+
+    def timeline(self, job_id: str) -> dict | None:
+        """The job's timeline (timeline.py: gauges and phases over time): so far while it runs, whole once it
+        ended; None for a job that has not started."""
+        with self._cond:
+            job = self._job(job_id)
+            recorder, record = job.timeline, job.timeline_record
+        if record is not None:
+            return record
+        return recorder.snapshot() if recorder is not None else None
+
+    @property
+    def speed_path(self) -> Path:
+        """Where the measured speed of past jobs is kept (speed.py)."""
+        return self.outputs_dir / SPEED_FILE
+
+    def estimate(self, shape: JobShape, profile: str | None = None, storage: str = "auto") -> Estimate:
+        """How long a job of `shape` would take with this memory profile and storage asked (auto, bf16, fp8), from
+        this machine's measured speed or the card's known figures (speed.py). Reads a small file, no torch."""
+        key = machine_key(self._device_label(), profile or self.profile, storage)
+        return estimate(read_book(self.speed_path), key, shape)
+
+    def _job_estimate(self, job: _Job) -> Estimated:
+        storage = STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto")
+        try:
+            guess = self.estimate(JobShape.of(job.spec), job.profile, storage)
+        except Exception:  # an estimate is never a reason for a job to fail
+            log.exception("job %s: its estimate failed", job.id)
+            return Estimated(None, UNKNOWN)
+        return Estimated(guess.total_s, guess.source)
+
+    def _device_label(self) -> str:
+        """The GPU's name (NVML, no torch), or "cpu" for jobs on the CPU: the machine part of the speed's key."""
+        if self._device_name is None:
+            gpu = self._read_gauges(None)
+            on_cpu = (self._device or "").startswith("cpu") or gpu is None or not gpu.gpu_available
+            self._device_name = "cpu" if on_cpu else gpu.gpu_note
+        return self._device_name
+
+    @staticmethod
+    def _read_gauges(previous):
+        from ..telemetry import read_gauges
+
+        return read_gauges(previous=previous)
+
+    def _keep_timeline(self, job: _Job, result) -> None:
+        """End the job's timeline; put it in its settings file; a finished new job's speed goes to the book the
+        next estimates read."""
+        if job.timeline is None or job.timeline_record is not None:
+            return
+        record = job.timeline_record = job.timeline.stop()
+        path = sidecar_path(job.out_path)
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+            if isinstance(settings, dict):
+                # on one line: the readings would otherwise fill the file a number a line
+                settings["timeline"] = TIMELINE_PLACEHOLDER
+                text = json.dumps(settings, indent=2, ensure_ascii=False, default=str) + "\n"
+                text = text.replace(json.dumps(TIMELINE_PLACEHOLDER), json.dumps(record, separators=(",", ":")), 1)
+                atomic_write_bytes(path, text.encode("utf-8"))
+            if isinstance(result, Finished) and job.start is None:  # a continued job's sections differ
+                measured = measure(record, JobShape.of(job.spec))
+                if measured is not None:
+                    key = machine_key(self._device_label(), job.profile,
+                                      STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto"))
+                    add_to_book(self.speed_path, key, measured)
+        except Exception:  # the plot and the estimate are a view on the job: never a reason for it to fail
+            log.exception("job %s: keeping its timeline failed", job.id)
+
     # -------------------------------------------------------------------------------------- past outputs
 
     def past_outputs(self) -> list[PastOutput]:
@@ -533,13 +609,19 @@ class Worker:
             self._free_memory()
 
     def _run(self, job: _Job) -> None:
+        recorder = job.timeline = TimelineRecorder(self._read_gauges).start()
+
         def emit(event) -> None:
+            recorder.event(event)
+            if isinstance(event, TERMINAL):  # in the settings file before anyone sees the end
+                self._keep_timeline(job, event)
             self._emit(job, event)
 
         log.info("job %s started", job.id)
         result = None
         try:
             emit(Phase("starting", "starting the engine"))
+            emit(self._job_estimate(job))
             run_job, manager = self._engine(job, emit)
             job.engine_started = True
             more = {"start": job.start} if job.start is not None else {}
@@ -562,6 +644,8 @@ class Worker:
             self._record_failure(job, job.result or result)
         if self.serves_pages:  # the engine never took it (stopped first, or an engine that writes no settings)
             queue_records.drop(job.out_path)
+        if job.result is None:
+            self._keep_timeline(job, result)
         with self._cond:
             if job.result is None:  # run_job normally emits its own result; make sure every job ends
                 self._end(job, result)
