@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_ui_browser import browser, fill_form, open_page, run_app, set_number, wait_text  # noqa: F401 (fixtures)
+from test_ui_browser import fill_form, run_app, set_number, wait_text
 
 
 @pytest.fixture(scope="module")
