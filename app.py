@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
                         help="keep the models loaded this long after the last job, for a quick next one "
                              "(default 0: give the memory back at once)")
+    parser.add_argument("--gpus", default=None, metavar="all|0,1",
+                        help="serve the queue with a worker on each of these CUDA GPUs (all, or their numbers), "
+                             "sharing this machine's RAM among them (default: one GPU, as --device)")
     args = parser.parse_args(argv)
     args.credentials = []
     if args.auth is not None:
@@ -90,6 +93,28 @@ def stay_home() -> None:
     os.environ.update(NO_CALLS_HOME)
 
 
+def make_worker(args: argparse.Namespace):
+    """The app's worker: one on --device, or a pool of one per --gpus device. None, with one line logged, when the
+    options cannot be served."""
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker import Worker, WorkerPool, cuda_device_count, parse_gpus
+
+    options = dict(keep_models_s=args.keep_models, attention=args.attention)
+    if args.gpus is None:
+        return Worker(args.models, args.outputs, device=args.device, **options)
+    if args.device is not None:
+        log.error("--gpus and --device cannot be used together: --gpus names the devices")
+        return None
+    try:
+        devices = parse_gpus(args.gpus, cuda_device_count())
+    except InputError as exc:
+        log.error("%s", exc.message)
+        return None
+    if len(devices) == 1:
+        return Worker(args.models, args.outputs, device=devices[0], **options)
+    return WorkerPool(args.models, args.outputs, devices, **options)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -97,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     stay_home()
 
     from framepack_ui.ui import CSS, build_ui
-    from framepack_ui.worker import Worker
 
     args.outputs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models,
-                    attention=args.attention)
+    worker = make_worker(args)
+    if worker is None:
+        return 2
     if args.profile not in worker.plan_choices():
         log.error("--profile must be one of %s", ", ".join(worker.plan_choices()))
         worker.shutdown()

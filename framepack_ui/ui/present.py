@@ -269,7 +269,11 @@ def gauges_text(g, warning: str | None = None) -> str:
         f"**commit** {_gb(g.commit_used_bytes)} / {_gb(g.commit_limit_bytes)} GB",
     ]
     disk = f"{g.disk_read_mb_s:.0f} MB/s" if g.disk_read_mb_s is not None else "n/a"
-    if g.gpu_available:
+    if len(g.gpus) > 1:  # a pool's GPUs, one line each
+        lines += [f"**GPU {gpu.index}** {gpu.util_pct:.0f}% · **VRAM** {_gb(gpu.vram_used_bytes)} / "
+                  f"{_gb(gpu.vram_total_bytes)} GB · {gpu.name}" for gpu in g.gpus]
+        lines.append(f"**disk read** {disk}")
+    elif g.gpu_available:
         torch_part = f" (PyTorch {_gb(g.torch_reserved_bytes)} GB)" if g.torch_reserved_bytes is not None else ""
         lines.append(f"**VRAM** {_gb(g.vram_used_bytes)} / {_gb(g.vram_total_bytes)} GB{torch_part} · "
                      f"**GPU** {g.gpu_util_pct:.0f}% · **disk read** {disk} · {g.gpu_note}")
