@@ -44,6 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus", default=None, metavar="all|0,1",
                         help="serve the queue with a worker on each of these CUDA GPUs (all, or their numbers), "
                              "sharing this machine's RAM among them (default: one GPU, as --device)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="serve the queue with a worker on each GPU of the running Ray cluster at ADDRESS "
+                             "(HOST:PORT of its head; Linux, pip install ray): each node uses its own models folder "
+                             "(the --models path there) and memory plan")
     args = parser.parse_args(argv)
     args.credentials = []
     if args.auth is not None:
@@ -100,6 +104,8 @@ def make_worker(args: argparse.Namespace):
     from framepack_ui.worker import Worker, WorkerPool, cuda_device_count, parse_gpus
 
     options = dict(keep_models_s=args.keep_models, attention=args.attention)
+    if args.ray is not None:
+        return join_cluster(args, options)
     if args.gpus is None:
         return Worker(args.models, args.outputs, device=args.device, **options)
     if args.device is not None:
@@ -113,6 +119,21 @@ def make_worker(args: argparse.Namespace):
     if len(devices) == 1:
         return Worker(args.models, args.outputs, device=devices[0], **options)
     return WorkerPool(args.models, args.outputs, devices, **options)
+
+
+def join_cluster(args: argparse.Namespace, node_options: dict):
+    """The app's queue served by the Ray cluster at --ray; None, with one line logged, when it cannot be."""
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker.cluster import connect
+
+    if args.gpus is not None or args.device is not None:
+        log.error("--ray cannot be used with --gpus or --device: the cluster's GPUs serve the queue")
+        return None
+    try:
+        return connect(args.ray, args.models, args.outputs, node_options=node_options)
+    except InputError as exc:
+        log.error("%s", exc.message)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

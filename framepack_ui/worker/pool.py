@@ -91,18 +91,21 @@ class WorkerPool(Worker):
         serves_pages = options.pop("serves_pages", True)
         super().__init__(models_dir, outputs_dir, device=devices[0], serves_pages=serves_pages, background=False,
                          **options)
-        if host is None:
-            from ..memory.probe import probe_machine
-
-            host = probe_machine(self.models_dir, cuda=False)
-        self.host = host
+        self.host = host if host is not None else self._read_host()
         self.fp8_lock = threading.Lock()
-        lane_options = {k: v for k, v in options.items() if k != "profile"}
-        self.lanes = [_Lane(self, device, **lane_options) for device in devices]
+        self.lanes = self._make_lanes(devices, {k: v for k, v in options.items() if k != "profile"})
         for number, lane in enumerate(self.lanes):
             lane._thread = threading.Thread(target=lane._loop, name=f"framepack-worker-{number}", daemon=True)
             lane._thread.start()
         log.info("worker pool: %s", ", ".join(devices))
+
+    def _read_host(self):
+        from ..memory.probe import probe_machine
+
+        return probe_machine(self.models_dir, cuda=False)
+
+    def _make_lanes(self, devices: list[str], options: dict) -> list[Worker]:
+        return [_Lane(self, device, **options) for device in devices]
 
     @property
     def devices(self) -> list[str]:
