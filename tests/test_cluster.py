@@ -6,34 +6,32 @@ cluster address that does not answer, or a cluster without a GPU, stops the app 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-# Ray's single-machine mode, read when ray is imported: every server on loopback (its cluster mode resolves
-# 127.0.0.1 to the LAN address and listens there), for the head, its actors and this process, the driver
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-ray = pytest.importorskip("ray", reason="Ray is an optional extra (requirements-dev.txt installs it)")
+from framepack_ui.engine.video import count_frames
+from framepack_ui.errors import InputError
+from framepack_ui.events import Finished, Notice, SectionSaved, Step, Stopped
+from framepack_ui.sidecar import sidecar_path, state_path
+from framepack_ui.worker.cluster import connect
+from worker_jobs import TIMEOUT_S, all_events, spec
 
-from framepack_ui.engine.video import count_frames  # noqa: E402
-from framepack_ui.errors import InputError  # noqa: E402
-from framepack_ui.events import Finished, Notice, SectionSaved, Step  # noqa: E402
-from framepack_ui.sidecar import sidecar_path, state_path  # noqa: E402
-from framepack_ui.worker.cluster import connect  # noqa: E402
-from worker_jobs import TIMEOUT_S, all_events, spec  # noqa: E402
+if not sys.platform.startswith("linux"):
+    pytest.skip("the Ray extra is for Linux (requirements-dev.txt installs it there)", allow_module_level=True)
 
 REPO = Path(__file__).resolve().parent.parent
 SLOT = "framepack_test_slot"  # the CPU slots standing in for GPUs
 STARTUP_TIMEOUT_S = 180  # Ray's processes, then each actor importing torch, on 2 shared cores
+# the head: Ray's single-machine mode keeps a Linux node on loopback (its cluster mode resolves 127.0.0.1 to the
+# LAN address, and advertises and listens there)
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
@@ -80,26 +78,30 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def hold_after_first_section(spec, out_path, manager, emit, cancel, start=None, **kwargs):
-    """The engine on the node, held once its first section is saved (and sent back), unless it continues something:
-    the node is 'lost' there by the test. Sent to the node by value (cloudpickle)."""
+def hold_in_second_section(spec, out_path, manager, emit, cancel, start=None, **kwargs):
+    """The engine on the node, held at its second section's first step (the first section goes on being encoded and
+    sent back) until the job is stopped or the node lost, unless it continues something. Sent to the nodes by
+    value (cloudpickle): they cannot import this test module."""
     from framepack_ui.engine import f1
-    from framepack_ui.events import SectionSaved as Saved
+    from framepack_ui.events import Step as StepEvent
 
     def held(event):
         emit(event)
-        if start is None and isinstance(event, Saved) and event.section == 0:
-            cancel.wait()  # until the actor is killed (or the job stopped)
+        if start is None and isinstance(event, StepEvent) and event.section == 1:
+            cancel.wait()  # the engine's own thread: the stop is seen at this step's end
 
     return f1.run(spec, out_path, manager, held, cancel, **({"start": start} if start else {}), **kwargs)
 
 
 @pytest.fixture(scope="module")
 def pool(cluster, tiny_models_dir, tmp_path_factory):
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    os.environ.update(RAY_ENV)  # as connect does for a loopback address, before ray is imported here
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
     outputs = tmp_path_factory.mktemp("ray_outputs")
     pool = connect(cluster[0], tiny_models_dir, outputs, slot_resource=SLOT,
-                   node_options={"download_missing": None, "run_job": hold_after_first_section})
+                   node_options={"download_missing": None, "run_job": hold_in_second_section})
     try:
         yield pool
     finally:
@@ -124,6 +126,8 @@ def test_a_node_lost_mid_job_resumes_from_its_returned_sections_on_another(pool,
     out_path = Path(pool.job(job_id).out_path)
     returned = out_path.read_bytes()  # section 1, back in the app's outputs before the node goes
     assert count_frames(out_path) >= 1 and (state_path(out_path) / "state.json").is_file()
+    import ray
+
     ray.kill(first.actor)
     events = all_events(pool, job_id)
     assert first.lost and not next(lane for lane in pool.lanes if lane is not first).lost
@@ -157,10 +161,33 @@ def test_nothing_of_the_cluster_or_the_app_listens_beyond_loopback(cluster, pool
     assert all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for _, ip in listening), listening
 
 
+def test_a_stop_reaches_the_node_and_keeps_the_returned_section(pool, start_image_80x64):
+    """The node holds the job in its second section (hold_in_second_section) until the stop asked in the app reaches
+    it: the job stops there, its first section kept in the app's outputs."""
+    job_id = pool.submit(spec(start_image_80x64, "stopped on its node", seconds=2.4))
+    _wait_for(lambda: pool.job(job_id).section is not None)
+    assert pool.cancel(job_id)
+    result = all_events(pool, job_id)[-1]
+    assert isinstance(result, Stopped), result
+    assert result.path == pool.job(job_id).out_path and count_frames(result.path) == result.frames > 0
+    record = json.loads(sidecar_path(result.path).read_text(encoding="utf-8"))
+    assert record["status"] == "stopped"
+
+
 def test_a_ray_address_that_does_not_answer_is_one_line(tmp_path):
     port = _free_port()  # nothing listens there now
     with pytest.raises(InputError, match=rf"^--ray 127.0.0.1:{port}: nothing answers there \(.+\)$"):
         connect(f"127.0.0.1:{port}", tmp_path / "models", tmp_path / "outputs")
+
+
+def test_a_loopback_address_keeps_ray_on_loopback(monkeypatch, tmp_path):
+    """Set before Ray is imported (it reads it then): a driver joining a cluster on 127.0.0.1 stays there."""
+    from framepack_ui.worker.cluster import SINGLE_MACHINE_ENV
+
+    monkeypatch.delenv(SINGLE_MACHINE_ENV, raising=False)
+    with pytest.raises(InputError, match="nothing answers there"):
+        connect(f"127.0.0.1:{_free_port()}", tmp_path / "models", tmp_path / "outputs")
+    assert os.environ[SINGLE_MACHINE_ENV] == "0"
 
 
 def test_without_ray_installed_it_says_how_to_get_it(monkeypatch, tmp_path):
