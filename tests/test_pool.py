@@ -17,7 +17,6 @@ import pytest
 from framepack_ui.engine import f1
 from framepack_ui.errors import InputError
 from framepack_ui.events import Finished, Notice
-from framepack_ui.memory.plan import PlanOverrides, host_share, make_plan, real_weights
 from framepack_ui.memory.plan.budgets import budgets_for
 from framepack_ui.memory.probe import Machine
 from framepack_ui.sidecar import sidecar_path
@@ -75,33 +74,6 @@ def test_two_workers_run_two_jobs_at_once_in_submit_order(make_pool, start_image
     assert len({events[-1].path for events in results}) == 3
     assert [job.status for job in pool.jobs()] == ["finished"] * 3
     assert all(lane._manager is not None for lane in pool.lanes)  # each lane loaded its own models
-
-
-def test_the_workers_shares_of_the_host_sum_to_no_more_than_the_machine():
-    """RAM and commit budgets of N shares together stay within the host's own; each share keeps its GPU's VRAM."""
-    machines = [HOST_64GB, Machine.supposed(32, 8), replace(Machine.supposed(128, 24, os_name="linux"),
-                                                             ram_available_bytes=90 * GB)]
-    for machine in machines:
-        whole = budgets_for(machine, cuda=True)
-        for workers in (2, 3, 4):
-            shares = [budgets_for(host_share(machine, workers), cuda=True) for _ in range(workers)]
-            assert sum(s.ram for s in shares) <= whole.ram
-            assert sum(s.ram for s in shares) >= whole.ram - workers  # divided, not given away (floor rounding)
-            if whole.commit is not None:
-                assert sum(s.commit for s in shares) <= whole.commit
-            assert all(s.vram == whole.vram for s in shares)
-
-
-def test_two_workers_plans_together_fit_the_host():
-    """The real models on a 64 GB host with two 24 GB GPUs: each worker's plan fits its share, and the two plans'
-    peak RAM and commit together fit what the host can give one plan."""
-    gpu = replace(HOST_64GB, vram_total_bytes=24 * GB, vram_free_bytes=24 * GB, gpu_name="supposed GPU")
-    whole = budgets_for(gpu, cuda=True)
-    plans = [make_plan(host_share(gpu, 2), real_weights(), PlanOverrides()) for _ in range(2)]
-    assert sum(p.peak_ram_bytes for p in plans) <= whole.ram
-    assert sum(p.peak_commit_bytes for p in plans) <= whole.commit
-    alone = make_plan(gpu, real_weights(), PlanOverrides())
-    assert plans[0].ram_budget_bytes < alone.ram_budget_bytes  # the share is what the plan was held to
 
 
 def test_a_pool_lane_plans_on_its_share_of_the_host_read_at_the_start(make_pool):

@@ -72,9 +72,9 @@ class _NodeWorker(Worker):
     """A node's worker: its jobs record the node as well as the device, and where several actors share the node
     each plans on its share of the node's RAM and commit, read when the actor started."""
 
-    def __init__(self, *args, node: str, **kwargs):
+    def __init__(self, *args, node: str, label: str, **kwargs):
         super().__init__(*args, **kwargs)
-        self.node = node
+        self.node, self.label = node, label
         self.actors_on_node = 1
         self.host = None
 
@@ -87,7 +87,7 @@ class _NodeWorker(Worker):
         return host_share(machine, self.actors_on_node, host=self.host)
 
     def device_name(self) -> str:
-        return f"{super().device_name()} on Ray node {self.node}"
+        return f"{self.label} on Ray node {self.node}"
 
 
 class NodeWorker:
@@ -103,9 +103,10 @@ class NodeWorker:
         self.address = next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == self.node_id),
                             "unknown")
         self.root = Path(tempfile.mkdtemp(prefix="framepack-node-"))
-        device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray shows the actor its GPU alone, as cuda:0
-        self.worker = _NodeWorker(models_dir, self.root / "job" / "outputs", device=device, serves_pages=False,
-                                  node=self.address, **options)
+        gpus = ray.get_gpu_ids()  # Ray shows the actor its GPU alone, as cuda:0: named by the node's numbering
+        self.worker = _NodeWorker(models_dir, self.root / "job" / "outputs", device="cuda" if gpus else "cpu",
+                                  serves_pages=False, node=self.address, label=f"GPU {gpus[0]}" if gpus else "cpu",
+                                  **options)
         self._job_id: str | None = None
 
     def describe(self) -> dict:
@@ -438,9 +439,13 @@ def connect(address: str, models_dir: str | Path, outputs_dir: str | Path, *, sl
         for item in described:
             per_node[item["node_id"]] = per_node.get(item["node_id"], 0) + 1
         ray.get([actor.share_node.remote(per_node[item["node_id"]]) for actor, item in zip(actors, described)])
-    except BaseException:
+    except InputError:
         ray.shutdown()
         raise
+    except Exception as exc:  # an actor that could not start (its node lacks a package), or not in time
+        ray.shutdown()
+        raise InputError(f"--ray {address}: the GPU workers did not start: "
+                         f"{' '.join(str(exc).split())[:200]}") from None
     log.info("Ray cluster at %s: %d GPU workers (%s)", address, len(actors),
              ", ".join(item["device"] for item in described))
     return RayPool(models_dir, outputs_dir, actors, [item["device"] for item in described], **options)
