@@ -35,6 +35,13 @@ STARTUP_TIMEOUT_S = 180  # Ray's processes, then each actor importing torch, on 
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+NODE_SCRATCH = Path(tempfile.gettempdir()) / "framepack-node"  # cluster._scratch_root's: a folder per actor
+
+
+def _listing(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,6 +54,7 @@ def cluster():
     by theirs) afterwards. Yields (address, pid)."""
     import psutil
 
+    actors_before = set(_listing(NODE_SCRATCH))
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="fpray", dir="/tmp")  # short: Ray's socket paths live under it
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
@@ -76,6 +84,9 @@ def cluster():
             except psutil.Error:
                 pass
         shutil.rmtree(temp, ignore_errors=True)
+        for name in set(_listing(NODE_SCRATCH)) - actors_before:  # the folders of this cluster's actors, all ended
+            if not psutil.pid_exists(int(name)):
+                shutil.rmtree(NODE_SCRATCH / name, ignore_errors=True)
 
 
 def hold_in_second_section(spec, out_path, manager, emit, cancel, start=None, **kwargs):

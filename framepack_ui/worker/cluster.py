@@ -102,7 +102,7 @@ class NodeWorker:
         # the address the cluster knows the node by (ray.util.get_node_ip_address guesses from the routes instead)
         self.address = next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == self.node_id),
                             "unknown")
-        self.root = Path(tempfile.mkdtemp(prefix="framepack-node-"))
+        self.root = _scratch_root()
         gpus = ray.get_gpu_ids()  # Ray shows the actor its GPU alone, as cuda:0: named by the node's numbering
         self.worker = _NodeWorker(models_dir, self.root / "job" / "outputs", device="cuda" if gpus else "cpu",
                                   serves_pages=False, node=self.address, label=f"GPU {gpus[0]}" if gpus else "cpu",
@@ -155,6 +155,22 @@ class NodeWorker:
                 yield _relative(event, outputs)
         finally:
             self._job_id = None
+            shutil.rmtree(folder, ignore_errors=True)  # all of it went back to the app
+
+
+def _scratch_root() -> Path:
+    """This actor's folder for its job's files, under the node's temp folder, named by its process id; the folders of
+    actors no longer running (killed mid-job, their node's Ray stopped) are removed first."""
+    import psutil
+
+    base = Path(tempfile.gettempdir()) / "framepack-node"
+    base.mkdir(exist_ok=True)
+    for old in base.iterdir():
+        if old.name.isdigit() and not psutil.pid_exists(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    root = base / str(os.getpid())
+    root.mkdir(exist_ok=True)
+    return root
 
 
 def _changes(outputs: Path, seen: dict) -> FilesBack:
