@@ -1,7 +1,7 @@
 """FramePack UI web app: parse args -> Worker -> build_ui(worker) -> launch. Nothing else.
 
     python app.py [--listen] [--port N] [--auth USER:PASS] [--auth-file PATH] [--inbrowser] [--models DIR]
-                  [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu]
+                  [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu] [--gpus all|0,1 | --ray ADDRESS]
 """
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
                         help="keep the models loaded this long after the last job, for a quick next one "
                              "(default 0: give the memory back at once)")
+    parser.add_argument("--gpus", default=None, metavar="all|0,1",
+                        help="serve the queue with a worker on each of these CUDA GPUs (all, or their numbers), "
+                             "sharing this machine's RAM among them (default: one GPU, as --device)")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS",
+                        help="serve the queue with a worker on each GPU of the running Ray cluster at ADDRESS "
+                             "(HOST:PORT of its head; Linux, pip install ray): each node uses its own models folder "
+                             "(the --models path there) and memory plan")
     args = parser.parse_args(argv)
     args.credentials = []
     if args.auth is not None:
@@ -92,6 +99,45 @@ def stay_home() -> None:
     os.environ.update(NO_CALLS_HOME)
 
 
+def make_worker(args: argparse.Namespace):
+    """The app's worker: one on --device, or a pool of one per --gpus device. None, with one line logged, when the
+    options cannot be served."""
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker import Worker, WorkerPool, cuda_device_count, parse_gpus
+
+    options = dict(keep_models_s=args.keep_models, attention=args.attention)
+    if args.ray is not None:
+        return join_cluster(args, options)
+    if args.gpus is None:
+        return Worker(args.models, args.outputs, device=args.device, **options)
+    if args.device is not None:
+        log.error("--gpus and --device cannot be used together: --gpus names the devices")
+        return None
+    try:
+        devices = parse_gpus(args.gpus, cuda_device_count())
+    except InputError as exc:
+        log.error("%s", exc.message)
+        return None
+    if len(devices) == 1:
+        return Worker(args.models, args.outputs, device=devices[0], **options)
+    return WorkerPool(args.models, args.outputs, devices, **options)
+
+
+def join_cluster(args: argparse.Namespace, node_options: dict):
+    """The app's queue served by the Ray cluster at --ray; None, with one line logged, when it cannot be."""
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker.cluster import connect
+
+    if args.gpus is not None or args.device is not None:
+        log.error("--ray cannot be used with --gpus or --device: the cluster's GPUs serve the queue")
+        return None
+    try:
+        return connect(args.ray, args.models, args.outputs, node_options=node_options)
+    except InputError as exc:
+        log.error("%s", exc.message)
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -101,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
     from framepack_ui.ui import CSS, build_ui
-    from framepack_ui.worker import Worker
 
     args.outputs.mkdir(parents=True, exist_ok=True)
-    worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models,
-                    attention=args.attention)
+    worker = make_worker(args)
+    if worker is None:
+        return 2
     if args.profile not in worker.plan_choices():
         log.error("--profile must be one of %s", ", ".join(worker.plan_choices()))
         worker.shutdown()

@@ -12,8 +12,9 @@ from PIL import Image
 
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.manager import ModelManager
-from framepack_ui.memory.plan import PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, make_plan, real_weights
-from framepack_ui.memory.plan.budgets import page_cache_room, spills_from_page_cache
+from framepack_ui.memory.plan import (PIN_HEADROOM_BYTES, RAM_RESERVE_BYTES, PlanOverrides, host_share, make_plan,
+                                      real_weights)
+from framepack_ui.memory.plan.budgets import budgets_for, page_cache_room, spills_from_page_cache
 from framepack_ui.memory.plan.explain import gb_text
 from framepack_ui.memory import probe as probe_module
 from framepack_ui.memory.probe import (MEMORYSTATUSEX, Machine, linux_memory_from, parse_meminfo, probe_machine,
@@ -407,6 +408,50 @@ def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_mo
 
 
 # --- probe --------------------------------------------------------------------------------------------------------
+
+# --- a host shared by several workers (worker/pool.py) --------------------------------------------------------------
+
+HOST_64GB_COMMIT = replace(Machine.supposed(64, 0, os_name="linux"), commit_limit_bytes=72 * GB,
+                           commit_available_bytes=60 * GB, commit_enforced=True)
+
+
+def test_the_workers_shares_of_the_host_sum_to_no_more_than_the_machine():
+    """RAM and commit budgets of N shares together stay within the host's own; each share keeps its GPU's VRAM."""
+    machines = [HOST_64GB_COMMIT, Machine.supposed(32, 8), replace(Machine.supposed(128, 24, os_name="linux"),
+                                                             ram_available_bytes=90 * GB)]
+    for machine in machines:
+        whole = budgets_for(machine, cuda=True)
+        for workers in (2, 3, 4):
+            shares = [budgets_for(host_share(machine, workers), cuda=True) for _ in range(workers)]
+            assert sum(s.ram for s in shares) <= whole.ram
+            assert sum(s.ram for s in shares) >= whole.ram - workers  # divided, not given away (floor rounding)
+            if whole.commit is not None:
+                assert sum(s.commit for s in shares) <= whole.commit
+            assert all(s.vram == whole.vram for s in shares)
+
+
+def test_two_workers_plans_together_fit_the_host():
+    """The real models on a 64 GB host with two 24 GB GPUs: each worker's plan fits its share, and the two plans'
+    peak RAM and commit together fit what the host can give one plan."""
+    gpu = replace(HOST_64GB_COMMIT, vram_total_bytes=24 * GB, vram_free_bytes=24 * GB, gpu_name="supposed GPU")
+    whole = budgets_for(gpu, cuda=True)
+    plans = [make_plan(host_share(gpu, 2), real_weights(), PlanOverrides()) for _ in range(2)]
+    assert sum(p.peak_ram_bytes for p in plans) <= whole.ram
+    assert sum(p.peak_commit_bytes for p in plans) <= whole.commit
+    alone = make_plan(gpu, real_weights(), PlanOverrides())
+    assert plans[0].ram_budget_bytes < alone.ram_budget_bytes  # the share is what the plan was held to
+
+
+def test_a_share_divides_the_host_given_and_keeps_its_own_gpu():
+    gpu = Machine.supposed(16, 24)  # read on one lane: its GPU; the host's figures come from the start's reading
+    share = host_share(gpu, 2, host=HOST_64GB_COMMIT)
+    assert share.vram_free_bytes == gpu.vram_free_bytes and share.gpu_name == gpu.gpu_name
+    assert share.ram_available_bytes == HOST_64GB_COMMIT.ram_available_bytes // 2
+    assert share.commit_limit_bytes == HOST_64GB_COMMIT.commit_limit_bytes // 2
+    assert host_share(gpu, 1, host=HOST_64GB_COMMIT).ram_total_bytes == HOST_64GB_COMMIT.ram_total_bytes
+    with pytest.raises(ValueError):
+        host_share(gpu, 0)
+
 
 def test_memorystatusex_matches_the_windows_layout():
     # sysinfoapi.h: two DWORDs then seven DWORDLONGs = 64 bytes; GlobalMemoryStatusEx fails if dwLength is wrong

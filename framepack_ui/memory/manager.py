@@ -56,6 +56,13 @@ VAE_COMPILE_NOTICE = ("compiling the VAE decoder: the first decodes after the ap
                       "(then each is faster)")
 
 
+# One model built at a time in the process, whichever manager builds it (a pool has one per GPU: worker/pool.py):
+# transformers' and diffusers' from_pretrained set torch's default dtype, which is process-wide, while they build,
+# so a model built beside another got some of its weights in the other's dtype (seen: a Half weight in a float32
+# SigLIP). Process-wide like the setting it guards.
+_BUILD_LOCK = threading.Lock()
+
+
 def compute_dtype(c: ComponentPlan) -> torch.dtype:
     return _DTYPES[c.compute_dtype]
 
@@ -218,7 +225,8 @@ class ModelManager:
         started = time.perf_counter()
         device = self.device_of(name)
         try:
-            model = self._builders[name](self.models_dir, c, device)
+            with _BUILD_LOCK:
+                model = self._builders[name](self.models_dir, c, device)
         except Exception as exc:
             if not exhaustion.out_of_host_memory(exc):
                 raise

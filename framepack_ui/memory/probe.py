@@ -229,8 +229,8 @@ def _psutil_memory() -> dict:  # macOS and anything else: no commit figures
 
 # --- GPU and disk -----------------------------------------------------------------------------------------------
 
-def _cuda() -> dict:
-    """Free and total memory of CUDA device 0, if torch sees one (this creates the CUDA context: the first CUDA
+def _cuda(index: int = 0) -> dict:
+    """Free and total memory of CUDA device `index`, if torch sees it (this creates the CUDA context: the first CUDA
     use of the app and the CLI, whose plans are made before anything loads, so the allocator is set up here)."""
     from . import allocator
 
@@ -239,14 +239,14 @@ def _cuda() -> dict:
         import torch
     except ImportError:
         return {}
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
         return {}
     from ..compute.backends import compile_supported
 
-    free, total = torch.cuda.mem_get_info(0)
-    return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(0),
-                cuda_capability=tuple(torch.cuda.get_device_capability(0)),
-                compile_supported=compile_supported(torch.device("cuda", 0)))
+    free, total = torch.cuda.mem_get_info(index)
+    return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(index),
+                cuda_capability=tuple(torch.cuda.get_device_capability(index)),
+                compile_supported=compile_supported(torch.device("cuda", index)))
 
 
 def disk_free_bytes(path: Path) -> int | None:
@@ -259,8 +259,9 @@ def disk_free_bytes(path: Path) -> int | None:
         return None
 
 
-def probe_machine(models_dir: Path | None = None, cuda: bool = True) -> Machine:
-    """Read this machine now. `cuda=False` skips the GPU (and torch's CUDA initialisation)."""
+def probe_machine(models_dir: Path | None = None, cuda: bool = True, cuda_index: int = 0) -> Machine:
+    """Read this machine now. `cuda=False` skips the GPU (and torch's CUDA initialisation); `cuda_index`: which
+    CUDA device's VRAM is read (a pool's worker on its own GPU)."""
     if sys.platform.startswith("linux"):
         fields, os_name = _linux_memory(), "linux"
     elif sys.platform == "win32":
@@ -270,7 +271,7 @@ def probe_machine(models_dir: Path | None = None, cuda: bool = True) -> Machine:
     if fields.get("swap_free_bytes") is None:
         fields["swap_free_bytes"] = 0
     if cuda:
-        fields.update(_cuda())
+        fields.update(_cuda(cuda_index))
     machine = Machine(**fields, os_name=os_name, pagefile_growable=_pagefile_growable(os_name),
                       disk_free_bytes=disk_free_bytes(models_dir) if models_dir is not None else None)
     log.info("machine: %s", machine)

@@ -25,6 +25,16 @@ NO_GPU_NOTE = "no NVIDIA GPU found"
 
 
 @dataclass(frozen=True)
+class GpuGauge:
+    """One GPU's reading (NVML's numbering, which is CUDA's unless CUDA_VISIBLE_DEVICES reorders them)."""
+    index: int
+    name: str
+    vram_used_bytes: int
+    vram_total_bytes: int
+    util_pct: float
+
+
+@dataclass(frozen=True)
 class Gauges:
     taken_at_s: float  # time.monotonic() of the reading
     ram_used_bytes: int
@@ -42,6 +52,7 @@ class Gauges:
     vram_total_bytes: int | None = None
     torch_reserved_bytes: int | None = None  # this process's CUDA caching allocator, if torch is loaded
     gpu_util_pct: float | None = None
+    gpus: tuple[GpuGauge, ...] = ()  # every GPU (the fields above are the first one's): a pool works on several
 
 
 def read_gauges(nvml=None, previous: Gauges | None = None) -> Gauges:
@@ -128,6 +139,15 @@ def _torch_reserved() -> int | None:
     return None
 
 
+def _read_device(nvml, index: int) -> GpuGauge:
+    handle = nvml.nvmlDeviceGetHandleByIndex(index)
+    name = nvml.nvmlDeviceGetName(handle)
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    util = nvml.nvmlDeviceGetUtilizationRates(handle)
+    return GpuGauge(index, name.decode() if isinstance(name, bytes) else str(name), int(memory.used),
+                    int(memory.total), float(util.gpu))
+
+
 def _read_gpu(nvml) -> dict:
     if nvml is None:
         try:
@@ -140,15 +160,13 @@ def _read_gpu(nvml) -> dict:
         log.debug("nvmlInit failed", exc_info=True)
         return dict(gpu_available=False, gpu_note=NO_GPU_NOTE)
     try:
-        if nvml.nvmlDeviceGetCount() < 1:
+        count = nvml.nvmlDeviceGetCount()
+        if count < 1:
             return dict(gpu_available=False, gpu_note=NO_GPU_NOTE)
-        handle = nvml.nvmlDeviceGetHandleByIndex(0)
-        name = nvml.nvmlDeviceGetName(handle)
-        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        util = nvml.nvmlDeviceGetUtilizationRates(handle)
-        return dict(gpu_available=True, gpu_note=name.decode() if isinstance(name, bytes) else str(name),
-                    vram_used_bytes=int(memory.used), vram_total_bytes=int(memory.total),
-                    gpu_util_pct=float(util.gpu))
+        gpus = tuple(_read_device(nvml, index) for index in range(count))
+        first = gpus[0]
+        return dict(gpu_available=True, gpu_note=first.name, vram_used_bytes=first.vram_used_bytes,
+                    vram_total_bytes=first.vram_total_bytes, gpu_util_pct=first.util_pct, gpus=gpus)
     except Exception as exc:  # a GPU that stops answering (driver reset, lost device) is a note, not a crash
         log.debug("NVML query failed", exc_info=True)
         return dict(gpu_available=False, gpu_note=f"NVIDIA GPU not readable: {' '.join(str(exc).split())[:120]}")

@@ -599,7 +599,12 @@ def gauges_html(g, warning: str | None = None) -> str:
     rows = [_memory_row("RAM", g.ram_used_bytes, g.ram_total_bytes, f" · app {_gb(g.process_rss_bytes)} GB"),
             _memory_row(swap_name, g.swap_used_bytes, g.swap_total_bytes),
             _memory_row("Commit", g.commit_used_bytes, g.commit_limit_bytes)]
-    if g.gpu_available:
+    if len(g.gpus) > 1:  # a pool's GPUs (worker/pool.py): each one's VRAM and how busy it is
+        for gpu in g.gpus:
+            rows.append(_memory_row(f"VRAM {gpu.index}", gpu.vram_used_bytes, gpu.vram_total_bytes, f" · {gpu.name}"))
+            rows.append(_bar_row(f"GPU {gpu.index}", gpu.util_pct, f"{gpu.util_pct:.0f}% busy",
+                                 "full" if warning else "ok", f"gpu{gpu.index}"))
+    elif g.gpu_available:
         torch_part = f" · PyTorch {_gb(g.torch_reserved_bytes)} GB" if g.torch_reserved_bytes is not None else ""
         rows.append(_memory_row("VRAM", g.vram_used_bytes, g.vram_total_bytes, torch_part))
         busy = g.gpu_util_pct or 0.0

@@ -327,10 +327,9 @@ class Worker:
 
     def _make_plan(self, profile: str, resolution: int, **options):
         from ..memory.plan import PlanOverrides, make_plan
-        from ..memory.probe import probe_machine, weights_on_disk
+        from ..memory.probe import weights_on_disk
 
-        device = self._device or _default_device()
-        machine = probe_machine(self.models_dir, cuda=device.startswith("cuda"))
+        machine = self._probe_machine(self._device or _default_device())
         if self._manager is not None and not self._fixed_manager:
             # what this worker's own kept models hold is the next plan's to place again (freed before any reload)
             machine = machine.with_returned(*self._manager.held_memory())
@@ -338,6 +337,22 @@ class Worker:
         options.setdefault("attention", self.attention)
         return make_plan(machine, weights_on_disk(self.models_dir),
                          PlanOverrides(profile, resolution=resolution, **options))
+
+    def _probe_machine(self, device: str):
+        """The machine a job's plan is made for: this machine as read now, with `device`'s VRAM (a pool's worker
+        plans on its share of the host instead: worker/pool.py)."""
+        from ..memory.probe import probe_machine
+
+        return probe_machine(self.models_dir, cuda=device.startswith("cuda"), cuda_index=cuda_index(device))
+
+    def _manager_gpu(self) -> dict:
+        """The ModelManager's `gpu` where this worker was given a CUDA device (cuda:1 on a machine with two)."""
+        return {"gpu": self._device} if self._device is not None and self._device.startswith("cuda") else {}
+
+    def device_name(self) -> str:
+        """The device this worker's jobs run on, as recorded in their settings: "cuda:1" or "cpu"."""
+        device = self._device or _default_device()
+        return "cuda:0" if device == "cuda" else device
 
     def attention_problem(self) -> str | None:
         """Why jobs cannot run the attention backend the worker was given, in one line (None: they can, or none
@@ -596,6 +611,8 @@ class Worker:
 
     def _run_next(self) -> None:
         with self._cond:
+            if not self._queue:  # a sibling worker sharing this queue took the job first (worker/pool.py)
+                return
             job = self._running = self._queue.popleft()
             job.status, job.position = "running", None
             self._renumber()
@@ -686,7 +703,8 @@ class Worker:
                     self._manager.free()
                 self._manager = None  # free first: the old and the new models never share the memory
                 cache = {} if self.prompt_cache_dir is DEFAULT_CACHE else {"prompt_cache_dir": self.prompt_cache_dir}
-                self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress, **cache)
+                self._manager = ModelManager(self.models_dir, plan, on_prewarm=self._prewarm_progress,
+                                             **self._manager_gpu(), **cache)
                 self._manager_key = key
             self._manager.plan = plan  # the same decisions; the costs of this job (its LoRAs)
             self._manager_loras = loras.key
@@ -709,6 +727,7 @@ class Worker:
         from ..weights.layout import model_fingerprint
 
         job.record["model_files"] = model_fingerprint(self.models_dir)  # kept with the section state
+        job.record["device"] = self.device_name()  # which GPU made it, where several serve the queue
         return self._run_job, self._manager
 
     def _read_loras(self, job: _Job, emit) -> "_JobLoras":
@@ -881,6 +900,12 @@ class Worker:
         """The job's video, where the engine had the job and wrote some (a file there before is not this job's)."""
         return (str(job.out_path) if job.engine_started and job.out_path.is_file() and job.out_path.stat().st_size > 0
                 else None)
+
+
+def cuda_index(device: str) -> int:
+    """0 for "cuda" (and "cpu"), 1 for "cuda:1"."""
+    _, _, index = device.partition(":")
+    return int(index) if index.isdigit() else 0
 
 
 def _default_device() -> str:

@@ -38,6 +38,7 @@ The package, one job per module:
     budgets     what a plan may use of the machine, and the check that a plan fits
     placement   the decisions: make_plan
     explain     a plan in words (LoadPlan.summary, LoadPlan.explain)
+    shares      each worker's share of a host with several GPUs (worker/pool.py)
     types       the dataclasses: PlanOverrides, ComponentPlan, PhaseCost, LoadPlan
     vocabulary  the words of a placement: Where, Storage
 """
@@ -46,9 +47,10 @@ from .catalogue import PLAN_CHOICES, VAE_TILE_OVERLAP_PX, fp8_weights, real_weig
 from .costs import sampling_tokens
 from .explain import leaner_choices
 from .placement import make_plan
+from .shares import host_share
 from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost, PlanOverrides
 from .vocabulary import Storage, Where
 
 __all__ = ["COMMIT_MARGIN_BYTES", "PIN_HEADROOM_BYTES", "PLAN_CHOICES", "RAM_RESERVE_BYTES", "VAE_TILE_OVERLAP_PX",
            "ComponentPlan", "LoadPlan", "LoraCost", "PhaseCost", "PlanOverrides", "Storage", "Where", "fp8_weights",
-           "leaner_choices", "make_plan", "real_weights", "sampling_tokens", "with_real_defaults"]
+           "host_share", "leaner_choices", "make_plan", "real_weights", "sampling_tokens", "with_real_defaults"]
