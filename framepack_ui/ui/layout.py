@@ -19,6 +19,7 @@ CSS = """
 .fp-timeline .fp-mark { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .fp-timeline ul { margin: 2px 0; padding-left: 0; list-style: none; font-size: 13px; }
 .fp-timeline .fp-problem { color: #c0392b; font-size: 13px; }
+.fp-plot { font-size: 12px; } .fp-plot svg { max-width: 100%; height: auto; }
 /* gauges and download bars (present.gauges_html, present.download_html) */
 .fp-bars { display: grid; grid-template-columns: auto minmax(40px, 1fr) auto; gap: 3px 8px; align-items: center;
            font-size: 13px; }  /* one grid for all bars: names, tracks and figures line up */
@@ -102,7 +103,6 @@ setInterval(() => {
   }
   seen = {job, state};
 }, 500);
-.fp-plot { font-size: 12px; } .fp-plot svg { max-width: 100%; height: auto; }
 """
 
 
