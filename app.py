@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-models", type=float, default=0, metavar="SECONDS",
                         help="keep the models loaded this long after the last job, for a quick next one "
                              "(default 0: give the memory back at once)")
+    parser.add_argument("--max-upload", type=float, default=None, metavar="MB",
+                        help="refuse uploads larger than this many MB (default 500), before they reach the disk")
     args = parser.parse_args(argv)
     args.credentials = []
     if args.auth is not None:
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--auth-file: {exc}")
     if not 0 < args.port < 65536:
         parser.error("--port must be 1 to 65535")
+    if args.max_upload is not None and not args.max_upload > 0:
+        parser.error("--max-upload must be a size in MB above 0")
     return args
 
 
@@ -97,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     stay_home()
 
     from framepack_ui.ui import CSS, build_ui
+    from framepack_ui.ui.exposure import DEFAULT_MAX_UPLOAD_MB, LoginBackoff, upload_limit_bytes
     from framepack_ui.worker import Worker
+    from starlette.middleware import Middleware
 
     args.outputs.mkdir(parents=True, exist_ok=True)
     worker = Worker(args.models, args.outputs, device=args.device, keep_models_s=args.keep_models,
@@ -125,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
                             auth=args.credentials or None, allowed_paths=[str(args.outputs.resolve())],
-                            prevent_thread_lock=True, quiet=True, css=CSS)
+                            prevent_thread_lock=True, quiet=True, css=CSS,
+                            # uploads are cut off at the limit as they stream in; failed logins slow down
+                            max_file_size=upload_limit_bytes(args.max_upload or DEFAULT_MAX_UPLOAD_MB),
+                            app_kwargs={"middleware": [Middleware(LoginBackoff)]})
         except OSError as exc:  # e.g. the port is taken
             log.error("could not start the web server: %s", " ".join(str(exc).split()))
             return 1
