@@ -1,7 +1,7 @@
 """FramePack UI web app: parse args -> Worker -> build_ui(worker) -> launch. Nothing else.
 
     python app.py [--listen] [--port N] [--auth USER:PASS] [--auth-file PATH] [--inbrowser] [--models DIR]
-                  [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu]
+                  [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu] [--max-upload MB]
 """
 from __future__ import annotations
 
