@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", problem)
         worker.shutdown()
         return 2
+    worker.import_engine()  # before the page is served, not as the first job starts (Worker.import_engine)
     try:
         missing = worker.missing_models()
         if missing:  # the page says the same, with a download button
