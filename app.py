@@ -2,6 +2,7 @@
 
     python app.py [--listen] [--port N] [--auth USER:PASS] [--auth-file PATH] [--inbrowser] [--models DIR]
                   [--outputs DIR] [--share] [--profile auto|gpu|streamed|mmap|cpu] [--gpus all|0,1 | --ray ADDRESS]
+                  [--max-upload MB]
 """
 from __future__ import annotations
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="serve the queue with a worker on each GPU of the running Ray cluster at ADDRESS "
                              "(HOST:PORT of its head; Linux, pip install ray): each node uses its own models folder "
                              "(the --models path there) and memory plan")
+    parser.add_argument("--max-upload", type=float, default=None, metavar="MB",
+                        help="refuse uploads larger than this many MB (default 500), before they reach the disk")
     args = parser.parse_args(argv)
     args.credentials = []
     if args.auth is not None:
@@ -63,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--auth-file: {exc}")
     if not 0 < args.port < 65536:
         parser.error("--port must be 1 to 65535")
+    if args.max_upload is not None and not args.max_upload > 0:
+        parser.error("--max-upload must be a size in MB above 0")
     return args
 
 
@@ -147,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
     from framepack_ui.ui import CSS, build_ui
+    from framepack_ui.ui.exposure import DEFAULT_MAX_UPLOAD_MB, LoginBackoff, upload_limit_bytes
+    from starlette.middleware import Middleware
 
     args.outputs.mkdir(parents=True, exist_ok=True)
     worker = make_worker(args)
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", problem)
         worker.shutdown()
         return 2
+    worker.import_engine()  # before the page is served, not as the first job starts (Worker.import_engine)
     try:
         missing = worker.missing_models()
         if missing:  # the page says the same, with a download button
@@ -175,7 +183,10 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 demo.launch(server_name=host, server_port=args.port, inbrowser=args.inbrowser, share=args.share,
                             auth=args.credentials or None, allowed_paths=[str(args.outputs.resolve())],
-                            prevent_thread_lock=True, quiet=True, css=CSS)
+                            prevent_thread_lock=True, quiet=True, css=CSS,
+                            # uploads are cut off at the limit as they stream in; failed logins slow down
+                            max_file_size=upload_limit_bytes(args.max_upload or DEFAULT_MAX_UPLOAD_MB),
+                            app_kwargs={"middleware": [Middleware(LoginBackoff)]})
         except OSError as exc:  # e.g. the port is taken
             log.error("could not start the web server: %s", " ".join(str(exc).split()))
             return 1

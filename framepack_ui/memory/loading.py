@@ -141,3 +141,10 @@ def load_transformer(models_dir: Path, dtype: torch.dtype, device: torch.device,
     if storage == "fp8":
         return model.eval().requires_grad_(False)  # fp8.to_device placed it (fp8 kept, the rest in dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+def import_model_classes() -> None:
+    """Import every model class the loaders use now (transformers imports them lazily, on first use): the web app
+    does it before it serves, so the first job does not hold the interpreter lock for an import while pages wait."""
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel  # noqa: F401
+    from transformers import CLIPTextModel, LlamaModel, SiglipVisionModel  # noqa: F401

@@ -12,6 +12,7 @@ files can be fetched in a background thread the worker owns (`start_download`, `
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import logging
@@ -673,6 +674,20 @@ class Worker:
         from ..engine.step_cache import default_calibration_folder
 
         return default_calibration_folder(self.models_dir)
+
+    def import_engine(self) -> None:
+        """Import the engine (torch, diffusers) now instead of when the first job starts. The web app calls it before
+        it serves: loading those libraries holds Python's interpreter lock for seconds at a time, which would stall
+        every page's gauges and streams while the first job starts (tests/test_busy_lan.py)."""
+        if self._run_job is None:
+            from ..engine.f1 import run
+            from ..memory.loading import import_model_classes
+
+            import_model_classes()
+            self._run_job = run
+            # the libraries' objects live as long as the app: kept out of the garbage collector's scans, each model
+            # free's gc.collect() (memory/manager.py) takes milliseconds instead of 0.3-0.8 s with the lock held
+            gc.freeze()
 
     def _engine(self, job: _Job, emit):
         if self._run_job is None:
