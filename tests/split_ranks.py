@@ -66,3 +66,22 @@ def forward_rank(rank: int, world_size: int, init_file: str, models_dir: str, ou
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+ATTENTION_SCALES = {"transformer_blocks.0.attn.to_v.": 10, "transformer_blocks.0.attn.to_out.0.": 10,
+                    "transformer_blocks.0.attn.norm_q.": 4, "transformer_blocks.0.attn.norm_k.": 4,
+                    "single_transformer_blocks.0.attn.to_v.": 10, "single_transformer_blocks.0.proj_out.": 10,
+                    "single_transformer_blocks.0.attn.norm_q.": 4, "single_transformer_blocks.0.attn.norm_k.": 4}
+
+
+def record_environment(path: str, transformer) -> None:
+    """A rank hook (run_split_job): what this process's environment holds, for the test to read."""
+    from framepack_ui.worker.split import LOOPBACK_ENV, SPLIT_ENV
+
+    Path(path, f"env-{dist.get_rank()}.txt").write_text(
+        "\n".join(f"{k}={os.environ.get(k)}" for k in (*SPLIT_ENV, *LOOPBACK_ENV)))
+
+
+def fail_here(transformer) -> None:
+    """A rank hook: this rank fails once its transformer is split (the others are left waiting)."""
+    raise RuntimeError("injected failure")

@@ -132,12 +132,14 @@ class _Rank:
     plan: object  # memory.plan LoadPlan: one for every card (split_problem: one memory size)
     prompt_cache_dir: object
     loras: object  # memory.lora LoraSet or None: every rank's transformer computes with them
+    collective_timeout_s: float
 
 
 def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, cancel: threading.Event | None = None,
                   *, record: dict | None = None, out_of_memory_advice: str | None = None, start=None,
                   prompt_cache_dir=None, loras=None, device_type: str = "cuda", start_method: str = "spawn",
-                  followers_grace_s: float = FOLLOWERS_GRACE_S, rank_hooks: dict | None = None):
+                  followers_grace_s: float = FOLLOWERS_GRACE_S, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+                  rank_hooks: dict | None = None):
     """Run one job with the transformer's sequence split over `devices` (GPU indices; on CPUs with gloo,
     `device_type="cpu"` and `devices` just counts the processes). Emits the job's events as rank 0 makes them and
     returns its result (Finished, Stopped or Failed), as engine.f1.run does. A process that dies ends the others
@@ -152,7 +154,7 @@ def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, can
     cuda = device_type == "cuda"
     ranks = [_Rank(rank, len(devices), f"cuda:{rank}" if cuda else "cpu",
                    ",".join(str(d) for d in devices) if cuda else None, os.path.join(workdir, "rendezvous"),
-                   "cpu:gloo,cuda:nccl" if cuda else "gloo", str(models_dir), plan, prompt_cache_dir, loras)
+                   "cpu:gloo,cuda:nccl" if cuda else "gloo", str(models_dir), plan, prompt_cache_dir, loras, collective_timeout_s)
              for rank in range(len(devices))]
     processes = [context.Process(target=_rank_main, name=f"framepack-split-{r.rank}", daemon=True,
                                  args=(r, spec, str(out_path), record, out_of_memory_advice, start, events, stop,
@@ -253,7 +255,7 @@ def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, start, 
     else:  # the CPU processes share the cores rather than each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // rank.world_size))
     dist.init_process_group(rank.backend, init_method=f"file://{rank.init_file}", rank=rank.rank,
-                            world_size=rank.world_size, timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+                            world_size=rank.world_size, timeout=datetime.timedelta(seconds=rank.collective_timeout_s))
     try:
         cache = {} if rank.prompt_cache_dir is None else {"prompt_cache_dir": rank.prompt_cache_dir}
         manager = ModelManager(Path(rank.models_dir), rank.plan, gpu=device, **cache)
