@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="apply a LoRA to the video model (kohya / musubi-tuner or diffusers / PEFT .safetensors), "
                         "at STRENGTH (default 1); repeat for several")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--split", action="store_true",
+                   help="with --gpus (2 or more of one memory size): one job over those GPUs, the video model's "
+                        "sequence split across them")
     g.add_argument("--offline", action="store_true", help="never download missing model files")
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
                    help="where the models live: auto (from this machine's RAM/VRAM), gpu (all resident), streamed, "
@@ -176,6 +179,7 @@ def _generate(args) -> int:
     spec.validate(image_required=start is None)  # before any heavy import: bad input answers at once
     if out.suffix.lower() != ".mp4":
         raise _input_error("--out must end in .mp4")
+    split_job = _split_job(args)  # before any heavy import too
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
 
@@ -187,7 +191,8 @@ def _generate(args) -> int:
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
     # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop that keeps what is done
     worker = Worker(args.models, out.parent, device=args.device, profile=args.plan, keep_models_s=0,
-                    download_missing=not args.offline, serves_pages=False, background=False, **cache)
+                    download_missing=not args.offline, serves_pages=False, background=False, **cache,
+                    **({"run_job": split_job} if split_job else {}))
     seen = []  # every event, printed as it happens
 
     def show(event) -> None:
@@ -208,6 +213,17 @@ def _generate(args) -> int:
     # bad input, missing models, or a plan that cannot fit (refused before the job started): a usage error
     refused = result.reason in ("input", "models") or (result.reason == "memory" and not started)
     return EXIT_USAGE if refused else EXIT_FAILED
+
+
+def _split_job(args):
+    """`--split`: checked at once (one line, exit 2), then the worker's run_job for it; None without it."""
+    if not args.split:
+        return None
+    from .worker.split import SplitJobRunner, check_split_option
+
+    devices = list(getattr(args, "gpus", None) or [0])  # --gpus (the worker pool's option); one GPU without it
+    check_split_option(devices, True, attention=args.attention)
+    return SplitJobRunner(devices)
 
 
 SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution", "sampler",

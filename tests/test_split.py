@@ -74,34 +74,29 @@ def _section_latents(video: Path, section: int) -> dict:
     return load_state(video).section(section)
 
 
-def test_a_split_job_samples_the_one_process_sections(attention_models, start_image_64x64, tmp_path):
-    """Two sections through the real engine (run_split_job: rank 0 runs f1.run with the split transformer, rank 1
-    follows its calls), TeaCache skipping steps, against one process; every process started keeps NVLink
-    multicast off and its sockets on the loopback."""
+def test_a_split_job_samples_the_one_process_sections(attention_models, start_image_64x64, make_worker, tmp_path):
+    """Two sections through the worker and the real engine, one job on two processes (SplitJobRunner, as `--gpus
+    0,1 --split` runs it: rank 0 runs f1.run with the split transformer, rank 1 follows its calls), TeaCache
+    skipping steps, against the same job in one process; every process started keeps NVLink multicast off and its
+    sockets on the loopback."""
     import functools
 
-    from conftest import cpu_manager, cpu_plan
-    from framepack_ui.engine import f1
     from framepack_ui.events import Finished, Step
-    from framepack_ui.worker.split import LOOPBACK_ENV, SPLIT_ENV, run_split_job
+    from framepack_ui.worker.split import LOOPBACK_ENV, SPLIT_ENV, SplitJobRunner
+    from worker_jobs import all_events
 
     spec = _job_spec(start_image_64x64)
-    manager = cpu_manager(attention_models)
-    try:
-        alone = f1.run(spec, tmp_path / "alone.mp4", manager, lambda event: None)
-    finally:
-        manager.free()
-    assert isinstance(alone, Finished)
-    events = []
-    split = run_split_job(spec, tmp_path / "split.mp4", cpu_plan(attention_models), [0, 1], attention_models,
-                          events.append, device_type="cpu", collective_timeout_s=120,
-                          rank_hooks={r: functools.partial(split_ranks.record_environment, str(tmp_path))
-                                      for r in (0, 1)})
-    assert isinstance(split, Finished), split
-    assert events[-1] is split and sum(isinstance(e, Step) for e in events) == 2 * spec.steps
+    alone = make_worker(models_dir=attention_models)
+    assert isinstance(all_events(alone, alone.submit(spec, out_path=tmp_path / "alone.mp4"))[-1], Finished)
+    hooks = {rank: functools.partial(split_ranks.record_environment, str(tmp_path)) for rank in (0, 1)}
+    split = make_worker(models_dir=attention_models, run_job=SplitJobRunner(
+        [0, 1], device_type="cpu", collective_timeout_s=120, rank_hooks=hooks))
+    events = all_events(split, split.submit(spec, out_path=tmp_path / "split.mp4"))
+    assert isinstance(events[-1], Finished), events[-1]
+    assert sum(isinstance(e, Step) for e in events) == 2 * spec.steps
     for section in range(2):
-        reference, got = _section_latents(tmp_path / "alone.mp4", section), _section_latents(tmp_path / "split.mp4",
-                                                                                            section)
+        reference = _section_latents(tmp_path / "alone.mp4", section)
+        got = _section_latents(tmp_path / "split.mp4", section)
         for name, tensor in reference.items():
             if tensor.is_floating_point():
                 scale = tensor.abs().max().item()
@@ -109,3 +104,72 @@ def test_a_split_job_samples_the_one_process_sections(attention_models, start_im
     for rank in (0, 1):
         recorded = dict(line.split("=", 1) for line in (tmp_path / f"env-{rank}.txt").read_text().splitlines())
         assert recorded == {**SPLIT_ENV, **LOOPBACK_ENV}
+
+
+def test_a_failing_process_fails_the_job_in_one_line_and_ends_the_others(tiny_models_dir, start_image_64x64,
+                                                                         tmp_path):
+    """Rank 1 fails once its transformer is split, leaving rank 0 waiting in a collective: the job fails with
+    that rank's one line, and no process of it is left."""
+    import psutil
+
+    from conftest import cpu_plan
+    from framepack_ui.events import Failed
+    from framepack_ui.spec import JobSpec
+    from framepack_ui.worker.split import run_split_job
+
+    spec = JobSpec(image=start_image_64x64, prompt="a red square moves", resolution=64, steps=2, seconds=1.2)
+    events = []
+    result = run_split_job(spec, tmp_path / "failed.mp4", cpu_plan(tiny_models_dir), [0, 1], tiny_models_dir,
+                           events.append, device_type="cpu", collective_timeout_s=120,
+                           rank_hooks={1: split_ranks.fail_here})
+    assert isinstance(result, Failed) and events[-1] is result
+    assert result.message == "the split job failed: process 1: RuntimeError: injected failure"
+    # the job's processes (multiprocessing's own resource tracker outlives jobs by design)
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("devices, memory, needle", [
+    ([0], None, "--split needs at least 2 GPUs (--gpus 0,1), got 1"),
+    ([0, 1], [80 * GIB, 24 * GIB], "--split needs GPUs of one memory size"),
+    ([0, 1, 2, 3, 4], [80 * GIB] * 5, "24 attention heads do not divide among 5 GPUs (use 2, 3, 4, 6, 8, 12, 24)"),
+])
+def test_split_refuses_what_it_cannot_run_in_one_line(devices, memory, needle):
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker.split import check_split_option
+
+    with pytest.raises(InputError) as refused:
+        check_split_option(devices, True, memory_bytes=memory)
+    assert needle in refused.value.message and "\n" not in refused.value.message
+
+
+def test_split_takes_gpus_of_one_memory_size_asking_the_probe_for_their_sizes():
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker.split import check_split_option
+
+    asked = []
+
+    def probe(devices):
+        asked.append(list(devices))
+        return [140 * GIB, 139 * GIB][: len(devices)]  # one card kind, one with a little more reserved
+
+    check_split_option([2, 3], True, probe=probe)
+    assert asked == [[2, 3]]
+    check_split_option([0], False, probe=probe)  # without --split nothing is checked
+    assert asked == [[2, 3]]
+    with pytest.raises(InputError, match="--attention cudnn_fp8"):  # the 8-bit adapters have no Ulysses path
+        check_split_option([0, 1], True, memory_bytes=[80 * GIB] * 2, attention="cudnn_fp8")
+
+
+def test_cli_split_with_one_gpu_exits_2_with_one_line(tiny_models_dir, start_image, tmp_path, capsys):
+    from framepack_ui.cli import main as cli_main
+
+    code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--prompt", "a square",
+                     "--out", str(tmp_path / "one.mp4"), "--split"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --split needs at least 2 GPUs (--gpus 0,1), got 1: one GPU runs the job without --split"
+    assert not list(tmp_path.iterdir())

@@ -43,11 +43,11 @@ FOLLOWERS_GRACE_S = 60.0  # after rank 0's result, how long the others get to fi
 LOCKSTEP_HOOK = "framepack_split_lockstep"
 
 
-def split_problem(devices: Sequence, memory_bytes: Sequence[int] | None,
-                  heads: int = TRANSFORMER_HEADS) -> str | None:
-    """Why `--split` cannot run on `devices` (their total memory `memory_bytes`, None where unknown), in one line;
-    None if it can."""
-    from ..compute.backends import split_heads_problem  # no torch: this runs at startup
+def split_problem(devices: Sequence, memory_bytes: Sequence[int] | None, heads: int = TRANSFORMER_HEADS,
+                  attention: str | None = None) -> str | None:
+    """Why `--split` cannot run on `devices` (their total memory `memory_bytes`, None where unknown) with the
+    attention backend `attention` (None: diffusers' choice), in one line; None if it can."""
+    from ..compute.backends import SPLIT_ATTENTION_BACKENDS, split_heads_problem  # no torch: runs at startup
 
     if len(devices) < 2:
         return (f"--split needs at least 2 GPUs (--gpus 0,1), got {len(devices)}: "
@@ -55,6 +55,9 @@ def split_problem(devices: Sequence, memory_bytes: Sequence[int] | None,
     problem = split_heads_problem(heads, len(devices))
     if problem:
         return f"--split: {problem}"
+    if attention is not None and attention not in SPLIT_ATTENTION_BACKENDS:
+        return (f"--split runs attention through {', '.join(SPLIT_ATTENTION_BACKENDS)}, not --attention "
+                f"{attention}")
     if memory_bytes:
         smallest, largest = min(memory_bytes), max(memory_bytes)
         if largest > smallest * (1 + MEMORY_SPREAD):
@@ -84,14 +87,15 @@ def gpu_memory_bytes(devices: Sequence[int], nvml=None) -> list[int] | None:
 
 
 def check_split_option(devices: Sequence, split: bool, memory_bytes: Sequence[int] | None = None,
-                       probe: Callable[[Sequence], list[int] | None] = gpu_memory_bytes) -> None:
+                       probe: Callable[[Sequence], list[int] | None] = gpu_memory_bytes,
+                       attention: str | None = None) -> None:
     """At startup (CLI and app): raise InputError (one line; the CLI exits 2) when `--split` cannot run on
     `devices`. `memory_bytes` or `probe(devices)` give each device's memory (injectable for tests)."""
     if not split:
         return
     if len(devices) >= 2 and memory_bytes is None:
         memory_bytes = probe(devices)
-    problem = split_problem(devices, memory_bytes)
+    problem = split_problem(devices, memory_bytes, attention=attention)
     if problem:
         raise InputError(problem)
 
