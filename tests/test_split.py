@@ -173,3 +173,18 @@ def test_cli_split_with_one_gpu_exits_2_with_one_line(tiny_models_dir, start_ima
     err = capsys.readouterr().err.strip()
     assert err == "error: --split needs at least 2 GPUs (--gpus 0,1), got 1: one GPU runs the job without --split"
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_split_tiny_times_one_and_two_processes(tmp_path):
+    """bench/bench_split.py --tiny: the GPU benchmark's own code on CPU processes (a smoke test, never a figure)."""
+    import json
+
+    from bench import bench_split
+
+    out = tmp_path / "split.json"
+    bench_split.main(["--tiny", "--out", str(out), "--timed-steps", "1", "--resolutions", "640"])
+    result = json.loads(out.read_text())
+    assert [(c["gpus"], c["resolution"]) for c in result["cases"]] == [(1, 640), (2, 640)]
+    assert all(c["median_step_s"] > 0 and len(c["step_s"]) == 1 for c in result["cases"])
+    assert result["cases"][0]["speedup"] == 1.0 and result["split_env"]["NCCL_NVLS_ENABLE"] == "0"
+    assert "topology" in result
