@@ -188,3 +188,28 @@ def test_bench_split_tiny_times_one_and_two_processes(tmp_path):
     assert all(c["median_step_s"] > 0 and len(c["step_s"]) == 1 for c in result["cases"])
     assert result["cases"][0]["speedup"] == 1.0 and result["split_env"]["NCCL_NVLS_ENABLE"] == "0"
     assert "topology" in result
+
+
+def test_stopping_a_split_job_keeps_its_finished_section(tiny_models_dir, start_image_64x64, tmp_path):
+    """Stop asked in the worker's process after the first section: rank 0 stops at its next step as a one-GPU job
+    does (the others are released), and the finished section stays playable."""
+    import threading
+
+    from conftest import cpu_plan
+    from framepack_ui.events import SectionSaved, Stopped
+    from framepack_ui.spec import JobSpec
+    from framepack_ui.worker.split import run_split_job
+
+    spec = JobSpec(image=start_image_64x64, prompt="a red square moves", resolution=64, steps=2, seconds=3.6)
+    cancel, events = threading.Event(), []
+
+    def emit(event) -> None:
+        events.append(event)
+        if isinstance(event, SectionSaved):
+            cancel.set()
+
+    result = run_split_job(spec, tmp_path / "stopped.mp4", cpu_plan(tiny_models_dir), [0, 1], tiny_models_dir,
+                           emit, cancel, device_type="cpu", collective_timeout_s=120)
+    assert isinstance(result, Stopped), result
+    # the first section (1 + 36 frames), or two: its SectionSaved may come while the second samples; never all 3
+    assert result.frames in (37, 73) and (tmp_path / "stopped.mp4").exists()
