@@ -133,7 +133,9 @@ def _enable_parallelism_without_accelerator(transformer, config: ContextParallel
     parallel.setup(dist.get_rank(), dist.get_world_size(), torch.device("cpu"), mesh=mesh)
     transformer._parallel_config = parallel
     for module in transformer.modules():
-        processor = getattr(module, "processor", None) if isinstance(module, (Attention, AttentionModuleMixin)) else None
+        if not isinstance(module, (Attention, AttentionModuleMixin)):
+            continue
+        processor = getattr(module, "processor", None)
         if processor is not None and hasattr(processor, "_parallel_config"):
             processor._parallel_config = parallel
     apply_context_parallel(transformer, config, plan)

@@ -41,6 +41,7 @@ MEMORY_SPREAD = 0.05
 COLLECTIVE_TIMEOUT_S = 3600.0
 FOLLOWERS_GRACE_S = 60.0  # after rank 0's result, how long the others get to finish before they are ended
 LOCKSTEP_HOOK = "framepack_split_lockstep"
+DEFAULT_PROMPT_CACHE = "default"  # each rank's ModelManager keeps its default prompt cache folder
 
 
 def split_problem(devices: Sequence, memory_bytes: Sequence[int] | None, heads: int = TRANSFORMER_HEADS,
@@ -110,7 +111,8 @@ class SplitJobRunner:
 
     def __call__(self, spec, out_path, manager, emit, cancel=None, *, record=None, out_of_memory_advice=None,
                  start=None):
-        cache_dir = getattr(getattr(manager, "prompt_cache", None), "cache_dir", None)
+        prompt_cache = getattr(manager, "prompt_cache", None)
+        cache_dir = prompt_cache.cache_dir if prompt_cache is not None else DEFAULT_PROMPT_CACHE
         return run_split_job(spec, out_path, manager.plan, self.devices, manager.models_dir, emit, cancel,
                              record=record, out_of_memory_advice=out_of_memory_advice, start=start,
                              prompt_cache_dir=cache_dir, loras=getattr(manager, "_loras", None),
@@ -134,14 +136,15 @@ class _Rank:
     backend: str
     models_dir: str
     plan: object  # memory.plan LoadPlan: one for every card (split_problem: one memory size)
-    prompt_cache_dir: object
+    prompt_cache_dir: object  # a folder, None (in memory only) or DEFAULT_PROMPT_CACHE
     loras: object  # memory.lora LoraSet or None: every rank's transformer computes with them
     collective_timeout_s: float
 
 
 def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, cancel: threading.Event | None = None,
                   *, record: dict | None = None, out_of_memory_advice: str | None = None, start=None,
-                  prompt_cache_dir=None, loras=None, device_type: str = "cuda", start_method: str = "spawn",
+                  prompt_cache_dir=DEFAULT_PROMPT_CACHE, loras=None, device_type: str = "cuda",
+                  start_method: str = "spawn",
                   followers_grace_s: float = FOLLOWERS_GRACE_S, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
                   rank_hooks: dict | None = None):
     """Run one job with the transformer's sequence split over `devices` (GPU indices; on CPUs with gloo,
@@ -158,7 +161,8 @@ def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, can
     cuda = device_type == "cuda"
     ranks = [_Rank(rank, len(devices), f"cuda:{rank}" if cuda else "cpu",
                    ",".join(str(d) for d in devices) if cuda else None, os.path.join(workdir, "rendezvous"),
-                   "cpu:gloo,cuda:nccl" if cuda else "gloo", str(models_dir), plan, prompt_cache_dir, loras, collective_timeout_s)
+                   "cpu:gloo,cuda:nccl" if cuda else "gloo", str(models_dir), plan, prompt_cache_dir, loras,
+                   collective_timeout_s)
              for rank in range(len(devices))]
     processes = [context.Process(target=_rank_main, name=f"framepack-split-{r.rank}", daemon=True,
                                  args=(r, spec, str(out_path), record, out_of_memory_advice, start, events, stop,
@@ -261,7 +265,8 @@ def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, start, 
     dist.init_process_group(rank.backend, init_method=f"file://{rank.init_file}", rank=rank.rank,
                             world_size=rank.world_size, timeout=datetime.timedelta(seconds=rank.collective_timeout_s))
     try:
-        cache = {} if rank.prompt_cache_dir is None else {"prompt_cache_dir": rank.prompt_cache_dir}
+        cache = ({} if rank.prompt_cache_dir == DEFAULT_PROMPT_CACHE else
+                 {"prompt_cache_dir": rank.prompt_cache_dir})
         manager = ModelManager(Path(rank.models_dir), rank.plan, gpu=device, **cache)
         if rank.loras is not None:
             manager.set_loras(rank.loras)
