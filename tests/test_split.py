@@ -213,3 +213,22 @@ def test_stopping_a_split_job_keeps_its_finished_section(tiny_models_dir, start_
     assert isinstance(result, Stopped), result
     # the first section (1 + 36 frames), or two: its SectionSaved may come while the second samples; never all 3
     assert result.frames in (37, 73) and (tmp_path / "stopped.mp4").exists()
+
+
+def test_the_memory_probe_reads_each_devices_total_from_nvml():
+    from types import SimpleNamespace
+
+    from framepack_ui.worker.split import gpu_memory_bytes
+
+    totals = {2: 80 * GIB, 3: 24 * GIB}
+    calls = []
+    nvml = SimpleNamespace(nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+                           nvmlDeviceGetHandleByIndex=lambda index: index,
+                           nvmlDeviceGetMemoryInfo=lambda handle: SimpleNamespace(total=totals[handle]))
+    assert gpu_memory_bytes([2, 3], nvml=nvml) == [80 * GIB, 24 * GIB]
+    assert calls == ["init", "shutdown"]
+
+    def no_driver():
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    assert gpu_memory_bytes([0, 1], nvml=SimpleNamespace(nvmlInit=no_driver)) is None
