@@ -62,7 +62,8 @@ def forward_rank(rank: int, world_size: int, init_file: str, models_dir: str, ou
             local_only = transformer(**uneven_inputs(transformer))[0]
             for processor in processors:
                 processor._parallel_config = config
-        torch.save({"split": split, "local_only": local_only, "processors": len(processors)},
+        blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+        torch.save({"split": split, "local_only": local_only, "split_attention": len(processors), "blocks": blocks},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()

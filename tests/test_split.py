@@ -2,13 +2,12 @@
 checked on CPUs: processes over gloo on the loopback give what one process gives.
 
 Tolerance: float32 throughout; the split changes only the order of the attention's sums (the keys arrive in rank
-order) and of the gathers, so outputs agree to rounding: 1e-5 of the output's largest magnitude for one forward
-(measured: 1.1e-6; attention kept to each rank's own tokens: 1.4).
+order) and of the gathers, so outputs agree to rounding: within 1e-5 of the output's largest magnitude, for one
+forward (measured: 1.1e-6; attention kept to each rank's own tokens: 1.4) and for a job's latents after 2 sections
+of 4 steps (attention kept to each rank's own tokens: 8e-3).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -37,7 +36,7 @@ def test_two_processes_give_the_one_process_forward(tiny_models_dir, one_process
     scale = reference.abs().max().item()
     for rank in range(2):
         saved = torch.load(tmp_path / f"rank{rank}.pt")
-        assert saved["processors"] > 0  # every block's attention went through the split
+        assert saved["split_attention"] == saved["blocks"]  # every block's attention went through the split
         assert saved["split"].shape == reference.shape
         assert (saved["split"] - reference).abs().max().item() <= FORWARD_TOLERANCE * scale
         assert (saved["local_only"] - reference).abs().max().item() > 100 * FORWARD_TOLERANCE * scale
