@@ -363,7 +363,7 @@ class Lockstep:
 
         mirror = _TeaCacheMirror(transformer)
         while True:
-            call = _receive_call(transformer)
+            call = _receive_call()
             if call is None:
                 break
             kwargs, teacache = call
@@ -400,7 +400,7 @@ def _send_call(kwargs: dict, teacache) -> None:
         dist.broadcast(tensors[name].contiguous(), src=0)
 
 
-def _receive_call(transformer):
+def _receive_call():
     import torch
     import torch.distributed as dist
 
@@ -412,7 +412,10 @@ def _receive_call(transformer):
     kwargs = dict(values)
     for name in sorted(described):
         shape, dtype, device_type = described[name]
-        tensor = torch.empty(shape, dtype=dtype, device="cpu" if device_type == "cpu" else transformer.device)
+        # where rank 0's lives, on this rank's own device (not transformer.device: a streamed transformer's first
+        # parameters stay on the host, and a tensor on the wrong side would meet the other backend's broadcast)
+        device = torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
+        tensor = torch.empty(shape, dtype=dtype, device=device)
         dist.broadcast(tensor, src=0)
         kwargs[name] = tensor
     return kwargs, teacache
