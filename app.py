@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpus", default=None, metavar="all|0,1",
                         help="serve the queue with a worker on each of these CUDA GPUs (all, or their numbers), "
                              "sharing this machine's RAM among them (default: one GPU, as --device)")
+    parser.add_argument("--split", action="store_true",
+                        help="with --gpus (2 or more of one memory size): each job over all of them, the video "
+                             "model's sequence split across the GPUs, instead of a worker on each")
     parser.add_argument("--ray", default=None, metavar="ADDRESS",
                         help="serve the queue with a worker on each GPU of the running Ray cluster at ADDRESS "
                              "(HOST:PORT of its head; Linux, pip install ray): each node uses its own models folder "
@@ -114,6 +117,9 @@ def make_worker(args: argparse.Namespace):
     if args.ray is not None:
         return join_cluster(args, options)
     if args.gpus is None:
+        if args.split:
+            log.error("--split needs --gpus naming 2 or more GPUs (e.g. --gpus 0,1 --split)")
+            return None
         return Worker(args.models, args.outputs, device=args.device, **options)
     if args.device is not None:
         log.error("--gpus and --device cannot be used together: --gpus names the devices")
@@ -123,9 +129,27 @@ def make_worker(args: argparse.Namespace):
     except InputError as exc:
         log.error("%s", exc.message)
         return None
+    if args.split:
+        return split_worker(args, devices, options)
     if len(devices) == 1:
         return Worker(args.models, args.outputs, device=devices[0], **options)
     return WorkerPool(args.models, args.outputs, devices, **options)
+
+
+def split_worker(args: argparse.Namespace, devices: list[str], options: dict):
+    """`--gpus ... --split`: one worker whose jobs each run over all the devices (worker/split.py), planned on the
+    first; None, with one line logged, when the GPUs cannot take a split job."""
+    from framepack_ui.errors import InputError
+    from framepack_ui.worker import Worker
+    from framepack_ui.worker.split import SplitJobRunner, check_split_option
+
+    indexes = [int(device.split(":")[1]) for device in devices]
+    try:
+        check_split_option(indexes, True, attention=args.attention)
+    except InputError as exc:
+        log.error("%s", exc.message)
+        return None
+    return Worker(args.models, args.outputs, device=devices[0], run_job=SplitJobRunner(indexes), **options)
 
 
 def join_cluster(args: argparse.Namespace, node_options: dict):

@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="apply a LoRA to the video model (kohya / musubi-tuner or diffusers / PEFT .safetensors), "
                         "at STRENGTH (default 1); repeat for several")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    g.add_argument("--gpus", default=None, metavar="all|0,1",
+                   help="with --split: the GPUs the job is split over (all, or their numbers); one job on one GPU "
+                        "takes --device cuda:N")
+    g.add_argument("--split", action="store_true",
+                   help="with --gpus (2 or more of one memory size): one job over those GPUs, the video model's "
+                        "sequence split across them")
     g.add_argument("--offline", action="store_true", help="never download missing model files")
     g.add_argument("--plan", default="auto", choices=PLAN_CHOICES,
                    help="where the models live: auto (from this machine's RAM/VRAM), gpu (all resident), streamed, "
@@ -226,6 +232,7 @@ def _generate(args) -> int:
         _out(f"batch: {len(jobs)} jobs ({len(args.image)} image(s) x {len(args.prompt)} prompt(s)): "
              f"{', '.join(out.name for _, _, out in jobs)}")
     out = jobs[0][2]
+    split_job = _split_job(args)  # before any heavy import too
     if not args.verbose:
         from diffusers.utils import logging as diffusers_logging
 
@@ -237,7 +244,8 @@ def _generate(args) -> int:
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
     # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop that keeps what is done
     worker = Worker(args.models, out.parent, device=args.device, profile=args.plan, keep_models_s=0,
-                    download_missing=not args.offline, serves_pages=False, background=False, **cache)
+                    download_missing=not args.offline, serves_pages=False, background=False, **cache,
+                    **({"run_job": split_job} if split_job else {}))
     seen = []  # every event, printed as it happens
     job_ids: list[str] = []
 
@@ -268,6 +276,23 @@ def _generate(args) -> int:
     # bad input, missing models, or a plan that cannot fit (refused before the job started): a usage error
     refused = result.reason in ("input", "models") or (result.reason == "memory" and not started)
     return EXIT_USAGE if refused else EXIT_FAILED
+
+
+def _split_job(args):
+    """`--split`: checked at once (one line, exit 2), then the worker's run_job for it; None without it."""
+    if args.gpus is not None and not args.split:
+        raise _input_error("--gpus names the GPUs of a --split job; one job on one GPU takes --device cuda:N")
+    if not args.split:
+        return None
+    from .worker.split import SplitJobRunner, check_split_option
+
+    devices = [0]  # without --gpus: one GPU, which check_split_option refuses in one line
+    if args.gpus is not None:
+        from .worker.pool import cuda_device_count, parse_gpus
+
+        devices = [int(device.split(":")[1]) for device in parse_gpus(args.gpus, cuda_device_count())]
+    check_split_option(devices, True, attention=args.attention)
+    return SplitJobRunner(devices)
 
 
 SETTING_ARGS = ("image", "prompt", "negative", "seconds", "seed", "steps", "gs", "cfg", "rs", "resolution", "sampler",

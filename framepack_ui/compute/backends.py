@@ -43,3 +43,19 @@ def unusable_because(backend: str, on_gpu: bool, capability: tuple[int, int]) ->
 def compile_supported(device: str) -> bool:
     """torch.compile's GPU code generator is Triton: CUDA only (Triton on Windows is a separate, optional package)."""
     return str(device).startswith("cuda") and importlib.util.find_spec("triton") is not None
+
+
+# The attention backends diffusers' Ulysses split runs through (its dispatcher's supports_context_parallel); the
+# 8-bit adapters here are not among them
+SPLIT_ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash")
+
+
+def split_heads_problem(heads: int, world_size: int) -> str | None:
+    """Why a sequence split over `world_size` GPUs cannot give each GPU whole heads of a `heads`-head transformer
+    (context_parallel.py), or None."""
+    if world_size < 2:
+        return f"a sequence split needs at least 2 GPUs, got {world_size}"
+    if heads % world_size:
+        divisors = ", ".join(str(n) for n in range(2, heads + 1) if heads % n == 0)
+        return f"the video model's {heads} attention heads do not divide among {world_size} GPUs (use {divisors})"
+    return None
