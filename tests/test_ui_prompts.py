@@ -49,7 +49,7 @@ def form_state(page) -> dict:
                "prompt_blend")
     state = {name: page.locator(f"#{name} input[type=number]").input_value() for name in numbers}
     state.update(prompt=prompt_of(page), negative=page.locator("#negative textarea").input_value(),
-                 teacache=page.locator("#teacache input[type=checkbox]").is_checked(),
+                 cache=page.locator("#cache input:checked").input_value(),
                  sampler=page.locator("#sampler input[type=radio]:checked").input_value(),
                  profile=page.locator("#memory_profile input").input_value(),
                  storage=page.locator("#transformer_storage input").input_value(), rows=rows(page),
@@ -124,13 +124,13 @@ def test_a_dropped_video_or_settings_file_and_the_gallery_restore_every_setting(
             page.locator("#negative textarea").fill(value)
         else:
             set_number(page, name, value)
-    page.locator("#teacache input[type=checkbox]").uncheck()
+    page.locator("#cache input[value=off]").check()  # the step cache: off (the TeaCache box follows it, hidden)
     page.locator("#sampler label").filter(has_text="euler").click()
     choose(page, "memory_profile", "cpu")
     choose(page, "transformer_storage", "bf16 (as shipped)")
     wait_until(lambda: rows(page), ["0", "a red square", "1.3", "a blue square"])
     made = form_state(page)
-    assert made["teacache"] is False and made["sampler"] == "euler" and made["image"]
+    assert made["cache"] == "off" and made["sampler"] == "euler" and made["image"]
     page.locator("#generate").click()
     done = wait_text(page, "progress", r"Done: 73 frames", timeout_s=2 * JOB_S)
     name = done.split("saved as ")[1].split()[0].removesuffix(".mp4")
