@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 
 from framepack_ui.engine.video import count_frames
-from test_ui_browser import CHROMIUM, CHROMIUM_ARGS, fill_form, job_id_of, run_app, wait_text
+from conftest import CHROMIUM, CHROMIUM_ARGS
+from test_ui_browser import fill_form, job_id_of, run_app, wait_text
 
 CLIENTS = 9
 # The bound for one gauge reading, request to answer, while jobs stream to ten sessions: GAUGE_ANSWER_S. A
