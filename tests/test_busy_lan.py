@@ -47,7 +47,8 @@ def browser():
 def tick(url: str) -> str:
     """One gauges reading through Gradio's HTTP API (POST the call, read its answer from the event stream): what a
     page's timer asks every second. Returns the answer's data line."""
-    call = urllib.request.Request(f"{url}gradio_api/call/tick", data=json.dumps({"data": []}).encode(),
+    # its one input over HTTP: the browser's kept list of its own jobs (BrowserState; none for a plain client)
+    call = urllib.request.Request(f"{url}gradio_api/call/tick", data=json.dumps({"data": [None]}).encode(),
                                   headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(call, timeout=60) as response:
         event_id = json.loads(response.read())["event_id"]
