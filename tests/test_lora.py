@@ -615,3 +615,33 @@ def test_a_queued_job_with_loras_comes_back_after_a_restart_with_its_loras(tmp_p
     [record] = queue_records.read_all(out.parent)
     assert record.spec.loras == (LoraChoice(str(lora), 0.7),)
     assert record.spec.prompt == "a cat"
+
+
+def test_the_pages_plan_preview_counts_the_chosen_loras(tiny_models_dir, monkeypatch):
+    """The plan the page shows before Generate (Worker.plan_text) places the chosen LoRAs' memory as the job's plan
+    does: on an 8 GB card with the real transformer's sizes a rank-128 LoRA leaves fewer blocks resident. The
+    machine, weight sizes and the LoRA's cost are injected (its file is the tiny set's)."""
+    from framepack_ui.memory import lora as lora_memory, probe
+    from framepack_ui.memory.plan import real_weights
+    from framepack_ui.worker import Worker
+
+    monkeypatch.setattr(probe, "probe_machine", lambda *args, **kwargs: probe.Machine.supposed(64, 8))
+    monkeypatch.setattr(probe, "weights_on_disk", lambda models_dir: real_weights())
+
+    class Rank128:
+        def cost(self, linears):
+            return RANK_128_EVERY_BLOCK_LINEAR
+
+    monkeypatch.setattr(lora_memory, "read_lora_set", lambda choices, models_dir: (Rank128(), {}))
+    worker = Worker(tiny_models_dir, Path("/nonexistent-outputs"), device="cuda", prompt_cache_dir=None,
+                    serves_pages=False)
+    try:
+        plain = worker.plan_text("auto", 640)
+        with_lora = worker.plan_text("auto", 640, loras=(LoraChoice(str(lora_path(tiny_models_dir, MUSUBI))),))
+    finally:
+        worker.shutdown()
+
+    def resident(text):
+        return int(re.search(r"transformer\s+gpu-streamed (\d+)/60", text).group(1))
+
+    assert resident(with_lora) < resident(plain)

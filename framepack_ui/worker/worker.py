@@ -317,12 +317,18 @@ class Worker:
 
         return tuple(PLAN_CHOICES)
 
-    def plan_text(self, profile: str | None = None, resolution: int = 640, **options) -> str:
-        """The plan a job with this profile, resolution and plan options (`fp8`...) would run under, as a table
-        (LoadPlan.explain()); when none fits, one line saying why. Reads the machine now (imports torch on the
-        first call)."""
+    def plan_text(self, profile: str | None = None, resolution: int = 640, loras: tuple = (), **options) -> str:
+        """The plan a job with this profile, resolution, LoRAs (spec.LoraChoice) and plan options (`fp8`...) would
+        run under, as a table (LoadPlan.explain()); when none fits, one line saying why. Reads the machine now
+        (imports torch on the first call) and the LoRA files (their memory is the plan's to place)."""
         try:
-            return self._make_plan(profile or self.profile, int(resolution), **options).explain()
+            cost = None
+            if loras:
+                from ..memory.lora import read_lora_set
+
+                lora_set, linears = read_lora_set(loras, self.models_dir)
+                cost = lora_set.cost(linears)
+            return self._make_plan(profile or self.profile, int(resolution), lora=cost, **options).explain()
         except UserError as exc:
             return f"No memory plan fits: {exc.message}"
 
