@@ -59,9 +59,15 @@ def test_a_120_s_video_runs_to_its_end_with_memory_threads_and_open_files_flat(m
     # decode fewer latents), by when the video encoder's threads have all started: the first sections made
     readings = readings[CONTEXT_FROM_SECTION:]
 
-    first_rss, first_threads, first_files = readings[0][1:]
+    first_rss, first_threads, _ = readings[0][1:]
     growth = {section: (rss - first_rss) / MB for section, rss, _, _ in readings}
     print(f"RSS after the first sections {first_rss / MB:.0f} MB; growth (MB) every 10 sections:",
           {section: round(growth[section]) for section in range(CONTEXT_FROM_SECTION, SECTIONS, 10)}, "max", round(max(growth.values())))
     assert max(growth.values()) * MB < RSS_GROWTH_BYTES, growth
-    assert {(threads, files) for _, _, threads, files in readings} == {(first_threads, first_files)}, readings
+    assert {threads for _, _, threads, _ in readings} == {first_threads}, readings
+    # Open files: a reading may catch one the video encoder's thread has open for a moment (the section state's
+    # manifest, engine/state.py, rewritten as each section is saved), so the check is that none are kept:
+    # the fewest open over the last ten sections is no more than over the first ten (a file kept per section would
+    # add ninety), and no reading holds more than two extra.
+    files = [files for _, _, _, files in readings]
+    assert min(files[-10:]) <= min(files[:10]) and max(files) <= min(files[:10]) + 2, readings

@@ -110,13 +110,13 @@ class SplitJobRunner:
         self.devices, self.device_type, self.options = list(devices), device_type, options
 
     def __call__(self, spec, out_path, manager, emit, cancel=None, *, record=None, out_of_memory_advice=None,
-                 start=None):
+                 start=None, calibration_dir=None):
         prompt_cache = getattr(manager, "prompt_cache", None)
         cache_dir = prompt_cache.cache_dir if prompt_cache is not None else DEFAULT_PROMPT_CACHE
         return run_split_job(spec, out_path, manager.plan, self.devices, manager.models_dir, emit, cancel,
                              record=record, out_of_memory_advice=out_of_memory_advice, start=start,
-                             prompt_cache_dir=cache_dir, loras=getattr(manager, "_loras", None),
-                             device_type=self.device_type, **self.options)
+                             calibration_dir=calibration_dir, prompt_cache_dir=cache_dir,
+                             loras=getattr(manager, "_loras", None), device_type=self.device_type, **self.options)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ class _Rank:
 
 def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, cancel: threading.Event | None = None,
                   *, record: dict | None = None, out_of_memory_advice: str | None = None, start=None,
-                  prompt_cache_dir=DEFAULT_PROMPT_CACHE, loras=None, device_type: str = "cuda",
+                  calibration_dir=None, prompt_cache_dir=DEFAULT_PROMPT_CACHE, loras=None, device_type: str = "cuda",
                   start_method: str = "spawn",
                   followers_grace_s: float = FOLLOWERS_GRACE_S, collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
                   rank_hooks: dict | None = None):
@@ -155,6 +155,8 @@ def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, can
     import multiprocessing
 
     cancel = cancel or threading.Event()
+    # engine.f1.run's own options, for rank 0 (it runs the job; the others follow its transformer calls)
+    run_options = {"calibration_dir": calibration_dir, **({"start": start} if start is not None else {})}
     context = multiprocessing.get_context(start_method)
     events, stop = context.Queue(), context.Event()
     workdir = tempfile.mkdtemp(prefix="framepack-split-")
@@ -165,7 +167,7 @@ def run_split_job(spec, out_path, plan, devices: Sequence, models_dir, emit, can
                    collective_timeout_s)
              for rank in range(len(devices))]
     processes = [context.Process(target=_rank_main, name=f"framepack-split-{r.rank}", daemon=True,
-                                 args=(r, spec, str(out_path), record, out_of_memory_advice, start, events, stop,
+                                 args=(r, spec, str(out_path), record, out_of_memory_advice, run_options, events, stop,
                                        (rank_hooks or {}).get(r.rank)))
                  for r in ranks]
     clean = False
@@ -237,21 +239,23 @@ def _end_processes(processes, grace_s: float) -> None:
             process.join(10)
 
 
-def _rank_main(rank: _Rank, spec, out_path: str, record, out_of_memory_advice, start, events, stop, rank_hook):
+def _rank_main(rank: _Rank, spec, out_path: str, record, out_of_memory_advice, run_options, events, stop,
+               rank_hook):
     """One process of the split job (the entry point `run_split_job` starts)."""
     os.environ.update(SPLIT_ENV)
     os.environ.update(LOOPBACK_ENV)
     if rank.visible_devices is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = rank.visible_devices
     try:
-        _run_rank(rank, spec, out_path, record, out_of_memory_advice, start, events, stop, rank_hook)
+        _run_rank(rank, spec, out_path, record, out_of_memory_advice, run_options, events, stop, rank_hook)
     except BaseException as exc:  # the parent ends the others and fails the job with this line
         log.exception("split process %d failed", rank.rank)
         events.put(_RankFailed(rank.rank, f"{exc.__class__.__name__}: {' '.join(str(exc).split())}"[:200]))
         raise SystemExit(1)
 
 
-def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, start, events, stop, rank_hook) -> None:
+def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, run_options, events, stop,
+              rank_hook) -> None:
     import torch
     import torch.distributed as dist
 
@@ -272,7 +276,7 @@ def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, start, 
             manager.set_loras(rank.loras)
         try:
             if rank.rank == 0:
-                _lead(manager, spec, out_path, record, out_of_memory_advice, start, events, stop, rank_hook)
+                _lead(manager, spec, out_path, record, out_of_memory_advice, run_options, events, stop, rank_hook)
             else:
                 _follow(manager, rank_hook)
         finally:
@@ -281,14 +285,13 @@ def _run_rank(rank: _Rank, spec, out_path, record, out_of_memory_advice, start, 
         dist.destroy_process_group()
 
 
-def _lead(manager, spec, out_path, record, out_of_memory_advice, start, events, stop, rank_hook) -> None:
+def _lead(manager, spec, out_path, record, out_of_memory_advice, run_options, events, stop, rank_hook) -> None:
     from ..engine.f1 import run
 
     lender = SplitLender(manager, rank_hook)
     try:
-        more = {"start": start} if start is not None else {}
         run(spec, out_path, lender, events.put, stop, record=record, out_of_memory_advice=out_of_memory_advice,
-            **more)
+            **run_options)
     finally:
         Lockstep.release_followers()
 
