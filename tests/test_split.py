@@ -214,6 +214,28 @@ def test_stopping_a_split_job_keeps_its_finished_section(tiny_models_dir, start_
     assert result.frames in (37, 73) and (tmp_path / "stopped.mp4").exists()
 
 
+def test_a_magcache_split_job_is_refused_in_one_line_before_any_process_starts(tiny_models_dir, start_image_64x64,
+                                                                               make_worker, tmp_path):
+    """MagCache's hooks skip blocks on rank 0 alone: a split job with it would leave the other ranks waiting in a
+    block's all-to-all until the collective timeout. It is refused as bad input (the CLI exits 2), no process
+    started."""
+    import multiprocessing
+
+    from framepack_ui.events import Failed
+    from framepack_ui.spec import JobSpec
+    from framepack_ui.worker.split import SplitJobRunner
+    from worker_jobs import all_events
+
+    spec = JobSpec(image=start_image_64x64, prompt="a red square moves", resolution=64, steps=2, seconds=1.2,
+                   cache="magcache")
+    worker = make_worker(models_dir=tiny_models_dir, run_job=SplitJobRunner([0, 1], device_type="cpu",
+                                                                          collective_timeout_s=60))
+    end = all_events(worker, worker.submit(spec, out_path=tmp_path / "magcache.mp4"))[-1]
+    assert isinstance(end, Failed) and end.reason == "input", end
+    assert end.message == "MagCache does not run with --split yet: use --cache teacache or off for a split job"
+    assert not multiprocessing.active_children() and not (tmp_path / "magcache.mp4").exists()
+
+
 def test_the_memory_probe_reads_each_devices_total_from_nvml():
     from types import SimpleNamespace
 
