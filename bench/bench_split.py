@@ -20,13 +20,16 @@ if not __package__:  # run as `python bench/bench_split.py`: see bench/_repo.py
 
 import argparse
 import os
+import queue
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
 from bench.common import (build_transformer, header, inputs, model_dtype, now, sampling_s_per_frame,
                           transformer_config, write_result)
@@ -113,9 +116,24 @@ def run_case(world_size: int, tiny: bool, resolution: int, steps: int, devices: 
     results = context.Queue()
     workdir = tempfile.mkdtemp(prefix="bench-split-")
     try:
-        mp.start_processes(bench_rank, args=(world_size, tiny, resolution, steps, os.path.join(workdir, "rdv"),
-                                             results), nprocs=world_size, join=True, start_method="spawn")
-        return results.get(timeout=60)
+        processes = mp.start_processes(bench_rank, args=(world_size, tiny, resolution, steps,
+                                                         os.path.join(workdir, "rdv"), results),
+                                       nprocs=world_size, join=False, start_method="spawn")
+        result = None
+        while result is None:
+            try:
+                result = results.get(timeout=1.0)
+            except queue.Empty:
+                if processes.join(timeout=0):  # a process that failed raises here
+                    raise RuntimeError("the benchmark's processes ended without a result") from None
+        try:
+            while not processes.join(timeout=60):
+                pass
+        except ProcessException as exc:
+            # after the result: the process group's teardown (gloo's threads once aborted a CPU run here), which the
+            # figures do not depend on; the split job itself ends on rank 0's result too (worker/split.py)
+            print(f"warning: after its result, {exc}", file=sys.stderr)
+        return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if previous is None:
