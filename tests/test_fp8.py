@@ -378,3 +378,114 @@ def test_fp8_linear_matches_a_float_matmul_of_the_quantized_operands():
     assert y.shape == (2, 5, 48) and y.dtype == x.dtype
     assert torch.allclose(y.reshape(-1, 48), want, rtol=1e-4, atol=1e-4)
     assert _rel(y.reshape(-1, 48), x.reshape(-1, 64) @ w.T + bias) < 0.06
+
+
+# --- the cache's bookkeeping, exactly --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, shape, dtype, expected", [
+    ("transformer_blocks.0.attn.to_q.weight", (32, 32), "BF16", True),  # exactly MIN_QUANT_NUMEL elements
+    ("single_transformer_blocks.3.proj_mlp.weight", (8, 128), "F16", True),
+    ("single_transformer_blocks.3.proj_mlp.weight", (128, 8), "F32", True),
+    ("transformer_blocks.0.attn.to_q.weight", (31, 33), "BF16", False),  # one element short of 1024
+    ("transformer_blocks.0.attn.to_q.weight", (2, 512, 1), "BF16", False),  # not a matrix
+    ("transformer_blocks.0.attn.to_q.weight", (32, 32), "F8_E4M3", False),
+    ("transformer_blocks.0.attn.to_q.weight", (32, 32), "I64", False),
+    ("transformer_blocks.0.attn.to_q.bias", (32, 32), "BF16", False),
+    ("x_embedder.proj.weight", (64, 64), "BF16", False),  # outside the blocks: kept as stored
+])
+def test_only_block_weight_matrices_of_1024_elements_or_more_in_a_float_dtype_are_quantized(name, shape, dtype,
+                                                                                            expected):
+    assert fp8.MIN_QUANT_NUMEL == 1024 and fp8.quantizable(name, shape, dtype) is expected
+
+
+def _recorded_after(models: Path, change) -> bool:
+    folder = _folder(models)
+    fp8.ensure_cache(folder)
+    assert fp8.cache_recorded(folder)
+    change(fp8.cache_dir(folder), folder)
+    return fp8.cache_recorded(folder)
+
+
+def _rewrite_manifest(edit):
+    def change(cache: Path, _folder) -> None:
+        import json
+
+        path = cache / fp8.MANIFEST_NAME
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        edit(manifest)
+        path.write_text(json.dumps(manifest), encoding="utf-8")
+    return change
+
+
+def _touch_source(_cache, folder: Path) -> None:
+    src = shard_files(folder, fp8.SOURCE_INDEX, fp8.SOURCE_SINGLE)[0]
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 1_000_000_000))
+
+
+RECORD_CHANGES = {
+    "manifest removed": lambda cache, _: (cache / fp8.MANIFEST_NAME).unlink(),
+    "manifest not JSON": lambda cache, _: (cache / fp8.MANIFEST_NAME).write_text("{not json", encoding="utf-8"),
+    "another format": _rewrite_manifest(lambda m: m.update(format=fp8.FORMAT_VERSION + 1)),
+    "no shard list": _rewrite_manifest(lambda m: m.pop("shards")),
+    "a source shard re-downloaded": _touch_source,
+    "a shard of another size": lambda cache, _: _truncate(sorted(cache.glob("*.safetensors"))[0]),
+    "a shard missing": lambda cache, _: sorted(cache.glob("*.safetensors"))[-1].unlink(),
+}
+
+
+@pytest.mark.parametrize("change", list(RECORD_CHANGES))
+def test_the_plans_cheap_look_at_the_cache_sees_it_gone_stale_or_cut(models_copy, change):
+    """cache_recorded: what the plan reads to know whether fp8 means converting first (no hashing)."""
+    assert _recorded_after(models_copy, RECORD_CHANGES[change]) is False
+
+
+def test_the_plans_cheap_look_reads_sizes_not_bytes(models_copy):
+    """A flipped byte keeps the recorded sizes: the cheap look still counts the cache (no hashing; the load's
+    check_cache finds the flip and converts again, test_corrupt_cache_is_detected_and_rebuilt)."""
+    assert _recorded_after(models_copy, lambda cache, _: _flip_byte(sorted(cache.glob("*.safetensors"))[0])) is True
+    assert fp8.cache_recorded(models_copy / "nowhere") is False
+
+
+def test_a_full_disk_says_how_much_is_free_and_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp8.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(100, 50, 2_345_000_000))
+    target = tmp_path / "shard.safetensors"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        error = fp8._write_error(target, OSError(code, "No space left on device"), tmp_path)
+        assert error.message == (f"the disk is full: could not write the fp8 cache file {target} (2.3 GB free); nothing "
+                                 "was kept: free some space or store the transformer as bf16 (--no-fp8, or bf16 on "
+                                 "the page)")
+    gone = fp8._write_error(target, OSError(errno.ENOSPC, "No space left on device"), tmp_path / "removed")
+    assert "(0.0 GB free)" in gone.message
+    other = fp8._write_error(target, OSError(errno.EIO, "Input/output error"), tmp_path)
+    assert other.message == f"could not write the fp8 cache file {target}: Input/output error; nothing was kept"
+
+
+def test_the_manifest_is_written_whole_as_pretty_utf8_json_and_recorded_as_written(tmp_path):
+    path, written = tmp_path / fp8.MANIFEST_NAME, []
+    fp8._write_json_atomic(path, {"name": "é", "shards": [1]}, written)
+    assert path.read_bytes() == '{\n "name": "\\u00e9",\n "shards": [\n  1\n ]\n}'.encode("utf-8")
+    assert written == [tmp_path / f"{fp8.MANIFEST_NAME}{fp8.TMP_MARK}{os.getpid()}", path]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [fp8.MANIFEST_NAME]  # the temporary moved into place
+
+
+def test_moving_to_a_device_moves_every_tensor_and_converts_only_floating_ones():
+    """fp8.to_device on a hand-made module (the tiny transformer has no buffers): floating parameters and buffers
+    in the dtype; fp8 weights and their scales, integer tensors and missing ones as they are. (Which device each
+    reaches cannot be told apart on a machine with only the CPU: docs/mutation.md.)"""
+    linear = torch.nn.Linear(4, 3)
+    q, scale = fp8_linear.quantize(linear.weight.data)
+    linear.weight = torch.nn.Parameter(q, requires_grad=False)
+    linear.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
+    plain = torch.nn.Linear(3, 2, bias=False)
+    plain.register_parameter("bias", None)
+    plain.register_parameter("gain", torch.nn.Parameter(torch.ones(2)))  # after the missing one: still converted
+    plain.register_buffer("running", torch.ones(2))
+    plain.register_buffer("count", torch.tensor([3], dtype=torch.int64))
+    plain.register_buffer("nothing", None)
+    model = torch.nn.Sequential(linear, plain)
+    fp8.to_device(model, CPU, torch.float16)
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert {n: t.dtype for n, t in tensors.items()} == {
+        "0.weight": torch.float8_e4m3fn, "0.bias": torch.float16, "0.weight_scale": torch.float32,
+        "1.weight": torch.float16, "1.gain": torch.float16, "1.running": torch.float16, "1.count": torch.int64}
+    assert plain.bias is None and plain._buffers["nothing"] is None
