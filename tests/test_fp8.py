@@ -447,13 +447,15 @@ def test_the_plans_cheap_look_reads_sizes_not_bytes(models_copy):
 
 
 def test_a_full_disk_says_how_much_is_free_and_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(fp8.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(100, 50, 2_345_000_000))
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(fp8.shutil, "disk_usage", lambda folder: SimpleNamespace(free=2_345_000_000))
     target = tmp_path / "shard.safetensors"
     for code in (errno.ENOSPC, errno.EDQUOT):
         error = fp8._write_error(target, OSError(code, "No space left on device"), tmp_path)
-        assert error.message == (f"the disk is full: could not write the fp8 cache file {target} (2.3 GB free); nothing "
-                                 "was kept: free some space or store the transformer as bf16 (--no-fp8, or bf16 on "
-                                 "the page)")
+        assert error.message == (f"the disk is full: could not write the fp8 cache file {target} (2.3 GB free); "
+                                 "nothing was kept: free some space or store the transformer as bf16 (--no-fp8, or "
+                                 "bf16 on the page)")
     gone = fp8._write_error(target, OSError(errno.ENOSPC, "No space left on device"), tmp_path / "removed")
     assert "(0.0 GB free)" in gone.message
     other = fp8._write_error(target, OSError(errno.EIO, "Input/output error"), tmp_path)
