@@ -10,6 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from framepack_ui.errors import MemoryPlanError
+from framepack_ui.memory.plan import host_share
+from framepack_ui.memory.plan.budgets import COMMIT_MARGIN_BYTES, RAM_RESERVE_BYTES
+from framepack_ui.memory.plan.catalogue import fp8_weights
 from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, lora_bytes,
                                             phase_costs, place, runtime_baseline, sampling_activations,
                                             sampling_tokens, text_activations, tile_table, with_lora,
@@ -20,7 +23,7 @@ from framepack_ui.memory.plan.measured import (VAE_DECODE_REF_PIXELS, VAE_DECODE
                                                VAE_TILE_DECODE_BYTES, VAE_TILE_DECODE_BYTES_COMPILED)
 from framepack_ui.memory.plan.types import ComponentPlan, LoraCost, PhaseCost
 from framepack_ui.memory.plan.vocabulary import Storage, Where
-from framepack_ui.memory.probe import ComponentWeights
+from framepack_ui.memory.probe import ComponentWeights, Machine
 from framepack_ui.units import GB, MB
 
 # A transformer of four blocks (300 + 200 + 100 + 100 bytes) and 300 bytes outside them, 500 bf16 parameters.
@@ -231,3 +234,46 @@ def test_activations_of_encoders_and_decoder_on_the_cpu_are_ram_and_commit():
     assert (decode.ram_bytes, decode.commit_bytes, decode.vram_bytes) == (
         4096 + (1 << 30), 8192 + (1 << 30), 1 << 20)
     assert (decode.activation_ram_bytes, decode.activation_vram_bytes) == (1 << 30, 0)
+
+
+# --- the fp8 weights and a worker's share of the host ----------------------------------------------------------------
+
+def test_fp8_weights_halve_the_blocks_and_keep_the_rest():
+    # blocks of 301 and 201 bf16 bytes: 150 and 100 bytes of e4m3 (a part-element rounds down); 498 bytes outside them
+    t = replace(TRANSFORMER, file_bytes=1000, block_bytes=(301, 201), largest_tensor_bytes=41)
+    assert fp8_weights(t) == replace(t, file_bytes=498 + 250, storage_itemsize=1, dtype="F8_E4M3",
+                                     block_bytes=(150, 100), largest_tensor_bytes=20)
+    assert all(isinstance(b, int) for b in fp8_weights(t).block_bytes)
+    stored = replace(t, storage_itemsize=1, dtype="")  # already one byte an element: as it is
+    assert fp8_weights(stored) is stored
+
+
+HOST = Machine(ram_total_bytes=RAM_RESERVE_BYTES + 10, ram_available_bytes=11, swap_total_bytes=13, swap_free_bytes=7,
+               commit_limit_bytes=100, commit_available_bytes=COMMIT_MARGIN_BYTES + 10, vram_total_bytes=5,
+               vram_free_bytes=4, description="a host")
+
+
+def test_a_workers_share_divides_what_is_above_the_reserves_in_whole_bytes():
+    share = host_share(HOST, 3)
+    assert share == replace(HOST, ram_total_bytes=RAM_RESERVE_BYTES + 3, ram_available_bytes=3, swap_total_bytes=4,
+                            swap_free_bytes=2, commit_limit_bytes=33, commit_available_bytes=COMMIT_MARGIN_BYTES + 3,
+                            description="a host, one of 3 workers' shares of its RAM and commit")
+    assert all(isinstance(getattr(share, name), int) for name in (
+        "ram_total_bytes", "ram_available_bytes", "swap_total_bytes", "swap_free_bytes", "commit_limit_bytes",
+        "commit_available_bytes"))
+    assert host_share(HOST, 1) is HOST
+
+
+def test_a_share_of_commit_at_or_below_the_margin_is_what_the_host_has():
+    # one byte above the margin, three workers: each gets the margin and no byte more
+    assert host_share(replace(HOST, commit_available_bytes=COMMIT_MARGIN_BYTES + 1), 3).commit_available_bytes == (
+        COMMIT_MARGIN_BYTES)
+    below = replace(HOST, commit_available_bytes=COMMIT_MARGIN_BYTES - 10)
+    assert host_share(below, 3).commit_available_bytes == COMMIT_MARGIN_BYTES - 10
+    unknown = host_share(replace(HOST, commit_limit_bytes=None, commit_available_bytes=None, swap_free_bytes=None), 2)
+    assert (unknown.commit_limit_bytes, unknown.commit_available_bytes, unknown.swap_free_bytes) == (None, None, 0)
+
+
+def test_a_share_needs_a_worker():
+    with pytest.raises(ValueError, match="^workers must be at least 1$"):
+        host_share(HOST, 0)

@@ -78,7 +78,7 @@ def test_a_plan_without_a_gpu_says_so_and_shows_no_vram():
     lines = plan.explain().splitlines()
     assert lines[0] == "Plan for a laptop: RAM 32.0G (20.0G free), no CUDA GPU; resolution 640"
     assert lines[1] == "Budgets: RAM 18.0G, VRAM 7.20G"
-    assert lines[-1].startswith("peak") and lines[6].endswith("0M  ")  # a CPU transformer has no speed notes
+    assert lines[7].startswith("transformer") and lines[7].endswith("0M  ")  # a CPU transformer: no speed notes
     assert plan.summary() == ("text_encoders mmap, image_encoder cpu, vae cpu, transformer mmap fp8; predicted peak "
                               "RAM 13.9G, commit 14.4G")
 
@@ -92,11 +92,30 @@ def test_a_commit_limit_not_enforced_says_so():
     ({}, "compiled; attention sage; no fp8 matmul (dequantized to bf16)"),
     ({"fp8_matmul": True, "compile": False, "attention": None}, "not compiled; attention default; fp8 matmul"),
     ({"storage": Storage.MAP, "storage_dtype": "bfloat16"}, "compiled; attention sage"),
+    ({"storage": Storage.MAP, "compile": False, "attention": None}, "not compiled; attention default"),  # on the GPU
 ])
 def test_the_transformers_speed_options_are_named(changes, notes):
     t = replace(PLAN.components["transformer"], note="", park_for_decode=False, **changes)
     row = replace(PLAN, components={**PLAN.components, "transformer": t}).explain().splitlines()[7]
     assert row.startswith("transformer") and row.endswith(f"  {notes}")
+
+
+@pytest.mark.parametrize("changes, notes", [
+    ({"compile": True}, "compiled; attention default; no fp8 matmul (dequantized to bf16)"),
+    ({"attention": "sage"}, "not compiled; attention sage; no fp8 matmul (dequantized to bf16)"),
+    ({"fp8_matmul": True}, "not compiled; attention default; fp8 matmul"),
+])
+def test_a_cpu_transformer_names_its_speed_options_only_where_one_is_set(changes, notes):
+    t = replace(PLAN.components["transformer"], where=Where.MMAP, note="", park_for_decode=False, compile=False,
+                attention=None, fp8_matmul=False)
+    assert t.device == "cpu"
+    row = replace(PLAN, components={**PLAN.components, "transformer": replace(t, **changes)}).explain().splitlines()[7]
+    assert row.startswith("transformer") and row.endswith(f"  {notes}")
+
+
+def test_the_placement_words_format_as_their_text():
+    assert f"{Where.GPU:>5}|{Storage.FP8:<4}|{Where.GPU_STREAMED}" == "  gpu|fp8 |gpu-streamed"
+    assert str(Where.MMAP) == "mmap" and Where.CPU == "cpu"
 
 
 @pytest.mark.parametrize("n, text", [(None, "-"), (0, "0M"), (749_600_000, "750M"), (GB - 1, "1000M"), (GB, "1.00G"),
