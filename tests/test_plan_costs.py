@@ -277,3 +277,38 @@ def test_a_share_of_commit_at_or_below_the_margin_is_what_the_host_has():
 def test_a_share_needs_a_worker():
     with pytest.raises(ValueError, match="^workers must be at least 1$"):
         host_share(HOST, 0)
+
+
+def test_the_real_models_as_the_plan_knows_them_before_a_download():
+    """real_weights() against the models' published configs (shared/reference/framepack-f1.md): each largest tensor
+    and block worked out from the layer shapes, the dtypes as shipped, the file sizes from weights/layout.py."""
+    from framepack_ui.memory.plan import real_weights
+    from framepack_ui.weights.layout import COMPONENTS
+
+    size = {name: COMPONENTS[name].approx_bytes for name in COMPONENTS}
+    # Llama-3-8B in fp16: 32 layers of q, o (4096 x 4096), k, v (4096 x 1024: 8 KV heads of 128), gate, up, down
+    # (4096 x 14336) and two norms; the largest tensor off the embedding table is an MLP matrix
+    llama_layer = 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096)
+    # the F1 transformer in bf16: 20 dual-stream blocks of ~340 M parameters and 40 single-stream ones of ~141.5 M
+    # (from the block shapes at width 3072); the largest tensor a single block's output projection (3072 + 4 x 3072
+    # in, 3072 out)
+    transformer_blocks = (2 * 340_000_000,) * 20 + (2 * 141_500_000,) * 40
+    assert real_weights() == {
+        "text_encoder": ComponentWeights("text_encoder", size["text_encoder"], size["text_encoder"] // 2, 2,
+                                         2 * 4096 * 14336, block_bytes=(llama_layer,) * 32, hidden_size=4096,
+                                         heads=32, on_disk=False),
+        # CLIP-L's text model in fp16: width 768, 12 heads, MLP 768 x 3072
+        "text_encoder_2": ComponentWeights("text_encoder_2", size["text_encoder_2"], size["text_encoder_2"] // 2, 2,
+                                           2 * 768 * 3072, hidden_size=768, heads=12, on_disk=False),
+        # SigLIP so400m in fp16: width 1152, 16 heads, MLP 1152 x 4304, 729 tokens an image
+        "image_encoder": ComponentWeights("image_encoder", size["image_encoder"], size["image_encoder"] // 2, 2,
+                                          2 * 1152 * 4304, hidden_size=1152, heads=16, tokens=729, on_disk=False),
+        # HunyuanVideo's VAE in float32: its largest tensor a 512 -> 512 3x3x3 convolution; decoder top width 128
+        "vae": ComponentWeights("vae", size["vae"], size["vae"] // 4, 4, 4 * 512 * 512 * 27, hidden_size=128,
+                                on_disk=False),
+        "transformer": ComponentWeights("transformer", size["transformer"], size["transformer"] // 2, 2,
+                                        2 * 3072 * (3072 + 4 * 3072), block_bytes=transformer_blocks, hidden_size=3072,
+                                        heads=24, on_disk=False),
+    }
+    assert 0.96 < sum(transformer_blocks) / size["transformer"] < 0.98  # the blocks are ~97 % of the 25.7 GB
+    assert 0.85 < 32 * llama_layer / size["text_encoder"] < 0.95  # the rest: the 128k-token embedding and head
