@@ -491,3 +491,64 @@ def test_moving_to_a_device_moves_every_tensor_and_converts_only_floating_ones()
         "0.weight": torch.float8_e4m3fn, "0.bias": torch.float16, "0.weight_scale": torch.float32,
         "1.weight": torch.float16, "1.gain": torch.float16, "1.running": torch.float16, "1.count": torch.int64}
     assert plain.bias is None and plain._buffers["nothing"] is None
+
+
+def _fp8_linear(in_features: int, out_features: int) -> torch.nn.Linear:
+    linear = torch.nn.Linear(in_features, out_features)
+    q, scale = fp8_linear.quantize(linear.weight.data)
+    linear.weight = torch.nn.Parameter(q, requires_grad=False)
+    linear.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
+    return linear
+
+
+def test_fp8_compute_counts_the_fp8_linears_and_each_module_whose_own_weights_need_an_upcast():
+    # two fp8 Linears; a float32 Linear inside a container (the container holds no weights of its own); a bf16 norm
+    # already in the compute dtype
+    model = torch.nn.Sequential(_fp8_linear(4, 3), _fp8_linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)),
+                                torch.nn.LayerNorm(4).to(torch.bfloat16))
+    assert fp8.apply_fp8_compute(model, torch.bfloat16) == (2, 1)
+    assert [type(m) for m in model[:2]] == [fp8_linear.Fp8Linear] * 2
+
+
+def test_the_cache_keys_turn_exactly_their_linears_into_fp8_placeholders():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2),
+                                torch.nn.LayerNorm(2))
+    keys = ["0.weight", "0.weight_scale", "1.weight_scale", "2.bias"]
+    assert fp8.add_scale_params(model, keys) == 2
+    for linear in model[:2]:
+        scale = linear.weight_scale
+        assert (scale.device.type, scale.dtype, tuple(scale.shape), scale.requires_grad) == (
+            "meta", torch.float32, (linear.out_features,), False)
+        assert (linear.weight.device.type, linear.weight.dtype, linear.weight.requires_grad) == (
+            "meta", torch.float8_e4m3fn, False)
+    assert "weight_scale" not in dict(model[2].named_parameters()) and model[2].weight.dtype == torch.float32
+    for name in ("3", "9"):  # not a Linear; not in the model
+        with pytest.raises(ModelFilesError) as refused:
+            fp8.add_scale_params(model, [f"{name}.weight_scale"])
+        assert refused.value.message == (f"the fp8 cache has '{name}.weight_scale', but '{name}' is not a Linear of "
+                                         "this model")
+
+
+def test_each_cache_shard_says_what_it_is_and_orders_its_tensors_by_item_size_then_name(fp8_models):
+    folder = _folder(fp8_models)
+    cache = fp8.ensure_cache(folder)
+    sources = {p.name for p in shard_files(folder, fp8.SOURCE_INDEX, fp8.SOURCE_SINGLE)}
+    for shard in sorted(cache.glob("*.safetensors")):
+        entries, metadata = read_header(shard)
+        assert metadata == {"format": "pt", "framepack_fp8": "1", "source": metadata["source"],
+                            "scale": "float32 per output channel, weight = fp8 * scale[:, None]"}
+        assert metadata["source"] in sources
+        in_file = sorted(entries.values(), key=lambda e: e.begin)
+        assert [e.name for e in in_file] == sorted(entries, key=lambda n: (-fp8.DTYPES[entries[n].dtype].itemsize, n))
+
+
+def test_a_tensors_bytes_are_its_raw_bytes_even_for_one_element_or_none():
+    assert bytes(fp8._tensor_bytes(torch.tensor([1.0], dtype=torch.bfloat16))) == b"\x80\x3f"
+    assert bytes(fp8._tensor_bytes(torch.zeros(0, 3))) == b""
+
+
+def test_an_fp8_transformer_computed_on_the_cpu_keeps_its_other_weights_mapped_as_stored(fp8_models):
+    """On the CPU nothing is moved: the weights off the fp8 Linears stay the map's bf16 and are upcast per call."""
+    model = fp8.load_fp8_transformer_on(_folder(fp8_models), torch.float32, CPU)
+    others = [p for m in model.modules() if not fp8_linear.is_fp8_linear(m) for p in m.parameters(recurse=False)]
+    assert others and {p.dtype for p in others if p.is_floating_point()} == {torch.bfloat16}
