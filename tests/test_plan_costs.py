@@ -12,7 +12,7 @@ import pytest
 from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.plan import host_share
 from framepack_ui.memory.plan.budgets import COMMIT_MARGIN_BYTES, RAM_RESERVE_BYTES
-from framepack_ui.memory.plan.catalogue import fp8_weights
+from framepack_ui.memory.plan.catalogue import fp8_weights, storage_dtype
 from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, lora_bytes,
                                             phase_costs, place, runtime_baseline, sampling_activations,
                                             sampling_tokens, text_activations, tile_table, with_lora,
@@ -88,6 +88,7 @@ def test_computed_from_the_map_a_model_holds_two_float32_copies_of_its_largest_t
         "transformer", Where.MMAP, Storage.MAP, "bfloat16", "float32", True, 160, 160, 0, 1000, file_bytes=1000,
         note="read-only file map, CPU")
     assert place("transformer", replace(TRANSFORMER, storage_itemsize=0), Where.MMAP, note="x").ram_bytes == 320
+    assert type(place("transformer", TRANSFORMER, Where.MMAP).ram_bytes) is int  # whole bytes
     with pytest.raises(MemoryPlanError, match="^vae cannot be computed from the file map "
                                               r"\(only text_encoders, transformer\)$"):
         place("vae", VAE, Where.MMAP)
@@ -310,5 +311,22 @@ def test_the_real_models_as_the_plan_knows_them_before_a_download():
                                         2 * 3072 * (3072 + 4 * 3072), block_bytes=transformer_blocks, hidden_size=3072,
                                         heads=24, on_disk=False),
     }
+    assert all(type(w.params) is int for w in real_weights().values())
     assert 0.96 < sum(transformer_blocks) / size["transformer"] < 0.98  # the blocks are ~97 % of the 25.7 GB
     assert 0.85 < 32 * llama_layer / size["text_encoder"] < 0.95  # the rest: the 128k-token embedding and head
+
+
+@pytest.mark.parametrize("entry, dtype, itemsize, stored", [
+    ("transformer", "BF16", 2, "bfloat16"), ("vae", "F16", 2, "float16"), ("vae", "F32", 4, "float32"),
+    ("transformer", "F8_E4M3", 1, "float8_e4m3fn"),
+    # no dtype in the header (weights not on disk yet): guessed from the item size, bf16 for the transformer and
+    # SigLIP as shipped, fp16 for the others
+    ("transformer", "", 2, "bfloat16"), ("image_encoder", "", 2, "bfloat16"), ("text_encoders", "", 2, "float16"),
+    ("vae", "", 2, "float16"), ("transformer", "", 1, "float8_e4m3fn"), ("vae", "", 4, "float32"),
+    ("transformer", "", 3, "bfloat16"), ("transformer", "I64", 8, "bfloat16"),
+])
+def test_the_storage_dtype_is_the_headers_else_guessed_from_the_item_size(entry, dtype, itemsize, stored):
+    weights = replace(VAE, dtype=dtype, storage_itemsize=itemsize)
+    assert storage_dtype(entry, weights) == stored
+    if entry == "transformer":
+        assert place(entry, weights, Where.GPU).storage_dtype == stored
