@@ -502,11 +502,12 @@ def _fp8_linear(in_features: int, out_features: int) -> torch.nn.Linear:
 
 
 def test_fp8_compute_counts_the_fp8_linears_and_each_module_whose_own_weights_need_an_upcast():
-    # two fp8 Linears; a float32 Linear inside a container (the container holds no weights of its own); a bf16 norm
+    # two fp8 Linears; two float32 Linears inside a container (which holds no weights of its own); a bf16 norm
     # already in the compute dtype
-    model = torch.nn.Sequential(_fp8_linear(4, 3), _fp8_linear(3, 4), torch.nn.Sequential(torch.nn.Linear(4, 4)),
+    model = torch.nn.Sequential(_fp8_linear(4, 3), _fp8_linear(3, 4),
+                                torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)),
                                 torch.nn.LayerNorm(4).to(torch.bfloat16))
-    assert fp8.apply_fp8_compute(model, torch.bfloat16) == (2, 1)
+    assert fp8.apply_fp8_compute(model, torch.bfloat16) == (2, 2)
     assert [type(m) for m in model[:2]] == [fp8_linear.Fp8Linear] * 2
 
 
@@ -552,3 +553,29 @@ def test_an_fp8_transformer_computed_on_the_cpu_keeps_its_other_weights_mapped_a
     model = fp8.load_fp8_transformer_on(_folder(fp8_models), torch.float32, CPU)
     others = [p for m in model.modules() if not fp8_linear.is_fp8_linear(m) for p in m.parameters(recurse=False)]
     assert others and {p.dtype for p in others if p.is_floating_point()} == {torch.bfloat16}
+
+
+def test_a_full_check_hashes_each_shard_in_pieces(tmp_path, monkeypatch):
+    """check_cache(full=True) reads a shard HASH_READ_BYTES at a time, so hashing a 5 GB shard holds one piece in RAM,
+    not the shard."""
+    import builtins
+    import hashlib
+
+    data = os.urandom(2500)
+    (tmp_path / "shard").write_bytes(data)
+    monkeypatch.setattr(fp8, "HASH_READ_BYTES", 1000)
+    reads = []
+
+    def recording_open(*args, **kwargs):
+        fh = builtins.open(*args, **kwargs)
+        read = fh.read
+
+        def recorded(size=-1):
+            reads.append(size)
+            return read(size)
+        fh.read = recorded
+        return fh
+
+    monkeypatch.setattr(fp8, "open", recording_open, raising=False)
+    assert fp8._file_digest(tmp_path / "shard") == hashlib.sha256(data).hexdigest()
+    assert reads == [1000] * 4  # three pieces, then the empty read that ends it
