@@ -318,7 +318,7 @@ def test_the_real_models_as_the_plan_knows_them_before_a_download():
 
 @pytest.mark.parametrize("entry, dtype, itemsize, stored", [
     ("transformer", "BF16", 2, "bfloat16"), ("vae", "F16", 2, "float16"), ("vae", "F32", 4, "float32"),
-    ("transformer", "F8_E4M3", 1, "float8_e4m3fn"),
+    ("transformer", "F8_E4M3", 1, "float8_e4m3fn"), ("image_encoder", "F16", 2, "float16"),  # the header wins
     # no dtype in the header (weights not on disk yet): guessed from the item size, bf16 for the transformer and
     # SigLIP as shipped, fp16 for the others
     ("transformer", "", 2, "bfloat16"), ("image_encoder", "", 2, "bfloat16"), ("text_encoders", "", 2, "float16"),
