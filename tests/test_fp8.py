@@ -470,14 +470,19 @@ def test_the_manifest_is_written_whole_as_pretty_utf8_json_and_recorded_as_writt
     assert sorted(p.name for p in tmp_path.iterdir()) == [fp8.MANIFEST_NAME]  # the temporary moved into place
 
 
+def _fp8_linear(in_features: int, out_features: int) -> torch.nn.Linear:
+    linear = torch.nn.Linear(in_features, out_features)
+    q, scale = fp8_linear.quantize(linear.weight.data)
+    linear.weight = torch.nn.Parameter(q, requires_grad=False)
+    linear.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
+    return linear
+
+
 def test_moving_to_a_device_moves_every_tensor_and_converts_only_floating_ones():
     """fp8.to_device on a hand-made module (the tiny transformer has no buffers): floating parameters and buffers
     in the dtype; fp8 weights and their scales, integer tensors and missing ones as they are. (Which device each
     reaches cannot be told apart on a machine with only the CPU: docs/mutation.md.)"""
-    linear = torch.nn.Linear(4, 3)
-    q, scale = fp8_linear.quantize(linear.weight.data)
-    linear.weight = torch.nn.Parameter(q, requires_grad=False)
-    linear.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
+    linear = _fp8_linear(4, 3)
     plain = torch.nn.Linear(3, 2, bias=False)
     plain.register_parameter("bias", None)
     plain.register_parameter("gain", torch.nn.Parameter(torch.ones(2)))  # after the missing one: still converted
@@ -491,14 +496,6 @@ def test_moving_to_a_device_moves_every_tensor_and_converts_only_floating_ones()
         "0.weight": torch.float8_e4m3fn, "0.bias": torch.float16, "0.weight_scale": torch.float32,
         "1.weight": torch.float16, "1.gain": torch.float16, "1.running": torch.float16, "1.count": torch.int64}
     assert plain.bias is None and plain._buffers["nothing"] is None
-
-
-def _fp8_linear(in_features: int, out_features: int) -> torch.nn.Linear:
-    linear = torch.nn.Linear(in_features, out_features)
-    q, scale = fp8_linear.quantize(linear.weight.data)
-    linear.weight = torch.nn.Parameter(q, requires_grad=False)
-    linear.register_parameter(fp8_linear.SCALE_PARAM, torch.nn.Parameter(scale, requires_grad=False))
-    return linear
 
 
 def test_fp8_compute_counts_the_fp8_linears_and_each_module_whose_own_weights_need_an_upcast():

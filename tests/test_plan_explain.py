@@ -95,8 +95,8 @@ def test_a_commit_limit_not_enforced_says_so():
     ({"storage": Storage.MAP, "compile": False, "attention": None}, "not compiled; attention default"),  # on the GPU
 ])
 def test_the_transformers_speed_options_are_named(changes, notes):
-    t = replace(PLAN.components["transformer"], note="", park_for_decode=False, **changes)
-    row = replace(PLAN, components={**PLAN.components, "transformer": t}).explain().splitlines()[7]
+    plan = PLAN.with_component("transformer", note="", park_for_decode=False, **changes)
+    row = plan.explain().splitlines()[7]
     assert row.startswith("transformer") and row.endswith(f"  {notes}")
 
 
@@ -106,10 +106,10 @@ def test_the_transformers_speed_options_are_named(changes, notes):
     ({"fp8_matmul": True}, "not compiled; attention default; fp8 matmul"),
 ])
 def test_a_cpu_transformer_names_its_speed_options_only_where_one_is_set(changes, notes):
-    t = replace(PLAN.components["transformer"], where=Where.MMAP, note="", park_for_decode=False, compile=False,
-                attention=None, fp8_matmul=False)
-    assert t.device == "cpu"
-    row = replace(PLAN, components={**PLAN.components, "transformer": replace(t, **changes)}).explain().splitlines()[7]
+    on_cpu = PLAN.with_component("transformer", where=Where.MMAP, note="", park_for_decode=False, compile=False,
+                                 attention=None, fp8_matmul=False)
+    assert on_cpu.components["transformer"].device == "cpu"
+    row = on_cpu.with_component("transformer", **changes).explain().splitlines()[7]
     assert row.startswith("transformer") and row.endswith(f"  {notes}")
 
 
@@ -127,13 +127,7 @@ def test_sizes_read_in_megabytes_below_a_gigabyte_and_lose_a_digit_from_ten(n, t
 
 def test_the_decode_is_named_by_its_tiles():
     assert decode_name(PLAN) == "in 352 px tiles"
-    untiled = replace(PLAN, components={**PLAN.components, "vae": replace(PLAN.components["vae"], vae_tiling=False)})
-    assert decode_name(untiled) == "untiled"
-
-
-def with_transformer(plan: LoadPlan, resolution: int, **changes) -> LoadPlan:
-    return replace(plan, resolution=resolution,
-                   components={**plan.components, "transformer": replace(plan.components["transformer"], **changes)})
+    assert decode_name(PLAN.with_component("vae", vae_tiling=False)) == "untiled"
 
 
 @pytest.mark.parametrize("resolution, changes, line", [
@@ -149,4 +143,4 @@ def with_transformer(plan: LoadPlan, resolution: int, **changes) -> LoadPlan:
      "pick the 'streamed' memory profile (--plan streamed), or resolution 640 (this job ran at 1000)"),
 ])
 def test_after_running_out_of_gpu_memory_the_leaner_choices_come_leanest_first(resolution, changes, line):
-    assert leaner_choices(with_transformer(PLAN, resolution, **changes)) == line
+    assert leaner_choices(replace(PLAN, resolution=resolution).with_component("transformer", **changes)) == line
