@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from framepack_ui.errors import MemoryPlanError, ModelFilesError
-from framepack_ui.compute import fp8_linear
+from framepack_ui.compute import fp8_linear, precision
 from framepack_ui.memory import fp8, loading
 from framepack_ui.memory.plan import PlanOverrides, fp8_weights, make_plan, real_weights
 from framepack_ui.memory.probe import Machine, weights_on_disk
@@ -506,6 +506,19 @@ def test_fp8_compute_counts_the_fp8_linears_and_each_module_whose_own_weights_ne
                                 torch.nn.LayerNorm(4).to(torch.bfloat16))
     assert fp8.apply_fp8_compute(model, torch.bfloat16) == (2, 2)
     assert [type(m) for m in model[:2]] == [fp8_linear.Fp8Linear] * 2
+
+
+def test_fp8_compute_leaves_an_output_projection_already_in_fp32_as_it_is():
+    # the order a model quantized after its first load meets (bench_lora's fp8 rows on an H100, 2026-12-06): the
+    # projection put in fp32 first, then the fp8 compute applied; an upcast hook casting its weight to bf16 per call
+    # met the fp32 input ("mat1 and mat2 must have the same dtype")
+    model = torch.nn.Module()
+    model.block = _fp8_linear(4, 3)
+    model.proj_out = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    precision.compute_output_in_fp32(model)
+    assert fp8.apply_fp8_compute(model, torch.bfloat16) == (1, 0)
+    out = model.proj_out(torch.randn(5, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.float32 and model.proj_out.weight.dtype == torch.float32
 
 
 def test_the_cache_keys_turn_exactly_their_linears_into_fp8_placeholders():

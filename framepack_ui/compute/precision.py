@@ -28,7 +28,12 @@ def _inputs_to_fp32(module, args, kwargs):
 
 
 def output_in_fp32(transformer: torch.nn.Module) -> bool:
-    return transformer.proj_out in _FP32_INPUT_HOOKS
+    return computes_in_fp32(transformer.proj_out)
+
+
+def computes_in_fp32(module: torch.nn.Module) -> bool:
+    """Whether `module` is an output projection put in fp32 here (whoever casts weights per call leaves it be)."""
+    return module in _FP32_INPUT_HOOKS
 
 
 def compute_output_in_fp32(transformer: torch.nn.Module) -> None:

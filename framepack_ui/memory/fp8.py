@@ -39,6 +39,7 @@ from typing import Callable
 import torch
 from diffusers.hooks import HookRegistry
 
+from ..compute import precision
 from ..compute.fp8_linear import FP8_DTYPE, FP8_MAX, SCALE_PARAM, Fp8Linear, is_fp8_linear, row_scales
 from ..errors import ModelFilesError
 from .storage import DTYPES, HOOK_NAME, MappedFile, UpcastOnForward, load_mapped, read_header, shard_files
@@ -70,13 +71,17 @@ def quantizable(name: str, shape: tuple[int, ...], dtype: str) -> bool:
 
 def apply_fp8_compute(model: torch.nn.Module, compute_dtype: torch.dtype) -> tuple[int, int]:
     """Make each fp8 Linear an `Fp8Linear` (dequantize per call) and hook each other module with weights of another
-    dtype (upcast per call). Returns (fp8 Linears, upcast modules)."""
+    dtype (upcast per call), but an output projection already in fp32 (compute/precision.py): cast to bf16 per call,
+    its fp32 input met bf16 weights ("mat1 and mat2 must have the same dtype"). Returns (fp8 Linears, upcast
+    modules)."""
     fp8 = upcast = 0
     for module in model.modules():
         if is_fp8_linear(module):
             module.__class__ = Fp8Linear
             module.compute_dtype = compute_dtype
             fp8 += 1
+            continue
+        if precision.computes_in_fp32(module):
             continue
         own = [p for p in module.parameters(recurse=False) if p.is_floating_point()]
         if any(p.dtype != compute_dtype for p in own):
