@@ -7,6 +7,7 @@ Runtime: about 3.5 minutes on 2 free cores (1.9 s a section, most of it the tiny
 size, 0.2 s the sampling); 12 minutes on 2 cores shared with several other test runs."""
 from __future__ import annotations
 
+import gc
 import json
 import threading
 
@@ -37,6 +38,7 @@ def test_a_120_s_video_runs_to_its_end_with_memory_threads_and_open_files_flat(m
             # in the job's thread, between sections: the one before is sampled, decoded and handed to the encoder,
             # so every reading is taken at the same point of the loop (read at SectionSaved, on the encoder's
             # thread, it would land anywhere in the next section's decode, whose working memory comes and goes)
+            gc.collect()  # garbage in reference cycles is not held: it only waits for the collector
             trim_heap()  # RSS as what is held, not the heap's high-water mark (test_soak.reading)
             readings.append((section, process.memory_info().rss, process.num_threads(), process.num_fds()))
 
