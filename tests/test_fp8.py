@@ -16,6 +16,8 @@ Figures measured here (CPU, tiny random transformer of `make_tiny_models(transfo
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -565,15 +567,10 @@ def test_an_fp8_transformer_computed_on_the_cpu_keeps_its_other_weights_mapped_a
     assert others and {p.dtype for p in others if p.is_floating_point()} == {torch.bfloat16}
 
 
-def test_a_full_check_hashes_each_shard_in_pieces(tmp_path, monkeypatch):
-    """check_cache(full=True) reads a shard HASH_READ_BYTES at a time, so hashing a 5 GB shard holds one piece in RAM,
-    not the shard."""
+def _record_reads(monkeypatch) -> list:
+    """The size asked by each read of a file fp8.py opens, in order."""
     import builtins
-    import hashlib
 
-    data = os.urandom(2500)
-    (tmp_path / "shard").write_bytes(data)
-    monkeypatch.setattr(fp8, "HASH_READ_BYTES", 1000)
     reads = []
 
     def recording_open(*args, **kwargs):
@@ -587,5 +584,178 @@ def test_a_full_check_hashes_each_shard_in_pieces(tmp_path, monkeypatch):
         return fh
 
     monkeypatch.setattr(fp8, "open", recording_open, raising=False)
+    return reads
+
+
+def test_a_full_check_hashes_each_shard_in_pieces(tmp_path, monkeypatch):
+    """check_cache(full=True) reads a shard HASH_READ_BYTES at a time, so hashing a 5 GB shard holds one piece in RAM,
+    not the shard."""
+    data = os.urandom(2500)
+    (tmp_path / "shard").write_bytes(data)
+    monkeypatch.setattr(fp8, "HASH_READ_BYTES", 1000)
+    reads = _record_reads(monkeypatch)
     assert fp8._file_digest(tmp_path / "shard") == hashlib.sha256(data).hexdigest()
     assert reads == [1000] * 4  # three pieces, then the empty read that ends it
+
+
+# --- the cache's check, its messages, its sampled and full hashes, clearing -----------------------------------------
+
+def _one_file_transformer(folder: Path) -> Path:
+    """A transformer stored as one file (no index): two block matrices to quantize, a bias and an output layer kept.
+    Their cache data is 48*64 + 4*48 + 32*64 + 4*32 + 2*48 + 2*8*64 = 6560 bytes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"transformer_blocks.0.attn.to_q.weight": (48, 64), "transformer_blocks.0.attn.to_k.weight": (32, 64),
+              "transformer_blocks.0.attn.to_q.bias": (48,), "proj_out.weight": (8, 64)}
+    folder.mkdir(parents=True)
+    save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()},
+              folder / fp8.SOURCE_SINGLE)
+    return folder
+
+
+def test_a_transformer_stored_as_one_file_gets_a_one_file_cache_and_progress_counts_its_data_bytes(tmp_path):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    calls = []
+    cache = fp8.ensure_cache(folder, lambda done, total: calls.append((done, total)))
+    assert cache == folder / "fp8"
+    assert sorted(p.name for p in cache.iterdir()) == [fp8.SINGLE_NAME, fp8.INDEX_NAME, fp8.MANIFEST_NAME]
+    assert fp8.check_cache(folder) is None
+    assert calls and calls[-1] == (6560, 6560) and all(total == 6560 for _, total in calls)
+    index = json.loads((cache / fp8.INDEX_NAME).read_text(encoding="utf-8"))
+    assert index["metadata"] == {"total_size": 6560}
+    assert sum(e.nbytes for e in read_header(cache / fp8.SINGLE_NAME)[0].values()) == 6560
+
+
+def test_the_manifest_records_each_bf16_shards_name_size_and_mtime(fp8_models):
+    # the manifest is an on-disk format (FORMAT_VERSION): a cache written by an earlier run must still check
+    folder = _folder(fp8_models)
+    cache = fp8.ensure_cache(folder)
+    manifest = json.loads((cache / fp8.MANIFEST_NAME).read_text(encoding="utf-8"))
+    sources = shard_files(folder, fp8.SOURCE_INDEX, fp8.SOURCE_SINGLE)
+    assert len(sources) == 3 and manifest["sources"] == [
+        {"name": p.name, "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in sources]
+
+
+def test_a_missing_cache_is_converted_quietly_and_an_incomplete_one_with_a_warning(tmp_path, caplog):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    cache = fp8.cache_dir(folder)
+    assert fp8.check_cache(folder) == "absent"
+    with caplog.at_level(logging.INFO, logger="framepack_ui.memory.fp8"):
+        fp8.ensure_cache(folder)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(r.getMessage().startswith(f"fp8 cache: none in {folder} yet") for r in caplog.records)
+    (cache / fp8.MANIFEST_NAME).unlink()  # a conversion killed before its last write
+    assert fp8.check_cache(folder) == f"{cache} holds no complete fp8 cache"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="framepack_ui.memory.fp8"):
+        fp8.ensure_cache(folder)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"fp8 cache: {cache} holds no complete fp8 cache; converting again"]
+    assert fp8.check_cache(folder) is None
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"{not json", "is unreadable (JSONDecodeError)"),
+    (b"\xff\xfe{}", "is unreadable (UnicodeDecodeError)"),
+    (b"{}", "is unreadable (KeyError)"),
+    (b"[]", "is unreadable (TypeError)"),
+    (b'{"format": 2, "shards": [], "sources": []}', "is of another format version"),
+])
+def test_an_unreadable_manifest_is_named_with_what_failed_to_read_it(tmp_path, content, why):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    manifest = fp8.ensure_cache(folder) / fp8.MANIFEST_NAME
+    manifest.write_bytes(content)
+    assert fp8.check_cache(folder) == f"{manifest} {why}"
+
+
+def test_a_check_that_cannot_list_the_bf16_shards_is_an_error_saying_why(models_copy):
+    folder = _folder(models_copy)
+    fp8.ensure_cache(folder)
+    gone = folder / "diffusion_pytorch_model-00002-of-00003.safetensors"
+    gone.unlink()
+    with pytest.raises(ModelFilesError) as info:
+        fp8.check_cache(folder)
+    assert info.value.message == (f"the fp8 cache cannot be checked: {gone} is missing (1 of 3 shards named in "
+                                  f"{fp8.SOURCE_INDEX}): download it again")
+
+
+def test_the_default_check_hashes_sampled_blocks_and_the_full_check_every_byte(models_copy, monkeypatch):
+    # 16 blocks of 4 KB: the tiny shards (3 to 6 MB) are sampled as a real 5 GB shard is, instead of hashed whole
+    monkeypatch.setattr(fp8, "SAMPLE_BYTES", 4096)
+    folder = _folder(models_copy)
+    fp8.ensure_cache(folder)
+    assert fp8.check_cache(folder, full=True) is None
+    file_digest = fp8._file_digest
+    monkeypatch.setattr(fp8, "_file_digest", lambda path: pytest.fail(f"the default check hashed all of {path}"))
+    assert fp8.check_cache(folder) is None
+    monkeypatch.setattr(fp8, "_file_digest", file_digest)
+    shard = sorted(fp8.cache_dir(folder).glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    step = (len(data) - 4096) // (fp8.SAMPLE_BLOCKS - 1)
+    data[14 * step + step // 2] ^= 0xFF  # halfway between the last two sampled blocks, in the tensor data
+    shard.write_bytes(bytes(data))
+    assert fp8.check_cache(folder) is None  # not seen by the cheap check: the documented trade
+    assert fp8.check_cache(folder, full=True) == f"{shard} does not match its checksum"
+    data[15 * step + 10] ^= 0xFF  # inside the last sampled block: seen by both
+    shard.write_bytes(bytes(data))
+    assert fp8.check_cache(folder) == f"{shard} does not match its checksum"
+
+
+def test_a_shard_the_check_cannot_read_is_said_on_one_line_cut_at_200_characters(fp8_models, monkeypatch):
+    folder = _folder(fp8_models)
+    fp8.ensure_cache(folder)
+
+    def unreadable(path):
+        raise OSError("the header\n   could not\tbe read: " + "x" * 300)
+
+    monkeypatch.setattr(fp8, "read_header", unreadable)
+    problem = fp8.check_cache(folder)
+    assert problem == "the header could not be read: " + "x" * 170 and len(problem) == 200
+
+
+def test_a_cache_that_fails_its_check_right_after_converting_is_an_error_saying_why(tmp_path, monkeypatch):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    convert = fp8.convert
+
+    def convert_on_a_failing_disk(folder, progress=None):
+        target = convert(folder, progress)
+        _truncate(target / fp8.SINGLE_NAME)
+        return target
+
+    monkeypatch.setattr(fp8, "convert", convert_on_a_failing_disk)
+    with pytest.raises(ModelFilesError) as info:
+        fp8.ensure_cache(folder)
+    shard = fp8.cache_dir(folder) / fp8.SINGLE_NAME
+    size = shard.stat().st_size
+    assert info.value.message == (f"the fp8 cache was written but does not check: {shard} is {size} bytes, "
+                                  f"not {size + 100}")
+
+
+def test_a_sampled_checksum_hashes_evenly_spread_blocks_or_a_small_file_whole_in_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(fp8, "SAMPLE_BLOCKS", 4)
+    monkeypatch.setattr(fp8, "SAMPLE_BYTES", 10)
+    monkeypatch.setattr(fp8, "HASH_READ_BYTES", 16)
+    data = os.urandom(1000)
+    (tmp_path / "big").write_bytes(data)
+    # blocks every (1000 - 10) // 3 = 330 bytes, the first at the start and the last ending at the end
+    assert fp8._sample_digest(tmp_path / "big", 1000) == hashlib.sha256(
+        data[0:10] + data[330:340] + data[660:670] + data[990:1000]).hexdigest()
+    reads = _record_reads(monkeypatch)
+    small = data[:40]  # SAMPLE_BLOCKS * SAMPLE_BYTES: still hashed whole, HASH_READ_BYTES at a time
+    (tmp_path / "small").write_bytes(small)
+    assert fp8._sample_digest(tmp_path / "small", 40) == hashlib.sha256(small).hexdigest()
+    assert reads == [16] * 4  # three pieces, then the empty read that ends it
+
+
+def test_clearing_a_cache_folder_removes_only_what_a_conversion_writes(tmp_path):
+    fp8._clear(tmp_path / "none")  # no folder yet: nothing to do
+    ours = ["a.safetensors", fp8.INDEX_NAME, fp8.MANIFEST_NAME, f"{fp8.MANIFEST_NAME}{fp8.TMP_MARK}12",
+            f"b.safetensors{fp8.TMP_MARK}7"]
+    for name in ours + ["notes.txt", "config.json"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "kept.safetensors").mkdir()  # a folder, even one named like a shard, is not ours to remove
+    (tmp_path / "kept.safetensors" / "inside").write_bytes(b"x")
+    fp8._clear(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "kept.safetensors", "notes.txt"]
+    assert (tmp_path / "kept.safetensors" / "inside").is_file()
