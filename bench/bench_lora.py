@@ -76,7 +76,8 @@ def random_lora(layers: dict[str, tuple[int, int]], rank: int, device, seed: int
 def lora_cost(layers: dict[str, tuple[int, int]], rank: int) -> LoraCost | None:
     if not rank:
         return None
-    return LoraCost(rank * sum(o + i for o, i in layers.values()), max(o * i for o, i in layers.values()), len(layers))
+    return LoraCost(rank * sum(o + i for o, i in layers.values()), max(o * i for o, i in layers.values()), len(layers),
+                    max(o for o, _ in layers.values()))
 
 
 def reset_peak_rss() -> bool:

@@ -31,6 +31,7 @@ from framepack_ui.errors import InputError, MemoryPlanError
 from framepack_ui.memory import fp8, loading
 from framepack_ui.memory.lora import LoraSet, read_lora, read_lora_set, transformer_linears
 from framepack_ui.memory.plan import LoraCost, PlanOverrides, make_plan
+from framepack_ui.memory.plan.costs import sampling_tokens
 from framepack_ui.memory.probe import Machine, weights_on_disk
 from framepack_ui.memory.storage import MappedFile, UpcastOnForward, HOOK_NAME
 from framepack_ui.spec import JobSpec, LoraChoice
@@ -317,15 +318,17 @@ def test_a_new_lora_set_on_the_loaded_transformer_reloads_nothing(fp8_models):
 
 # --- the plan ---------------------------------------------------------------------------------------------------
 
-RANK_128_EVERY_BLOCK_LINEAR = LoraCost(128 * (20 * 153_600 + 40 * 64_512), 18_432 * 3_072, 20 * 14 + 40 * 6)
+RANK_128_EVERY_BLOCK_LINEAR = LoraCost(128 * (20 * 153_600 + 40 * 64_512), 18_432 * 3_072, 20 * 14 + 40 * 6, 12_288)
 
 
 def test_the_plan_counts_the_loras_memory_where_the_transformer_computes():
-    """A rank-128 LoRA on every block Linear of the 13B model (1.56 GB in bf16 with its largest merged layer):
-    resident on an 80 GB card, its bytes on top; on an 8 GB card, fewer blocks stay resident; on the CPU, in RAM
-    (float32); a --plan gpu that no longer fits is refused with the shortfall."""
+    """A rank-128 LoRA on every block Linear of the 13B model (1.56 GB in bf16 with its largest merged layer, and
+    while sampling 0.37 GB more for its widest layer's update added beside at 640 px): resident on an 80 GB card,
+    its bytes on top; on an 8 GB card, fewer blocks stay resident; on the CPU, in RAM (float32); a --plan gpu that
+    no longer fits is refused with the shortfall."""
     big = RANK_128_EVERY_BLOCK_LINEAR
     expected = (big.params + big.largest_layer_params) * 2
+    beside = (sampling_tokens(640) * 12_288 - big.largest_layer_params) * 2
     for vram_gb in (80, 8):
         machine = Machine.supposed(64, vram_gb)
         plain, with_lora = (make_plan(machine, {}, PlanOverrides(lora=lora)) for lora in (None, big))
@@ -333,7 +336,9 @@ def test_the_plan_counts_the_loras_memory_where_the_transformer_computes():
         assert t1.lora_bytes == expected and "LoRA on 520 layers" in with_lora.explain()
         if t0.where == "gpu":
             assert t1.vram_bytes == t0.vram_bytes + expected
-            assert with_lora.peak_vram_bytes == plain.peak_vram_bytes + expected
+            assert with_lora.peak_vram_bytes == plain.peak_vram_bytes + expected  # the decode's peak: no update then
+            assert (with_lora.phase("sampling").vram_bytes
+                    == plain.phase("sampling").vram_bytes + expected + beside)
         else:
             assert t1.resident_blocks < t0.resident_blocks
             assert with_lora.peak_vram_bytes <= with_lora.vram_budget_bytes
@@ -356,6 +361,7 @@ def test_lora_cost_counts_each_layers_rank_and_the_largest_layer(fp8_models):
     assert cost.layers == len(layers)  # the strength-0 file costs nothing
     assert cost.params == sum(r * sum(linears[n]) for n, r in ranks.items())
     assert cost.largest_layer_params == max(linears[n][0] * linears[n][1] for n in layers)
+    assert cost.largest_out_features == max(linears[n][0] for n in layers)
     assert LoraSet().cost(linears) is None
 
 

@@ -13,8 +13,8 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.plan import host_share
 from framepack_ui.memory.plan.budgets import COMMIT_MARGIN_BYTES, RAM_RESERVE_BYTES
 from framepack_ui.memory.plan.catalogue import fp8_weights, storage_dtype
-from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, lora_bytes,
-                                            phase_costs, place, runtime_baseline, sampling_activations,
+from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, lora_beside_bytes,
+                                            lora_bytes, phase_costs, place, runtime_baseline, sampling_activations,
                                             sampling_tokens, text_activations, tile_table, with_lora,
                                             with_pinned_sources)
 from framepack_ui.memory.plan.explain import gb_text
@@ -112,6 +112,12 @@ def test_pinned_sources_move_the_streamed_blocks_from_the_page_cache_to_page_loc
 def test_loras_cost_their_matrices_and_one_merged_layer_on_the_device_the_transformer_computes_on():
     assert lora_bytes(None, 2) == 0
     assert lora_bytes(LoraCost(params=10, largest_layer_params=5, layers=3), 4) == 60
+    # a sampling step adding the widest layer's update beside its output (tokens x out) needs what that is beyond
+    # the merged layer lora_bytes counts, and nothing where merging is the larger
+    cost = LoraCost(params=10, largest_layer_params=12, layers=3, largest_out_features=4)
+    assert lora_beside_bytes(None, 2, tokens=4) == 0
+    assert lora_beside_bytes(cost, 2, tokens=2) == 0
+    assert lora_beside_bytes(cost, 2, tokens=5) == (20 - 12) * 2
     on_gpu = place("transformer", TRANSFORMER, Where.GPU_STREAMED, resident_blocks=1)
     assert with_lora(on_gpu, 0) is on_gpu
     assert with_lora(on_gpu, 7) == replace(on_gpu, vram_bytes=1007, parked_vram_bytes=307, lora_bytes=7)

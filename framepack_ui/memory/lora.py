@@ -111,7 +111,8 @@ class LoraSet:
         if not parts:
             return None
         params = sum(sum(p.down.shape[0] for p in ps) * (linears[n][0] + linears[n][1]) for n, ps in parts.items())
-        return LoraCost(params, max(linears[n][0] * linears[n][1] for n in parts), len(parts))
+        return LoraCost(params, max(linears[n][0] * linears[n][1] for n in parts), len(parts),
+                        max(linears[n][0] for n in parts))
 
     @property
     def key(self) -> tuple:

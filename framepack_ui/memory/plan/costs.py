@@ -160,6 +160,17 @@ def lora_bytes(cost: LoraCost | None, itemsize: int) -> int:
     return (cost.params + cost.largest_layer_params) * itemsize
 
 
+def lora_beside_bytes(cost: LoraCost | None, itemsize: int, tokens: int) -> int:
+    """What a sampling step needs beyond `lora_bytes` where a layer adds its update beside its output (compute/lora.py:
+    always beside an fp8 matmul): the widest layer's `tokens` x out result, less the merged layer already counted.
+    At 640 px 0.48 GB against 0.11 GB: an 8 GB fp8 plan that counted the merge alone ran out of memory with a
+    rank-128 LoRA (H100, 2026-12-06, docs/benchmarks.md "LoRA"). Counted whichever way the layers take, as the
+    plan's fp8 matmul choice comes later; only while sampling, not in the decode."""
+    if cost is None:
+        return 0
+    return max(0, tokens * cost.largest_out_features - cost.largest_layer_params) * itemsize
+
+
 def with_lora(c: ComponentPlan, nbytes: int) -> ComponentPlan:
     """The transformer's placement with its LoRAs: on the GPU (VRAM, parked or not: the LoRA stays), or in RAM where
     it computes on the CPU."""

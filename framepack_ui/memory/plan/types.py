@@ -12,10 +12,12 @@ from .vocabulary import Storage, Where
 @dataclass(frozen=True)
 class LoraCost:
     """What a job's LoRAs add to the transformer (memory/lora.py LoraSet.cost): their tensors on the compute device,
-    and while a layer runs its weight merged with its update (compute/lora.py), at most the largest one's."""
+    and while a layer runs either its weight merged with its update or its output with the update added beside
+    (compute/lora.py), at most the largest layer's."""
     params: int  # elements of every down and up matrix together
     largest_layer_params: int  # in x out of the largest layer with a LoRA
     layers: int
+    largest_out_features: int = 0  # the widest output of a layer with a LoRA (the update added beside: tokens x out)
 
 
 @dataclass(frozen=True)
