@@ -2,7 +2,8 @@
 models folder, back to back, each timed from its submit to its finished file, phase by phase.
 
     python -m bench.bench_app --models DIR [--jobs 2] [--seconds 5] [--resolution 640] [--fp8 auto|on|off]
-        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR] --out X.json
+        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR] [--extend]
+        --out X.json
 
 Nothing of the app is replaced: the Worker probes the machine, plans (the automatic plan unless `--profile` or
 `--fp8` force it), converts the fp8 cache when the plan stores fp8, and the engine loads every model from DIR with
@@ -122,6 +123,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the models loaded S seconds after a job (the app's --keep-models; default 0)")
     p.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
                    help="torch.compile's cache folder (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under it)")
+    p.add_argument("--extend", action="store_true",
+                   help="each job after the first extends the one before's video by --seconds (its last frames "
+                        "encoded by the VAE into the history), as the web app's Extend does")
     p.add_argument("--outputs", type=Path, default=None, help="where the videos go (default: a temporary folder)")
     p.add_argument("--out", default="app.json")
     a = p.parse_args(argv)
@@ -563,7 +567,7 @@ def main(argv=None) -> None:
     torch_import_s = time.perf_counter() - t
     from bench.proc import drop_page_cache
     from framepack_ui.memory import allocator
-    from framepack_ui.spec import JobSpec
+    from framepack_ui.spec import Continuation, JobSpec
     from framepack_ui.weights.layout import COMPONENTS
     from framepack_ui.worker import Worker
 
@@ -603,7 +607,7 @@ def main(argv=None) -> None:
         if a.drop_page_cache:
             R["page_cache_dropped_GB"] = drop_page_cache(a.models) / 1e9
         R["jobs"] = []
-        run_jobs(a, meters, JobSpec, Worker, R)
+        run_jobs(a, meters, JobSpec, Worker, R, Continuation)
         if holder is not None:
             R["hold_ram_at_end"] = held_ram(holder)
     finally:
@@ -625,10 +629,11 @@ def main(argv=None) -> None:
     print(f"\nwrote {a.out}", flush=True)
 
 
-def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict) -> None:
+def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Continuation) -> None:
     """The jobs through one Worker, as the command line runs them (background=False: on this thread), each
-    submitted when the one before has ended, as a user's next job. Each job's figures go to R["jobs"] and, at once,
-    to the --out file (a run stopped by a time limit keeps the jobs it finished)."""
+    submitted when the one before has ended, as a user's next job (with --extend, continuing its video). Each job's
+    figures go to R["jobs"] and, at once, to the --out file (a run stopped by a time limit keeps the jobs it
+    finished)."""
     handler = ManagerLog()
     manager_log = logging.getLogger("framepack_ui.memory.manager")
     manager_log.addHandler(handler)
@@ -646,10 +651,12 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict) ->
                 spec = JobSpec(image=str(image), prompt=prompt, seconds=a.seconds, resolution=a.resolution, seed=n,
                                **spec_options)
                 out_path = outputs / f"job{n}.mp4"
+                start = Continuation("extend", str(outputs / f"job{n - 1}.mp4")) if a.extend and n > 1 else None
                 handler.records.clear()
                 submitted = time.perf_counter()
                 timeline = JobTimeline(meters, submitted, f"job {n}")
-                worker.submit(spec, out_path=out_path, plan_options=plan_options, on_event=timeline.on_event)
+                worker.submit(spec, out_path=out_path, plan_options=plan_options, on_event=timeline.on_event,
+                              start=start)
                 worker.run_queued()  # the job, then the release after it (keep_models_s)
                 released = time.perf_counter()
                 result = timeline.events[-1][1]
@@ -660,6 +667,7 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict) ->
                 job["freed"] = [{"name": r["name"], "at_s": r["end"] - submitted} for r in handler.records
                                 if r["what"] == "freed"]
                 job["prompt_encoded"] = any(load["name"] == "text_encoders" for load in job["loads"])
+                job["extends"] = start.video if start is not None else None
                 print(f"job {n}: first preview {_s(job['first_preview_s'])}, first section {_s(job['first_section_s'])}"
                       f", finished {_s(job['finished_s'])}; {job['transformer_storage']}", flush=True)
                 R["jobs"].append(job)

@@ -94,6 +94,20 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
     assert R["compile_cache"]["dir"] == str(tmp_path / "compile-cache")
 
 
+def test_bench_app_extends_each_jobs_video_with_the_next(tiny_models_dir, tmp_path):
+    """--extend: the second job continues the first one's video (its last frames encoded by the VAE), so its file
+    holds the first one's 73 frames and 72 new ones, measured phase by phase like any job (docs/gpu-runbook.md
+    row 12 runs it at full size)."""
+    out = tmp_path / "app.json"
+    _run(["-m", "bench.bench_app", "--models", str(tiny_models_dir), "--jobs", "2", "--seconds", "2.4",
+          "--resolution", "64", "--steps", "3", "--extend", "--outputs", str(tmp_path / "videos"), "--out", str(out)])
+    first, second = json.loads(out.read_text())["jobs"]
+    assert first["extends"] is None and first["frames"] == 73
+    assert second["extends"] == str(tmp_path / "videos" / "job1.mp4")
+    assert second["result"] == "Finished" and second["frames"] == 73 + 72 and second["sections"] == 2
+    assert second["by_phase"]["sampling"]["count"] == 2 and second["peak_rss_GiB"] > 0
+
+
 def test_bench_app_refuses_a_card_size_without_cuda(tiny_models_dir):
     result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir), "--vram-gb",
                              "8", "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
