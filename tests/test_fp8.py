@@ -759,3 +759,212 @@ def test_clearing_a_cache_folder_removes_only_what_a_conversion_writes(tmp_path)
     fp8._clear(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "kept.safetensors", "notes.txt"]
     assert (tmp_path / "kept.safetensors" / "inside").is_file()
+
+
+# --- the conversion's bytes, header, progress, chunking and refusals, exactly -------------------------------------
+
+def _transformer_of(folder: Path, shards: list[dict[str, tuple[int, ...]]], index: bool = True) -> Path:
+    """A transformer of random bf16 tensors (name -> shape), one file per dict, with an index naming them (or, with
+    index=False, the one file alone under the single-file name)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, shapes in enumerate(shards):
+        name = (f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if index
+                else fp8.SOURCE_SINGLE)
+        save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}, folder / name)
+        weight_map.update({k: name for k in shapes})
+    if index:
+        (folder / fp8.SOURCE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}),
+                                               encoding="utf-8")
+    return folder
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return bytes(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def test_a_cache_shard_is_exactly_its_length_prefix_compact_header_and_tensors_and_safetensors_reads_it(tmp_path):
+    import struct
+
+    from safetensors import safe_open
+
+    folder = _one_file_transformer(tmp_path / "transformer")
+    source = MappedFile(folder / fp8.SOURCE_SINGLE).tensors()
+    q, k = "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_k.weight"
+    (q8, q_scale), (k8, k_scale) = fp8_linear.quantize(source[q]), fp8_linear.quantize(source[k])
+    # file order: float32 scales, then bf16, then fp8; by name within each
+    want = {k + "_scale": k_scale, q + "_scale": q_scale, "proj_out.weight": source["proj_out.weight"],
+            "transformer_blocks.0.attn.to_q.bias": source["transformer_blocks.0.attn.to_q.bias"], k: k8, q: q8}
+    dtypes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float8_e4m3fn: "F8_E4M3"}
+    header, offset = {}, 0
+    for name, t in want.items():
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt", "framepack_fp8": "1", "source": fp8.SOURCE_SINGLE,
+                              "scale": "float32 per output channel, weight = fp8 * scale[:, None]"}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    shard = fp8.convert(folder) / fp8.SINGLE_NAME
+    assert shard.read_bytes() == struct.pack("<Q", len(raw)) + raw + b"".join(_raw(t) for t in want.values())
+    with safe_open(shard, "pt") as f:  # the library's own reader sees the same tensors and metadata
+        assert f.metadata() == header["__metadata__"]
+        assert list(f.keys()) == sorted(want)
+        assert all(_raw(f.get_tensor(name)) == _raw(t) and f.get_tensor(name).dtype == t.dtype
+                   for name, t in want.items())
+
+
+def test_a_cache_header_is_padded_with_spaces_to_8_bytes_whatever_its_length(tmp_path):
+    import struct
+
+    from safetensors import safe_open
+
+    for extra in range(8):  # names one character longer each time: every remainder of the header's length
+        src = _transformer_of(tmp_path / f"t{extra}", [{"n" + "x" * extra: (3,)}], index=False) / fp8.SOURCE_SINGLE
+        dest = tmp_path / f"out{extra}.safetensors"
+        fp8._write_shard(src, dest, [])
+        data = dest.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        compact = data[8:8 + n].rstrip(b" ")
+        assert n % 8 == 0 and n - len(compact) < 8  # at most 7 spaces (a NUL or other byte would not parse)
+        assert json.loads(compact)["n" + "x" * extra]["data_offsets"] == [0, 6] and len(data) == 8 + n + 6
+        with safe_open(dest, "pt") as f:
+            assert list(f.keys()) == ["n" + "x" * extra]
+
+
+def test_a_shard_holding_no_tensors_converts_to_a_valid_empty_shard(tmp_path):
+    from safetensors import safe_open
+
+    src = _transformer_of(tmp_path / "t", [{}], index=False) / fp8.SOURCE_SINGLE
+    dest = tmp_path / "out.safetensors"
+    record = fp8._write_shard(src, dest, [])
+    assert record["size"] == dest.stat().st_size and record["tensors"] == []
+    with safe_open(dest, "pt") as f:
+        assert list(f.keys()) == [] and f.metadata()["source"] == fp8.SOURCE_SINGLE
+
+
+def test_progress_reports_each_write_summed_and_capped_at_the_data_bytes(tmp_path):
+    import itertools
+    import struct
+
+    folder = _one_file_transformer(tmp_path / "transformer")
+    calls = []
+    shard = fp8.convert(folder, lambda done, total: calls.append((done, total))) / fp8.SINGLE_NAME
+    header_bytes = struct.unpack("<Q", shard.read_bytes()[:8])[0]
+    entries = sorted(read_header(shard)[0].values(), key=lambda e: e.begin)
+    writes = [8, header_bytes] + [e.nbytes for e in entries]  # one write per tensor here (all under CHUNK_BYTES)
+    # the total is the data bytes (what the disk check asked for): the header's bytes make the count reach it early
+    assert calls == [(min(done, 6560), 6560) for done in itertools.accumulate(writes)]
+
+
+def test_quantizing_and_copying_in_chunks_writes_the_same_bytes_as_in_one_piece(tmp_path, monkeypatch):
+    # a tall matrix (more rows than columns) cut in chunks of rows that do not divide it, and a kept bf16 tensor
+    # larger than a chunk
+    shapes = {"transformer_blocks.0.ff.net.2.weight": (96, 32), "transformer_blocks.0.ff.net.2.bias": (96,),
+              "proj_out.weight": (9, 64)}
+    whole = fp8.convert(_transformer_of(tmp_path / "whole", [shapes], index=False)) / fp8.SINGLE_NAME
+    monkeypatch.setattr(fp8, "CHUNK_BYTES", 5 * 32 * 4)  # 5 rows of float32 per quantized chunk
+    sizes = []
+    write_chunk = fp8._write_chunk
+    monkeypatch.setattr(fp8, "_write_chunk", lambda fh, data: (sizes.append(len(data)), write_chunk(fh, data)))
+    chunked = fp8.convert(_transformer_of(tmp_path / "chunked", [shapes], index=False)) / fp8.SINGLE_NAME
+    assert chunked.read_bytes() == whole.read_bytes()
+    # length prefix, header, scales, proj_out in two pieces, bias, the fp8 rows (19 chunks of 5 rows and 1 row);
+    # then the index and the manifest
+    assert sizes[:-2] == [8, sizes[1], 96 * 4, 640, 9 * 64 * 2 - 640, 96 * 2] + [5 * 32] * 19 + [32]
+
+
+def test_each_cache_shard_is_named_after_its_bf16_shard_and_a_lone_one_with_the_one_file_name(tmp_path):
+    two = [{"transformer_blocks.0.attn.to_q.weight": (32, 64)}, {"proj_out.weight": (8, 64)}]
+    cache = fp8.convert(_transformer_of(tmp_path / "two", two))
+    index = json.loads((cache / fp8.INDEX_NAME).read_text(encoding="utf-8"))
+    first, second = (f"diffusion_pytorch_model-0000{i}-of-00002.safetensors" for i in (1, 2))
+    assert index["weight_map"] == {"transformer_blocks.0.attn.to_q.weight_scale": first,
+                                   "transformer_blocks.0.attn.to_q.weight": first, "proj_out.weight": second}
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == [first, second]
+    cache = fp8.convert(_transformer_of(tmp_path / "one", two[:1]))  # indexed, but one shard
+    assert sorted(p.name for p in cache.glob("*.safetensors")) == [fp8.SINGLE_NAME]
+
+
+def test_the_manifest_records_each_shards_checksums_and_source_and_when_it_was_written_in_utc(tmp_path,
+                                                                                               monkeypatch):
+    import time
+    from datetime import datetime, timezone
+
+    folder = _one_file_transformer(tmp_path / "transformer")
+    with monkeypatch.context() as m:
+        m.setenv("TZ", "Asia/Tokyo")  # a local time 9 hours off UTC: the stamp must not be it
+        time.tzset()
+        try:
+            before = datetime.now(timezone.utc).replace(microsecond=0)
+            cache = fp8.convert(folder)
+            after = datetime.now(timezone.utc)
+        finally:
+            m.undo()
+            time.tzset()
+    manifest = json.loads((cache / fp8.MANIFEST_NAME).read_text(encoding="utf-8"))
+    shard = cache / fp8.SINGLE_NAME
+    sha = hashlib.sha256(shard.read_bytes()).hexdigest()
+    assert manifest["shards"] == [{"name": fp8.SINGLE_NAME, "size": shard.stat().st_size, "sha256": sha,
+                                   "sample_sha256": sha, "source": fp8.SOURCE_SINGLE}]  # small: sampled whole
+    created = datetime.strptime(manifest["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert before <= created <= after
+
+
+def test_a_cache_folder_that_cannot_be_created_is_an_error_saying_why(tmp_path):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    fp8.cache_dir(folder).write_bytes(b"x")  # a file where the folder goes
+    with pytest.raises(ModelFilesError) as info:
+        fp8.convert(folder)
+    assert info.value.message == f"cannot create the fp8 cache folder {fp8.cache_dir(folder)}: File exists"
+
+
+def test_a_conversion_needs_its_data_bytes_plus_the_margin_free_and_says_how_much_otherwise(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    folder = _one_file_transformer(tmp_path / "transformer")
+    cache = fp8.cache_dir(folder)
+    free = [6560 + fp8.FREE_DISK_MARGIN_BYTES - 1]
+    monkeypatch.setattr(fp8.shutil, "disk_usage", lambda path: SimpleNamespace(free=free[0]))
+    with pytest.raises(ModelFilesError, match="free disk"):
+        fp8.convert(folder)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing written
+    free[0] += 1  # exactly enough
+    fp8.convert(folder)
+    assert fp8.check_cache(folder) is None
+    # the message in GB to one decimal: 1.250000001 GB needed and 1.350000001 free round up
+    monkeypatch.setattr(fp8, "_expected_cache_bytes", lambda sources: 1_250_000_001)
+    free[0] = 1_350_000_001
+    with pytest.raises(ModelFilesError) as info:
+        fp8.convert(folder)
+    assert info.value.message == (f"the fp8 cache needs 1.3 GB of free disk in {cache} and 1.4 GB is free: free "
+                                  "some space or store the transformer as bf16 (--no-fp8, or bf16 on the page)")
+
+
+@pytest.mark.parametrize("fault, why", [
+    ("a write lost", "is {size} bytes after writing, not {expected}"),
+    ("a name changed in the header", "does not read back with the tensors written"),
+], ids=["lost write", "renamed tensor"])
+def test_a_shard_that_does_not_read_back_as_written_is_an_error_and_nothing_is_kept(tmp_path, monkeypatch, fault,
+                                                                                   why):
+    folder = _one_file_transformer(tmp_path / "transformer")
+    expected = (fp8.convert(folder) / fp8.SINGLE_NAME).stat().st_size
+    shutil.rmtree(fp8.cache_dir(folder))
+    write_chunk = fp8._write_chunk
+
+    def faulty(fh, data):
+        if fault == "a write lost" and len(data) == 3072:  # the to_q weight's fp8 bytes never reach the disk
+            return
+        if fault == "a name changed in the header" and isinstance(data, bytes):  # same length: the size still fits
+            data = data.replace(b'"proj_out.weight"', b'"proj_out.weighx"')
+        write_chunk(fh, data)
+
+    monkeypatch.setattr(fp8, "_write_chunk", faulty)
+    with pytest.raises(ModelFilesError) as info:
+        fp8.convert(folder)
+    tmp = fp8.cache_dir(folder) / f"{fp8.SINGLE_NAME}{fp8.TMP_MARK}{os.getpid()}"
+    why = why.format(size=expected - 3072, expected=expected)
+    assert info.value.message == f"{tmp} {why}: the fp8 cache was not kept"
+    assert not fp8.cache_dir(folder).exists()
