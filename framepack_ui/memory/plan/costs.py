@@ -43,9 +43,11 @@ def sampling_tokens(resolution: int, image_tokens: int = IMAGE_TOKENS) -> int:
     return int(per_frame * (LATENT_WINDOW + 2) + 2 * resolution * resolution / 1024) + PROMPT_TOKENS + image_tokens
 
 
-def sampling_activations(t: ComponentWeights, image: ComponentWeights, resolution: int, itemsize: int) -> int:
+def sampling_activations(t: ComponentWeights, image: ComponentWeights, resolution: int, itemsize: int,
+                         lora: LoraCost | None = None) -> int:
+    """What a sampling step allocates beside the weights, with what `lora`'s updates added beside need."""
     tokens = sampling_tokens(resolution, image.tokens or IMAGE_TOKENS)
-    return tokens * (t.hidden_size or 3072) * itemsize * ACTIVATION_COPIES
+    return tokens * (t.hidden_size or 3072) * itemsize * ACTIVATION_COPIES + lora_beside_bytes(lora, itemsize, tokens)
 
 
 def decode_activations(vae: ComponentWeights, resolution: int, tile_px: int | None, itemsize: int,

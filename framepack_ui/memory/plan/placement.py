@@ -9,11 +9,10 @@ from ...units import GB
 from ..probe import ComponentWeights, Machine
 from .budgets import (FP8_CONVERSION_MARGIN_BYTES, PIN_HEADROOM_BYTES, Budgets, DoesNotFit, budgets_for, check,
                       page_cache_room, shortfall, spills_from_page_cache)
-from .catalogue import (ENTRY_COMPONENTS, IMAGE_TOKENS, PLAN_CHOICES, compute_itemsize, fp8_weights,
-                        with_real_defaults)
-from .costs import (decode_activations, decode_seconds, entry_weights, lora_beside_bytes, lora_bytes, phase_costs,
-                    place, runtime_baseline, sampling_activations, sampling_tokens, text_activations, tile_table,
-                    with_lora, with_pinned_sources)
+from .catalogue import ENTRY_COMPONENTS, PLAN_CHOICES, compute_itemsize, fp8_weights, with_real_defaults
+from .costs import (decode_activations, decode_seconds, entry_weights, lora_bytes, phase_costs, place,
+                    runtime_baseline, sampling_activations, text_activations, tile_table, with_lora,
+                    with_pinned_sources)
 from .explain import decode_name, gb_text
 from .measured import VAE_SMALLEST_TILE_PX
 from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
@@ -200,11 +199,9 @@ class _Context:
         cuda = machine.has_cuda and o.plan not in ("mmap", "cpu")
         w = {e: entry_weights(e, weights) for e in ENTRY_COMPONENTS}
         sampling_act = sampling_activations(w["transformer"], w["image_encoder"], o.resolution,
-                                            itemsize=compute_itemsize("transformer", cuda))
+                                            itemsize=compute_itemsize("transformer", cuda), lora=o.lora)
         text_act = text_activations(weights["text_encoder"], compute_itemsize("text_encoders", cuda))
         lora = lora_bytes(o.lora, compute_itemsize("transformer", cuda))
-        sampling_act += lora_beside_bytes(o.lora, compute_itemsize("transformer", cuda),
-                                          sampling_tokens(o.resolution, w["image_encoder"].tokens or IMAGE_TOKENS))
         return cls(o, cuda, compile_decoder, w, budgets_for(machine, cuda), sampling_act, text_act, lora)
 
     def vae_decode(self, tile_px: int | None) -> int:
