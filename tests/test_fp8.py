@@ -600,18 +600,32 @@ def test_a_full_check_hashes_each_shard_in_pieces(tmp_path, monkeypatch):
 
 # --- the cache's check, its messages, its sampled and full hashes, clearing -----------------------------------------
 
+def _transformer_of(folder: Path, shards: list[dict[str, tuple[int, ...]]], index: bool = True) -> Path:
+    """A transformer of random bf16 tensors (name -> shape), one file per dict, with an index naming them (or, with
+    index=False, the one file alone under the single-file name)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, shapes in enumerate(shards):
+        name = (f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if index
+                else fp8.SOURCE_SINGLE)
+        save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}, folder / name)
+        weight_map.update({k: name for k in shapes})
+    if index:
+        (folder / fp8.SOURCE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}),
+                                               encoding="utf-8")
+    return folder
+
+
 def _one_file_transformer(folder: Path) -> Path:
     """A transformer stored as one file (no index): two block matrices to quantize, a bias and an output layer kept.
     Their cache data is 48*64 + 4*48 + 32*64 + 4*32 + 2*48 + 2*8*64 = 6560 bytes."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    shapes = {"transformer_blocks.0.attn.to_q.weight": (48, 64), "transformer_blocks.0.attn.to_k.weight": (32, 64),
-              "transformer_blocks.0.attn.to_q.bias": (48,), "proj_out.weight": (8, 64)}
-    folder.mkdir(parents=True)
-    save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()},
-              folder / fp8.SOURCE_SINGLE)
-    return folder
+    return _transformer_of(folder, [{"transformer_blocks.0.attn.to_q.weight": (48, 64),
+                                      "transformer_blocks.0.attn.to_k.weight": (32, 64),
+                                      "transformer_blocks.0.attn.to_q.bias": (48,), "proj_out.weight": (8, 64)}],
+                           index=False)
 
 
 def test_a_transformer_stored_as_one_file_gets_a_one_file_cache_and_progress_counts_its_data_bytes(tmp_path):
@@ -762,25 +776,6 @@ def test_clearing_a_cache_folder_removes_only_what_a_conversion_writes(tmp_path)
 
 
 # --- the conversion's bytes, header, progress, chunking and refusals, exactly -------------------------------------
-
-def _transformer_of(folder: Path, shards: list[dict[str, tuple[int, ...]]], index: bool = True) -> Path:
-    """A transformer of random bf16 tensors (name -> shape), one file per dict, with an index naming them (or, with
-    index=False, the one file alone under the single-file name)."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(1)
-    folder.mkdir(parents=True)
-    weight_map = {}
-    for i, shapes in enumerate(shards):
-        name = (f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if index
-                else fp8.SOURCE_SINGLE)
-        save_file({k: torch.randn(s, generator=g).to(torch.bfloat16) for k, s in shapes.items()}, folder / name)
-        weight_map.update({k: name for k in shapes})
-    if index:
-        (folder / fp8.SOURCE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}),
-                                               encoding="utf-8")
-    return folder
-
 
 def _raw(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().view(-1).view(torch.uint8).numpy())
