@@ -26,6 +26,10 @@ builds; there is no CUDA 12.8 build of 2.13 (PyTorch dropped 12.8 in 2.12). The 
 
 So an RTX 50-series (Blackwell, compute capability 12.0) needs driver 580 or newer; an RTX 40/30/20 gets cu130
 on a 580+ driver and cu126 on an older one; GTX 10/9 series (Pascal/Maxwell, dropped from CUDA 13) get cu126.
+
+Triton (torch.compile's GPU code generator): torch's Linux wheels bring it; its Windows wheels do not, so on Windows
+with a CUDA build this also installs `triton-windows`, the release that pairs with this torch (TRITON_WINDOWS). Where
+that fails the app still runs, uncompiled, and its memory plan says so.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 TORCH_VERSION = "2.13.0"
+# The Triton this torch was built with: torch 2.13.0's Linux wheels require triton==3.7.1. triton-windows publishes
+# the same releases for Windows (3.7.1.post27 and later fixes); a newer minor would not pair with this torch.
+TRITON_WINDOWS = "triton-windows>=3.7.1,<3.8"
 # torch 2.13.0 publishes wheels for CPython 3.10-3.14; diffusers 0.42.1 needs 3.11 or newer.
 MIN_PYTHON = (3, 11)
 MAX_PYTHON = (3, 14)
@@ -198,6 +205,14 @@ def torch_pip_args(index: str, platform: str) -> list:
     if index != "default":
         args += ["--index-url", TORCH_INDEX_URL.format(index=index)]
     return args
+
+
+def triton_requirement(index: str, platform: str) -> Optional[str]:
+    """What to install beside torch for torch.compile: triton-windows for a CUDA build on Windows (torch's Linux
+    wheels bring Triton themselves; CPU and macOS builds compile nothing for a GPU); None otherwise."""
+    if platform == "win32" and index.startswith("cu"):
+        return TRITON_WINDOWS
+    return None
 
 
 def torch_is_wanted(installed: Optional[str], index: str, platform: str) -> bool:
@@ -369,6 +384,26 @@ def install_torch(python: Path, index: str, installed: str, venv_version: Versio
                "--torch-index {%s}" % ",".join(TORCH_INDEX_CHOICES[1:]))
 
 
+def install_triton(python: Path, venv_dir: Path, index: str, force: bool, runner: Runner) -> None:
+    """triton-windows where `triton_requirement` asks for it. Not fatal when it fails: the app runs without
+    torch.compile (slower per step) and its plan says so."""
+    wanted = triton_requirement(index, sys.platform)
+    if wanted is None:
+        return
+    stamp = read_stamp(venv_dir)
+    if not force and stamp.get("triton") == wanted:
+        say("%s already installed" % wanted)
+        return
+    say("installing %s (torch.compile's GPU code generator; torch's Windows wheels have none)" % wanted)
+    try:
+        runner.run(pip_install(python, [wanted]), "Installing %s failed" % wanted)
+    except InstallError as error:
+        say("%s The app runs without torch.compile (slower per step); install.py tries again next start." % error)
+        return
+    if not runner.dry_run:
+        write_stamp(venv_dir, dict(read_stamp(venv_dir), triton=wanted))
+
+
 def read_stamp(venv_dir: Path) -> dict:
     try:
         data = json.loads((venv_dir / STAMP_NAME).read_text(encoding="utf-8"))
@@ -395,7 +430,11 @@ def install_requirements(python: Path, venv_dir: Path, dev: bool, force: bool, r
                "Installing %s failed" % sets[wanted][-1].name)
     if not runner.dry_run:
         stamp.update(digests)  # the dev set includes requirements.txt, so both are now satisfied
-        (venv_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
+        write_stamp(venv_dir, stamp)
+
+
+def write_stamp(venv_dir: Path, stamp: dict) -> None:
+    (venv_dir / STAMP_NAME).write_text(json.dumps(stamp, indent=1), encoding="utf-8")
 
 
 def ensure_chromium(runner: Runner) -> None:
@@ -484,6 +523,7 @@ def run(args: argparse.Namespace, passthrough: list) -> int:
         index = args.torch_index
         say("PyTorch build: %s (chosen with --torch-index or %s)" % (index, TORCH_INDEX_ENV))
     install_torch(python, index, installed_torch, venv_version, args.force, runner)
+    install_triton(python, venv_dir, index, args.force, runner)
 
     if not args.no_requirements:
         install_requirements(python, venv_dir, dev, args.force, runner)

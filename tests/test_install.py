@@ -188,6 +188,80 @@ def test_torch_is_wanted_compares_the_build_tag():
     assert wanted("2.13.0", "cpu", "darwin")
 
 
+def test_triton_windows_only_beside_a_cuda_build_on_windows():
+    assert install.triton_requirement("cu126", "win32") == install.TRITON_WINDOWS
+    assert install.triton_requirement("cu130", "win32") == install.TRITON_WINDOWS
+    assert install.triton_requirement("cpu", "win32") is None  # nothing to compile for
+    assert install.triton_requirement("default", "win32") is None  # PyPI's Windows torch is the CPU build
+    assert install.triton_requirement("cu126", "linux") is None  # torch's Linux wheels bring triton
+    assert install.triton_requirement("default", "darwin") is None
+
+
+def test_the_triton_windows_pin_is_the_release_torch_was_built_with():
+    # torch 2.13.0's Linux wheels require triton==3.7.1 (its METADATA): the Windows build of that release, any fix
+    # of it, and not the next minor, which pairs with a later torch
+    assert install.TORCH_VERSION == "2.13.0"
+    assert install.TRITON_WINDOWS == "triton-windows>=3.7.1,<3.8"
+
+
+def _run_install_as(monkeypatch, capsys, platform: str, *args: str) -> str:
+    """install.main in this process with sys.platform injected (Windows cannot run here): what it printed."""
+    monkeypatch.setattr(install.sys, "platform", platform)
+    assert install.main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def test_dry_run_on_windows_with_a_cuda_build_installs_triton_windows_after_torch(tmp_path, monkeypatch, capsys):
+    # untested on Windows itself: the platform is injected
+    out = _run_install_as(monkeypatch, capsys, "win32", "--dry-run", "--install-only", "--no-requirements",
+                          "--venv", str(tmp_path / "v"), "--torch-index", "cu126")
+    torch_at, triton_at = out.index("torch==2.13.0+cu126"), out.index(" triton-windows>=3.7.1,<3.8")
+    assert torch_at < triton_at
+    assert re.search(r"would run: \S*Scripts\S*python\.exe -m pip install --disable-pip-version-check "
+                     r"\"?triton-windows>=3\.7\.1,<3\.8", out), out
+
+
+@pytest.mark.parametrize("platform, index", [("linux", "cu126"), ("win32", "cpu")])
+def test_no_triton_windows_on_linux_or_for_a_cpu_build(tmp_path, monkeypatch, capsys, platform, index):
+    out = _run_install_as(monkeypatch, capsys, platform, "--dry-run", "--install-only", "--no-requirements",
+                          "--venv", str(tmp_path / "v"), "--torch-index", index)
+    assert "torch==2.13.0+" + index in out
+    assert "triton-windows" not in out
+
+
+class _FailingRunner(install.Runner):
+    def __init__(self):
+        super().__init__(dry_run=False)
+        self.commands = []
+
+    def run(self, command, failure, env=None):
+        self.commands.append(command)
+        raise install.InstallError("%s (exit code 1; the messages above say why)." % failure)
+
+
+def test_a_failed_triton_windows_install_is_said_and_setup_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install.sys, "platform", "win32")
+    runner = _FailingRunner()
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)  # does not raise
+    out = capsys.readouterr().out
+    assert len(runner.commands) == 1 and install.TRITON_WINDOWS in runner.commands[0]
+    assert "Installing %s failed" % install.TRITON_WINDOWS in out
+    assert "runs without torch.compile" in out
+    assert not (tmp_path / install.STAMP_NAME).exists()  # so the next start tries again
+
+
+def test_an_installed_triton_windows_is_not_installed_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(install.sys, "platform", "win32")
+    install.write_stamp(tmp_path, {"runtime": "abc", "triton": install.TRITON_WINDOWS})
+    runner = _FailingRunner()
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)
+    assert runner.commands == []
+    assert "already installed" in capsys.readouterr().out
+    install.write_stamp(tmp_path, {"triton": "triton-windows>=3.6,<3.7"})  # another torch's pairing: replaced
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)
+    assert len(runner.commands) == 1
+
+
 def test_chromium_action():
     assert install.chromium_action("linux", True, False, True) == ("ok", "")
     assert install.chromium_action("linux", False, True, True) == ("apt", "")

@@ -271,6 +271,12 @@ def test_plan_speed_options_follow_the_machine():
     assert not make_plan(ampere, REAL, PlanOverrides(fp8=True)).components["transformer"].fp8_matmul
     no_triton = replace(triton_ada, compile_supported=False)
     assert not make_plan(no_triton, REAL).components["transformer"].compile
+    # compile off without being asked: the plan says why in one line; asked for (--no-compile) or on: no line
+    eager_notes = [n for n in make_plan(no_triton, REAL).notes if "not compiled" in n]
+    assert len(eager_notes) == 1 and "no Triton" in eager_notes[0] and "triton-windows" in eager_notes[0]
+    assert not any("not compiled" in n for n in make_plan(triton_ada, REAL).notes)
+    assert not any("not compiled" in n for n in make_plan(no_triton, REAL, PlanOverrides(compile=False)).notes)
+    assert not any("not compiled" in n for n in make_plan(Machine.supposed(32, 0), REAL).notes)  # no GPU to compile for
     cpu = make_plan(replace(Machine.supposed(32, 0), compile_supported=True), REAL).components["transformer"]
     assert not cpu.compile and not cpu.fp8_matmul
     forced = make_plan(triton_ada, REAL, PlanOverrides(compile=False, attention="native", fp8=True,

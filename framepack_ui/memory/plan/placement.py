@@ -152,6 +152,8 @@ def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOv
         plans["transformer"], note = _apply_fp8(plans["transformer"], ctx.w["transformer"])
         notes.append(note)
     plans["transformer"] = replace(plans["transformer"], **_speed_options(machine, plans["transformer"], o))
+    if plans["transformer"].device == "cuda" and not plans["transformer"].compile and o.compile is None:
+        notes.append(COMPILE_OFF_NOTE)
     plans = _choose_pinning(ctx, plans)
     plans = _choose_vae_tile(ctx, plans)
     plan = LoadPlan(machine, "cuda" if ctx.cuda else "cpu", {k: plans[k] for k in ENTRY_COMPONENTS},
@@ -351,6 +353,12 @@ def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
     while n > 0 and place(entry, w, Where.GPU_STREAMED, resident_blocks=n).vram_bytes > room:
         n -= 1
     return n
+
+
+# Why a CUDA machine runs the blocks eagerly without being asked to (docs/benchmarks.md, "Compiled block forwards":
+# eager takes 1.26x the compiled step)
+COMPILE_OFF_NOTE = ("transformer not compiled: torch.compile finds no Triton here (on Windows, install.py installs "
+                    "triton-windows beside a CUDA build of torch); each step takes about 1.3x longer")
 
 
 def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict:
