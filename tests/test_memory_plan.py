@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from dataclasses import replace
 
@@ -411,6 +412,31 @@ def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_mo
     compiled_vae = cpu_manager(tiny_models_dir, plan.with_component("vae", compile=True), prompt_cache_dir=None)
     with compiled_vae.use("vae") as vae:  # lazily: it compiles at the first decode
         assert compiled.decoder_compiled(vae) and "forward" in vars(vae.decoder)
+
+
+def test_the_compilers_caches_are_kept_under_the_models_folder_unless_the_user_set_them(tiny_models_dir,
+                                                                                          monkeypatch, tmp_path):
+    """Inductor's default is the temp folder, which cleanups empty: a compiled plan's load points both compilers'
+    caches at models/.cache/compile (before the lazy compile runs); a folder set in the environment stays."""
+    from framepack_ui.compute import compile as compiled
+
+    for variable in compiled.CACHE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(compiled, "_set_here", {})
+    plan = cpu_plan(tiny_models_dir)
+    with cpu_manager(tiny_models_dir, plan, prompt_cache_dir=None).use("transformer"):
+        assert not any(v in os.environ for v in compiled.CACHE_VARIABLES)  # nothing compiles: nothing set
+    with cpu_manager(tiny_models_dir, plan.with_component("transformer", compile=True),
+                     prompt_cache_dir=None).use("transformer"):
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/inductor")
+        assert os.environ["TRITON_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/triton")
+    other = tmp_path / "other-models"  # another folder later in the same process: the caches follow it
+    compiled.keep_caches_in(other / compiled.CACHE_SUBDIR)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(other.absolute() / ".cache/compile/inductor")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))  # the user's own choice
+    with cpu_manager(tiny_models_dir, plan.with_component("vae", compile=True), prompt_cache_dir=None).use("vae"):
+        assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/inductor")
 
 
 # --- probe --------------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ the model.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -25,6 +27,23 @@ DECODER_HOOK = "framepack_compiled_decoder"
 # Versions of a block's compiled graph dynamo keeps (its default is 8, past which a block silently runs eagerly): each
 # LoRA layout a job puts on the blocks (compute/lora.py; fp8 or bf16 Linears, none, another set or rank) is another.
 BLOCK_GRAPH_VERSIONS = 64
+
+# The compilers' caches live with the models, not in the temp folder (inductor's default), which Windows' disk cleanup
+# and many Linux boots empty: an app started again then loads compiled code instead of compiling for minutes
+# (docs/benchmarks.md, "First-job compile costs").
+CACHE_SUBDIR = Path(".cache") / "compile"  # under the models folder
+CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+_set_here: dict[str, str] = {}  # the variables keep_caches_in set, and to what
+
+
+def keep_caches_in(folder: Path) -> None:
+    """Point inductor's and Triton's caches into `folder` before the first compile; a folder the user (or a bench)
+    set in the environment is theirs and stays."""
+    for variable, subfolder in CACHE_VARIABLES.items():
+        current = os.environ.get(variable)
+        if not current or current == _set_here.get(variable):
+            os.environ[variable] = _set_here[variable] = str(Path(folder, subfolder).absolute())
+
 
 # Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
 # a decode); traced, 5 and 4 share one compiled graph and 3 needs another (tests/test_vae_tiles.py), minutes on a

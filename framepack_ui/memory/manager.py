@@ -234,6 +234,8 @@ class ModelManager:
             raise MemoryPlanError(message) from exc
         streamer = self._stream(name, model, c, device) if streamed(c) else None
         try:
+            if c.compile:
+                compiled.keep_caches_in(self.models_dir / compiled.CACHE_SUBDIR)
             self._apply_speed_options(name, model, c)
             if name == "transformer":
                 self._loras_applied = None
