@@ -186,6 +186,53 @@ def test_each_job_runs_under_the_plan_of_its_memory_profile(make_worker, start_i
         worker.submit(spec(start_image_80x64), profile="fast")
 
 
+def test_a_command_line_job_that_fails_as_its_engine_starts_leaves_a_failed_settings_file_with_its_image(
+        make_worker, start_image_80x64, tmp_path):
+    """The command line's worker writes no queued record; an engine that fails before it writes its settings file
+    (injected) still leaves one saying failed, built from the job's settings, beside a copy of its image. An image
+    gone by then leaves the settings file without one."""
+    def fails_at_once(spec, out_path, manager, emit, cancel, **kwargs):
+        raise RuntimeError("the engine broke (injected)")
+
+    worker = make_worker(fails_at_once, serves_pages=False)
+    failed = all_events(worker, worker.submit(spec(start_image_80x64, "breaks")))[-1]
+    assert isinstance(failed, Failed) and failed.path is None  # nothing was written: no video to keep
+    [settings_file] = (tmp_path / "outputs").glob("*.json")
+    settings = json.loads(settings_file.read_text())
+    assert (settings["status"], settings["frames"], settings["prompt"]) == ("failed", 0, "breaks")
+    assert settings["message"] == failed.message and "the engine broke (injected)" in failed.message
+    assert (settings_file.parent / settings["input_image_file"]).read_bytes() == Path(start_image_80x64).read_bytes()
+
+    image = tmp_path / "gone.png"
+    image.write_bytes(Path(start_image_80x64).read_bytes())
+    job = worker.submit(spec(str(image), "image gone"))
+    image.unlink()  # before the job runs: its image cannot be copied any more
+    assert isinstance(all_events(worker, job)[-1], Failed)
+    settings = json.loads(sidecar_path(worker.job(job).out_path).read_text())
+    assert (settings["status"], settings["prompt"], settings["input_image_file"]) == ("failed", "image gone", None)
+
+
+def test_a_settings_file_the_engine_left_running_is_marked_failed_with_its_frames(make_worker, start_image_80x64):
+    """An engine that dies mid-job after writing its settings file as running (injected): the worker marks that
+    file failed with the job's message and keeps the frames it recorded; one it finished itself is left alone."""
+    from framepack_ui.sidecar import write_sidecar
+
+    def dies_mid_job(spec, out_path, manager, emit, cancel, **kwargs):
+        write_sidecar(out_path, {**spec.settings(), "status": spec.prompt, "frames": 37}, spec.image)
+        raise RuntimeError("died after a section (injected)")
+
+    worker = make_worker(dies_mid_job)
+    running = worker.submit(spec(start_image_80x64, "running"))
+    failed = all_events(worker, running)[-1]
+    settings = json.loads(sidecar_path(worker.job(running).out_path).read_text())
+    assert (settings["status"], settings["frames"], settings["message"]) == ("failed", 37, failed.message)
+    assert settings["input_image_file"] and settings["prompt"] == "running"
+    stopped = worker.submit(spec(start_image_80x64, "stopped"))  # how the engine itself ended it: kept
+    all_events(worker, stopped)
+    settings = json.loads(sidecar_path(worker.job(stopped).out_path).read_text())
+    assert (settings["status"], settings["frames"]) == ("stopped", 37) and "message" not in settings
+
+
 def test_the_workers_attention_goes_into_every_jobs_plan(make_worker):
     worker = make_worker()
     assert worker.attention_problem() is None  # none given
@@ -363,6 +410,14 @@ def test_each_job_is_planned_anew_and_an_fp8_plan_converts_first_with_progress(
     second = all_events(worker, worker.submit(spec(start_image_80x64)))
     progress = [e for e in second if isinstance(e, Progress)]
     assert progress and progress[-1].done == progress[-1].total and fp8.check_cache(folder) is None
+    phases = [e for e in second if isinstance(e, Phase) and e.name == "convert"]
+    assert phases == [Phase("convert", "converting the transformer to fp8 (once)")]
+    assert {p.task for p in progress} == {phases[0].detail}
+    percents = [100 * p.done // p.total for p in progress]
+    assert percents == sorted(set(percents))  # one event per percent, in order: a job's events stay few
+    # time left: from the rate so far once a percent is written (unknown before), 0 at the end
+    assert all((p.eta_s is None) == (percent == 0) for p, percent in zip(progress, percents))
+    assert progress[-1].eta_s == 0 and all(p.eta_s < 600 for p in progress if p.eta_s is not None)
     assert [r["memory"]["transformer_storage"] for r in records] == ["bfloat16", "fp8"]
     # and why, in the plan's own words (the settings file keeps them beside the choice)
     assert any(note.startswith("transformer stored as fp8 (chosen automatically)") for note in

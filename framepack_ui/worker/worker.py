@@ -807,7 +807,8 @@ class Worker:
             if percent != shown[0]:  # one event per percent: a job's events stay few
                 shown[0] = percent
                 elapsed = time.monotonic() - started
-                emit(Progress(task, done, total, elapsed / done * (total - done) if done else None))
+                # time left from the rate so far, once a percent is written (the first chunk is a header's 8 bytes)
+                emit(Progress(task, done, total, elapsed / done * (total - done) if percent else None))
 
         fp8.ensure_cache(folder, progress)
 
@@ -836,7 +837,6 @@ class Worker:
             if not isinstance(record, dict):
                 record = job.spec.settings()
             record.update(status="failed", frames=record.get("frames") or 0, message=result.message)
-            record.pop("input_image_file", None)  # write_sidecar names the copy it makes
             image = Path(job.spec.image)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_sidecar(job.out_path, record, image if image.is_file() else None)
