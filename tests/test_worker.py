@@ -233,6 +233,32 @@ def test_a_settings_file_the_engine_left_running_is_marked_failed_with_its_frame
     assert (settings["status"], settings["frames"]) == ("stopped", 37) and "message" not in settings
 
 
+def test_a_failed_jobs_video_is_kept_only_where_its_engine_wrote_frames(make_worker, start_image_80x64):
+    """A job that fails after its engine wrote part of the video points at it (a playable file is never lost); an
+    empty file it left, or none, is not a video to keep. The job's snapshot names it, its submit time and its id;
+    the outputs' signature changes while it runs (the gallery refreshes)."""
+    gate, signatures = threading.Event(), []
+
+    def writes_then_fails(spec, out_path, manager, emit, cancel, **kwargs):
+        signatures.append(worker.outputs_signature())
+        assert gate.wait(TIMEOUT_S)
+        Path(out_path).write_bytes(b"" if spec.prompt == "empty" else b"frames")
+        raise RuntimeError("failed after writing (injected)")
+
+    worker = make_worker(writes_then_fails)
+    idle = worker.outputs_signature()
+    before = time.time()
+    ids = [worker.submit(spec(start_image_80x64, prompt)) for prompt in ("frames", "empty")]
+    wait_until(lambda: signatures)
+    assert signatures[0] != idle and signatures[0][0] == ids[0]  # the running job is part of it
+    gate.set()
+    kept, empty = (all_events(worker, job)[-1] for job in ids)
+    assert kept.path == str(worker.job(ids[0]).out_path) and Path(kept.path).read_bytes() == b"frames"
+    assert isinstance(empty, Failed) and empty.path is None
+    info = worker.job(ids[0])
+    assert info.id == ids[0] and info.result == kept and before <= info.submitted_at <= time.time()
+
+
 def test_the_workers_attention_goes_into_every_jobs_plan(make_worker):
     worker = make_worker()
     assert worker.attention_problem() is None  # none given
