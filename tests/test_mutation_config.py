@@ -25,7 +25,7 @@ def mutation():
 def test_every_core_module_has_its_files_and_existing_tests(mutation):
     shared, modules = mutation.read_config(REPO / "setup.cfg")
     assert set(modules) == {"spec", "sidecar", "sampling", "teacache", "prompt_cache", "plan", "streaming", "fp8",
-                            "worker"}
+                            "worker", "worker_paths"}
     for name, module in modules.items():
         for pattern in module["mutate"]:
             assert glob.glob(str(REPO / pattern)), (name, pattern)
