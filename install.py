@@ -53,7 +53,8 @@ from typing import Callable, Optional, Sequence
 TORCH_VERSION = "2.13.0"
 # The Triton this torch was built with: torch 2.13.0's Linux wheels require triton==3.7.1. triton-windows publishes
 # the same releases for Windows (3.7.1.post27 and later fixes); a newer minor would not pair with this torch.
-TRITON_WINDOWS = "triton-windows>=3.7.1,<3.8"
+TRITON_WINDOWS = "triton-windows~=3.7.1"  # 3.7.1 or a later 3.7 fix; no shell metacharacters in a printed command
+TRITON_MIN_CAPABILITY = (7, 0)  # Triton generates code for Volta and later; torch.compile refuses older GPUs
 # torch 2.13.0 publishes wheels for CPython 3.10-3.14; diffusers 0.42.1 needs 3.11 or newer.
 MIN_PYTHON = (3, 11)
 MAX_PYTHON = (3, 14)
@@ -207,12 +208,15 @@ def torch_pip_args(index: str, platform: str) -> list:
     return args
 
 
-def triton_requirement(index: str, platform: str) -> Optional[str]:
+def triton_requirement(index: str, platform: str, gpus: Sequence[Gpu] = ()) -> Optional[str]:
     """What to install beside torch for torch.compile: triton-windows for a CUDA build on Windows (torch's Linux
-    wheels bring Triton themselves; CPU and macOS builds compile nothing for a GPU); None otherwise."""
-    if platform == "win32" and index.startswith("cu"):
-        return TRITON_WINDOWS
-    return None
+    wheels bring Triton themselves; CPU and macOS builds compile nothing for a GPU), unless every GPU found is too
+    old for Triton (GTX 10 series and older); None otherwise."""
+    if platform != "win32" or not index.startswith("cu"):
+        return None
+    if gpus and all(gpu.compute_cap is not None and gpu.compute_cap < TRITON_MIN_CAPABILITY for gpu in gpus):
+        return None
+    return TRITON_WINDOWS
 
 
 def torch_is_wanted(installed: Optional[str], index: str, platform: str) -> bool:
@@ -384,24 +388,34 @@ def install_torch(python: Path, index: str, installed: str, venv_version: Versio
                "--torch-index {%s}" % ",".join(TORCH_INDEX_CHOICES[1:]))
 
 
-def install_triton(python: Path, venv_dir: Path, index: str, force: bool, runner: Runner) -> None:
+def install_triton(python: Path, venv_dir: Path, index: str, gpus: Sequence[Gpu], force: bool,
+                   runner: Runner) -> None:
     """triton-windows where `triton_requirement` asks for it. Not fatal when it fails: the app runs without
-    torch.compile (slower per step) and its plan says so."""
-    wanted = triton_requirement(index, sys.platform)
+    torch.compile (slower per step) and its plan says so; later starts do not try again (each try would wait on pip
+    while the app starts) unless --force asks."""
+    wanted = triton_requirement(index, sys.platform, gpus)
     if wanted is None:
         return
     stamp = read_stamp(venv_dir)
     if not force and stamp.get("triton") == wanted:
         say("%s already installed" % wanted)
         return
+    if not force and stamp.get("triton_failed") == wanted:
+        say("%s is not installed (it failed before): the app runs without torch.compile; "
+            "'install.py --force' tries again" % wanted)
+        return
     say("installing %s (torch.compile's GPU code generator; torch's Windows wheels have none)" % wanted)
     try:
         runner.run(pip_install(python, [wanted]), "Installing %s failed" % wanted)
     except InstallError as error:
-        say("%s The app runs without torch.compile (slower per step); install.py tries again next start." % error)
+        say("%s The app runs without torch.compile (slower per step); 'install.py --force' tries again." % error)
+        if not runner.dry_run:
+            write_stamp(venv_dir, dict(read_stamp(venv_dir), triton_failed=wanted))
         return
     if not runner.dry_run:
-        write_stamp(venv_dir, dict(read_stamp(venv_dir), triton=wanted))
+        stamp = read_stamp(venv_dir)
+        stamp.pop("triton_failed", None)
+        write_stamp(venv_dir, dict(stamp, triton=wanted))
 
 
 def read_stamp(venv_dir: Path) -> dict:
@@ -512,6 +526,7 @@ def run(args: argparse.Namespace, passthrough: list) -> int:
     else:  # dry run of a fresh install
         venv_version, installed_torch = tuple(sys.version_info[:3]), ""
 
+    gpus = []  # as nvidia-smi reports them, where --torch-index auto asked it
     if args.torch_index == "auto":
         gpus = detect_gpus()
         index = choose_torch_index(gpus, sys.platform)
@@ -523,7 +538,7 @@ def run(args: argparse.Namespace, passthrough: list) -> int:
         index = args.torch_index
         say("PyTorch build: %s (chosen with --torch-index or %s)" % (index, TORCH_INDEX_ENV))
     install_torch(python, index, installed_torch, venv_version, args.force, runner)
-    install_triton(python, venv_dir, index, args.force, runner)
+    install_triton(python, venv_dir, index, gpus, args.force, runner)
 
     if not args.no_requirements:
         install_requirements(python, venv_dir, dev, args.force, runner)

@@ -1,7 +1,9 @@
 """Fixtures shared by the test files."""
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,24 @@ import pytest
 from PIL import Image
 
 from framepack_ui.weights.tiny import make_tiny_models
+
+
+# --- the compilers' cache folders: a compiled plan's load points them at its models folder (compute/compile.py);
+# each test gets the environment it started with back, so no later test compiles into a deleted temporary folder
+
+@pytest.fixture(autouse=True)
+def _compiler_cache_variables():
+    names = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+    before = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    compiled = sys.modules.get("framepack_ui.compute.compile")
+    if compiled is not None:
+        compiled._set_here.clear()
 
 
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------

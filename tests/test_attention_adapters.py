@@ -153,3 +153,14 @@ def test_the_plan_says_in_one_line_why_an_8bit_attention_cannot_run(monkeypatch)
     assert "attention cudnn_fp8" in plan.explain()
     assert make_plan(ada, real_weights(), PlanOverrides(attention=attention.SAGE)).components[
         "transformer"].attention == attention.SAGE
+
+
+def test_compile_needs_cuda_a_gpu_that_triton_supports_and_triton_installed(monkeypatch):
+    """A GTX 10 series card (6.1) with triton-windows installed stays uncompiled: inductor refuses GPUs below 7.0."""
+    found = {"triton": True}
+    monkeypatch.setattr(backends.importlib.util, "find_spec", lambda name: object() if found.get(name) else None)
+    assert backends.compile_supported("cuda:0", (8, 9)) and backends.compile_supported("cuda", (7, 0))
+    assert not backends.compile_supported("cuda:0", (6, 1))
+    assert not backends.compile_supported("cpu", (8, 9))
+    found["triton"] = False  # Windows without triton-windows
+    assert not backends.compile_supported("cuda:0", (8, 9))

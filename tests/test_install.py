@@ -188,20 +188,32 @@ def test_torch_is_wanted_compares_the_build_tag():
     assert wanted("2.13.0", "cpu", "darwin")
 
 
-def test_triton_windows_only_beside_a_cuda_build_on_windows():
+def test_triton_windows_only_beside_a_cuda_build_on_windows_for_a_gpu_triton_supports():
     assert install.triton_requirement("cu126", "win32") == install.TRITON_WINDOWS
     assert install.triton_requirement("cu130", "win32") == install.TRITON_WINDOWS
     assert install.triton_requirement("cpu", "win32") is None  # nothing to compile for
     assert install.triton_requirement("default", "win32") is None  # PyPI's Windows torch is the CPU build
     assert install.triton_requirement("cu126", "linux") is None  # torch's Linux wheels bring triton
     assert install.triton_requirement("default", "darwin") is None
+    laptop = install.parse_nvidia_smi(SMI_RTX_4060_LAPTOP_566)
+    assert install.triton_requirement("cu126", "win32", laptop) == install.TRITON_WINDOWS
+    pascal = install.parse_nvidia_smi(SMI_GTX_1080_581)  # 6.1: Triton generates nothing for it
+    assert install.triton_requirement("cu126", "win32", pascal) is None
+    assert install.triton_requirement("cu126", "win32", pascal + laptop) == install.TRITON_WINDOWS
 
 
-def test_the_triton_windows_pin_is_the_release_torch_was_built_with():
-    # torch 2.13.0's Linux wheels require triton==3.7.1 (its METADATA): the Windows build of that release, any fix
-    # of it, and not the next minor, which pairs with a later torch
+def test_the_triton_windows_pin_admits_the_release_torch_was_built_with_and_its_fixes_only():
+    # torch 2.13.0's Linux wheels require triton==3.7.1 (their METADATA); triton-windows publishes the same releases
+    # (3.7.1.post27); "~=3.7.1" is >= 3.7.1 and == 3.7.*: not 3.8, which pairs with a later torch
     assert install.TORCH_VERSION == "2.13.0"
-    assert install.TRITON_WINDOWS == "triton-windows>=3.7.1,<3.8"
+    assert install.TRITON_WINDOWS == "triton-windows~=3.7.1"
+    try:  # where this venv's torch names its Triton, the pin must pair with it
+        requires = importlib.metadata.requires("torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        requires = []
+    pinned = [re.search(r"triton==(\d+)\.(\d+)\.(\d+)", r) for r in requires]
+    for match in filter(None, pinned):
+        assert "~=%s.%s.%s" % match.groups() in install.TRITON_WINDOWS
 
 
 def _run_install_as(monkeypatch, capsys, platform: str, *args: str) -> str:
@@ -215,10 +227,10 @@ def test_dry_run_on_windows_with_a_cuda_build_installs_triton_windows_after_torc
     # untested on Windows itself: the platform is injected
     out = _run_install_as(monkeypatch, capsys, "win32", "--dry-run", "--install-only", "--no-requirements",
                           "--venv", str(tmp_path / "v"), "--torch-index", "cu126")
-    torch_at, triton_at = out.index("torch==2.13.0+cu126"), out.index(" triton-windows>=3.7.1,<3.8")
+    torch_at, triton_at = out.index("torch==2.13.0+cu126"), out.index(" triton-windows~=3.7.1")
     assert torch_at < triton_at
     assert re.search(r"would run: \S*Scripts\S*python\.exe -m pip install --disable-pip-version-check "
-                     r"\"?triton-windows>=3\.7\.1,<3\.8", out), out
+                     r"triton-windows~=3\.7\.1\n", out), out
 
 
 @pytest.mark.parametrize("platform, index", [("linux", "cu126"), ("win32", "cpu")])
@@ -239,26 +251,29 @@ class _FailingRunner(install.Runner):
         raise install.InstallError("%s (exit code 1; the messages above say why)." % failure)
 
 
-def test_a_failed_triton_windows_install_is_said_and_setup_goes_on(tmp_path, monkeypatch, capsys):
+def test_a_failed_triton_windows_install_is_said_and_not_retried_each_start_until_forced(tmp_path, monkeypatch,
+                                                                                        capsys):
     monkeypatch.setattr(install.sys, "platform", "win32")
     runner = _FailingRunner()
-    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)  # does not raise
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", (), False, runner)  # does not raise
     out = capsys.readouterr().out
     assert len(runner.commands) == 1 and install.TRITON_WINDOWS in runner.commands[0]
-    assert "Installing %s failed" % install.TRITON_WINDOWS in out
-    assert "runs without torch.compile" in out
-    assert not (tmp_path / install.STAMP_NAME).exists()  # so the next start tries again
+    assert "Installing %s failed" % install.TRITON_WINDOWS in out and "runs without torch.compile" in out
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", (), False, runner)  # the next start
+    assert len(runner.commands) == 1 and "'install.py --force' tries again" in capsys.readouterr().out
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", (), True, runner)  # --force
+    assert len(runner.commands) == 2
 
 
 def test_an_installed_triton_windows_is_not_installed_again(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(install.sys, "platform", "win32")
     install.write_stamp(tmp_path, {"runtime": "abc", "triton": install.TRITON_WINDOWS})
     runner = _FailingRunner()
-    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", (), False, runner)
     assert runner.commands == []
     assert "already installed" in capsys.readouterr().out
-    install.write_stamp(tmp_path, {"triton": "triton-windows>=3.6,<3.7"})  # another torch's pairing: replaced
-    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", False, runner)
+    install.write_stamp(tmp_path, {"triton": "triton-windows~=3.6.0"})  # another torch's pairing: replaced
+    install.install_triton(tmp_path / "python.exe", tmp_path, "cu126", (), False, runner)
     assert len(runner.commands) == 1
 
 

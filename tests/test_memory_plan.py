@@ -350,6 +350,35 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
     assert sum("compiled VAE decoder failed" in r.message for r in caplog.records) == 1
 
 
+def test_compiled_blocks_whose_compiler_fails_run_eagerly_after_one_try(tiny_models_dir, monkeypatch, caplog):
+    """Fault injected at the compiler boundary (a GPU Triton does not support, a broken toolchain on Windows): the
+    forward still succeeds, equal to the eager one, with one warning; the other blocks do not try again, and the
+    transformer no longer counts as compiled (no "compiling" notice)."""
+    from framepack_ui.compute import compile as compiled
+    from framepack_ui.memory import loading
+    from test_memory_storage import _transformer_inputs
+
+    tries = []
+
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            tries.append(1)
+            raise RuntimeError("BackendCompilerFailed: GPUTooOldForTriton (injected)")
+        return run
+
+    transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        expected = transformer(**_transformer_inputs())[0]
+        monkeypatch.setattr(torch, "compile", broken_compile)
+        assert compiled.compile_blocks(transformer) and compiled.blocks_compiled(transformer)
+        with caplog.at_level("WARNING"):
+            first = transformer(**_transformer_inputs())[0]
+            second = transformer(**_transformer_inputs())[0]
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert tries == [1] and not compiled.blocks_compiled(transformer)
+    assert sum("compiling the transformer's blocks failed" in r.message for r in caplog.records) == 1
+
+
 def _job_frames(manager, image, out) -> np.ndarray:
     from framepack_ui.engine import f1
     from framepack_ui.events import Finished
@@ -420,9 +449,8 @@ def test_the_compilers_caches_are_kept_under_the_models_folder_unless_the_user_s
     caches at models/.cache/compile (before the lazy compile runs); a folder set in the environment stays."""
     from framepack_ui.compute import compile as compiled
 
-    for variable in compiled.CACHE_VARIABLES:
+    for variable in compiled.CACHE_VARIABLES:  # (conftest gives the environment back after the test)
         monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setattr(compiled, "_set_here", {})
     plan = cpu_plan(tiny_models_dir)
     with cpu_manager(tiny_models_dir, plan, prompt_cache_dir=None).use("transformer"):
         assert not any(v in os.environ for v in compiled.CACHE_VARIABLES)  # nothing compiles: nothing set
@@ -430,6 +458,9 @@ def test_the_compilers_caches_are_kept_under_the_models_folder_unless_the_user_s
                      prompt_cache_dir=None).use("transformer"):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/inductor")
         assert os.environ["TRITON_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/triton")
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        assert cache_dir() == os.environ["TORCHINDUCTOR_CACHE_DIR"]  # where inductor itself now writes
     other = tmp_path / "other-models"  # another folder later in the same process: the caches follow it
     compiled.keep_caches_in(other / compiled.CACHE_SUBDIR)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(other.absolute() / ".cache/compile/inductor")

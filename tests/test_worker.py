@@ -192,6 +192,8 @@ def test_a_command_line_job_that_fails_as_its_engine_starts_leaves_a_failed_sett
     (injected) still leaves one saying failed, built from the job's settings, beside a copy of its image. An image
     gone by then leaves the settings file without one."""
     def fails_at_once(spec, out_path, manager, emit, cancel, **kwargs):
+        if spec.prompt == "image gone":
+            Path(spec.image).unlink()  # the upload removed while the job ran: its image cannot be copied any more
         raise RuntimeError("the engine broke (injected)")
 
     worker = make_worker(fails_at_once, serves_pages=False)
@@ -206,8 +208,7 @@ def test_a_command_line_job_that_fails_as_its_engine_starts_leaves_a_failed_sett
     image = tmp_path / "gone.png"
     image.write_bytes(Path(start_image_80x64).read_bytes())
     job = worker.submit(spec(str(image), "image gone"))
-    image.unlink()  # before the job runs: its image cannot be copied any more
-    assert isinstance(all_events(worker, job)[-1], Failed)
+    assert isinstance(all_events(worker, job)[-1], Failed) and not image.exists()
     settings = json.loads(sidecar_path(worker.job(job).out_path).read_text())
     assert (settings["status"], settings["prompt"], settings["input_image_file"]) == ("failed", "image gone", None)
 

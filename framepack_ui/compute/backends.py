@@ -40,9 +40,15 @@ def unusable_because(backend: str, on_gpu: bool, capability: tuple[int, int]) ->
     return None
 
 
-def compile_supported(device: str) -> bool:
-    """torch.compile's GPU code generator is Triton: CUDA only (Triton on Windows is a separate, optional package)."""
-    return str(device).startswith("cuda") and importlib.util.find_spec("triton") is not None
+# Triton generates code for Volta (7.0) and later; inductor refuses older GPUs (GPUTooOldForTriton)
+TRITON_MIN_CAPABILITY = (7, 0)
+
+
+def compile_supported(device: str, capability: tuple[int, int]) -> bool:
+    """torch.compile's GPU code generator is Triton: CUDA only, a GPU it supports, and the package installed
+    (on Windows a separate one, triton-windows, which install.py adds)."""
+    return (str(device).startswith("cuda") and tuple(capability) >= TRITON_MIN_CAPABILITY
+            and importlib.util.find_spec("triton") is not None)
 
 
 # The attention backends diffusers' Ulysses split runs through (its dispatcher's supports_context_parallel); the

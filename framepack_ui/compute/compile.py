@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,13 +37,21 @@ CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "t
 _set_here: dict[str, str] = {}  # the variables keep_caches_in set, and to what
 
 
+# Windows paths past 260 characters fail unless long paths are enabled, and the compilers' own file names inside
+# their caches are long (torch issues 167891, 187283): a deep models folder leaves the caches where torch puts them.
+WINDOWS_CACHE_PATH_MAX = 80
+
+
 def keep_caches_in(folder: Path) -> None:
     """Point inductor's and Triton's caches into `folder` before the first compile; a folder the user (or a bench)
     set in the environment is theirs and stays."""
     for variable, subfolder in CACHE_VARIABLES.items():
+        path = os.path.abspath(os.path.join(folder, subfolder))  # as inductor writes it back (cache_dir_utils)
+        if sys.platform == "win32" and len(path) > WINDOWS_CACHE_PATH_MAX:
+            continue
         current = os.environ.get(variable)
         if not current or current == _set_here.get(variable):
-            os.environ[variable] = _set_here[variable] = str(Path(folder, subfolder).absolute())
+            os.environ[variable] = _set_here[variable] = path
 
 
 # Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
@@ -68,20 +77,40 @@ def _remove(module: torch.nn.Module, name: str) -> None:
 
 # --- transformer blocks --------------------------------------------------------------------------------------------
 
-class CompiledBlockForward(ModelHook):
-    """The block's own forward, run through torch.compile (compiled lazily, at its first call)."""
+class _CompilerState:
+    """Shared by the blocks of one transformer: after the compiler fails once, every block runs eagerly, rather than
+    each of the 60 trying (and failing) in turn."""
+    failed = False
 
-    def __init__(self, mode: str | None):
+
+class CompiledBlockForward(ModelHook):
+    """The block's own forward, run through torch.compile (compiled lazily, at its first call); after a compiler
+    failure (a GPU Triton does not support, a Windows toolchain problem), eager, as the VAE decoder's hook does."""
+
+    def __init__(self, mode: str | None, state: _CompilerState | None = None):
         super().__init__()
         self.mode = mode
+        self.state = state or _CompilerState()
         self._compiled = None
 
     def new_forward(self, module, *args, **kwargs):
+        eager = self.fn_ref.original_forward
+        if self.state.failed:
+            return eager(*args, **kwargs)
         if self._compiled is None:
             # dynamic=False: the token count is the same for every call of a job (F1's context is fixed-size), and
             # a new resolution only recompiles (once per shape)
-            self._compiled = torch.compile(self.fn_ref.original_forward, dynamic=False, mode=self.mode)
-        return self._compiled(*args, **kwargs)
+            self._compiled = torch.compile(eager, dynamic=False, mode=self.mode)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise  # a real shortage: the plan and the job's error handling deal with it
+        except Exception as exc:  # noqa: BLE001 - a compiler failure: the eager blocks still work (a fault of the
+            # block itself raises again from the eager call)
+            log.warning("compiling the transformer's blocks failed (%s): running them without compiling from now on",
+                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+            self.state.failed = True
+            return eager(*args, **kwargs)
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -97,15 +126,18 @@ def compile_blocks(transformer, mode: str | None = None) -> bool:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_VERSIONS)
     if all(getattr(_hook(b, BLOCK_HOOK), "mode", False) == mode for b in blocks):
         return True
+    state = _CompilerState()
     for block in blocks:
         _remove(block, BLOCK_HOOK)
-        _register(block, CompiledBlockForward(mode), BLOCK_HOOK)
+        _register(block, CompiledBlockForward(mode, state), BLOCK_HOOK)
     log.info("transformer blocks compiled (the first step of a new resolution takes longer)")
     return True
 
 
 def blocks_compiled(transformer) -> bool:
-    return any(_hook(b, BLOCK_HOOK) is not None for b in transformer_blocks(transformer))
+    """Whether the blocks run compiled: hooked, and their compiler has not failed."""
+    return any(h is not None and not h.state.failed for h in (_hook(b, BLOCK_HOOK) for b in
+                                                                 transformer_blocks(transformer)))
 
 
 # --- VAE decoder ---------------------------------------------------------------------------------------------------

@@ -244,9 +244,9 @@ def _cuda(index: int = 0) -> dict:
     from ..compute.backends import compile_supported
 
     free, total = torch.cuda.mem_get_info(index)
+    capability = tuple(torch.cuda.get_device_capability(index))
     return dict(vram_free_bytes=int(free), vram_total_bytes=int(total), gpu_name=torch.cuda.get_device_name(index),
-                cuda_capability=tuple(torch.cuda.get_device_capability(index)),
-                compile_supported=compile_supported(torch.device("cuda", index)))
+                cuda_capability=capability, compile_supported=compile_supported(f"cuda:{index}", capability))
 
 
 def disk_free_bytes(path: Path) -> int | None:
