@@ -644,8 +644,10 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
     with tempfile.TemporaryDirectory() as tmp:
         outputs = a.outputs or Path(tmp) / "outputs"
         image = start_image(Path(tmp))
+        # download_missing=None: the models folder is the bench's own; looking for missing files would import the
+        # hub client, which the device image's older huggingface_hub lacks (httpx2)
         worker = Worker(a.models, outputs, device=a.device, profile=a.profile, keep_models_s=a.keep_models,
-                        download_missing=False, serves_pages=False, background=False)
+                        download_missing=None, serves_pages=False, background=False)
         try:
             for n in range(1, a.jobs + 1):
                 spec = JobSpec(image=str(image), prompt=prompt, seconds=a.seconds, resolution=a.resolution, seed=n,
