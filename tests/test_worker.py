@@ -260,6 +260,24 @@ def test_a_failed_jobs_video_is_kept_only_where_its_engine_wrote_frames(make_wor
     assert info.id == ids[0] and info.result == kept and before <= info.submitted_at <= time.time()
 
 
+def test_shutdown_stops_the_queued_jobs_and_the_running_one_and_names_each_device(make_worker, start_image_80x64):
+    """Closing the app: the jobs still queued end stopped (not lost in the queue) and the running one is asked to
+    stop. A worker's device name is what its jobs record: "cuda" means the first GPU."""
+    gate, started = threading.Event(), []
+    worker = make_worker(gated(f1.run, gate, started))
+    running = worker.submit(spec(start_image_80x64, "running"))
+    wait_until(lambda: started)
+    queued = worker.submit(spec(start_image_80x64, "queued"))
+    gate.set()  # the running job goes on to see its stop
+    worker.shutdown()
+    assert isinstance(all_events(worker, queued)[-1], Stopped) and worker.job(queued).status == "stopped"
+    assert isinstance(all_events(worker, running)[-1], Stopped)
+    assert started == ["running"]
+    assert worker.device_name() == "cpu"
+    assert make_worker(device="cuda").device_name() == "cuda:0"
+    assert make_worker(device="cuda:1").device_name() == "cuda:1"
+
+
 def test_the_workers_attention_goes_into_every_jobs_plan(make_worker):
     worker = make_worker()
     assert worker.attention_problem() is None  # none given
