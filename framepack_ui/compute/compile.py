@@ -30,15 +30,15 @@ DECODER_HOOK = "framepack_compiled_decoder"
 BLOCK_GRAPH_VERSIONS = 64
 
 # The compilers' caches live with the models, not in the temp folder (inductor's default), which Windows' disk cleanup
-# and many Linux boots empty: an app started again then loads compiled code instead of compiling for minutes
-# (docs/benchmarks.md, "First-job compile costs").
+# and many Linux boots empty: a later start compiles from the cache, in a fraction of the time (docs/benchmarks.md,
+# "First-job compile costs").
 CACHE_SUBDIR = Path(".cache") / "compile"  # under the models folder
 CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
 _set_here: dict[str, str] = {}  # the variables keep_caches_in set, and to what
 
 
 # Windows paths past 260 characters fail unless long paths are enabled, and the compilers' own file names inside
-# their caches are long (torch issues 167891, 187283): a deep models folder leaves the caches where torch puts them.
+# their caches are long: a deep models folder leaves the caches where torch puts them (untested on Windows).
 WINDOWS_CACHE_PATH_MAX = 80
 
 

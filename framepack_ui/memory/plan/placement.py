@@ -357,8 +357,9 @@ def _most_resident(entry: str, w: ComponentWeights, room: int) -> int | None:
 
 # Why a CUDA machine runs the blocks eagerly without being asked to (docs/benchmarks.md, "Compiled block forwards":
 # eager takes 1.26x the compiled step)
-COMPILE_OFF_NOTE = ("transformer not compiled: torch.compile finds no Triton here (on Windows, install.py installs "
-                    "triton-windows beside a CUDA build of torch); each step takes about 1.3x longer (H100)")
+COMPILE_OFF_NOTE = ("transformer not compiled: torch.compile needs Triton and a GPU of compute capability 7.0 or "
+                    "later (on Windows, install.py installs triton-windows beside a CUDA build of torch); each step "
+                    "takes about 1.3x longer (H100)")
 
 
 def _speed_options(machine: Machine, t: ComponentPlan, o: PlanOverrides) -> dict:
