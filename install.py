@@ -410,10 +410,9 @@ def install_triton(python: Path, venv_dir: Path, index: str, gpus: Sequence[Gpu]
     except InstallError as error:
         say("%s The app runs without torch.compile (slower per step); 'install.py --force' tries again." % error)
         if not runner.dry_run:
-            write_stamp(venv_dir, dict(read_stamp(venv_dir), triton_failed=wanted))
+            write_stamp(venv_dir, dict(stamp, triton_failed=wanted))
         return
     if not runner.dry_run:
-        stamp = read_stamp(venv_dir)
         stamp.pop("triton_failed", None)
         write_stamp(venv_dir, dict(stamp, triton=wanted))
 

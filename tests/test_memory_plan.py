@@ -321,6 +321,17 @@ def test_plan_compiles_the_vae_decoder_where_its_smaller_footprint_buys_a_faster
         make_plan(replace(small, compile_supported=False), REAL)
 
 
+def _broken_compile(calls: list, message: str):
+    """A torch.compile whose compiled function records each call in `calls` and fails with `message` (the fault
+    injected at the compiler boundary)."""
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(1)
+            raise RuntimeError(message)
+        return compiled
+    return broken_compile
+
+
 def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_models_dir, monkeypatch, caplog):
     """Fault injected at the compiler boundary (a compiler missing or broken on the user's machine): the decode
     still succeeds, equal to the eager one, with one warning, and later decodes skip the compiler."""
@@ -329,13 +340,7 @@ def test_a_compiled_vae_decoder_that_fails_to_compile_decodes_eagerly(tiny_model
     from framepack_ui.memory import loading
 
     calls = []
-
-    def broken_compile(fn, **kwargs):
-        def compiled(*args, **kw):
-            calls.append(1)
-            raise RuntimeError("InductorError: no working C compiler")
-        return compiled
-
+    broken_compile = _broken_compile(calls, "InductorError: no working C compiler")
     vae = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
     latents = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(0))  # a full frame window
     # in even tiles, as a compiled decoder decodes, so that only the compiler differs
@@ -359,13 +364,7 @@ def test_compiled_blocks_whose_compiler_fails_run_eagerly_after_one_try(tiny_mod
     from test_memory_storage import _transformer_inputs
 
     tries = []
-
-    def broken_compile(fn, **kwargs):
-        def run(*args, **kw):
-            tries.append(1)
-            raise RuntimeError("BackendCompilerFailed: GPUTooOldForTriton (injected)")
-        return run
-
+    broken_compile = _broken_compile(tries, "BackendCompilerFailed: GPUTooOldForTriton (injected)")
     transformer = loading.load_transformer(tiny_models_dir, torch.float32, torch.device("cpu"))
     with torch.no_grad():
         expected = transformer(**_transformer_inputs())[0]

@@ -75,6 +75,12 @@ def _remove(module: torch.nn.Module, name: str) -> None:
         module._diffusers_hook.remove_hook(name, recurse=False)
 
 
+def _first_line(exc: Exception) -> str:
+    """A compiler error in one line for the log: its message's first line, or its type where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
 # --- transformer blocks --------------------------------------------------------------------------------------------
 
 class _CompilerState:
@@ -108,7 +114,7 @@ class CompiledBlockForward(ModelHook):
         except Exception as exc:  # noqa: BLE001 - a compiler failure: the eager blocks still work (a fault of the
             # block itself raises again from the eager call)
             log.warning("compiling the transformer's blocks failed (%s): running them without compiling from now on",
-                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+                        _first_line(exc))
             self.state.failed = True
             return eager(*args, **kwargs)
 
@@ -163,7 +169,7 @@ class CompiledDecoderForward(ModelHook):
             raise  # a real shortage: the plan and the job's error handling deal with it
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder still works
             log.warning("the compiled VAE decoder failed (%s): decoding without compiling from now on",
-                        str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__)
+                        _first_line(exc))
             self.failed = True
             return eager(z, *args, **kwargs)
 
