@@ -2,7 +2,7 @@
 models folder, back to back, each timed from its submit to its finished file, phase by phase.
 
     python -m bench.bench_app --models DIR [--jobs 2] [--seconds 5] [--resolution 640] [--fp8 auto|on|off]
-        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR] [--extend]
+        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR] [--extend | --extend-from N]
         --out X.json
 
 Nothing of the app is replaced: the Worker probes the machine, plans (the automatic plan unless `--profile` or
@@ -49,6 +49,7 @@ if not __package__:  # run as `python bench/bench_app.py`: see bench/_repo.py
     import _repo  # noqa: F401
 
 import argparse
+import ctypes
 import functools
 import json
 import logging
@@ -123,9 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the models loaded S seconds after a job (the app's --keep-models; default 0)")
     p.add_argument("--compile-cache", type=Path, default=None, metavar="DIR",
                    help="torch.compile's cache folder (TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR under it)")
+    p.add_argument("--extend-from", type=int, default=None, metavar="N",
+                   help="job N and each after it extend the one before's video by --seconds (jobs before N are plain: "
+                        "a warm plain job to set an extension's memory beside)")
     p.add_argument("--extend", action="store_true",
-                   help="each job after the first extends the one before's video by --seconds (its last frames "
-                        "encoded by the VAE into the history), as the web app's Extend does")
+                   help="as --extend-from 2: each job after the first extends the one before's video by --seconds "
+                        "(its last frames encoded by the VAE into the history), as the web app's Extend does")
     p.add_argument("--outputs", type=Path, default=None, help="where the videos go (default: a temporary folder)")
     p.add_argument("--out", default="app.json")
     a = p.parse_args(argv)
@@ -215,6 +219,66 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+@functools.cache
+def _mallinfo2():
+    try:
+        function = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):  # not glibc, or glibc before 2.33
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+def _allocator_bytes(cuda: bool) -> dict:
+    """Where the anonymous memory is at this moment: C malloc's bytes in use (heap and its own mmaps) and the free
+    bytes it keeps in its arenas, and torch's page-locked host allocator (reserved, in use). What RssAnon holds beyond
+    these is other mmaps: page-locked block buffers (cudaHostRegister), the CUDA driver's, compiled code."""
+    out = {}
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is not None:
+        info = mallinfo2()
+        out["malloc_in_use"] = info.uordblks + info.hblkhd
+        out["malloc_kept_free"] = info.fordblks
+    if cuda:
+        import torch
+
+        stats = torch.cuda.host_memory_stats()
+        out["pinned_allocator_reserved"] = stats.get("reserved_bytes.current", 0)
+        out["pinned_allocator_in_use"] = stats.get("allocated_bytes.current", 0)
+    return out
+
+
+LARGE_MAPPING_BYTES = 64 * 2**20
+
+
+def _anonymous_by_mapping() -> dict:
+    """This process's anonymous resident bytes by kind of mapping (/proc/self/smaps): the brk heap, large unnamed
+    mappings (tensors malloc'd with mmap, page-locked block buffers), small unnamed ones (Python's object arenas,
+    thread stacks, compiled kernels' code) and file mappings' private copies."""
+    out = {"anon_heap": 0, "anon_large_maps": 0, "anon_small_maps": 0, "anon_file_private": 0}
+    try:
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+    except OSError:
+        return {}
+    kind = None
+    for line in lines:
+        head = line.split(maxsplit=6)
+        if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            start, end = (int(x, 16) for x in head[0].split("-"))
+            name = head[5] if len(head) > 5 else ""
+            kind = ("anon_heap" if name == "[heap]" else "anon_file_private" if name.startswith("/") else
+                    "anon_large_maps" if end - start >= LARGE_MAPPING_BYTES else "anon_small_maps")
+        elif head[0] == "Anonymous:" and kind is not None:
+            out[kind] += int(head[1]) * 1024
+    return out
+
+
 def _compile_seconds() -> float:
     """Seconds torch.compile has spent so far in this process (dynamo's timer of each frame's whole compile,
     Inductor and Triton included); 0 where torch does not keep it. Read only once the app has imported the
@@ -302,6 +366,9 @@ class Meters:
             "cgroup_disk_read_GB": ((end["cgroup_read"] - start["cgroup_read"]) / 1e9
                                     if end["cgroup_read"] is not None and start["cgroup_read"] is not None else None),
             "compile_s": end["compile_s"] - start["compile_s"],
+            **{f"end_{key}_GiB": value / GiB for key, value in
+               {**_allocator_bytes(self.cuda), **_anonymous_by_mapping()}.items()},
+            "end_rss_anon_GiB": status.get("RssAnon", 0) / GiB,
         }
         return figures
 
@@ -641,6 +708,7 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
     prompt = a.prompt or f"{DEFAULT_PROMPT} (bench run {time.time_ns()})"
     spec_options = {"steps": a.steps} if a.steps is not None else {}
     plan_options = {"fp8": {"auto": None, "on": True, "off": False}[a.fp8]}
+    extend_from = a.extend_from if a.extend_from is not None else 2 if a.extend else None
     with tempfile.TemporaryDirectory() as tmp:
         outputs = a.outputs or Path(tmp) / "outputs"
         image = start_image(Path(tmp))
@@ -653,7 +721,8 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
                 spec = JobSpec(image=str(image), prompt=prompt, seconds=a.seconds, resolution=a.resolution, seed=n,
                                **spec_options)
                 out_path = outputs / f"job{n}.mp4"
-                start = Continuation("extend", str(outputs / f"job{n - 1}.mp4")) if a.extend and n > 1 else None
+                start = (Continuation("extend", str(outputs / f"job{n - 1}.mp4"))
+                         if extend_from is not None and n >= max(extend_from, 2) else None)
                 handler.records.clear()
                 submitted = time.perf_counter()
                 timeline = JobTimeline(meters, submitted, f"job {n}")

@@ -302,7 +302,7 @@ def test_streamed_fp8_blocks_equal_resident_and_dequantize_from_the_slot(fp8_mod
 
 def test_plan_fp8_halves_the_transformer_and_keeps_it_mapped(fp8_models):
     machine = Machine.supposed(32, 8)
-    bf16 = make_plan(machine, {}, PlanOverrides())
+    bf16 = make_plan(machine, {}, PlanOverrides(fp8=False))
     f8 = make_plan(machine, {}, PlanOverrides(fp8=True))
     t16, t8 = bf16.components["transformer"], f8.components["transformer"]
     assert t8.storage == "fp8" and t8.storage_dtype == "float8_e4m3fn" and t8.compute_dtype == "bfloat16"

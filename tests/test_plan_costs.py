@@ -13,7 +13,8 @@ from framepack_ui.errors import MemoryPlanError
 from framepack_ui.memory.plan import host_share
 from framepack_ui.memory.plan.budgets import COMMIT_MARGIN_BYTES, RAM_RESERVE_BYTES
 from framepack_ui.memory.plan.catalogue import fp8_weights, storage_dtype
-from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, lora_beside_bytes,
+from framepack_ui.memory.plan.costs import (decode_activations, decode_seconds, entry_weights, frames_on_host,
+                                            lora_beside_bytes,
                                             lora_bytes, phase_costs, place, runtime_baseline, sampling_activations,
                                             sampling_tokens, text_activations, tile_table, with_lora,
                                             with_pinned_sources)
@@ -190,7 +191,26 @@ def test_tile_tables_and_decode_seconds_follow_the_compiled_choice():
 
 def test_the_runtime_baseline_adds_cudas_host_state_only_where_the_plan_uses_the_gpu():
     assert runtime_baseline(False) == (300 * MB, 430 * MB)
-    assert runtime_baseline(True) == (300 * MB + GB, 430 * MB + GB)
+    assert runtime_baseline(True) == (300 * MB + 1600 * MB, 430 * MB + 1600 * MB)
+
+
+def test_sampling_and_decoding_hold_decoded_frames_on_the_host():
+    """The writer's 33 held frames while sampling; those and a later section's 69 decoded frames while decoding
+    (float32 RGB). Charged to RAM and commit of those two phases only, wherever the VAE decodes."""
+    frame = 3 * 640 * 640 * 4
+    assert frames_on_host(640) == {"sampling": 33 * frame, "decode": (33 + 69) * frame}
+    plans = {
+        "text_encoders": entry("text_encoders", Where.MMAP, 1, 2, 0, 8, 16, 32),
+        "image_encoder": entry("image_encoder", Where.GPU, 0, 0, 64, 0, 0, 0),
+        "vae": entry("vae", Where.GPU, 0, 0, 128, 0, 0, 0),
+        "transformer": entry("transformer", Where.GPU, 0, 0, 1 << 20, 0, 0, 0),
+    }
+    plain = phase_costs(plans, 0, 0, 0, 0, 0, 0)
+    held = phase_costs(plans, 0, 0, 0, 0, 0, 0, {"sampling": 1000, "decode": 5000})
+    for before, after in zip(plain, held):
+        extra = {"sampling": 1000, "decode": 5000}.get(before.phase, 0)
+        assert (after.ram_bytes - before.ram_bytes, after.commit_bytes - before.commit_bytes) == (extra, extra)
+        assert after.frames_ram_bytes == extra and after.vram_bytes == before.vram_bytes
 
 
 # --- phases --------------------------------------------------------------------------------------------------------

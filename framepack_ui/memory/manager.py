@@ -31,7 +31,7 @@ from ..compute import attention, compile as compiled, precision
 from ..compute import lora as lora_compute
 from ..compute.fp8_linear import set_fp8_matmul
 from ..errors import MemoryPlanError
-from . import exhaustion, loading
+from . import allocator, exhaustion, loading
 from .lora import LoraSet
 from .plan import ComponentPlan, LoadPlan
 from .prompt_cache import PromptCache
@@ -248,6 +248,7 @@ class ModelManager:
         if streamer is not None:
             self._streamers[name] = streamer
         self.load_count[name] = self.load_count.get(name, 0) + 1
+        allocator.return_freed_heap()  # the load's transient CPU copies
         log.info("loaded %s in %.2f s", name, time.perf_counter() - started)
 
     @staticmethod
@@ -349,6 +350,7 @@ class ModelManager:
                     log.info("freed %s", key)
                 del model
         gc.collect()
+        allocator.return_freed_heap()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -18,7 +18,15 @@ from .measured import (RUNTIME_BASELINE_COMMIT_BYTES, RUNTIME_BASELINE_RAM_BYTES
 from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost
 from .vocabulary import Storage, Where
 
-CUDA_HOST_OVERHEAD_BYTES = 1 * GB  # host-side CUDA/cuBLAS/cuDNN state: an estimate, not measured
+# Host-side CUDA/cuBLAS/cuDNN state, the compiled kernels and graphs, and what malloc keeps between the loads: the
+# anonymous memory beside the runtime baseline and the page-locked blocks while a first job samples (H100,
+# 2026-12-06, 8 GB plan, compiled: 1.74 GiB in all; docs/benchmarks.md, "Section state size").
+CUDA_HOST_OVERHEAD_BYTES = int(1.6 * GB)
+# Decoded frames held on the host in float32: while sampling, the writer's last frames, which the next section
+# cross-fades into; while decoding, those and a later section's 69 frames (its 18 latents). Measured as the phases'
+# difference in anonymous memory (same run: +0.14 GiB sampling an extension's section, +0.30 GiB more decoding it).
+HELD_FRAMES = 4 * LATENT_WINDOW - 3
+DECODED_FRAMES = 1 + 4 * (2 * LATENT_WINDOW - 1)
 # streaming.py: two pinned host buffers and two VRAM slots, each the size of the largest streamed block (a dual
 # block of the 13B model is ~0.68 GB): the block computing and the one being prefetched.
 STREAM_STAGING_BUFFERS = 2
@@ -26,6 +34,12 @@ STREAM_SPARE_BLOCKS = 2
 # Activations: the largest block holds about this many hidden-state-sized tensors at once (q, k, v, attention
 # output, the 4x MLP and its activation, the residual streams). Estimate from the block's shapes, not measured.
 ACTIVATION_COPIES = 16
+
+
+def frames_on_host(resolution: int) -> dict[str, int]:
+    """Bytes of decoded frames each phase holds on the host (float32 RGB at about resolution^2 pixels)."""
+    frame = 3 * resolution * resolution * 4
+    return {"sampling": HELD_FRAMES * frame, "decode": (HELD_FRAMES + DECODED_FRAMES) * frame}
 
 
 def runtime_baseline(cuda: bool) -> tuple[int, int]:
@@ -187,9 +201,10 @@ def with_lora(c: ComponentPlan, nbytes: int) -> ComponentPlan:
 # --- phases --------------------------------------------------------------------------------------------------------
 
 def phase_costs(plans: dict[str, ComponentPlan], baseline_ram: int, baseline_commit: int, cpu_act: int,
-                gpu_act: int, text_act: int, decode_act: int) -> tuple[PhaseCost, ...]:
-    """Each phase's total: the runtime baseline, the entries in memory, the one loading (transiently) and the
-    phase's activations."""
+                gpu_act: int, text_act: int, decode_act: int,
+                frames: dict[str, int] | None = None) -> tuple[PhaseCost, ...]:
+    """Each phase's total: the runtime baseline, the entries in memory, the one loading (transiently), the
+    phase's activations and the decoded frames it holds on the host (`frames`, by phase: frames_on_host)."""
     result = []
     for phase in PHASES:
         entries = PHASE_ENTRIES[phase]
@@ -212,6 +227,7 @@ def phase_costs(plans: dict[str, ComponentPlan], baseline_ram: int, baseline_com
         elif phase == "decode":
             on_gpu = plans["vae"].device == "cuda"
             act_ram, act_vram = (0, decode_act) if on_gpu else (decode_act, 0)
-        result.append(PhaseCost(phase, entries, ram + act_ram, commit + act_ram, vram + act_vram, cache,
-                                act_ram, act_vram))
+        held = (frames or {}).get(phase, 0)
+        result.append(PhaseCost(phase, entries, ram + act_ram + held, commit + act_ram + held, vram + act_vram,
+                                cache, act_ram, act_vram, held))
     return tuple(result)

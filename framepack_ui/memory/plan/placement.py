@@ -10,8 +10,8 @@ from ..probe import ComponentWeights, Machine
 from .budgets import (FP8_CONVERSION_MARGIN_BYTES, PIN_HEADROOM_BYTES, Budgets, DoesNotFit, budgets_for, check,
                       page_cache_room, shortfall, spills_from_page_cache)
 from .catalogue import ENTRY_COMPONENTS, PLAN_CHOICES, compute_itemsize, fp8_weights, with_real_defaults
-from .costs import (decode_activations, decode_seconds, entry_weights, lora_bytes, phase_costs, place,
-                    runtime_baseline, sampling_activations, text_activations, tile_table, with_lora,
+from .costs import (decode_activations, decode_seconds, entry_weights, frames_on_host, lora_bytes, phase_costs,
+                    place, runtime_baseline, sampling_activations, text_activations, tile_table, with_lora,
                     with_pinned_sources)
 from .explain import decode_name, gb_text
 from .measured import VAE_SMALLEST_TILE_PX
@@ -219,7 +219,8 @@ class _Context:
         """Each phase's cost with these placements."""
         baseline_ram, baseline_commit = runtime_baseline(self.cuda)
         return phase_costs(plans, baseline_ram, baseline_commit, 0 if self.cuda else self.sampling_act,
-                           self.sampling_act if self.cuda else 0, self.text_act, self.decode_bytes(plans["vae"]))
+                           self.sampling_act if self.cuda else 0, self.text_act, self.decode_bytes(plans["vae"]),
+                           frames_on_host(self.o.resolution))
 
 
 def _place_vae(ctx: _Context) -> ComponentPlan:

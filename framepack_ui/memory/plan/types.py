@@ -85,6 +85,7 @@ class PhaseCost:
     page_cache_bytes: int
     activation_ram_bytes: int
     activation_vram_bytes: int
+    frames_ram_bytes: int = 0  # decoded frames held on the host (costs.frames_on_host)
 
 
 @dataclass(frozen=True)
