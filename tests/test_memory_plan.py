@@ -85,7 +85,7 @@ def test_plan_pins_the_streamed_blocks_only_where_ram_is_plentiful():
 
 
 def test_plan_8gb_laptop_32gb_ram_maps_and_streams():
-    """bf16's 24.9 GB streamed per step would not stay in the page cache beside the job's own 3.8 GB and the 4 GB
+    """bf16's 24.9 GB streamed per step would not stay in the page cache beside the job's own 4.1 GB and the 4 GB
     kept for the system, so the automatic plan stores fp8; bf16 when asked is mapped and streamed too."""
     assert supposed(32, 8).components["transformer"].storage == "fp8"
     plan = make_plan(Machine.supposed(32, 8), REAL, PlanOverrides(fp8=False))
@@ -675,10 +675,10 @@ def test_32gb_laptop_plan_takes_fp8_where_bf16_would_spill_from_the_page_cache(a
 def test_the_page_cache_room_is_what_the_larger_of_sampling_and_decode_leaves():
     """The streamed blocks are read while the transformer samples and while the VAE decodes (the parked ones come
     back from the map), so the page cache keeps what the larger of those two phases leaves; the text and image
-    phases come before the transformer loads. On the GPU the two differ only by the decoded frames the decode holds
-    (0.34 GB at 640 px), so the table's 32 GB laptop with 30 GB free is given 3 GB more in one phase at a time: a
-    sampling buffer or a decode on the CPU would do that. Its 24.9 GB of bf16 blocks fit the 26.2 GB of room, not
-    what is left then."""
+    phases come before the transformer loads. On the GPU the two hold the same anonymous RAM (their activations are
+    in VRAM, and both hold a later section's decoded frames), so the table's 32 GB laptop with 30 GB free is given
+    3 GB more in one phase at a time: a sampling buffer or a decode on the CPU would do that. Its 24.9 GB of bf16
+    blocks fit the 25.9 GB of room, not what is left then."""
     plan = make_plan(laptop(30), REAL, PlanOverrides(fp8=False))
     streamed = plan.components["transformer"].page_cache_bytes
     assert page_cache_room(plan) - 3 * GB < streamed < page_cache_room(plan) and not spills_from_page_cache(plan)

@@ -195,10 +195,11 @@ def test_the_runtime_baseline_adds_cudas_host_state_only_where_the_plan_uses_the
 
 
 def test_sampling_and_decoding_hold_decoded_frames_on_the_host():
-    """The writer's 33 held frames while sampling; those and a later section's 69 decoded frames while decoding
-    (float32 RGB). Charged to RAM and commit of those two phases only, wherever the VAE decodes."""
+    """The writer's 33 held frames, a later section's 69 decoded ones and the cross-fade's two temporaries of 32
+    (float32 RGB), in both phases: the writer encodes a section while the next one samples. Charged to RAM and
+    commit of those two phases only, wherever the VAE decodes."""
     frame = 3 * 640 * 640 * 4
-    assert frames_on_host(640) == {"sampling": 33 * frame, "decode": (33 + 69) * frame}
+    assert frames_on_host(640) == {"sampling": (33 + 69 + 64) * frame, "decode": (33 + 69 + 64) * frame}
     plans = {
         "text_encoders": entry("text_encoders", Where.MMAP, 1, 2, 0, 8, 16, 32),
         "image_encoder": entry("image_encoder", Where.GPU, 0, 0, 64, 0, 0, 0),

@@ -22,11 +22,14 @@ from .vocabulary import Storage, Where
 # anonymous memory beside the runtime baseline and the page-locked blocks while a first job samples (H100,
 # 2026-12-06, 8 GB plan, compiled: 1.74 GiB in all; docs/benchmarks.md, "Section state size").
 CUDA_HOST_OVERHEAD_BYTES = int(1.6 * GB)
-# Decoded frames held on the host in float32: while sampling, the writer's last frames, which the next section
-# cross-fades into; while decoding, those and a later section's 69 frames (its 18 latents). Measured as the phases'
-# difference in anonymous memory (same run: +0.14 GiB sampling an extension's section, +0.30 GiB more decoding it).
+# Decoded frames on the host in float32, in both the sampling and the decode phase of a later section: the writer's
+# last frames, which the next section cross-fades into, a section's 69 decoded frames (its 18 latents) and the
+# cross-fade's two temporaries of 32 frames; the writer's thread still encodes a section while the next one samples.
+# Measured at 608x640 (H100, 2026-12-06, docs/benchmarks.md "Section state size"): up to 0.69 GiB (148 frames) of
+# anonymous memory over a first section's sampling, in the sampling of a 5 s job's third section.
 HELD_FRAMES = 4 * LATENT_WINDOW - 3
 DECODED_FRAMES = 1 + 4 * (2 * LATENT_WINDOW - 1)
+HOST_FRAMES = HELD_FRAMES + DECODED_FRAMES + 2 * (HELD_FRAMES - 1)
 # streaming.py: two pinned host buffers and two VRAM slots, each the size of the largest streamed block (a dual
 # block of the 13B model is ~0.68 GB): the block computing and the one being prefetched.
 STREAM_STAGING_BUFFERS = 2
@@ -38,8 +41,8 @@ ACTIVATION_COPIES = 16
 
 def frames_on_host(resolution: int) -> dict[str, int]:
     """Bytes of decoded frames each phase holds on the host (float32 RGB at about resolution^2 pixels)."""
-    frame = 3 * resolution * resolution * 4
-    return {"sampling": HELD_FRAMES * frame, "decode": (HELD_FRAMES + DECODED_FRAMES) * frame}
+    held = HOST_FRAMES * 3 * resolution * resolution * 4
+    return {"sampling": held, "decode": held}
 
 
 def runtime_baseline(cuda: bool) -> tuple[int, int]:
