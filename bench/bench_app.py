@@ -2,7 +2,8 @@
 models folder, back to back, each timed from its submit to its finished file, phase by phase.
 
     python -m bench.bench_app --models DIR [--jobs 2] [--seconds 5] [--resolution 640] [--fp8 auto|on|off]
-        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR] [--extend | --extend-from N]
+        [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR]
+        [--extend | --extend-from N]
         --out X.json
 
 Nothing of the app is replaced: the Worker probes the machine, plans (the automatic plan unless `--profile` or
