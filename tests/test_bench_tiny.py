@@ -82,6 +82,11 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
         assert all(s["peak_rss_GiB"] > 0 and s["disk_read_GB"] >= 0 for s in job["segments"])
         assert job["disk_read_GB"] >= 0 and job["disk_read_MB_per_step_after_first"] >= 0
         assert "cgroup_disk_read_GB" in job and job["by_phase"]["sampling"]["count"] == 2
+        # where the anonymous memory is at each phase's end: malloc's figures, and smaps' mappings adding up to RssAnon
+        for s in job["segments"]:
+            assert s["end_malloc_in_use_GiB"] > 0 and s["end_malloc_kept_free_GiB"] >= 0
+            by_mapping = sum(s[f"end_anon_{kind}_GiB"] for kind in ("heap", "large_maps", "small_maps", "file_private"))
+            assert by_mapping == pytest.approx(s["end_rss_anon_GiB"], rel=0.05)
     first, second = R["jobs"]
     # the first job loads every model and encodes its new prompt; the second finds the prompt in the cache
     assert {load["name"] for load in first["loads"]} == {"text_encoders", "image_encoder", "vae", "transformer"}
@@ -95,17 +100,18 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
 
 
 def test_bench_app_extends_each_jobs_video_with_the_next(tiny_models_dir, tmp_path):
-    """--extend: the second job continues the first one's video (its last frames encoded by the VAE), so its file
-    holds the first one's 73 frames and 72 new ones, measured phase by phase like any job (docs/gpu-runbook.md
-    row 12 runs it at full size)."""
+    """--extend-from 3: jobs 1 and 2 are plain (a warm plain job to set the extension beside), job 3 continues job
+    2's video, so its file holds job 2's 73 frames and 72 new ones, measured phase by phase
+    like any job (docs/gpu-runbook.md row 13 runs it at full size)."""
     out = tmp_path / "app.json"
-    _run(["-m", "bench.bench_app", "--models", str(tiny_models_dir), "--jobs", "2", "--seconds", "2.4",
-          "--resolution", "64", "--steps", "3", "--extend", "--outputs", str(tmp_path / "videos"), "--out", str(out)])
-    first, second = json.loads(out.read_text())["jobs"]
-    assert first["extends"] is None and first["frames"] == 73
-    assert second["extends"] == str(tmp_path / "videos" / "job1.mp4")
-    assert second["result"] == "Finished" and second["frames"] == 73 + 72 and second["sections"] == 2
-    assert second["by_phase"]["sampling"]["count"] == 2 and second["peak_rss_GiB"] > 0
+    _run(["-m", "bench.bench_app", "--models", str(tiny_models_dir), "--jobs", "3", "--seconds", "2.4",
+          "--resolution", "64", "--steps", "3", "--extend-from", "3", "--outputs", str(tmp_path / "videos"),
+          "--out", str(out)])
+    first, second, third = json.loads(out.read_text())["jobs"]
+    assert first["extends"] is None and second["extends"] is None and second["frames"] == 73
+    assert third["extends"] == str(tmp_path / "videos" / "job2.mp4")
+    assert third["result"] == "Finished" and third["frames"] == 73 + 72 and third["sections"] == 2
+    assert third["by_phase"]["sampling"]["count"] == 2 and third["peak_rss_GiB"] > 0
 
 
 def test_bench_app_refuses_a_card_size_without_cuda(tiny_models_dir):
