@@ -72,6 +72,9 @@ def test_without_a_job_here_the_cards_figures_else_unknown_and_teacache_is_match
     book = {machine_key("NVIDIA H200", "gpu", "bf16"): [off.__dict__, on.__dict__]}
     guess = estimate(book, machine_key("NVIDIA H200", "auto", "auto"), JobShape(1, 10, 640, teacache=0.15))
     assert "with profile gpu" in guess.source and guess.sampling_s == pytest.approx(10 * 0.4)  # TeaCache's job
+    assert guess.source.endswith("with profile gpu, not auto and bf16 storage asked, not auto")
+    same_profile = estimate(book, machine_key("NVIDIA H200", "gpu", "fp8"), JobShape(1, 10, 640, teacache=0.15))
+    assert same_profile.source == "measured on this machine with bf16 storage asked, not fp8"
     unmatched = estimate({KEY: [off.__dict__]}, KEY, JobShape(1, 10, 640, teacache=0.15))
     assert "TeaCache off" in unmatched.note
 

@@ -638,14 +638,17 @@ def test_the_pages_plan_preview_counts_the_chosen_loras(tiny_models_dir, monkeyp
         def cost(self, linears):
             return RANK_128_EVERY_BLOCK_LINEAR
 
-    monkeypatch.setattr(lora_memory, "read_lora_set", lambda choices, models_dir: (Rank128(), {}))
+    read = []
+    monkeypatch.setattr(lora_memory, "read_lora_set", lambda *args: read.append(args) or (Rank128(), {}))
     worker = Worker(tiny_models_dir, Path("/nonexistent-outputs"), device="cuda", prompt_cache_dir=None,
                     serves_pages=False)
+    chosen = (LoraChoice(str(lora_path(tiny_models_dir, MUSUBI))),)
     try:
         plain = worker.plan_text("auto", 640)
-        with_lora = worker.plan_text("auto", 640, loras=(LoraChoice(str(lora_path(tiny_models_dir, MUSUBI))),))
+        with_lora = worker.plan_text("auto", 640, loras=chosen)
     finally:
         worker.shutdown()
+    assert read == [(chosen, tiny_models_dir)]  # the chosen files, in the worker's models folder: nothing without
 
     def resident(text):
         return int(re.search(r"transformer\s+gpu-streamed (\d+)/60", text).group(1))

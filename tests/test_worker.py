@@ -20,6 +20,8 @@ from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Sto
 from framepack_ui.ui import present
 from framepack_ui.units import GB
 from framepack_ui.worker import Queued
+from framepack_ui.worker.events import Estimated
+from framepack_ui.worker.speed import UNKNOWN, JobShape, machine_key, read_book
 from worker_jobs import TIMEOUT_S, all_events, spec
 
 
@@ -529,3 +531,70 @@ def test_the_next_job_plans_with_the_memory_its_own_kept_models_hold(make_worker
     first, second = placements
     assert held["vram"] > 2 * GB and first[1] > 0  # the case: blocks resident, a large share of the card held
     assert second == first
+
+
+# --- the timeline and the speed book (found unguarded by the mutation check, docs/mutation.md) ----------------------
+
+def test_a_finished_jobs_timeline_goes_into_its_settings_on_one_line_and_its_speed_under_the_storage_it_asked(
+        make_worker, start_image_80x64):
+    """The settings file stays UTF-8 and indented, with the timeline on one line; a finished new job's speed is kept
+    under this machine, its profile and the storage it asked for (auto, bf16, fp8), which the next job's estimate
+    reads, or falls back to, saying what differs."""
+    worker = make_worker()
+    first = all_events(worker, worker.submit(spec(start_image_80x64, "café ☕ moves"), plan_options={"fp8": False}))
+    assert isinstance(first[-1], Finished)
+    text = sidecar_path(first[-1].path).read_text(encoding="utf-8")
+    assert '"prompt": "café ☕ moves"' in text and '\n  "seed": ' in text
+    assert len([line for line in text.splitlines() if line.startswith('  "timeline": {')]) == 1
+    timeline = json.loads(text)["timeline"]
+    assert timeline["sections"] and timeline == worker.timeline(worker.jobs()[0].id)
+    bf16 = machine_key("cpu", worker.profile, "bf16")
+    assert list(read_book(worker.speed_path)) == [bf16]
+
+    same = all_events(worker, worker.submit(spec(start_image_80x64, "again"), plan_options={"fp8": False}))
+    other = all_events(worker, worker.submit(spec(start_image_80x64, "again"), profile="mmap"))
+    said = [next(e for e in events if isinstance(e, Estimated)) for events in (same, other)]
+    assert said[0].source == f"measured on this machine (1 job, profile {worker.profile})" and said[0].total_s > 0
+    assert said[1].source == (f"measured on this machine with profile {worker.profile}, not mmap and bf16 storage "
+                              "asked, not auto") and said[1].total_s > 0
+    book = read_book(worker.speed_path)
+    assert list(book) == [bf16, machine_key("cpu", "mmap", "auto")] and len(book[bf16]) == 2
+    # asked directly, for a profile nothing was measured under: the newest one stands in, named
+    guess = worker.estimate(JobShape.of(spec(start_image_80x64)), profile="gpu", storage="auto")
+    assert guess.source == "measured on this machine with profile mmap, not gpu"
+
+
+def test_a_failing_estimate_says_unknown_and_the_job_runs(make_worker, start_image_80x64, monkeypatch):
+    worker = make_worker()
+    monkeypatch.setattr(worker, "estimate", lambda *args: 1 / 0)
+    events = all_events(worker, worker.submit(spec(start_image_80x64)))
+    assert isinstance(events[-1], Finished)
+    assert next(e for e in events if isinstance(e, Estimated)) == Estimated(None, UNKNOWN)
+
+
+def test_the_speed_books_machine_is_the_gpus_name_or_cpu(make_worker, monkeypatch):
+    """The GPU's name as NVML reads it (read once per worker), or "cpu" for a worker on the CPU, without a reading,
+    or where the reading has no GPU."""
+    from framepack_ui.worker.worker import Worker
+
+    readings = []
+
+    class Reading:
+        def __init__(self, available):
+            self.gpu_available = available
+            self.gpu_note = "NVIDIA GeForce RTX 4060 Laptop GPU" if available else "no GPU"
+
+    def read(previous):
+        readings.append(previous)
+        return Reading(True)
+
+    monkeypatch.setattr(Worker, "_read_gauges", staticmethod(read))
+    gpu = make_worker(device="cuda")
+    assert gpu._device_label() == gpu._device_label() == "NVIDIA GeForce RTX 4060 Laptop GPU"
+    assert readings == [None]  # read once, no earlier reading
+    assert make_worker(device=None)._device_label() == "NVIDIA GeForce RTX 4060 Laptop GPU"  # the default device
+    assert make_worker(device="cpu")._device_label() == "cpu"
+    monkeypatch.setattr(Worker, "_read_gauges", staticmethod(lambda previous: Reading(False)))
+    assert make_worker(device="cuda")._device_label() == "cpu"
+    monkeypatch.setattr(Worker, "_read_gauges", staticmethod(lambda previous: None))
+    assert make_worker(device="cuda")._device_label() == "cpu"

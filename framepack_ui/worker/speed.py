@@ -131,14 +131,17 @@ def machine_key(device: str, profile: str, storage: str) -> str:
 def estimate(book: dict, key: str, shape: JobShape) -> Estimate:
     """The expected time of a job of `shape` under `key` (machine_key): from the jobs measured under that key, else
     under another profile of the same machine, else the card's known figures, else unknown."""
-    device, profile, _ = key.split("|", 2)
+    device, profile, storage = key.split("|", 2)
     records = _records(book, key)
     source = f"measured on this machine ({len(records)} job{'s' if len(records) != 1 else ''}, profile {profile})"
     if not records:
         others = [k for k in book if k.startswith(f"{device}|")]
         if others:
             records = _records(book, others[-1])
-            source = f"measured on this machine with profile {others[-1].split('|')[1]}, not {profile}"
+            _, other_profile, other_storage = others[-1].split("|", 2)
+            differs = ([f"profile {other_profile}, not {profile}"] if other_profile != profile else []) + \
+                      ([f"{other_storage} storage asked, not {storage}"] if other_storage != storage else [])
+            source = "measured on this machine with " + " and ".join(differs)
     if records:
         return _from_records(records, shape, source)
     return _from_known_figures(device, profile, shape)

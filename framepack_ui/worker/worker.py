@@ -430,7 +430,7 @@ class Worker:
             if isinstance(settings, dict):
                 # on one line: the readings would otherwise fill the file a number a line
                 settings["timeline"] = TIMELINE_PLACEHOLDER
-                text = json.dumps(settings, indent=2, ensure_ascii=False, default=str) + "\n"
+                text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"  # parsed from JSON: all serializable
                 text = text.replace(json.dumps(TIMELINE_PLACEHOLDER), json.dumps(record, separators=(",", ":")), 1)
                 atomic_write_bytes(path, text.encode("utf-8"))
             if isinstance(result, Finished) and job.start is None:  # a continued job's sections differ
