@@ -3,7 +3,7 @@ models folder, back to back, each timed from its submit to its finished file, ph
 
     python -m bench.bench_app --models DIR [--jobs 2] [--seconds 5] [--resolution 640] [--fp8 auto|on|off]
         [--vram-gb G] [--hold-ram-gb N] [--drop-page-cache] [--keep-models S] [--compile-cache DIR]
-        [--extend | --extend-from N]
+        [--extend | --extend-from N] [--trace-allocator]
         --out X.json
 
 Nothing of the app is replaced: the Worker probes the machine, plans (the automatic plan unless `--profile` or
@@ -131,13 +131,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extend", action="store_true",
                    help="as --extend-from 2: each job after the first extends the one before's video by --seconds "
                         "(its last frames encoded by the VAE into the history), as the web app's Extend does")
+    p.add_argument("--trace-allocator", action="store_true",
+                   help="at each phase's end, where the anonymous memory is: malloc's figures and /proc/self/smaps by "
+                        "mapping (a few ms to tens of ms a phase, charged to the job)")
     p.add_argument("--outputs", type=Path, default=None, help="where the videos go (default: a temporary folder)")
     p.add_argument("--out", default="app.json")
     a = p.parse_args(argv)
     problems = [(a.jobs < 1, "--jobs must be at least 1"),
                 (a.hold_ram_gb is not None and a.hold_ram_gb <= 0, "--hold-ram-gb must be more than 0"),
                 (a.vram_gb is not None and a.vram_gb <= 0, "--vram-gb must be more than 0"),
-                (not (a.models / "lllyasviel").is_dir(), f"--models {a.models}: no models in the real layout there")]
+                (not (a.models / "lllyasviel").is_dir(), f"--models {a.models}: no models in the real layout there"),
+                (a.extend and a.extend_from is not None, "--extend is --extend-from 2: give one of them"),
+                (a.extend_from is not None and not 2 <= a.extend_from <= a.jobs,
+                 "--extend-from N needs 2 <= N <= --jobs (job 1 has no video before it)")]
     for bad, message in problems:
         if bad:
             refuse(message)
@@ -255,7 +261,7 @@ def _allocator_bytes(cuda: bool) -> dict:
     return out
 
 
-LARGE_MAPPING_BYTES = 64 * 2**20
+LARGE_MAPPING_BYTES = 64 * 2**20  # glibc's thread arenas are heaps of exactly this size: counted as small
 
 
 def _anonymous_by_mapping() -> dict:
@@ -274,7 +280,7 @@ def _anonymous_by_mapping() -> dict:
             start, end = (int(x, 16) for x in head[0].split("-"))
             name = head[5] if len(head) > 5 else ""
             kind = ("anon_heap" if name == "[heap]" else "anon_file_private" if name.startswith("/") else
-                    "anon_large_maps" if end - start >= LARGE_MAPPING_BYTES else "anon_small_maps")
+                    "anon_large_maps" if end - start > LARGE_MAPPING_BYTES else "anon_small_maps")
         elif head[0] == "Anonymous:" and kind is not None:
             out[kind] += int(head[1]) * 1024
     return out
@@ -313,10 +319,11 @@ class Meters:
     """Per segment: its peaks (exact where the kernel or torch keep one, else sampled every SAMPLE_PERIOD_S) and
     its disk reads and compile time (counters read at its start and end)."""
 
-    def __init__(self, cuda: bool, nvml_baseline_bytes: int | None):
+    def __init__(self, cuda: bool, nvml_baseline_bytes: int | None, trace_allocator: bool = False):
         from bench.proc import cgroup_dir, cgroup_read_bytes, disk_read_bytes
 
         self.cuda = cuda
+        self.trace_allocator = trace_allocator
         self.nvml_baseline_bytes = nvml_baseline_bytes
         self._disk_read, self._cgroup_read = disk_read_bytes, cgroup_read_bytes
         group = cgroup_dir()
@@ -367,8 +374,8 @@ class Meters:
             "cgroup_disk_read_GB": ((end["cgroup_read"] - start["cgroup_read"]) / 1e9
                                     if end["cgroup_read"] is not None and start["cgroup_read"] is not None else None),
             "compile_s": end["compile_s"] - start["compile_s"],
-            **{f"end_{key}_GiB": value / GiB for key, value in
-               {**_allocator_bytes(self.cuda), **_anonymous_by_mapping()}.items()},
+            **({f"end_{key}_GiB": value / GiB for key, value in
+                {**_allocator_bytes(self.cuda), **_anonymous_by_mapping()}.items()} if self.trace_allocator else {}),
             "end_rss_anon_GiB": status.get("RssAnon", 0) / GiB,
         }
         return figures
@@ -671,7 +678,7 @@ def main(argv=None) -> None:
             helpers.append(holder)
             R["hold_ram"] = held_ram(holder)
         R["nvml_not_the_apps_GiB"] = others / GiB if others is not None else None
-        meters = Meters(cuda, others)
+        meters = Meters(cuda, others, a.trace_allocator)
         if a.drop_page_cache:
             R["page_cache_dropped_GB"] = drop_page_cache(a.models) / 1e9
         R["jobs"] = []

@@ -58,7 +58,7 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
     out = tmp_path / "app.json"
     _run(["-m", "bench.bench_app", "--models", str(tiny_models_dir), "--jobs", "2", "--seconds", "2.4",
           "--resolution", "64", "--steps", "3", "--hold-ram-gb", "0.05", "--drop-page-cache",
-          "--compile-cache", str(tmp_path / "compile-cache"), "--out", str(out)])
+          "--compile-cache", str(tmp_path / "compile-cache"), "--trace-allocator", "--out", str(out)])
     R = json.loads(out.read_text())
     assert R["command"].startswith("python -m bench.bench_app")
     assert len(R["jobs"]) == 2
@@ -118,6 +118,16 @@ def test_bench_app_refuses_a_card_size_without_cuda(tiny_models_dir):
     result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir), "--vram-gb",
                              "8", "--device", "cpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == "bench_app: error: --vram-gb needs a CUDA GPU"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--jobs", "2", "--extend-from", "3"], "--extend-from N needs 2 <= N <= --jobs (job 1 has no video before it)"),
+    (["--jobs", "2", "--extend-from", "1"], "--extend-from N needs 2 <= N <= --jobs (job 1 has no video before it)"),
+    (["--jobs", "2", "--extend", "--extend-from", "2"], "--extend is --extend-from 2: give one of them")])
+def test_bench_app_refuses_an_extension_without_a_video_before_it(tiny_models_dir, flags, message):
+    result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir), *flags],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"bench_app: error: {message}"
 
 
 def test_in_cgroup_puts_the_command_in_a_new_group_with_its_memory_max(tmp_path):

@@ -19,8 +19,9 @@ from .types import ComponentPlan, LoadPlan, LoraCost, PhaseCost
 from .vocabulary import Storage, Where
 
 # Host-side CUDA/cuBLAS/cuDNN state, the compiled kernels and graphs, and what malloc keeps between the loads: the
-# anonymous memory beside the runtime baseline and the page-locked blocks while a first job samples (H100,
-# 2026-12-06, 8 GB plan, compiled: 1.74 GiB in all; docs/benchmarks.md, "Section state size").
+# anonymous memory beside the runtime baseline and the transformer's page-locked blocks while a job samples its first
+# section (H100, 2026-12-06, 8 GB plan, compiled, malloc trimmed: 1.40 GB in the first job, 1.62 GB in the second;
+# docs/benchmarks.md, "Section state size").
 CUDA_HOST_OVERHEAD_BYTES = int(1.6 * GB)
 # Decoded frames on the host in float32, in both the sampling and the decode phase of a later section: the writer's
 # last frames, which the next section cross-fades into, a section's 69 decoded frames (its 18 latents) and the
