@@ -730,7 +730,7 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
                                **spec_options)
                 out_path = outputs / f"job{n}.mp4"
                 start = (Continuation("extend", str(outputs / f"job{n - 1}.mp4"))
-                         if extend_from is not None and n >= max(extend_from, 2) else None)
+                         if extend_from is not None and n >= extend_from else None)
                 handler.records.clear()
                 submitted = time.perf_counter()
                 timeline = JobTimeline(meters, submitted, f"job {n}")

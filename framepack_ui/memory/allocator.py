@@ -37,8 +37,9 @@ def return_freed_heap(platform: str = sys.platform) -> bool:
     """Hand the C heap's freed pages back to the system (glibc's malloc_trim); True where it was called.
 
     Why: a model loaded through the CPU frees its tensors of up to 32 MiB into malloc's arenas, which keep them (glibc
-    raises its mmap threshold after the first large free), so a second job in one process held 0.66 GiB more
-    anonymous memory than the first, and an extension 0.87 GiB more (docs/benchmarks.md, "Section state size").
+    raises its mmap threshold after the first large free): a second job in one process held 0.87 GiB more
+    anonymous memory than the first, 0.66 GiB of it freed memory malloc kept (docs/benchmarks.md, "Section state
+    size").
     Called after each load and after models are freed: milliseconds."""
     trim = _malloc_trim() if platform == "linux" else None
     if trim is None:

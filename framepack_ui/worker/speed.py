@@ -130,7 +130,8 @@ def machine_key(device: str, profile: str, storage: str) -> str:
 
 def estimate(book: dict, key: str, shape: JobShape) -> Estimate:
     """The expected time of a job of `shape` under `key` (machine_key): from the jobs measured under that key, else
-    under another profile of the same machine, else the card's known figures, else unknown."""
+    under another profile or storage of the same machine (the newest, and the source says what differs), else the
+    card's known figures, else unknown."""
     device, profile, storage = key.split("|", 2)
     records = _records(book, key)
     source = f"measured on this machine ({len(records)} job{'s' if len(records) != 1 else ''}, profile {profile})"
