@@ -17,6 +17,7 @@ from framepack_ui.engine.video import count_frames
 from framepack_ui.sidecar import sidecar_path
 from framepack_ui.errors import InputError
 from framepack_ui.events import Failed, Finished, Phase, SectionSaved, Step, Stopped
+from framepack_ui.spec import Continuation
 from framepack_ui.ui import present
 from framepack_ui.units import GB
 from framepack_ui.worker import Queued
@@ -598,3 +599,32 @@ def test_the_speed_books_machine_is_the_gpus_name_or_cpu(make_worker, monkeypatc
     assert make_worker(device="cuda")._device_label() == "cpu"
     monkeypatch.setattr(Worker, "_read_gauges", staticmethod(lambda previous: None))
     assert make_worker(device="cuda")._device_label() == "cpu"
+
+
+def test_a_continuation_goes_to_a_new_file_and_never_reads_a_video_a_job_is_writing(make_worker, start_image_80x64):
+    """A branch or an extension is a new output, not its source's file; nothing continues a video while a job
+    writes it (here a job writing over a finished one). One line each, and nothing queued."""
+    gate, started = threading.Event(), []
+    worker = make_worker(gated(f1.run, gate, started))
+    gate.set()
+    source = Path(all_events(worker, worker.submit(spec(start_image_80x64, "the source")))[-1].path)
+    refusals = {
+        "branch": (Continuation("branch", str(source), from_section=1), "a branch"),
+        "extend": (Continuation("extend", str(source)), "an extension")}
+    for start, made in refusals.values():
+        with pytest.raises(InputError) as refused:
+            worker.submit(spec(start_image_80x64, seconds=1.2), out_path=source, start=start)
+        assert str(refused.value) == f"{made} is a new output: choose another file than {source.name}"
+    gate.clear()
+    writing = worker.submit(spec(start_image_80x64, "written over"), out_path=source)
+    with pytest.raises(InputError) as refused:
+        worker.submit(spec(start_image_80x64, seconds=1.2), out_path=source.with_name("new.mp4"),
+                      start=Continuation("extend", str(source)))
+    assert str(refused.value) == f"{source.name} is being written by a job: wait for it to end"
+    assert [j.id for j in worker.jobs()][-1] == writing  # nothing more queued
+    gate.set()
+    assert isinstance(all_events(worker, writing)[-1], Finished)
+    # written: now it can be extended (ended jobs' files are not busy)
+    extended = worker.submit(spec(start_image_80x64, seconds=1.2), out_path=source.with_name("new.mp4"),
+                             start=Continuation("extend", str(source)))
+    assert isinstance(all_events(worker, extended)[-1], Finished)

@@ -213,7 +213,8 @@ class Worker:
         if start.kind == "resume":
             out_path = source
         elif out_path is not None and Path(out_path).resolve() == source:
-            raise InputError(f"a {start.kind} is a new output: choose another file than {source.name}")
+            made = "an extension" if start.kind == "extend" else f"a {start.kind}"
+            raise InputError(f"{made} is a new output: choose another file than {source.name}")
         with self._cond:
             busy = {j.out_path.resolve() for j in self._jobs.values() if j.result is None}
         if source in busy:
