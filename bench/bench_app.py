@@ -147,6 +147,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for bad, message in problems:
         if bad:
             refuse(message)
+    if a.extend:
+        a.extend_from = 2
     return a
 
 
@@ -716,7 +718,6 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
     prompt = a.prompt or f"{DEFAULT_PROMPT} (bench run {time.time_ns()})"
     spec_options = {"steps": a.steps} if a.steps is not None else {}
     plan_options = {"fp8": {"auto": None, "on": True, "off": False}[a.fp8]}
-    extend_from = a.extend_from if a.extend_from is not None else 2 if a.extend else None
     with tempfile.TemporaryDirectory() as tmp:
         outputs = a.outputs or Path(tmp) / "outputs"
         image = start_image(Path(tmp))
@@ -730,7 +731,7 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
                                **spec_options)
                 out_path = outputs / f"job{n}.mp4"
                 start = (Continuation("extend", str(outputs / f"job{n - 1}.mp4"))
-                         if extend_from is not None and n >= extend_from else None)
+                         if a.extend_from is not None and n >= a.extend_from else None)
                 handler.records.clear()
                 submitted = time.perf_counter()
                 timeline = JobTimeline(meters, submitted, f"job {n}")
