@@ -78,6 +78,30 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
+def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                        down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`fp8_linear` plus a low-rank update `(x @ down.T) @ up.T` inside the same fp8 product: the rank joins the
+    inner dimension, `[x, h] @ [W, U].T` with `h = x @ down.T`, so the update costs a (tokens, R) matmul and R more
+    columns, not a read and a write of the (tokens, out) output beside the product.
+
+    Scales: a row of [W, U] shares W's scale and a token of [x, h] one scale, so each rank r is rebalanced by a
+    factor c_r (h_r * c_r and U_r / c_r multiply to the same update): c_r makes U's largest entry 448 of W's
+    steps, which leaves `h * c` about the size of the activations for any LoRA whose effect is a fraction of the
+    layer's output; a larger h widens its token's scale rather than saturating. R is padded to a multiple of 16
+    (`torch._scaled_mm`'s rule for the inner dimension)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    steps = up.float() / weight_scale.float()[:, None]  # (out, R): the update's up in W's fp8 steps
+    balance = steps.abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
+    pad = -down.shape[0] % 16
+    u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
+    h = F.pad(x2 @ (down.to(x.dtype) * balance.to(x.dtype)[:, None]).t(), (0, pad))  # (tokens, R + pad)
+    xq, x_scale = quantize_rows(torch.cat([x2, h], dim=1))
+    y = torch._scaled_mm(xq, torch.cat([weight, u], dim=1).t(), scale_a=x_scale,
+                         scale_b=weight_scale.float().view(1, -1), bias=bias, out_dtype=x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])
+
+
 def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:
     """Switch every fp8 Linear of `model` between fp8 matmul and dequantize-then-bf16-matmul; returns how many.
     The activations are quantized too, so this costs accuracy beyond the weight storage: measured in

@@ -3,7 +3,7 @@ alpha folded into `up`) when it runs; the stored weights are never changed.
 
 Why at run time and not merged into the weights: the weights are a read-only file map, an fp8 cache (13 GB) or
 streamed block by block from either; merging would mean writing a second copy of what it merges into (a merged
-cache on disk, rewritten at every change of a strength), and an fp8 merge would quantize the update away. Here a
+cache on disk, rewritten at every change of a strength), and an fp8 merge would round most of the update away. Here a
 LoRA costs its own tensors (kept on the compute device beside the model: 0.36 GB for rank 32 on every Linear of
 the 60 blocks, the plan counts them) and a change of strength or of LoRA set between jobs uploads only those.
 
@@ -15,8 +15,11 @@ How each call adds it, by what moves the fewest bytes (a low-rank matmul is memo
 The cheaper one is taken per call from the shapes (`merges_per_call`): at 640 px the ~19k image tokens of a
 3072-wide Linear make the merge move about 10x fewer bytes (2 x 9.4 M against 19k x 9.2 k elements: arithmetic, not
 a measurement; bench/bench_lora.py measures the step, `--way` either choice alone); the 1-token
-modulation Linears and the text-stream Linears (~1k tokens) add beside. fp8 matmuls (`Fp8Linear.fp8_matmul`)
-multiply the fp8 weight itself, so their update is always added beside.
+modulation Linears and the text-stream Linears (~1k tokens) add beside. An fp8 matmul (`Fp8Linear.fp8_matmul`)
+multiplies the fp8 weight itself: where a merge would be taken, its update goes inside the fp8 product as R more
+inner columns (`fp8_linear.fp8_linear_low_rank`); merged into the weight it would be rounded to fp8's steps, which
+keeps only a third of a LoRA that changes the weights by 1 % (a float32 simulation of random layers, 1024 x 1024,
+rank 32); added beside, a LoRA cost that profile 1.14x its step (docs/benchmarks.md "LoRA").
 
 A class swap, as `Fp8Linear` (fp8_linear.py says why: per-module hooks made torch.compile recompile every block):
 `LoraLinear` for nn.Linear, `LoraFp8Linear` for Fp8Linear, undone by `remove_loras`. The update lives in two
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry
 
-from .fp8_linear import Fp8Linear, dequantize
+from .fp8_linear import Fp8Linear, dequantize, fp8_linear_low_rank
 
 DOWN, UP = "lora_down", "lora_up"  # the buffers a LoRA Linear holds
 
@@ -76,18 +79,20 @@ class LoraLinear(torch.nn.Linear):
 
 
 class LoraFp8Linear(Fp8Linear):
-    """Fp8Linear plus its LoRA update: merged into the dequantized transient weight, or beside an fp8 matmul."""
+    """Fp8Linear plus its LoRA update: merged into the dequantized transient weight, inside an fp8 product, or added
+    beside the product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
-        if self.fp8_matmul or not merges_per_call(x.numel() // self.in_features, self.in_features,
-                                                  self.out_features):
+        if not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features):
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
-        weight = dequantize(self.weight, self.weight_scale, self.compute_dtype)  # transient: merged in place
-        weight.addmm_(up.to(self.compute_dtype), down.to(self.compute_dtype))
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
+        if self.fp8_matmul:
+            return fp8_linear_low_rank(x.to(self.compute_dtype), self.weight, self.weight_scale, bias, down, up)
+        weight = dequantize(self.weight, self.weight_scale, self.compute_dtype)  # transient: merged in place
+        weight.addmm_(up.to(self.compute_dtype), down.to(self.compute_dtype))
         return F.linear(x, weight, bias)
 
 
