@@ -17,7 +17,9 @@ The cheaper one is taken per call from the shapes (`merges_per_call`): at 640 px
 a measurement; bench/bench_lora.py measures the step, `--way` either choice alone); the 1-token
 modulation Linears and the text-stream Linears (~1k tokens) add beside. An fp8 matmul (`Fp8Linear.fp8_matmul`)
 multiplies the fp8 weight itself: where a merge would be taken, its update goes inside the fp8 product as R more
-inner columns (`fp8_linear.fp8_linear_low_rank`); merged into the weight it would be rounded to fp8's steps, which
+inner columns (`fp8_linear.fp8_linear_low_rank`), but beside it where the layer narrows (in > out: the 12288- and
+15360-wide inputs, where reading x once more for `x @ down` and quantizing it cost more than the output's read
+and write beside; docs/benchmarks.md "LoRA"); merged into the weight it would be rounded to fp8's steps, which
 keeps only a third of a LoRA that changes the weights by 1 % (a float32 simulation of random layers, 1024 x 1024,
 rank 32); added beside, a LoRA cost that profile 1.14x its step (docs/benchmarks.md "LoRA").
 
@@ -84,7 +86,8 @@ class LoraFp8Linear(Fp8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
-        if not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features):
+        if (not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
+                or self.fp8_matmul and self.in_features > self.out_features):
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
