@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", default="lora-layer.json")
     a = p.parse_args()
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU with fp8 matmuls (compute capability 8.9 or later)")
     ranks = [int(r) for r in a.ranks.split(",")]
     tokens = sampling_tokens(640)
     R = header(tokens=tokens, rows={})

@@ -311,8 +311,10 @@ class SectionVideoWriter:
         if fade == 1:
             return [] if self._held is None else [self._held]
         w = (self._weights if fade == self.overlap else crossfade_weights(fade, self.overlap))[1:].view(-1, 1, 1)
-        new = pixels[:, 1:fade].to(device="cpu", dtype=torch.float32)
-        blended = w * self._held[:, -(fade - 1):].float() + (1 - w) * new  # fp32, soft_append's expression
+        # soft_append's fp32 expression w * old + (1 - w) * new, term by term into one fresh tensor: the same
+        # roundings, two section-sized temporaries instead of four (the plan's costs.HOST_FRAMES counts two)
+        blended = pixels[:, 1:fade].to(device="cpu", dtype=torch.float32, copy=True).mul_(1 - w)
+        blended.add_(w * self._held[:, -(fade - 1):].float())
         untouched = self._held[:, : self._held.shape[1] - (fade - 1)]
         return [untouched, blended] if untouched.shape[1] else [blended]
 
