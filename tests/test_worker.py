@@ -350,6 +350,37 @@ def test_download_in_the_background_fills_the_models_folder(make_worker, tiny_mo
         running = [s for s in seen if s.state == "running" and s.total_bytes > 0]
         assert running and re.match(r"Downloading: \d+% ", present.download_text(running[-1]))
         assert worker.missing_models() == "" and worker.download_need()[0] == 0
+        # a bar per model, and the rate counted from this run's first report (one start time for the whole run)
+        assert all(s.models and all(total > 0 for _, _, total in s.models) for s in running)
+        assert {s.started_at_s for s in running} == {running[0].started_at_s} != {None}
+        assert all(s.updated_at_s >= s.started_at_s for s in running)
+        assert len({s.updated_at_s for s in running}) > 1  # reports came in over time, the start stayed put
+        done = seen[-1]
+        assert (done.file, done.message, done.done_bytes, done.total_bytes) == ("", "", running[-1].total_bytes,
+                                                                                  running[-1].total_bytes)
+
+
+@pytest.mark.parametrize("error, message", [
+    (InputError("not enough disk space in /m: 40.1 GB needed, 3.0 GB free"),
+     "not enough disk space in /m: 40.1 GB needed, 3.0 GB free"),
+    (RuntimeError("the hub\nsaid no"), "download failed: RuntimeError: the hub said no"),
+])
+def test_a_failed_download_says_why_on_one_line(make_worker, tmp_path, monkeypatch, error, message):
+    """A download that fails (a refusal the user can act on, or anything else) ends "failed" with one line, shown
+    by the page as it is; the worker can start another."""
+    from framepack_ui.weights import download
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(download, "ensure_models", fail)
+    worker = make_worker(models_dir=tmp_path / "models")
+    assert worker.start_download()
+    wait_until(lambda: worker.download_status().state != "running")
+    status = worker.download_status()
+    assert (status.state, status.message) == ("failed", message)
+    assert present.download_text(status) == f"Download failed: {message}"
+    assert worker.start_download()  # not stuck: a second try starts
 
 
 def test_keep_models_holds_them_for_the_idle_timeout_then_frees(make_worker, start_image_80x64):

@@ -87,7 +87,7 @@ def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int, ramp
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the official save does (clamp, * 127.5 + 127.5, truncate)."""
-    return (torch.clamp(pixels.float(), -1.0, 1.0) * 127.5 + 127.5).to(torch.uint8)
+    return torch.clamp(pixels.float(), -1.0, 1.0).mul_(127.5).add_(127.5).to(torch.uint8)  # one float temporary
 
 
 class SectionVideoWriter:
