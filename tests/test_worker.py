@@ -139,6 +139,55 @@ def test_a_crashing_run_job_fails_one_line_and_the_worker_goes_on(make_worker, s
     assert [j.status for j in worker.jobs()] == ["failed", "finished"]
 
 
+def test_what_the_worker_hands_the_engine_and_what_it_makes_of_a_bad_ending(make_worker, start_image_80x64):
+    """At the engine's boundary: the job's own out-of-memory advice from its plan goes in; a long internal error
+    comes back as one line of at most 300 characters; an engine that returns without a result (writing some of the
+    video first) still ends the job, failed, keeping the file it wrote."""
+    calls = []
+
+    def engine(spec, out_path, manager, emit, cancel, **kwargs):
+        calls.append(kwargs)
+        if spec.prompt == "long":
+            raise RuntimeError("x" * 400)
+        Path(out_path).write_bytes(b"part of a video")
+        return None
+
+    worker = make_worker(engine)
+    long_error = all_events(worker, worker.submit(spec(start_image_80x64, "long")))[-1]
+    assert isinstance(long_error, Failed) and long_error.reason == "internal"
+    assert long_error.message == ("internal error: RuntimeError: " + "x" * 400)[:300]
+    no_result = worker.submit(spec(start_image_80x64, "no result"))
+    ended = all_events(worker, no_result)[-1]
+    assert isinstance(ended, Failed) and ended.message == "internal error: the job ended without a result"
+    assert ended.path == str(worker.job(no_result).out_path) and worker.job(no_result).status == "failed"
+    assert "start" not in calls[0]  # a new video, not a continuation
+    # the plan's leaner_choices (on this CPU plan, only the last resort it always names)
+    assert calls[0]["out_of_memory_advice"] == calls[1]["out_of_memory_advice"] == "close other programs using the GPU"
+
+
+def test_waiting_for_a_jobs_next_event_gives_up_after_its_timeout(make_worker, start_image_80x64):
+    """wait_events(timeout_s) returns an empty list once the time is up while the job goes quiet (the page's
+    stream polls this way, and must come back to check whether its browser left)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def quiet_engine(spec, out_path, manager, emit, cancel, **kwargs):
+        entered.set()
+        release.wait(TIMEOUT_S)
+        return Stopped(None, 0)
+
+    worker = make_worker(quiet_engine)
+    job_id = worker.submit(spec(start_image_80x64, "quiet"))
+    assert entered.wait(TIMEOUT_S)
+    seen = len(worker.wait_events(job_id, 0, timeout_s=0))
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(worker.wait_events(job_id, seen, timeout_s=0.3)), daemon=True)
+    waiter.start()
+    waiter.join(TIMEOUT_S / 4)
+    release.set()
+    assert not waiter.is_alive() and got == [[]]
+    assert isinstance(all_events(worker, job_id)[-1], Stopped)
+
+
 def test_a_late_subscriber_replays_from_the_start(make_worker, start_image_80x64):
     worker = make_worker()
     job_id = worker.submit(spec(start_image_80x64, seconds=2.4))  # 2 sections
@@ -414,6 +463,7 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
         reached, release = hub.hold(layout.F1_REPO, shard, at=len(data) // 2)
         assert worker.start_download()
         assert reached.wait(TIMEOUT_S), "the download never reached the transformer shard"
+        assert not worker.start_download()  # one at a time
         dest = layout.COMPONENTS["transformer"].folder(models) / shard
 
         def shard_written() -> int:  # the partial file's size: what the client has read (the hub holds at half)
@@ -435,7 +485,14 @@ def test_download_cancel_stops_mid_file_keeps_the_partial_and_a_later_start_resu
         assert "transformer (" in worker.missing_models()
 
         hub.clear_log()
+        reached, release = hub.hold(layout.F1_REPO, shard, at=(kept + len(data)) // 2)
         assert worker.start_download()
+        assert reached.wait(TIMEOUT_S)
+        wait_until(lambda: worker.download_status().updated_at_s is not None)
+        resumed = worker.download_status()  # where this run started: the rate counts from there
+        release.set()
+        assert resumed.state == "running" and resumed.resumed_bytes >= kept
+        assert resumed.started_done_bytes >= kept and resumed.done_bytes >= resumed.started_done_bytes
         wait_until(lambda: worker.download_status().state != "running")
         assert worker.download_status().state == "done", worker.download_status().message
         assert dest.read_bytes() == data and worker.missing_models() == ""
@@ -658,4 +715,6 @@ def test_a_continuation_goes_to_a_new_file_and_never_reads_a_video_a_job_is_writ
     # written: now it can be extended (ended jobs' files are not busy)
     extended = worker.submit(spec(start_image_80x64, seconds=1.2), out_path=source.with_name("new.mp4"),
                              start=Continuation("extend", str(source)))
-    assert isinstance(all_events(worker, extended)[-1], Finished)
+    result = all_events(worker, extended)[-1]
+    assert isinstance(result, Finished)
+    assert count_frames(result.path) == count_frames(source) + 36  # the engine was handed the continuation
