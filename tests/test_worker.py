@@ -188,6 +188,25 @@ def test_waiting_for_a_jobs_next_event_gives_up_after_its_timeout(make_worker, s
     assert isinstance(all_events(worker, job_id)[-1], Stopped)
 
 
+def test_the_pagefile_prewarm_is_said_in_the_running_jobs_events(make_worker, start_image_80x64):
+    """The manager reports its Windows pagefile pre-warm (memory/prewarm.py) through the worker's hook: one Phase
+    line in the running job's events, the reservation and how far the commit is. Untested on Windows itself: the
+    report is injected at the manager's hook, as the pre-warm would send it."""
+    from framepack_ui.memory.prewarm import PrewarmProgress
+
+    def engine(spec, out_path, manager, emit, cancel, **kwargs):
+        manager.on_prewarm(PrewarmProgress(reserved_bytes=int(1.5 * GB), target_bytes=30 * GB,
+                                           available_bytes=int(10.5 * GB)))
+        return Stopped(None, 0)
+
+    worker = make_worker(engine)
+    events = all_events(worker, worker.submit(spec(start_image_80x64, "prewarm")))
+    said = [e.detail for e in events if isinstance(e, Phase) and e.name == "prewarm"]
+    assert said == ["growing the pagefile: 1.50 GB reserved, 40% of 30.0 GB commit"]
+    worker._prewarm_progress(PrewarmProgress(GB, 2 * GB, GB))  # between jobs: nobody to tell, nothing breaks
+    assert worker.jobs()[-1].status == "stopped"
+
+
 def test_a_late_subscriber_replays_from_the_start(make_worker, start_image_80x64):
     worker = make_worker()
     job_id = worker.submit(spec(start_image_80x64, seconds=2.4))  # 2 sections
