@@ -12,9 +12,10 @@ card with a 32 GiB machine's RAM, fp8 storage (quantized in place on the GPU, as
 matmul where the plan takes it). The LoRA is put on the loaded model by `ModelManager.set_loras`, as between two
 jobs in the app (`apply_s`: no weights are rewritten, only its tensors uploaded). `--way merge` or `beside` forces
 how every LoRA layer adds its update (compute/lora.py chooses per call by the bytes each moves: `auto`), to measure
-that choice (beside an fp8 matmul `merge` means inside the fp8 product); `--no-fp8-matmul` keeps the fp8 profile's
-matmuls in bf16 (the LoRA then merges into the dequantized weight rather than joining the fp8 product). Target (issue 18): with a LoRA,
-each profile's step within 3 % of its step without one. Peak RAM is this process's VmHWM and RssAnon since the
+that choice (with fp8 matmuls `merge` means inside the fp8 product where compute/lora.py would take it);
+`--no-fp8-matmul` keeps the fp8 profile's matmuls in bf16 (the LoRA then merges into the dequantized weight rather
+than joining the fp8 product). Target (issue 18): with a LoRA, each profile's step within 3 % of its step without
+one. Peak RAM is this process's VmHWM and RssAnon since the
 row started (/proc/self/clear_refs resets the peak where Linux allows it). Nothing is written to disk but `--out`.
 `--tiny` runs the same code on a tiny config on any machine (a smoke test, not a figure).
 """

@@ -232,9 +232,9 @@ def test_fp8_matmul_takes_the_update_inside_the_fp8_product(fp8_models, monkeypa
 @pytest.mark.parametrize("effect", [0.03, 3.0], ids=["small", "larger-than-the-layer"])
 def test_an_update_inside_the_fp8_product_is_the_update_beside_it_to_fp8_precision(effect):
     """fp8_linear_low_rank against the fp8 product with the update added beside in float32: a LoRA changing the
-    output by 3 % comes through within 3.5 % of itself (bound 10 %; the inner dimension padded from 70 to 128); one three times
-    the layer's own output widens its tokens' scales instead of saturating: 3.1 % from the sum (bound 5 %), where
-    quantizing [x, h] at x's own scales, clamped, was 77 % off."""
+    output by 3 % comes through within 3.5 % of itself (bound 10 %; the inner dimension padded from 70 to 128);
+    one three times the layer's own output widens its tokens' scales instead of saturating: 3.1 % from the sum
+    (bound 5 %), where quantizing [x, h] at x's own scales, clamped, was 77 % off."""
     g = torch.Generator().manual_seed(0)
     q, scale = quantize(torch.randn(48, 64, generator=g) * 0.02)
     bias = torch.randn(48, generator=g) * 0.01
@@ -252,12 +252,36 @@ def test_an_update_inside_the_fp8_product_is_the_update_beside_it_to_fp8_precisi
         assert rel(got, base + update) < 0.05
 
 
-@pytest.mark.parametrize("in_features, out_features, way", [(48, 64, "inside"), (64, 48, "beside")])
+def test_an_update_inside_the_fp8_product_survives_a_near_zero_row_a_zero_rank_and_batched_tokens():
+    """One row of W a millionth of the others must not set the update's balance for every token (that crushed x
+    into fp8's subnormals: 10.6 % off where the update added beside is 3.7 %; now 0.6 %, the small row's update
+    saturating alone); a rank whose up is all zero adds nothing and divides nothing by zero; (batch, tokens, in)
+    inputs keep their shape."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=g) * 0.02
+    weight[5] *= 1e-6
+    q, scale = quantize(weight)
+    x = torch.randn(200, 256, generator=g)
+    down, up = torch.randn(6, 256, generator=g), torch.randn(128, 6, generator=g)
+    base = fp8_linear(x, q, scale, None)
+    up = up * (0.03 * base.norm() / ((x @ down.t()) @ up.t()).norm())
+    up[:, 2] = 0
+    want = base + (x @ down.t()) @ up.t()
+    assert rel(fp8_linear_low_rank(x, q, scale, None, down, up), want) < 0.02
+    batched = fp8_linear_low_rank(x.view(4, 50, 256), q, scale, None, down, up)
+    assert batched.shape == (4, 50, 128) and torch.isfinite(batched).all()
+    assert rel(batched.view(200, 128), want) < 0.02
+
+
+@pytest.mark.parametrize("in_features, out_features, rank, way", [
+    (48, 64, 4, "inside"), (64, 48, 4, "beside"), (64, 64, 4, "inside"),
+    (64, 64, lora_compute.INSIDE_SQUARE_MAX_RANK + 8, "beside")])
 def test_an_fp8_matmul_takes_the_update_inside_where_the_layer_widens_and_beside_where_it_narrows(
-        in_features, out_features, way, monkeypatch):
-    """Where a merge would be taken (200 tokens), an fp8 matmul's update joins the product if out >= in, and is
-    added beside it if in > out (reading the wide x again for `x @ down` costs more there: docs/benchmarks.md
-    "LoRA"); either way the output is the fp8 product plus the update, to fp8's precision."""
+        in_features, out_features, rank, way, monkeypatch):
+    """Where a merge would be taken (200 tokens), an fp8 matmul's update joins the product if the layer widens or
+    is square with a small rank, and is added beside it otherwise (reading the wider x again for `x @ down` costs
+    more there: docs/benchmarks.md "LoRA"); either way the output is the fp8 product plus the update, to fp8's
+    precision."""
     taken = []
     for name in ("fp8_linear_low_rank", "_add_beside"):
         real = getattr(lora_compute, name)
@@ -270,8 +294,8 @@ def test_an_fp8_matmul_takes_the_update_inside_where_the_layer_widens_and_beside
     layer.__class__ = Fp8Linear
     layer.compute_dtype = torch.float32
     layer.fp8_matmul = True
-    part = lora_compute.LoraPart(torch.randn(4, in_features, generator=g), torch.randn(out_features, 4, generator=g),
-                                 0.01)
+    part = lora_compute.LoraPart(torch.randn(rank, in_features, generator=g),
+                                 torch.randn(out_features, rank, generator=g), 0.01 / rank ** 0.5)
     model = torch.nn.Sequential(layer)
     x = torch.randn(200, in_features, generator=g)
     with torch.no_grad():

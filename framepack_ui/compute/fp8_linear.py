@@ -14,9 +14,10 @@ import torch.nn.functional as F
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_scale"
-# a low-rank update inside an fp8 product pads the inner dimension to this (_scaled_mm wants 16): a rank-32 update
-# on a 3072-wide layer took 0.63 ms padded to 3200, 0.76 ms to 3104 (docs/benchmarks.md "LoRA")
+# a low-rank update inside an fp8 product pads the inner dimension to this (_scaled_mm wants 16): with rank 32 the
+# H100 step was 1.085x its own without a LoRA padded to 128, 1.105x padded to 16 (docs/benchmarks.md "LoRA")
 INNER_MULTIPLE = 128
+SMALL_ROW_FACTOR = 16  # fp8_linear_low_rank: rows of W whose scale is under the mean's 1/16 do not set c_r
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +91,18 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     Scales: a row of [W, U] shares W's scale and a token of [x, h] one scale, so each rank r is rebalanced by a
     factor c_r (h_r * c_r and U_r / c_r multiply to the same update): c_r makes U's largest entry 448 of W's
     steps, which leaves `h * c` about the size of the activations for any LoRA whose effect is a fraction of the
-    layer's output; a larger h widens its token's scale rather than saturating. The inner dimension is padded to
-    `INNER_MULTIPLE`."""
+    layer's output; a larger h widens its token's scale rather than saturating. A row of W far smaller than the
+    layer's others (scale under a 16th of their mean) would set c_r alone and crush every token's x into fp8's
+    subnormals, so c_r is taken as if its scale were that floor: U saturates in that row only. Costs per call
+    beside the product: `x @ down.T`, and a copy of the fp8 weight with U's columns. The inner dimension is
+    padded to `INNER_MULTIPLE`."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    steps = up.float() / weight_scale.float()[:, None]  # (out, R): the update's up in W's fp8 steps
-    balance = steps.abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
+    scale = weight_scale.float()
+    floor = scale.mean() / SMALL_ROW_FACTOR
+    steps = up.float() / scale[:, None]  # (out, R): the update's up in W's fp8 steps
+    # c_r; the clamp keeps an all-zero rank (an up column of zeros) from dividing 0 by 0
+    balance = (up.float() / scale.clamp(min=floor)[:, None]).abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
     pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
     h = F.pad(x2 @ (down.to(x.dtype) * balance.to(x.dtype)[:, None]).t(), (0, pad))  # (tokens, R + pad)
