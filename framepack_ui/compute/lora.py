@@ -21,10 +21,9 @@ An fp8 matmul (`Fp8Linear.fp8_matmul`) multiplies the fp8 weight itself, so ther
 into: merged into the stored weight, the update would be rounded onto fp8's steps, which keeps a third of one that
 changes the weights by 1 % (a float32 simulation of a random 1024 x 1024 layer, rank 32). Where a merge would be
 taken, the update goes inside the fp8 product instead, as R more inner columns (`fp8_linear.fp8_linear_low_rank`),
-if the layer widens, or is square with a rank up to `INSIDE_SQUARE_MAX_RANK`; otherwise it is added beside. Per
-layer at 640 px on an H100 (docs/benchmarks.md "LoRA"): inside reads x once more and quantizes R more columns,
-which costs more than beside's read and write of y where x is the wider (12288- and 15360-wide inputs) and, at
-rank 128, on the square layers.
+unless the layer narrows: inside reads x once more and quantizes R more columns, which costs more than beside's
+read and write of y where x is the wider (the 12288- and 15360-wide inputs; docs/benchmarks.md "LoRA", per layer
+and per step on an H100).
 
 A class swap, as `Fp8Linear` (fp8_linear.py says why: per-module hooks made torch.compile recompile every block):
 `LoraLinear` for nn.Linear, `LoraFp8Linear` for Fp8Linear, undone by `remove_loras`. The update lives in two
@@ -63,14 +62,6 @@ def merges_per_call(tokens: int, in_features: int, out_features: int) -> bool:
     return tokens * (in_features + 2 * out_features) > 2 * in_features * out_features
 
 
-INSIDE_SQUARE_MAX_RANK = 64  # square layers: rank 32 took 0.61 ms inside against 0.74 beside, rank 128 0.86 against 0.75
-
-
-def inside_fp8_product(in_features: int, out_features: int, rank: int) -> bool:
-    """Whether a many-token Linear multiplying in fp8 takes its update inside the product (see the module docstring)."""
-    return out_features > in_features or (out_features == in_features and rank <= INSIDE_SQUARE_MAX_RANK)
-
-
 def _add_beside(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """y + (x @ down.T) @ up.T, the second matmul accumulating into y in place (one read and one write of y, and no
     second tokens x out tensor: out of place, a rank-128 LoRA took an fp8 8 GB plan 0.37 GB over its VRAM figure,
@@ -97,8 +88,8 @@ class LoraFp8Linear(Fp8Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
-        if not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features) or (
-                self.fp8_matmul and not inside_fp8_product(self.in_features, self.out_features, down.shape[0])):
+        if (not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
+                or self.fp8_matmul and self.in_features > self.out_features):
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:

@@ -87,7 +87,8 @@ def soft_append(history: torch.Tensor, current: torch.Tensor, overlap: int, ramp
 
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats -> uint8 exactly as the official save does (clamp, * 127.5 + 127.5, truncate)."""
-    return torch.clamp(pixels.float(), -1.0, 1.0).mul_(127.5).add_(127.5).to(torch.uint8)  # one float temporary
+    # one float temporary, the same roundings as clamp(x) * 127.5 + 127.5
+    return pixels.to(torch.float32, copy=True).clamp_(-1.0, 1.0).mul_(127.5).add_(127.5).to(torch.uint8)
 
 
 class SectionVideoWriter:
@@ -311,10 +312,10 @@ class SectionVideoWriter:
         if fade == 1:
             return [] if self._held is None else [self._held]
         w = (self._weights if fade == self.overlap else crossfade_weights(fade, self.overlap))[1:].view(-1, 1, 1)
-        # soft_append's fp32 expression w * old + (1 - w) * new, term by term into one fresh tensor: the same
-        # roundings, two section-sized temporaries instead of four (the plan's costs.HOST_FRAMES counts two)
+        # soft_append's fp32 expression w * old + (1 - w) * new, term by term into fresh tensors: the same
+        # roundings, two temporaries of fade - 1 frames instead of four (the plan's costs.HOST_FRAMES counts two)
         blended = pixels[:, 1:fade].to(device="cpu", dtype=torch.float32, copy=True).mul_(1 - w)
-        blended.add_(w * self._held[:, -(fade - 1):].float())
+        blended.add_(self._held[:, -(fade - 1):].to(torch.float32, copy=True).mul_(w))
         untouched = self._held[:, : self._held.shape[1] - (fade - 1)]
         return [untouched, blended] if untouched.shape[1] else [blended]
 
