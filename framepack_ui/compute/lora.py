@@ -3,8 +3,8 @@ alpha folded into `up`) when it runs; the stored weights are never changed.
 
 Why at run time and not merged into the weights: the weights are a read-only file map, an fp8 cache (13 GB) or
 streamed block by block from either; merging would mean writing a second copy of what it merges into (a merged
-cache on disk, rewritten at every change of a strength), and an fp8 merge would round most of the update away. Here a
-LoRA costs its own tensors (kept on the compute device beside the model: 0.36 GB for rank 32 on every Linear of
+cache on disk, rewritten at every change of a strength), and an fp8 merge would round most of the update away.
+Here a LoRA costs its own tensors (kept on the compute device beside the model: 0.36 GB for rank 32 on every Linear of
 the 60 blocks, the plan counts them) and a change of strength or of LoRA set between jobs uploads only those.
 
 How each call adds it, by what moves the fewest bytes (a low-rank matmul is memory-bound; FLOPs hardly matter):
