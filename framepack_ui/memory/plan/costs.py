@@ -182,10 +182,12 @@ def lora_bytes(cost: LoraCost | None, itemsize: int) -> int:
 
 def lora_beside_bytes(cost: LoraCost | None, itemsize: int, tokens: int) -> int:
     """What a sampling step needs beyond `lora_bytes` where a layer adds its update beside its output (compute/lora.py:
-    always beside an fp8 matmul): the widest layer's `tokens` x out result, less the merged layer already counted.
-    At 640 px 0.48 GB against 0.11 GB: an 8 GB fp8 plan that counted the merge alone ran out of memory with a
-    rank-128 LoRA (H100, 2026-12-06, docs/benchmarks.md "LoRA"). Counted whichever way the layers take, as the
-    plan's fp8 matmul choice comes later; only while sampling, not in the decode."""
+    the few-token Linears, and beside an fp8 matmul the narrowing ones): the widest layer's `tokens` x out result,
+    less the merged layer already counted. At 640 px 0.48 GB against 0.11 GB: an 8 GB fp8 plan that counted the
+    merge alone ran out of memory with a rank-128 LoRA added beside every layer (H100, 2026-12-06,
+    docs/benchmarks.md "LoRA"). Counted whichever way the layers take, as the plan's fp8 matmul choice comes later;
+    only while sampling, not in the decode. With the update inside the fp8 product where a layer widens, that
+    plan's 7.82 GB held a 7.73 GB peak."""
     if cost is None:
         return 0
     return max(0, tokens * cost.largest_out_features - cost.largest_layer_params) * itemsize
