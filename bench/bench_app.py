@@ -236,11 +236,11 @@ class _MallInfo2(ctypes.Structure):
 
 @functools.cache
 def _mallinfo2():
-    try:
-        function = ctypes.CDLL("libc.so.6").mallinfo2
-    except (OSError, AttributeError):  # not glibc, or glibc before 2.33
-        return None
-    function.restype = _MallInfo2
+    from framepack_ui.memory import allocator
+
+    function = allocator.glibc_function("mallinfo2")  # glibc 2.33 and later
+    if function is not None:
+        function.restype = _MallInfo2
     return function
 
 

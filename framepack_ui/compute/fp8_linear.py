@@ -106,9 +106,7 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
     h = F.pad(x2 @ (down.to(x.dtype) * balance.to(x.dtype)[:, None]).t(), (0, pad))  # (tokens, R + pad)
-    xq, x_scale = quantize_rows(torch.cat([x2, h], dim=1))
-    y = torch._scaled_mm(xq, torch.cat([weight, u], dim=1).t(), scale_a=x_scale,
-                         scale_b=weight_scale.float().view(1, -1), bias=bias, out_dtype=x.dtype)
+    y = fp8_linear(torch.cat([x2, h], dim=1), torch.cat([weight, u], dim=1), weight_scale, bias)
     return y.reshape(*shape[:-1], y.shape[-1])
 
 

@@ -26,10 +26,12 @@ def configure(environ=os.environ, platform: str = sys.platform) -> None:
 
 
 @functools.cache
-def _malloc_trim():
+def glibc_function(name: str):
+    """glibc's function `name` (ctypes), or None where there is no glibc or no such function (Windows, macOS, musl,
+    an older glibc)."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (Windows, macOS, musl): nothing to call
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
 
 
@@ -41,7 +43,7 @@ def return_freed_heap(platform: str = sys.platform) -> bool:
     anonymous memory than the first, 0.66 GiB of it freed memory malloc kept (docs/benchmarks.md, "Section state
     size").
     Called after each load and after models are freed: milliseconds."""
-    trim = _malloc_trim() if platform == "linux" else None
+    trim = glibc_function("malloc_trim") if platform == "linux" else None
     if trim is None:
         return False
     trim(0)
