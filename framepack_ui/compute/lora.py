@@ -63,9 +63,9 @@ def merges_per_call(tokens: int, in_features: int, out_features: int) -> bool:
 
 
 def _add_beside(y: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """y + (x @ down.T) @ up.T, the second matmul accumulating into y in place (one read and one write of y, and no
-    second tokens x out tensor: out of place, a rank-128 LoRA took an fp8 8 GB plan 0.37 GB over its VRAM figure,
-    docs/benchmarks.md "LoRA"). `y` is the Linear's own fresh output."""
+    """y + (x @ down.T) @ up.T, the second matmul accumulating into y in place (one read and one write of y, and in
+    eager no second tokens x out tensor; compiled, the graph picks its own buffers: the same peak either way on the
+    H100, docs/benchmarks.md "LoRA"). `y` is the Linear's own fresh output."""
     low = x.reshape(-1, x.shape[-1]).to(down.dtype) @ down.t()  # (tokens, R)
     y.view(-1, y.shape[-1]).addmm_(low.to(y.dtype), up.t().to(y.dtype))
     return y
