@@ -4,6 +4,7 @@ shapes, and each new shape regime is a compile of minutes on a GPU."""
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -102,10 +103,10 @@ def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
     assert _psnr(even, untiled) >= _psnr(reference, untiled) - TILED_PSNR_SLACK_DB
 
 
-def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
-    """The real compile path (compile.compile_vae_decoder, dynamic shapes) traced by dynamo with a backend that only
-    counts graphs: the guards, and so the recompiles, are dynamo's on any backend (a GPU's convolution choice may
-    add its own). CPU inductor itself cannot lower this decoder's dynamic conv3d (see the fallback)."""
+def _count_graphs(monkeypatch) -> list:
+    """torch.compile with a backend that only records dynamo's graphs: the guards, and so the recompiles, are
+    dynamo's on any backend (a GPU's convolution choice may add its own). CPU inductor itself cannot lower this
+    decoder's dynamic conv3d (see the fallback test in test_memory_plan.py)."""
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -114,12 +115,114 @@ def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch):
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    return graphs
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["regions", "whole"])
+def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch, whole):
+    """The real compile path (compile.compile_vae_decoder, dynamic shapes): a job's decodes compile its graphs once,
+    and a second job compiles nothing more."""
+    graphs = _count_graphs(monkeypatch)
     torch._dynamo.reset()
     try:
-        assert compiled.compile_vae_decoder(tiled_vae) and compiled.decodes_in_even_tiles(tiled_vae)
+        assert compiled.compile_vae_decoder(tiled_vae, whole=whole) and compiled.decodes_in_even_tiles(tiled_vae)
         for count in JOB_LATENT_COUNTS:
             vae_ops.decode(tiled_vae, _latents(count))
         assert compiled.decoder_compiled(tiled_vae)  # nothing fell back to eager
-        assert len(graphs) == 1
+        first_job = len(graphs)
+        for count in JOB_LATENT_COUNTS:
+            vae_ops.decode(tiled_vae, _latents(count, seed=1))
+        assert len(graphs) == first_job
+        assert first_job == 1 if whole else first_job >= 2
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_regionally_compiled_decoder_compiles_its_resnet_blocks_and_upsamplers_not_the_rest(tiled_vae,
+                                                                                             monkeypatch):
+    """Region by region (the default: the first decode compiles in a fraction of the whole decoder's time,
+    docs/benchmarks.md "First-job compile costs"), the graphs hold the resnet blocks' and upsamplers' work and
+    never the input convolution, the attention or the output head, which run as they are; the same instances of
+    a class share their graphs, so there are fewer graphs than regions; the output is the eager one's."""
+    graphs = _count_graphs(monkeypatch)
+    latents = _latents(5)
+    expected = vae_ops.decode(tiled_vae, latents, even_tiles=True)
+    torch._dynamo.reset()
+    try:
+        compiled.compile_vae_decoder(tiled_vae)
+        decoded = vae_ops.decode(tiled_vae, latents)
+        regions = compiled.decoder_regions(tiled_vae.decoder)
+        region_kinds = {type(r).__name__ for r in regions}
+        assert region_kinds == {"HunyuanVideoResnetBlockCausal3D", "HunyuanVideoUpsampleCausal3D"}
+        assert 2 <= len(graphs) < len(regions)
+        operators = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+        assert any("group_norm" in op for op in operators) and any("interpolate" in op for op in operators)
+        assert not any("attention" in op for op in operators)
+        assert torch.allclose(decoded, expected, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+        compiled.uncompile_vae_decoder(tiled_vae)
+    assert all(compiled._hook(r, compiled.DECODER_REGION_HOOK) is None for r in regions)  # gone with the decoder's
+
+
+def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, monkeypatch):
+    """A window under VAE_COMPILED_MIN_LATENTS is another shape regime (minutes of compiling on a GPU): neither
+    the decoder nor any of its regions compiles for it."""
+    graphs = _count_graphs(monkeypatch)
+    torch._dynamo.reset()
+    try:
+        compiled.compile_vae_decoder(tiled_vae)
+        vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS - 1))
+        assert graphs == []
+        vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS))
+        assert graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def test_regions_compiled_ahead_on_a_small_decode_serve_a_whole_job(tiled_vae, monkeypatch):
+    """compile_decoder_ahead compiles the regions in a thread of its own on a small decode of zeros (the app
+    starts it when the VAE loads for the start image, long before the first decode): the graphs it makes serve
+    every decode of a job, tiled or not, at every frame count the job decodes, without compiling again."""
+    graphs = _count_graphs(monkeypatch)
+    torch._dynamo.reset()
+    try:
+        compiled.compile_vae_decoder(tiled_vae)
+        assert compiled.compile_decoder_ahead(tiled_vae) is None  # the default: CUDA only
+        ahead = compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",))
+        assert ahead is not None and ahead is not threading.current_thread()
+        assert compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",)) is ahead  # started once
+        ahead.join(timeout=120)
+        ahead_graphs = len(graphs)
+        assert ahead_graphs >= 2 and compiled.decoder_compiled(tiled_vae)
+        for tiled in (True, False):
+            set_tiles(tiled_vae, tiled)
+            for count in JOB_LATENT_COUNTS:
+                vae_ops.decode(tiled_vae, _latents(count))
+        assert len(graphs) == ahead_graphs
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_compile_ahead_that_fails_leaves_the_first_decode_to_compile(tiled_vae, monkeypatch, caplog):
+    """Fault injected in the small decode (out of memory while the job samples): one warning, nothing marked
+    failed, and the first real decode compiles its regions itself."""
+    graphs = _count_graphs(monkeypatch)
+    torch._dynamo.reset()
+    try:
+        compiled.compile_vae_decoder(tiled_vae)
+        original = tiled_vae.decoder.conv_in.forward
+
+        def out_of_memory(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", out_of_memory)
+        with caplog.at_level("WARNING"):
+            compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",)).join(timeout=120)
+        assert sum("compiling the VAE decoder ahead failed" in r.message for r in caplog.records) == 1
+        monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", original)
+        assert compiled.decoder_compiled(tiled_vae) and graphs == []
+        vae_ops.decode(tiled_vae, _latents(5))
+        assert graphs
     finally:
         torch._dynamo.reset()

@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_HOOK = "framepack_compiled_block"
 DECODER_HOOK = "framepack_compiled_decoder"
+DECODER_REGION_HOOK = "framepack_compiled_decoder_region"
 
 # Versions of a block's compiled graph dynamo keeps (its default is 8, past which a block silently runs eagerly): each
 # LoRA layout a job puts on the blocks (compute/lora.py; fp8 or bf16 Linears, none, another set or rank) is another.
@@ -148,19 +151,56 @@ def blocks_compiled(transformer) -> bool:
 
 # --- VAE decoder ---------------------------------------------------------------------------------------------------
 
-class CompiledDecoderForward(ModelHook):
-    """The VAE decoder's forward through torch.compile with dynamic shapes; short frame windows and, after a
-    compiler failure, every call run eagerly."""
+class _DecoderCompileState:
+    """Shared by the decoder's hook and its regions' hooks: whether the compiler failed once (eager from then on),
+    and per thread whether the decode running in it is one to compile (a full frame window): the compile ahead
+    (`compile_decoder_ahead`) runs in a thread of its own beside the job's."""
 
     def __init__(self):
+        self.failed = False
+        self._thread = threading.local()
+
+    @property
+    def compiling_now(self) -> bool:
+        return getattr(self._thread, "compiling_now", False)
+
+    @compiling_now.setter
+    def compiling_now(self, value: bool) -> None:
+        self._thread.compiling_now = value
+
+
+class CompiledDecoderForward(ModelHook):
+    """The VAE decoder's forward, compiled with dynamic shapes: in regions (each resnet block and upsampler on its
+    own, `CompiledDecoderRegion`) or whole. Short frame windows and, after a compiler failure, every call run
+    eagerly."""
+
+    def __init__(self, whole: bool = False):
         super().__init__()
+        self.whole = whole
+        self.state = _DecoderCompileState()
         self._compiled = None
-        self.failed = False  # the compiler failed once: eager from then on
+        self.ahead: threading.Thread | None = None  # compile_decoder_ahead's thread
+
+    @property
+    def failed(self) -> bool:
+        return self.state.failed
+
+    @failed.setter
+    def failed(self, value: bool) -> None:
+        self.state.failed = value
 
     def new_forward(self, module, z, *args, **kwargs):
         eager = self.fn_ref.original_forward
         if self.failed or z.shape[2] < VAE_COMPILED_MIN_LATENTS:
             return eager(z, *args, **kwargs)
+        if self.ahead is not None and self.ahead is not threading.current_thread():
+            self.ahead.join()  # its graphs are this decode's: compiling them again here would only wait longer
+        if not self.whole:  # the regions' hooks compile; the rest of the decoder runs as it is
+            self.state.compiling_now = True
+            try:
+                return eager(z, *args, **kwargs)
+            finally:
+                self.state.compiling_now = False
         if self._compiled is None:
             self._compiled = torch.compile(eager, dynamic=True)
         try:
@@ -168,32 +208,123 @@ class CompiledDecoderForward(ModelHook):
         except torch.OutOfMemoryError:
             raise  # a real shortage: the plan and the job's error handling deal with it
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder still works
-            log.warning("the compiled VAE decoder failed (%s): decoding without compiling from now on",
-                        _first_line(exc))
-            self.failed = True
+            _decoder_compile_failed(self.state, exc)
             return eager(z, *args, **kwargs)
 
 
-def compile_vae_decoder(vae) -> bool:
-    """Compile the VAE decoder's forward (idempotent). Returns whether it is compiled now.
+class CompiledDecoderRegion(ModelHook):
+    """One resnet block's or upsampler's forward through torch.compile (dynamic shapes), while the decoder's hook
+    says the decode is one to compile. Every instance of a class shares dynamo's compiled code (one code object),
+    so the decoder's 15 resnet blocks compile as a few graphs, one per channel layout."""
+
+    def __init__(self, state: _DecoderCompileState):
+        super().__init__()
+        self.state = state
+        self._compiled = None
+
+    def new_forward(self, module, *args, **kwargs):
+        eager = self.fn_ref.original_forward
+        if self.state.failed or not self.state.compiling_now:
+            return eager(*args, **kwargs)
+        if self._compiled is None:
+            self._compiled = torch.compile(eager, dynamic=True)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as the whole decoder's hook
+            _decoder_compile_failed(self.state, exc)
+            return eager(*args, **kwargs)
+
+
+def _decoder_compile_failed(state: _DecoderCompileState, exc: Exception) -> None:
+    log.warning("the compiled VAE decoder failed (%s): decoding without compiling from now on", _first_line(exc))
+    state.failed = True
+
+
+def decoder_regions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder's pieces compiled on their own: every resnet block and upsampler. They hold the element-wise work
+    at full resolution (GroupNorm, SiLU, nearest upsampling, the causal padding) whose fusing lowers the peak; the
+    input convolution and the mid block's attention work at latent resolution."""
+    from diffusers.models.autoencoders.autoencoder_kl_hunyuan_video import (
+        HunyuanVideoResnetBlockCausal3D, HunyuanVideoUpsampleCausal3D)
+
+    return [m for m in decoder.modules() if isinstance(m, (HunyuanVideoResnetBlockCausal3D,
+                                                           HunyuanVideoUpsampleCausal3D))]
+
+
+def compile_vae_decoder(vae, whole: bool = False) -> bool:
+    """Compile the VAE decoder's forward (idempotent): by default region by region (`decoder_regions`), with
+    `whole` as one graph. Returns whether it is compiled now.
 
     Measured (docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles"): compiled, the decode
     peaks a third lower (5.75 GiB instead of 8.62 in 384 px tiles on an H200): the GroupNorm, SiLU and padding
     between the 3-D convolutions fuse instead of each writing a full-resolution tensor. It is hardly faster in the
-    same tiles, so the plan compiles it only where that room buys larger tiles. `dynamic=True`: one compile of about
-    2 min (H200 host) instead of one per shape. Each new shape regime still recompiles, so the engine decodes a
-    compiled decoder's latents in spatial tiles of one size (`decodes_in_even_tiles`; engine/vae.py), and the short
-    last frame window runs eagerly (VAE_COMPILED_MIN_LATENTS): a job compiles once. Should compiling fail (a
-    compiler missing or broken on the user's machine), the decoder goes back to eager for good rather than failing
-    the job."""
-    if _hook(vae.decoder, DECODER_HOOK) is None:
-        _register(vae.decoder, CompiledDecoderForward(), DECODER_HOOK)
+    same tiles, so the plan compiles it only where that room buys larger tiles. Compiled whole, the first decode
+    took about 100 s, most of a first job's extra time; region by region (docs/benchmarks.md, "First-job compile
+    costs") far less. `dynamic=True`: one compile instead of one per shape. Each new shape regime still
+    recompiles, so the engine decodes a compiled decoder's latents in spatial tiles of one size
+    (`decodes_in_even_tiles`; engine/vae.py), and the short last frame window runs eagerly
+    (VAE_COMPILED_MIN_LATENTS). Should compiling fail (a compiler missing or broken on the user's machine), the
+    decoder goes back to eager for good rather than failing the job."""
+    hook = _hook(vae.decoder, DECODER_HOOK)
+    if hook is not None and hook.whole != whole:
+        uncompile_vae_decoder(vae)
+        hook = None
+    if hook is None:
+        hook = CompiledDecoderForward(whole)
+        _register(vae.decoder, hook, DECODER_HOOK)
+        if not whole:
+            # a resnet block class has one code object: its channel layouts are a few versions of one graph
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_VERSIONS)
+            for region in decoder_regions(vae.decoder):
+                _register(region, CompiledDecoderRegion(hook.state), DECODER_REGION_HOOK)
         log.info("VAE decoder compiled (the first decode takes longer)")
     return decoder_compiled(vae)
 
 
+# The small decode the regions compile on ahead of the first real one: (frames, height, width) in latents, a full
+# frame window and sizes distinct from each other and above 1, so dynamo gives each its own symbol (equal sizes
+# share one, and a decode whose sizes differ would compile again). Its largest tensor is a few tens of MB.
+AHEAD_LATENTS = (VAE_COMPILED_MIN_LATENTS + 1, 6, 7)
+
+
+def compile_decoder_ahead(vae, device_types: tuple[str, ...] = ("cuda",)) -> threading.Thread | None:
+    """Compile the decoder's regions now, on a small decode of zeros in a thread of its own, while the job goes on
+    (the transformer loads and samples its first section); the first real decode waits for the thread if it is
+    still compiling, and finds the graphs made (dynamic shapes). Returns the thread, or None where there is nothing
+    to compile ahead: no decoder compiled region by region, a compiler that failed, a device type not in
+    `device_types` (CPU inductor is slow and the plan never compiles there). A failure of the compile ahead only
+    leaves the first decode to compile as it would have."""
+    hook = _hook(vae.decoder, DECODER_HOOK)
+    if hook is None or hook.whole or hook.failed:
+        return None
+    if hook.ahead is not None:
+        return hook.ahead
+    weight = next(vae.decoder.parameters())
+    if weight.device.type not in device_types:
+        return None
+    zeros = torch.zeros(1, vae.decoder.conv_in.conv.in_channels, *AHEAD_LATENTS, device=weight.device,
+                        dtype=weight.dtype)
+
+    def compile_on_a_small_decode():
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():  # as engine/vae.py decodes: the grad mode is one of dynamo's guards
+                vae.decoder(zeros)
+            log.info("VAE decoder compiled ahead in %.1f s", time.perf_counter() - started)
+        except Exception as exc:  # noqa: BLE001 - out of memory or anything else: the first decode compiles
+            log.warning("compiling the VAE decoder ahead failed (%s): its first decode compiles", _first_line(exc))
+
+    hook.ahead = threading.Thread(target=compile_on_a_small_decode, name="vae-decoder-compile-ahead", daemon=True)
+    hook.ahead.start()
+    return hook.ahead
+
+
 def uncompile_vae_decoder(vae) -> None:
     _remove(vae.decoder, DECODER_HOOK)
+    for region in decoder_regions(vae.decoder):
+        _remove(region, DECODER_REGION_HOOK)
 
 
 @contextmanager

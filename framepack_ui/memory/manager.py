@@ -272,7 +272,10 @@ class ModelManager:
             if c.compile:
                 compiled.compile_blocks(model)  # lazy: each block compiles on its first call
         elif name == "vae" and c.compile:
-            compiled.compile_vae_decoder(model)  # lazy: compiles at the first decode
+            compiled.compile_vae_decoder(model)
+            # the VAE loads for the start image's encode, long before the first decode: its graphs compile
+            # meanwhile (docs/benchmarks.md, "First-job compile costs")
+            compiled.compile_decoder_ahead(model)
 
     # --- LoRA -------------------------------------------------------------------------------------------------------
 
