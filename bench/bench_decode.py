@@ -140,24 +140,16 @@ def full_pass(vae, latents, tilings, contexts_untiled, contexts_tiled, device, f
     return rows
 
 
-def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False, whole=False, ahead=False):
+def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False, whole=False):
     """cudnn.benchmark on: a warm-up decode per tiling (tunes the shapes), then one later section per decode.
     `compiled`: the decoder's forward under torch.compile as the app compiles it (compute/compile.py; the first
     warm-up compiles, its seconds are reported), in spatial tiles of one size (engine/vae.py decode_in_even_tiles),
     and each row's PSNR against the eager decode of the same tail in diffusers' tiles. `whole`: the decoder compiled
-    as one graph instead of region by region. `ahead`: its regions compiled first on a small decode, as the app does
-    while the job samples (compute/compile.py compile_decoder_ahead), timed on their own."""
+    as one graph instead of region by region."""
     torch.backends.cudnn.benchmark = True
     last = (latents.shape[2] - 1) // f1.LATENT_WINDOW - 1
-    ahead_s = None
     if compiled:
         kernels.compile_vae_decoder(vae, whole=whole)  # as the app does: dynamic shapes, one compile per job
-        if ahead:
-            t = now()
-            kernels.compile_decoder_ahead(vae, device_types=(device.type,)).join()
-            print(f"compiled ahead on a small decode in {now() - t:.1f} s, "
-                  f"{dynamo_counters['stats']['unique_graphs']} graphs", flush=True)
-            ahead_s = now() - t
     rows = []
     for tiling in tilings:
         set_tiling(vae, tiling)
@@ -171,7 +163,7 @@ def timing_pass(vae, latents, tilings, contexts_tiled, device, compiled=False, w
         for context in [None, *contexts_tiled]:
             row = {"tiling": tiling, "decode": OFFICIAL if context is None else f"context {context}",
                    "context": context, "cudnn_benchmark": True, "compiled_decoder": compiled and
-                   ("whole" if whole else "regions"), "compiled_ahead_s": ahead_s,
+                   ("whole" if whole else "regions"),
                    "warm_up_s": warm_up_s, "latents_per_section": section_ops.decode_latent_count(last, context)}
             tail = section_tail(latents, last, context)
             try:
@@ -243,8 +235,6 @@ def main() -> None:
                    help="time each tiling again with the decoder under torch.compile")
     p.add_argument("--compile-whole", action="store_true",
                    help="the compiled pass compiles the decoder as one graph (the app compiles it region by region)")
-    p.add_argument("--compile-ahead", action="store_true",
-                   help="the compiled pass first compiles the regions on a small decode (as the app does)")
     p.add_argument("--no-full-pass", action="store_true", help="skip the PSNR pass (timing passes only)")
     p.add_argument("--no-full-decode", action="store_true", help="skip the one-decode reference of all latents")
     p.add_argument("--seed", type=int, default=0)
@@ -287,7 +277,7 @@ def main() -> None:
         rows += timing_pass(vae, latents, tilings, parse_ints(a.tiled_contexts), device)
     if a.compiled_pass:
         rows += timing_pass(vae, latents, tilings, parse_ints(a.tiled_contexts), device, compiled=True,
-                            whole=a.compile_whole, ahead=a.compile_ahead)
+                            whole=a.compile_whole)
     R["rows"] = rows
     R["total_s"] = time.perf_counter() - started
 

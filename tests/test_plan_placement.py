@@ -260,19 +260,19 @@ def test_the_vae_decoder_is_compiled_where_its_decode_is_exactly_25_percent_fast
     plan = make_plan(replace(Machine.supposed(64, 8), compile_supported=True), REAL)
     assert plan.components["vae"].compile
     assert plan.notes[-1] == ("VAE decoder compiled: a third less VRAM, so it decodes in 384 px tiles instead of in "
-                              "256 px tiles (about 1.3x faster; the first decodes after the app starts compile it: "
-                              "minutes)")
+                              "256 px tiles (about 1.3x faster; the first decode after the app starts compiles it: "
+                              "a minute or more)")
 
 
 def test_a_compiled_vae_decoder_picks_from_its_own_tiles_448_px_among_them():
-    # at 384 px on a 7.5 GB card the eager decoder fits only 256 px tiles; the compiled one's 448 px tile (no larger
-    # than its 5.37 GB untiled decode at 384 px) fits, a size the eager table does not offer
-    plan = make_plan(replace(Machine.supposed(16, 7.5), compile_supported=True), REAL, PlanOverrides(resolution=384))
+    # at 384 px on an 8 GB card the eager decoder fits only 256 px tiles; the compiled one's 448 px tile (no larger
+    # than its 5.87 GB untiled decode at 384 px) fits, a size the eager table does not offer
+    plan = make_plan(replace(Machine.supposed(16, 8), compile_supported=True), REAL, PlanOverrides(resolution=384))
     vae = plan.components["vae"]
     assert (vae.compile, vae.vae_tile_px, vae.note) == (True, 448, "tiled decode, 448 px tiles")
     assert plan.notes[-1] == ("VAE decoder compiled: a third less VRAM, so it decodes in 448 px tiles instead of in "
-                              "256 px tiles (about 1.7x faster; the first decodes after the app starts compile it: "
-                              "minutes)")
+                              "256 px tiles (about 1.7x faster; the first decode after the app starts compiles it: "
+                              "a minute or more)")
 
 
 # --- the text encoders ------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ shapes, and each new shape regime is a compile of minutes on a GPU."""
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 import torch
@@ -179,50 +178,3 @@ def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, monkey
     finally:
         torch._dynamo.reset()
 
-
-def test_regions_compiled_ahead_on_a_small_decode_serve_a_whole_job(tiled_vae, monkeypatch):
-    """compile_decoder_ahead compiles the regions in a thread of its own on a small decode of zeros (the app
-    starts it when the VAE loads for the start image, long before the first decode): the graphs it makes serve
-    every decode of a job, tiled or not, at every frame count the job decodes, without compiling again."""
-    graphs = _count_graphs(monkeypatch)
-    torch._dynamo.reset()
-    try:
-        compiled.compile_vae_decoder(tiled_vae)
-        assert compiled.compile_decoder_ahead(tiled_vae) is None  # the default: CUDA only
-        ahead = compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",))
-        assert ahead is not None and ahead is not threading.current_thread()
-        assert compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",)) is ahead  # started once
-        ahead.join(timeout=120)
-        ahead_graphs = len(graphs)
-        assert ahead_graphs >= 2 and compiled.decoder_compiled(tiled_vae)
-        for tiled in (True, False):
-            set_tiles(tiled_vae, tiled)
-            for count in JOB_LATENT_COUNTS:
-                vae_ops.decode(tiled_vae, _latents(count))
-        assert len(graphs) == ahead_graphs
-    finally:
-        torch._dynamo.reset()
-
-
-def test_a_compile_ahead_that_fails_leaves_the_first_decode_to_compile(tiled_vae, monkeypatch, caplog):
-    """Fault injected in the small decode (out of memory while the job samples): one warning, nothing marked
-    failed, and the first real decode compiles its regions itself."""
-    graphs = _count_graphs(monkeypatch)
-    torch._dynamo.reset()
-    try:
-        compiled.compile_vae_decoder(tiled_vae)
-        original = tiled_vae.decoder.conv_in.forward
-
-        def out_of_memory(*args, **kwargs):
-            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-
-        monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", out_of_memory)
-        with caplog.at_level("WARNING"):
-            compiled.compile_decoder_ahead(tiled_vae, device_types=("cpu",)).join(timeout=120)
-        assert sum("compiling the VAE decoder ahead failed" in r.message for r in caplog.records) == 1
-        monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", original)
-        assert compiled.decoder_compiled(tiled_vae) and graphs == []
-        vae_ops.decode(tiled_vae, _latents(5))
-        assert graphs
-    finally:
-        torch._dynamo.reset()

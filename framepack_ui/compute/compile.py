@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -152,21 +150,12 @@ def blocks_compiled(transformer) -> bool:
 # --- VAE decoder ---------------------------------------------------------------------------------------------------
 
 class _DecoderCompileState:
-    """Shared by the decoder's hook and its regions' hooks: whether the compiler failed once (eager from then on),
-    and per thread whether the decode running in it is one to compile (a full frame window): the compile ahead
-    (`compile_decoder_ahead`) runs in a thread of its own beside the job's."""
+    """Shared by the decoder's hook and its regions' hooks: whether the decode running now is one to compile (a
+    full frame window), and whether the compiler failed once (eager from then on)."""
 
     def __init__(self):
         self.failed = False
-        self._thread = threading.local()
-
-    @property
-    def compiling_now(self) -> bool:
-        return getattr(self._thread, "compiling_now", False)
-
-    @compiling_now.setter
-    def compiling_now(self, value: bool) -> None:
-        self._thread.compiling_now = value
+        self.compiling_now = False
 
 
 class CompiledDecoderForward(ModelHook):
@@ -179,7 +168,6 @@ class CompiledDecoderForward(ModelHook):
         self.whole = whole
         self.state = _DecoderCompileState()
         self._compiled = None
-        self.ahead: threading.Thread | None = None  # compile_decoder_ahead's thread
 
     @property
     def failed(self) -> bool:
@@ -193,8 +181,6 @@ class CompiledDecoderForward(ModelHook):
         eager = self.fn_ref.original_forward
         if self.failed or z.shape[2] < VAE_COMPILED_MIN_LATENTS:
             return eager(z, *args, **kwargs)
-        if self.ahead is not None and self.ahead is not threading.current_thread():
-            self.ahead.join()  # its graphs are this decode's: compiling them again here would only wait longer
         if not self.whole:  # the regions' hooks compile; the rest of the decoder runs as it is
             self.state.compiling_now = True
             try:
@@ -215,7 +201,8 @@ class CompiledDecoderForward(ModelHook):
 class CompiledDecoderRegion(ModelHook):
     """One resnet block's or upsampler's forward through torch.compile (dynamic shapes), while the decoder's hook
     says the decode is one to compile. Every instance of a class shares dynamo's compiled code (one code object),
-    so the decoder's 15 resnet blocks compile as a few graphs, one per channel layout."""
+    so the decoder's 14 resnet blocks and 3 upsamplers compile as 9 graphs, one per channel layout and
+    upsampling (H100, docs/benchmarks.md "First-job compile costs")."""
 
     def __init__(self, state: _DecoderCompileState):
         super().__init__()
@@ -260,13 +247,16 @@ def compile_vae_decoder(vae, whole: bool = False) -> bool:
     Measured (docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles"): compiled, the decode
     peaks a third lower (5.75 GiB instead of 8.62 in 384 px tiles on an H200): the GroupNorm, SiLU and padding
     between the 3-D convolutions fuse instead of each writing a full-resolution tensor. It is hardly faster in the
-    same tiles, so the plan compiles it only where that room buys larger tiles. Compiled whole, the first decode
-    took about 100 s, most of a first job's extra time; region by region (docs/benchmarks.md, "First-job compile
-    costs") far less. `dynamic=True`: one compile instead of one per shape. Each new shape regime still
-    recompiles, so the engine decodes a compiled decoder's latents in spatial tiles of one size
-    (`decodes_in_even_tiles`; engine/vae.py), and the short last frame window runs eagerly
-    (VAE_COMPILED_MIN_LATENTS). Should compiling fail (a compiler missing or broken on the user's machine), the
-    decoder goes back to eager for good rather than failing the job."""
+    same tiles, so the plan compiles it only where that room buys larger tiles. Region by region the first decode
+    compiles in 72 s instead of 120 s whole (18 s from the on-disk cache), decodes as fast, and peaks 8 % above
+    the whole graph (5.17 against 4.79 GiB in 384 px tiles), within the plan's figures: the regions hold all the
+    full-resolution work, and the pieces between them (the input convolution, the mid block's attention at latent
+    resolution, the output head) run as they are (H100, docs/benchmarks.md "First-job compile costs").
+    `dynamic=True`: one compile instead of one per shape. Each new shape regime still recompiles, so the engine
+    decodes a compiled decoder's latents in spatial tiles of one size (`decodes_in_even_tiles`; engine/vae.py),
+    and the short last frame window runs eagerly (VAE_COMPILED_MIN_LATENTS). Should compiling fail (a compiler
+    missing or broken on the user's machine), the decoder goes back to eager for good rather than failing the
+    job."""
     hook = _hook(vae.decoder, DECODER_HOOK)
     if hook is not None and hook.whole != whole:
         uncompile_vae_decoder(vae)
@@ -281,44 +271,6 @@ def compile_vae_decoder(vae, whole: bool = False) -> bool:
                 _register(region, CompiledDecoderRegion(hook.state), DECODER_REGION_HOOK)
         log.info("VAE decoder compiled (the first decode takes longer)")
     return decoder_compiled(vae)
-
-
-# The small decode the regions compile on ahead of the first real one: (frames, height, width) in latents, a full
-# frame window and sizes distinct from each other and above 1, so dynamo gives each its own symbol (equal sizes
-# share one, and a decode whose sizes differ would compile again). Its largest tensor is a few tens of MB.
-AHEAD_LATENTS = (VAE_COMPILED_MIN_LATENTS + 1, 6, 7)
-
-
-def compile_decoder_ahead(vae, device_types: tuple[str, ...] = ("cuda",)) -> threading.Thread | None:
-    """Compile the decoder's regions now, on a small decode of zeros in a thread of its own, while the job goes on
-    (the transformer loads and samples its first section); the first real decode waits for the thread if it is
-    still compiling, and finds the graphs made (dynamic shapes). Returns the thread, or None where there is nothing
-    to compile ahead: no decoder compiled region by region, a compiler that failed, a device type not in
-    `device_types` (CPU inductor is slow and the plan never compiles there). A failure of the compile ahead only
-    leaves the first decode to compile as it would have."""
-    hook = _hook(vae.decoder, DECODER_HOOK)
-    if hook is None or hook.whole or hook.failed:
-        return None
-    if hook.ahead is not None:
-        return hook.ahead
-    weight = next(vae.decoder.parameters())
-    if weight.device.type not in device_types:
-        return None
-    zeros = torch.zeros(1, vae.decoder.conv_in.conv.in_channels, *AHEAD_LATENTS, device=weight.device,
-                        dtype=weight.dtype)
-
-    def compile_on_a_small_decode():
-        started = time.perf_counter()
-        try:
-            with torch.no_grad():  # as engine/vae.py decodes: the grad mode is one of dynamo's guards
-                vae.decoder(zeros)
-            log.info("VAE decoder compiled ahead in %.1f s", time.perf_counter() - started)
-        except Exception as exc:  # noqa: BLE001 - out of memory or anything else: the first decode compiles
-            log.warning("compiling the VAE decoder ahead failed (%s): its first decode compiles", _first_line(exc))
-
-    hook.ahead = threading.Thread(target=compile_on_a_small_decode, name="vae-decoder-compile-ahead", daemon=True)
-    hook.ahead.start()
-    return hook.ahead
 
 
 def uncompile_vae_decoder(vae) -> None:

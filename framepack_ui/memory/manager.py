@@ -52,8 +52,8 @@ PROMPT_CACHE_SUBDIR = Path(".cache") / "prompts"  # under the models folder unle
 PREWARM_MARGIN_BYTES = 1_000_000_000
 TRANSFORMER_COMPILE_NOTICE = ("compiling the model for this size: the first step takes about 20 s longer "
                               "(once per size)")
-VAE_COMPILE_NOTICE = ("compiling the VAE decoder: the first decodes after the app starts take minutes longer "
-                      "(then each is faster)")
+VAE_COMPILE_NOTICE = ("compiling the VAE decoder: the first decode after the app starts takes a minute or more "
+                      "longer (then each is faster)")
 
 
 # One model built at a time in the process, whichever manager builds it (a pool has one per GPU: worker/pool.py):
@@ -272,10 +272,7 @@ class ModelManager:
             if c.compile:
                 compiled.compile_blocks(model)  # lazy: each block compiles on its first call
         elif name == "vae" and c.compile:
-            compiled.compile_vae_decoder(model)
-            # the VAE loads for the start image's encode, long before the first decode: its graphs compile
-            # meanwhile (docs/benchmarks.md, "First-job compile costs")
-            compiled.compile_decoder_ahead(model)
+            compiled.compile_vae_decoder(model)  # lazy: compiles at the first decode
 
     # --- LoRA -------------------------------------------------------------------------------------------------------
 

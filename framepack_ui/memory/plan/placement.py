@@ -128,8 +128,8 @@ def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeig
         return eager
     return replace(compiled, notes=compiled.notes + (
         f"VAE decoder compiled: a third less VRAM, so it decodes {decode_name(compiled)} instead of "
-        f"{decode_name(eager)} (about {before / after:.1f}x faster; the first decodes after the app starts "
-        f"compile it: minutes)",))
+        f"{decode_name(eager)} (about {before / after:.1f}x faster; the first decode after the app starts "
+        f"compiles it: a minute or more)",))
 
 
 def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,
