@@ -740,3 +740,22 @@ def test_a_continuation_goes_to_a_new_file_and_never_reads_a_video_a_job_is_writ
     result = all_events(worker, extended)[-1]
     assert isinstance(result, Finished)
     assert count_frames(result.path) == count_frames(source) + 36  # the engine was handed the continuation
+
+
+def test_a_job_left_queued_by_an_earlier_run_is_queued_again_only_by_an_open_worker(make_worker, start_image_80x64):
+    """A job an earlier run of the app queued but never started comes back "waiting"; `resume` puts it first in
+    line under the status the page shows ("queued"; no worker thread here, so nothing starts it meanwhile), once;
+    a worker already shut down takes no resume and the job keeps waiting."""
+    earlier = make_worker(background=False)
+    earlier.submit(spec(start_image_80x64, "left queued"))  # the app closes before running it
+    restored = make_worker(background=False)
+    [waiting] = restored.jobs()
+    assert (waiting.spec.prompt, waiting.status) == ("left queued", "waiting")
+    assert restored.resume(waiting.id) and not restored.resume(waiting.id)
+    queued = restored.job(waiting.id)
+    assert (queued.status, queued.position) == ("queued", 1)
+    closing = make_worker(background=False)  # the record is still on disk until the job starts
+    [waiting_again] = closing.jobs()
+    closing.shutdown()
+    assert not closing.resume(waiting_again.id)
+    assert closing.job(waiting_again.id).status == "waiting"
