@@ -104,8 +104,8 @@ def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
 
 def _count_graphs(monkeypatch) -> list:
     """torch.compile with a backend that only records dynamo's graphs: the guards, and so the recompiles, are
-    dynamo's on any backend (a GPU's convolution choice may add its own). CPU inductor itself cannot lower this
-    decoder's dynamic conv3d (see the fallback test in test_memory_plan.py)."""
+    dynamo's on any backend (a GPU's convolution choice may add its own), and counting is quick on the CPU, where
+    inductor's own compile takes minutes."""
     graphs = []
 
     def counting_backend(graph_module, example_inputs):
@@ -177,4 +177,3 @@ def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, monkey
         assert graphs
     finally:
         torch._dynamo.reset()
-

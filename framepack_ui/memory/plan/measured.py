@@ -30,9 +30,10 @@ VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)
 # 256 / 320 / 352 / 384 / 448 px tiles, VAE weights included (H200, 2026-11-29, bench/bench_decode.py
 # --compiled-pass, the decoder compiled whole, diffusers' tiles; docs/benchmarks.md, "Compiled VAE decoder only
 # where it buys larger tiles"). Compiled region by region (the app's way) in the even tiles the engine cuts, the
-# official decode peaks at 15.33 GiB untiled, 5.17 GiB in 384 px tiles (under the table's 5.68 GB: diffusers'
-# largest tile is larger than an even one) and 3.11 GiB in 256 px tiles (32x31 latents at 640x608, above the
-# whole graph's 2.70 GB: the 256 px entry is that measurement). H100, 2026-12-06, bench/bench_decode.py
+# official decode peaks at 15.33 GiB untiled, 5.17 GiB in 384 px tiles (5.06 GB beyond the weights, under the
+# table's 5.68 GB: diffusers' largest tile is larger than an even one) and 3.11 GiB in 256 px tiles (32x31 latents
+# at 640x608; 2.85 GB beyond the weights, above the whole graph's 2.70 GB: the 256 px entry is that measurement),
+# weights included as above. H100, 2026-12-06, bench/bench_decode.py
 # --compiled-pass; docs/benchmarks.md, "First-job compile costs".
 VAE_COMPILED_UNTILED_RATIO = 0.71  # 15.33 / 21.63
 VAE_TILE_DECODE_BYTES_COMPILED = {448: int(7.65 * GB), 384: int(5.68 * GB), 352: int(4.84 * GB), 320: int(4.05 * GB),
