@@ -296,24 +296,24 @@ def test_plan_speed_options_follow_the_machine():
 
 
 def test_plan_compiles_the_vae_decoder_where_its_smaller_footprint_buys_a_faster_decode():
-    """The compiled decoder peaks a third lower but decodes the same tiles hardly faster, and compiling it costs
-    minutes once per app run (bench/bench_decode.py --compiled-pass): the plan compiles it where the room it
-    frees buys a decode at least a quarter faster (8 GB: 384 px tiles instead of 256; 48 GB: untiled instead of
-    384 px tiles) or is the only plan that fits (6 GB), and not on an 80 GB card (untiled either way); never
-    without Triton, with --no-compile or without CUDA."""
+    """The compiled decoder peaks about a third lower but decodes the same tiles hardly faster, and compiling it
+    costs about a minute once per app run (bench/bench_decode.py --compiled-pass): the plan compiles it where the
+    room it frees buys a decode at least a quarter faster (8 GB: 352 px tiles instead of 256, at 640 px the same
+    44x42-latent tiles as 384 px; 48 GB: untiled instead of 384 px tiles) or is the only plan that fits (6 GB), and
+    not on an 80 GB card (untiled either way); never without Triton, with --no-compile or without CUDA."""
     triton = replace(Machine.supposed(32, 8), compile_supported=True, cuda_capability=(8, 9))
     compiled = make_plan(triton, REAL)
     eager = make_plan(replace(triton, compile_supported=False), REAL)
     vae = compiled.components["vae"]
     assert vae.compile and compiled.components["transformer"].compile
-    assert vae.vae_tiling and vae.vae_tile_px == 384 and eager.components["vae"].vae_tile_px == 256
+    assert vae.vae_tiling and vae.vae_tile_px == 352 and eager.components["vae"].vae_tile_px == 256
     assert not eager.components["vae"].compile
     assert compiled.phase("decode").vram_bytes <= compiled.vram_budget_bytes
     assert "compiled decoder" in compiled.explain() and "compiled decoder" not in eager.explain()
     assert not make_plan(triton, REAL, PlanOverrides(compile=False)).components["vae"].compile
     assert not make_plan(replace(Machine.supposed(32, 0), compile_supported=True), REAL).components["vae"].compile
     assert compiled.components["vae"].compile
-    assert any("VAE decoder compiled" in n and "384 px tiles instead of in 256 px" in n for n in compiled.notes)
+    assert any("VAE decoder compiled" in n and "352 px tiles instead of in 256 px" in n for n in compiled.notes)
     big = make_plan(replace(Machine.supposed(128, 80), compile_supported=True), REAL).components["vae"]
     assert not big.compile and not big.vae_tiling
     roomy = make_plan(replace(Machine.supposed(64, 48), compile_supported=True), REAL).components["vae"]

@@ -167,7 +167,8 @@ def test_the_vae_decode_scales_the_measured_figure_by_pixels_width_and_dtype():
     assert decode_activations(VAE, 640, None, 4) == pytest.approx(untiled / 8, rel=1e-12, abs=1)
     assert decode_activations(replace(VAE, hidden_size=0), 640, None, 2) == decode_activations(real, 640, None, 2)
     # the compiled decoder peaks lower, untiled and in tiles
-    assert decode_activations(real, 640, None, 2, compiled=True) == pytest.approx(untiled * 0.71, rel=1e-12, abs=1)
+    regional = 0.65 * 1.09  # the whole graph's ratio, and region by region's 9 % over it
+    assert decode_activations(real, 640, None, 2, compiled=True) == pytest.approx(untiled * regional, rel=1e-12, abs=1)
     assert decode_activations(real, 640, 256, 2) == VAE_TILE_DECODE_BYTES[256]
     assert decode_activations(real, 640, 256, 2, compiled=True) == VAE_TILE_DECODE_BYTES_COMPILED[256]
     # a picture smaller than a tile costs its untiled decode

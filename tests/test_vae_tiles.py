@@ -177,3 +177,28 @@ def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, monkey
         assert graphs
     finally:
         torch._dynamo.reset()
+
+
+def test_a_region_lets_out_of_memory_through_and_a_failed_decode_leaves_nothing_compiling(tiled_vae, monkeypatch):
+    """A region's out-of-memory error is the plan's to handle (the job fails with its advice), not a compiler
+    failure: it propagates and the decoder stays compiled; after it, the next decode that should not compile (a
+    short window) runs every region eagerly. Switching to the whole graph takes the regions' hooks off."""
+    compiles = []
+
+    def out_of_memory_compile(fn, **kwargs):
+        def compiled_fn(*args, **kw):
+            compiles.append(fn)
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return compiled_fn
+
+    monkeypatch.setattr(torch, "compile", out_of_memory_compile)
+    compiled.compile_vae_decoder(tiled_vae)
+    with pytest.raises(torch.OutOfMemoryError):
+        vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS))
+    assert len(compiles) == 1 and compiled.decoder_compiled(tiled_vae)
+    vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS - 1))  # would raise if a region compiled
+    assert len(compiles) == 1
+    regions = compiled.decoder_regions(tiled_vae.decoder)
+    assert compiled.compile_vae_decoder(tiled_vae, whole=True)
+    assert all(compiled._hook(r, compiled.DECODER_REGION_HOOK) is None for r in regions)
+    assert compiled._hook(tiled_vae.decoder, compiled.DECODER_HOOK).whole

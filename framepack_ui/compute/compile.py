@@ -151,7 +151,8 @@ def blocks_compiled(transformer) -> bool:
 
 class _DecoderCompileState:
     """Shared by the decoder's hook and its regions' hooks: whether the decode running now is one to compile (a
-    full frame window), and whether the compiler failed once (eager from then on)."""
+    full frame window), and whether the compiler failed once (eager from then on). One thread decodes with a VAE
+    at a time (each worker lane owns its models: worker/pool.py), so a plain attribute will do."""
 
     def __init__(self):
         self.failed = False
@@ -202,7 +203,7 @@ class CompiledDecoderRegion(ModelHook):
     """One resnet block's or upsampler's forward through torch.compile (dynamic shapes), while the decoder's hook
     says the decode is one to compile. Every instance of a class shares dynamo's compiled code (one code object),
     so the decoder's 14 resnet blocks and 3 upsamplers compile as 9 graphs, one per channel layout and
-    upsampling (H100, docs/benchmarks.md "First-job compile costs")."""
+    upsampling (H100, docs/benchmarks.md "Compiled VAE decoder only where it buys larger tiles")."""
 
     def __init__(self, state: _DecoderCompileState):
         super().__init__()
@@ -248,10 +249,11 @@ def compile_vae_decoder(vae, whole: bool = False) -> bool:
     peaks a third lower (5.75 GiB instead of 8.62 in 384 px tiles on an H200): the GroupNorm, SiLU and padding
     between the 3-D convolutions fuse instead of each writing a full-resolution tensor. It is hardly faster in the
     same tiles, so the plan compiles it only where that room buys larger tiles. Region by region the first decode
-    compiles in 72 s instead of 120 s whole (18 s from the on-disk cache), decodes as fast, and peaks 8 % above
-    the whole graph (5.17 against 4.79 GiB in 384 px tiles), within the plan's figures: the regions hold all the
-    full-resolution work, and the pieces between them (the input convolution, the mid block's attention at latent
-    resolution, the output head) run as they are (H100, docs/benchmarks.md "First-job compile costs").
+    compiles in 72 s instead of 120 s whole (18 s from the on-disk cache), decodes as fast, and peaks up to 9 %
+    above the whole graph (5.17 against 4.79 GiB in 384 px tiles; the plan counts the 9 %): the regions hold all
+    the full-resolution work, and the pieces between them (the input convolution, the mid block's attention at
+    latent resolution, the output head) run as they are (H100, docs/benchmarks.md "Compiled VAE decoder only where
+    it buys larger tiles", "First-job compile costs").
     `dynamic=True`: one compile instead of one per shape. Each new shape regime still recompiles, so the engine
     decodes a compiled decoder's latents in spatial tiles of one size (`decodes_in_even_tiles`; engine/vae.py),
     and the short last frame window runs eagerly (VAE_COMPILED_MIN_LATENTS). Should compiling fail (a compiler

@@ -26,18 +26,16 @@ VAE_DECODE_REF_UNTILED_BYTES = int(21.8 * GB)
 VAE_TILE_DECODE_BYTES = {384: int(8.77 * GB), 352: int(7.42 * GB), 320: int(6.20 * GB), 256: int(4.07 * GB)}
 VAE_SMALLEST_TILE_PX = min(VAE_TILE_DECODE_BYTES)
 # With the decoder compiled (compute.compile.compile_vae_decoder: the element-wise work between the convolutions fuses)
-# the same decodes peak a third lower: 14.07 GiB untiled (21.63 eager), 2.97 / 4.23 / 4.96 / 5.75 / 7.58 GiB in
-# 256 / 320 / 352 / 384 / 448 px tiles, VAE weights included (H200, 2026-11-29, bench/bench_decode.py
-# --compiled-pass, the decoder compiled whole, diffusers' tiles; docs/benchmarks.md, "Compiled VAE decoder only
-# where it buys larger tiles"). Compiled region by region (the app's way) in the even tiles the engine cuts, the
-# official decode peaks at 15.33 GiB untiled, 5.17 GiB in 384 px tiles (5.06 GB beyond the weights, under the
-# table's 5.68 GB: diffusers' largest tile is larger than an even one) and 3.11 GiB in 256 px tiles (32x31 latents
-# at 640x608; 2.85 GB beyond the weights, above the whole graph's 2.70 GB: the 256 px entry is that measurement),
-# weights included as above. H100, 2026-12-06, bench/bench_decode.py
-# --compiled-pass; docs/benchmarks.md, "First-job compile costs".
-VAE_COMPILED_UNTILED_RATIO = 0.71  # 15.33 / 21.63
-VAE_TILE_DECODE_BYTES_COMPILED = {448: int(7.65 * GB), 384: int(5.68 * GB), 352: int(4.84 * GB), 320: int(4.05 * GB),
-                                  256: int(2.85 * GB)}
+# the same decodes peak a third lower. Compiled as one graph: 14.07 GiB untiled (21.63 eager), 2.97 / 4.23 / 4.96 /
+# 5.75 / 7.58 GiB in 256 / 320 / 352 / 384 / 448 px tiles, VAE weights included (H200, 2026-11-29,
+# bench/bench_decode.py --compiled-pass, diffusers' tiles; docs/benchmarks.md, "Compiled VAE decoder only where it
+# buys larger tiles"): the table below before its factor. Compiled region by region (the app's way) the same decode
+# peaks up to 9 % higher than as one graph in the same tiles (H100, 2026-12-06: 15.33 / 14.07 GiB untiled, 5.17 /
+# 4.79 in 384 px and 3.11 / 2.90 in 256 px even tiles; same section), so every figure takes that factor.
+VAE_REGIONAL_OVER_WHOLE_GRAPH = 1.09
+VAE_COMPILED_UNTILED_RATIO = 0.65 * VAE_REGIONAL_OVER_WHOLE_GRAPH
+VAE_TILE_DECODE_BYTES_COMPILED = {px: int(gb * VAE_REGIONAL_OVER_WHOLE_GRAPH * GB) for px, gb in
+                                  {448: 7.65, 384: 5.68, 352: 4.84, 320: 4.05, 256: 2.70}.items()}
 
 # --- VAE decode: seconds -------------------------------------------------------------------------------------------
 # Seconds per later section (context decode, 640x608; None: untiled), bench/bench_decode.py. Eager: H200,

@@ -18,9 +18,9 @@ from .measured import VAE_SMALLEST_TILE_PX
 from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
 from .vocabulary import Storage, Where
 
-# What compiling the VAE decoder buys is room for larger tiles; the compile (about 100 s on the H200's host, longer
+# What compiling the VAE decoder buys is room for larger tiles; the compile (about 70 s on an H100's host, longer
 # on a laptop's CPU) runs once per app run, so the plan compiles the decoder only where the decode it allows is at
-# least this much faster: 256 -> 384 px on an 8 GB card (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card
+# least this much faster: 256 -> 352 px on an 8 GB card (4.39 -> 2.58 s), not 384 px -> untiled on a 48 GB card
 # (2.86 -> 2.19 s). docs/benchmarks.md, "Compiled VAE decoder only where it buys larger tiles".
 VAE_COMPILE_MIN_GAIN = 0.25
 STORAGE_SWITCH_MARGIN_BYTES = 2 * GB  # bf16 is taken back from a cached fp8 only with this much page cache to spare
