@@ -759,3 +759,36 @@ def test_a_job_left_queued_by_an_earlier_run_is_queued_again_only_by_an_open_wor
     closing.shutdown()
     assert not closing.resume(waiting_again.id)
     assert closing.job(waiting_again.id).status == "waiting"
+
+
+def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_settings(make_worker, start_image_80x64):
+    """A resume continues the stopped video itself, as it was made: the job's file is the source whatever
+    `out_path` says, its settings the saved ones (the prompt submitted with it is not used), and the video ends
+    whole in that file."""
+    from framepack_ui.errors import Cancelled
+
+    def stop_in_second_section(section):
+        if section == 1:
+            raise Cancelled()
+
+    stopped_once = []
+
+    def engine(spec_, out_path, manager, emit, cancel, **kwargs):
+        if not stopped_once:
+            stopped_once.append(True)
+            kwargs["section_hook"] = stop_in_second_section
+        return f1.run(spec_, out_path, manager, emit, cancel, **kwargs)
+
+    worker = make_worker(engine)
+    first = all_events(worker, worker.submit(spec(start_image_80x64, "the saved prompt", seconds=2.4)))[-1]
+    assert isinstance(first, Stopped)
+    source = Path(first.path).resolve()
+    assert count_frames(source) == 1 + 36
+    resumed = worker.submit(spec(start_image_80x64, "not this prompt"), out_path=source.with_name("elsewhere.mp4"),
+                            start=Continuation("resume", str(source)))
+    job = worker.job(resumed)
+    assert Path(job.out_path).resolve() == source
+    assert (job.spec.prompt, job.spec.sections) == ("the saved prompt", 2)
+    end = all_events(worker, resumed)[-1]
+    assert isinstance(end, Finished) and Path(end.path).resolve() == source
+    assert count_frames(source) == 1 + 36 * 2 and not source.with_name("elsewhere.mp4").exists()
