@@ -749,7 +749,8 @@ def run_jobs(a: argparse.Namespace, meters: Meters, JobSpec, Worker, R: dict, Co
                 job["prompt_encoded"] = any(load["name"] == "text_encoders" for load in job["loads"])
                 job["extends"] = start.video if start is not None else None
                 print(f"job {n}: first preview {_s(job['first_preview_s'])}, first section {_s(job['first_section_s'])}"
-                      f", finished {_s(job['finished_s'])}; {job['transformer_storage']}", flush=True)
+                      f", finished {_s(job['finished_s'])}; {job['transformer_storage']}; after it (the idle compile "
+                      f"where the plan left one, the release) {_s(job['after_job_release_s'])}", flush=True)
                 R["jobs"].append(job)
                 Path(a.out).write_text(json.dumps(R, indent=1, default=str))
         finally:

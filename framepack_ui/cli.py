@@ -243,8 +243,10 @@ def _generate(args) -> int:
     cache = ({"prompt_cache_dir": None} if args.no_prompt_cache else
              {"prompt_cache_dir": args.prompt_cache_dir} if args.prompt_cache_dir else {})
     # the job runs here, on the main thread (background=False): Ctrl+C reaches it as a stop that keeps what is done
+    # compile_when_idle=False: after its job the command line ends, so a compile then would only delay the exit
     worker = Worker(args.models, out.parent, device=args.device, profile=args.plan, keep_models_s=0,
-                    download_missing=not args.offline, serves_pages=False, background=False, **cache,
+                    download_missing=not args.offline, serves_pages=False, background=False,
+                    compile_when_idle=False, **cache,
                     **({"run_job": split_job} if split_job else {}))
     seen = []  # every event, printed as it happens
     job_ids: list[str] = []

@@ -29,6 +29,30 @@ def _compiler_cache_variables():
     compiled = sys.modules.get("framepack_ui.compute.compile")
     if compiled is not None:
         compiled._set_here.clear()
+        compiled._decoder_outcome.clear()  # what this process compiled: each test starts as a fresh process
+
+
+@pytest.fixture
+def count_graphs(monkeypatch, tmp_path):
+    """torch.compile with a backend that only records dynamo's graphs, from a reset dynamo: the guards, and so the
+    recompiles, are dynamo's on any backend (a GPU's convolution choice may add its own), and counting is quick on
+    the CPU, where inductor's own compile takes minutes. Yields the list the graphs go to. Inductor's cache folder
+    (where a compiled decoder leaves its marker) is the test's."""
+    import torch
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
+    torch._dynamo.reset()
+    yield graphs
+    torch._dynamo.reset()
 
 
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------

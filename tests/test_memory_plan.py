@@ -449,14 +449,17 @@ def test_manager_applies_the_speed_options_after_loading_the_transformer(tiny_mo
 def test_the_compilers_caches_are_kept_under_the_models_folder_unless_the_user_set_them(tiny_models_dir,
                                                                                           monkeypatch, tmp_path):
     """Inductor's default is the temp folder, which cleanups empty: a compiled plan's load points both compilers'
-    caches at models/.cache/compile (before the lazy compile runs); a folder set in the environment stays."""
+    caches at models/.cache/compile (before the lazy compile runs); a folder set in the environment stays, unless it
+    is inductor's default, which importing torch._dynamo writes there."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from framepack_ui.compute import compile as compiled
 
-    for variable in compiled.CACHE_VARIABLES:  # (conftest gives the environment back after the test)
-        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)  # (conftest gives the environment back after the test)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # as the app's imports leave it
     plan = cpu_plan(tiny_models_dir)
     with cpu_manager(tiny_models_dir, plan, prompt_cache_dir=None).use("transformer"):
-        assert not any(v in os.environ for v in compiled.CACHE_VARIABLES)  # nothing compiles: nothing set
+        assert "TRITON_CACHE_DIR" not in os.environ  # nothing compiles: nothing set
     with cpu_manager(tiny_models_dir, plan.with_component("transformer", compile=True),
                      prompt_cache_dir=None).use("transformer"):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/inductor")
@@ -585,6 +588,24 @@ def test_vae_loads_with_the_planned_tile(tiny_models_dir):
     assert (vae.tile_sample_stride_height, vae.tile_sample_stride_width) == (288, 288)  # 64 px of overlap
     assert vae.tile_sample_min_num_frames == 16 and vae.tile_sample_stride_num_frames == 12  # the context grid
     assert not loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu")).use_tiling
+
+
+def test_the_probe_reads_this_processs_compiled_decoder_on_the_gpu_it_plans_for(monkeypatch, tmp_path):
+    """The plan's `decoder_compile` comes from what this process compiled on that very GPU (compute/compile.py);
+    where torch.compile cannot work, it stays as a planned machine supposes. CUDA is injected (none here)."""
+    from framepack_ui.compute import compile as compiled
+
+    def gpu(index, compile_supported=True):
+        return dict(vram_free_bytes=8 * GB, vram_total_bytes=8 * GB, gpu_name=f"GPU {index}", cuda_capability=(8, 9),
+                    compile_supported=compile_supported)
+
+    monkeypatch.setattr(probe_module, "_cuda", gpu)
+    monkeypatch.setitem(compiled._decoder_outcome, "cuda:0", compiled.READY)
+    monkeypatch.setitem(compiled._decoder_outcome, "cuda:1", compiled.FAILED)
+    assert probe_machine(tmp_path, cuda=True, cuda_index=0).decoder_compile == "ready"
+    assert probe_machine(tmp_path, cuda=True, cuda_index=1).decoder_compile == "failed"
+    monkeypatch.setattr(probe_module, "_cuda", lambda index: gpu(index, compile_supported=False))
+    assert probe_machine(tmp_path, cuda=True, cuda_index=0).decoder_compile == Machine.decoder_compile == "cold"
 
 
 def test_allocator_defaults_to_growable_segments_on_linux_and_keeps_the_users_choice(monkeypatch, tmp_path):

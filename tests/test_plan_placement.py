@@ -275,6 +275,34 @@ def test_a_compiled_vae_decoder_picks_from_its_own_tiles_448_px_among_them():
                               "a minute or more)")
 
 
+# --- a short job decodes eagerly while the decoder is not compiled in this process -------------------------------------
+
+@pytest.mark.parametrize("state, sections, now, later", [
+    ("cold", None, True, False),  # sections unknown (the plan shown before a job): as for a long job
+    ("cold", 4, False, True),  # a 5 s job saves 4 x 1 s against a minute of compiling
+    ("cold", 62, True, False), ("cold", 61, False, True),  # 62 s of compile, 1 s saved per section
+    ("cached", 14, True, False), ("cached", 13, False, True),  # 14 s loading it from the compile cache
+    ("ready", 1, True, False),  # compiled earlier in this process: nothing to pay
+    ("failed", 62, False, False),  # the compiler failed here: eager tiles, nothing to compile later
+])
+def test_a_decoder_compile_the_jobs_decodes_would_not_pay_back_waits_for_the_idle_time_after_it(
+        monkeypatch, state, sections, now, later):
+    # 8 GB: eager in 256 px tiles, compiled in 352 px tiles; the seconds fixed at 4 and 3 a section
+    monkeypatch.setattr(placement, "decode_seconds", lambda plan: 3.0 if plan.components["vae"].compile else 4.0)
+    machine = replace(Machine.supposed(64, 8), compile_supported=True, decoder_compile=state)
+    plan = make_plan(machine, REAL, PlanOverrides(sections=sections))
+    vae = plan.components["vae"]
+    assert (vae.compile, vae.compile_later, vae.vae_tile_px) == (now, later, 352 if now else 256)
+    assert plan.components["transformer"].compile  # the blocks compile either way
+    if later:
+        assert plan.notes[-1] == (
+            "VAE decoder not compiled for this job: it decodes in 256 px tiles, and the decoder compiles when the app "
+            f"is idle after it ({'a minute or more' if state == 'cold' else 'seconds, from the compile cache'}, once "
+            "per app start), so later jobs decode in 352 px tiles (about 1.3x faster)")
+    if now and state == "ready":
+        assert plan.notes[-1].endswith("(about 1.3x faster)")  # no compile to warn of
+
+
 # --- the text encoders ------------------------------------------------------------------------------------------------
 
 def test_the_text_encoders_go_on_the_gpu_where_they_and_their_activations_fill_the_budget_exactly():

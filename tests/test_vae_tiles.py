@@ -4,6 +4,7 @@ shapes, and each new shape regime is a compile of minutes on a GPU."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -102,81 +103,52 @@ def test_even_tiles_decode_as_diffusers_tiles_do(tiled_vae):
     assert _psnr(even, untiled) >= _psnr(reference, untiled) - TILED_PSNR_SLACK_DB
 
 
-def _count_graphs(monkeypatch) -> list:
-    """torch.compile with a backend that only records dynamo's graphs: the guards, and so the recompiles, are
-    dynamo's on any backend (a GPU's convolution choice may add its own), and counting is quick on the CPU, where
-    inductor's own compile takes minutes."""
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": counting_backend}))
-    return graphs
-
-
 @pytest.mark.parametrize("whole", [False, True], ids=["regions", "whole"])
-def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, monkeypatch, whole):
+def test_a_compiled_vae_decoder_compiles_once_per_job(tiled_vae, count_graphs, whole):
     """The real compile path (compile.compile_vae_decoder, dynamic shapes): a job's decodes compile its graphs once,
     and a second job compiles nothing more."""
-    graphs = _count_graphs(monkeypatch)
-    torch._dynamo.reset()
-    try:
-        assert compiled.compile_vae_decoder(tiled_vae, whole=whole) and compiled.decodes_in_even_tiles(tiled_vae)
-        for count in JOB_LATENT_COUNTS:
-            vae_ops.decode(tiled_vae, _latents(count))
-        assert compiled.decoder_compiled(tiled_vae)  # nothing fell back to eager
-        first_job = len(graphs)
-        for count in JOB_LATENT_COUNTS:
-            vae_ops.decode(tiled_vae, _latents(count, seed=1))
-        assert len(graphs) == first_job
-        assert first_job == 1 if whole else first_job >= 2
-    finally:
-        torch._dynamo.reset()
+    assert compiled.compile_vae_decoder(tiled_vae, whole=whole) and compiled.decodes_in_even_tiles(tiled_vae)
+    for count in JOB_LATENT_COUNTS:
+        vae_ops.decode(tiled_vae, _latents(count))
+    assert compiled.decoder_compiled(tiled_vae)  # nothing fell back to eager
+    first_job = len(count_graphs)
+    for count in JOB_LATENT_COUNTS:
+        vae_ops.decode(tiled_vae, _latents(count, seed=1))
+    assert len(count_graphs) == first_job
+    assert first_job == 1 if whole else first_job >= 2
 
 
 def test_a_regionally_compiled_decoder_compiles_its_resnet_blocks_and_upsamplers_not_the_rest(tiled_vae,
-                                                                                             monkeypatch):
+                                                                                             count_graphs):
     """Region by region (the default: the first decode compiles in a fraction of the whole decoder's time,
     docs/benchmarks.md "First-job compile costs"), the graphs hold the resnet blocks' and upsamplers' work and
     never the input convolution, the attention or the output head, which run as they are; the same instances of
     a class share their graphs, so there are fewer graphs than regions; the output is the eager one's."""
-    graphs = _count_graphs(monkeypatch)
+    graphs = count_graphs
     latents = _latents(5)
     expected = vae_ops.decode(tiled_vae, latents, even_tiles=True)
-    torch._dynamo.reset()
-    try:
-        compiled.compile_vae_decoder(tiled_vae)
-        decoded = vae_ops.decode(tiled_vae, latents)
-        regions = compiled.decoder_regions(tiled_vae.decoder)
-        region_kinds = {type(r).__name__ for r in regions}
-        assert region_kinds == {"HunyuanVideoResnetBlockCausal3D", "HunyuanVideoUpsampleCausal3D"}
-        assert 2 <= len(graphs) < len(regions)
-        operators = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
-        assert any("group_norm" in op for op in operators) and any("interpolate" in op for op in operators)
-        assert not any("attention" in op for op in operators)
-        assert torch.allclose(decoded, expected, atol=1e-5)
-    finally:
-        torch._dynamo.reset()
-        compiled.uncompile_vae_decoder(tiled_vae)
+    compiled.compile_vae_decoder(tiled_vae)
+    decoded = vae_ops.decode(tiled_vae, latents)
+    regions = compiled.decoder_regions(tiled_vae.decoder)
+    region_kinds = {type(r).__name__ for r in regions}
+    assert region_kinds == {"HunyuanVideoResnetBlockCausal3D", "HunyuanVideoUpsampleCausal3D"}
+    assert 2 <= len(graphs) < len(regions)
+    operators = {str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"}
+    assert any("group_norm" in op for op in operators) and any("interpolate" in op for op in operators)
+    assert not any("attention" in op for op in operators)
+    assert torch.allclose(decoded, expected, atol=1e-5)
+    compiled.uncompile_vae_decoder(tiled_vae)
     assert all(compiled._hook(r, compiled.DECODER_REGION_HOOK) is None for r in regions)  # gone with the decoder's
 
 
-def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, monkeypatch):
+def test_the_last_short_frame_window_runs_every_region_eagerly(tiled_vae, count_graphs):
     """A window under VAE_COMPILED_MIN_LATENTS is another shape regime (minutes of compiling on a GPU): neither
-    the decoder nor any of its regions compiles for it."""
-    graphs = _count_graphs(monkeypatch)
-    torch._dynamo.reset()
-    try:
-        compiled.compile_vae_decoder(tiled_vae)
-        vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS - 1))
-        assert graphs == []
-        vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS))
-        assert graphs
-    finally:
-        torch._dynamo.reset()
+    the decoder nor any of its regions compiles for it, and it does not make the decoder ready for the plan."""
+    compiled.compile_vae_decoder(tiled_vae)
+    vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS - 1))
+    assert count_graphs == [] and compiled.decoder_compile_state("cpu", None) == compiled.COLD
+    vae_ops.decode(tiled_vae, _latents(compiled.VAE_COMPILED_MIN_LATENTS))
+    assert count_graphs and compiled.decoder_compile_state("cpu", None) == compiled.READY
 
 
 def test_a_region_lets_out_of_memory_through_and_a_failed_decode_leaves_nothing_compiling(tiled_vae, monkeypatch):
@@ -202,3 +174,69 @@ def test_a_region_lets_out_of_memory_through_and_a_failed_decode_leaves_nothing_
     assert compiled.compile_vae_decoder(tiled_vae, whole=True)
     assert all(compiled._hook(r, compiled.DECODER_REGION_HOOK) is None for r in regions)
     assert compiled._hook(tiled_vae.decoder, compiled.DECODER_HOOK).whole
+
+
+def test_a_small_decode_compiles_the_graphs_every_later_decode_of_the_process_uses(tiny_models_dir, tiled_vae,
+                                                                                   count_graphs):
+    """What the worker runs while idle (compile_on_a_small_decode, a decode of zeros far smaller than a job's):
+    its graphs serve every decode of a job, tiled or not, at every frame count a job decodes, also by the VAE
+    loaded again for a later job, without compiling again; and from then on the plan finds the decoder ready."""
+    assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.COLD
+    assert not compiled.compile_on_a_small_decode(tiled_vae)  # nothing to compile: the decoder is not set up for it
+    compiled.compile_vae_decoder(tiled_vae)
+    assert compiled.compile_on_a_small_decode(tiled_vae)
+    small = len(count_graphs)
+    assert small >= 2 and compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.READY
+    reloaded = loading.load_vae(tiny_models_dir, torch.float32, torch.device("cpu"))
+    compiled.compile_vae_decoder(reloaded)
+    for vae in (tiled_vae, reloaded):
+        for tiled in (True, False):
+            set_tiles(vae, tiled)
+            for count in JOB_LATENT_COUNTS:
+                vae_ops.decode(vae, _latents(count))
+    assert len(count_graphs) == small and compiled.decoder_compiled(reloaded)
+
+
+def test_a_compiled_decoder_is_remembered_beside_the_compile_cache_for_the_next_start(tiny_models_dir, tiled_vae,
+                                                                                      count_graphs, monkeypatch,
+                                                                                      tmp_path):
+    """A process that compiled the decoder leaves a marker in inductor's cache folder: a later start (this process's
+    outcomes forgotten) reads the decoder as CACHED there, seconds to compile instead of minutes, and COLD where
+    that cache is another (or was emptied). Without a folder set, the cache is the one the models folder's
+    manager would set (keep_caches_in)."""
+    compiled.compile_vae_decoder(tiled_vae)
+    compiled.compile_on_a_small_decode(tiled_vae)
+    compiled._decoder_outcome.clear()
+    assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.CACHED
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "another"))
+    assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.COLD
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert compiled.inductor_cache_dir(tiny_models_dir) == tiny_models_dir / compiled.CACHE_SUBDIR / "inductor"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # read, not set
+
+
+def test_a_compiler_failure_marks_the_decoder_failed_and_out_of_memory_in_a_small_decode_propagates(
+        tiny_models_dir, tiled_vae, monkeypatch):
+    """The plan decodes eagerly where the compiler failed in this process (a compiled plan's tiles would not fit
+    the eager decoder); an out-of-memory error in the idle compile is the worker's to report, and leaves the
+    decoder to compile later."""
+    original = tiled_vae.decoder.conv_in.forward
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    compiled.compile_vae_decoder(tiled_vae)
+    monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        compiled.compile_on_a_small_decode(tiled_vae)
+    assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.COLD
+    monkeypatch.setattr(tiled_vae.decoder.conv_in, "forward", original)
+
+    def broken_compiler(fn, **kwargs):
+        def compiled_fn(*args, **kw):
+            raise RuntimeError("triton: no compiler for this GPU (injected)")
+        return compiled_fn
+
+    monkeypatch.setattr(torch, "compile", broken_compiler)
+    assert not compiled.compile_on_a_small_decode(tiled_vae)  # decoded eagerly after the failure
+    assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.FAILED

@@ -792,3 +792,88 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
     end = all_events(worker, resumed)[-1]
     assert isinstance(end, Finished) and Path(end.path).resolve() == source
     assert count_frames(source) == 1 + 36 * 2 and not source.with_name("elsewhere.mp4").exists()
+
+
+# --- the VAE decoder's compile in the idle time after a short job (memory/plan: ComponentPlan.compile_later) --------
+
+def _plan_as_on_a_gpu(monkeypatch, ready_compiles: bool = True) -> None:
+    """The plan's choice for a GPU whose decoder this process has not compiled, injected (no CUDA here, where the
+    plan compiles nothing): a short job leaves the compile for later; once the decoder is ready, jobs decode
+    compiled (the real choice from the probe's state: test_plan_placement.py)."""
+    from framepack_ui.compute import compile as compiled
+    from framepack_ui.worker import worker as worker_module
+
+    real_plan = worker_module.Worker._make_plan
+
+    def plan(self, *args, **kwargs):
+        made = real_plan(self, *args, **kwargs)
+        if ready_compiles and compiled.decoder_compile_state("cpu", None) == compiled.READY:
+            return made.with_component("vae", compile=True)
+        return made.with_component("vae", compile_later=True)
+
+    monkeypatch.setattr(worker_module.Worker, "_make_plan", plan)
+
+
+def test_a_short_jobs_decoder_compiles_while_the_worker_is_idle_and_serves_the_next_job(
+        make_worker, start_image_80x64, monkeypatch, count_graphs):
+    """The first job decodes eagerly; the worker then compiles the decoder on a small decode while idle; a job
+    submitted meanwhile waits, is told why, and finds the decoder ready: it decodes compiled, compiling nothing
+    more and saying nothing about a compile. torch.compile only counts graphs (conftest)."""
+    from framepack_ui.compute import compile as compiled
+    from framepack_ui.events import Notice
+    from framepack_ui.memory.manager import VAE_COMPILE_NOTICE, ModelManager
+    from framepack_ui.worker.worker import IDLE_COMPILE_NOTICE
+
+    _plan_as_on_a_gpu(monkeypatch)
+    gate, graphs_after_idle_compile = threading.Event(), []
+    real_compile_now = ModelManager.compile_vae_decoder_now
+
+    def gated_compile_now(self):
+        assert gate.wait(TIMEOUT_S)
+        ready = real_compile_now(self)
+        graphs_after_idle_compile.append(len(count_graphs))
+        return ready
+
+    monkeypatch.setattr(ModelManager, "compile_vae_decoder_now", gated_compile_now)
+    worker = make_worker()
+    first = worker.submit(spec(start_image_80x64, "first"))
+    assert isinstance(all_events(worker, first)[-1], Finished)
+    assert count_graphs == [] and compiled.decoder_compile_state("cpu", None) == compiled.COLD
+    wait_until(lambda: worker._idle_work is not None)  # compiling (held at the gate)
+    second = worker.submit(spec(start_image_80x64, "second"))
+    assert worker.job(second).status == "queued"
+    gate.set()
+    events = all_events(worker, second)
+    assert isinstance(events[-1], Finished)
+    assert events.index(Notice(IDLE_COMPILE_NOTICE)) < events.index(Phase("starting", "starting the engine"))
+    assert graphs_after_idle_compile[0] >= 2 and len(count_graphs) == graphs_after_idle_compile[0]
+    assert worker._manager.plan.components["vae"].compile and compiled.decoder_compile_state("cpu", None) == "ready"
+    assert not any(isinstance(e, Phase) and e.detail == VAE_COMPILE_NOTICE for e in events)
+    assert len(graphs_after_idle_compile) == 1  # the second job's plan left nothing for later
+
+
+def test_a_command_line_worker_never_compiles_while_idle_and_a_failed_idle_compile_leaves_the_worker_working(
+        make_worker, start_image_80x64, monkeypatch, caplog):
+    """The command line's worker (compile_when_idle=False) ends after its job: no compile then. The app's worker
+    compiles while idle; out of memory there (injected) is logged, and the next job runs and ends as usual."""
+    from framepack_ui.memory.manager import ModelManager
+
+    _plan_as_on_a_gpu(monkeypatch, ready_compiles=False)
+    calls = []
+
+    def out_of_memory(self):
+        calls.append(self)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(ModelManager, "compile_vae_decoder_now", out_of_memory)
+    command_line = make_worker(compile_when_idle=False, background=False)
+    command_line.submit(spec(start_image_80x64, "command line"))
+    command_line.run_queued()
+    assert [j.status for j in command_line.jobs()] == ["finished"] and calls == []
+    app = make_worker()
+    with caplog.at_level("ERROR"):
+        assert isinstance(all_events(app, app.submit(spec(start_image_80x64, "first")))[-1], Finished)
+        wait_until(lambda: calls and app._idle_work is None)
+        assert isinstance(all_events(app, app.submit(spec(start_image_80x64, "second")))[-1], Finished)
+    assert any("compiling the VAE decoder while idle failed" in r.message for r in caplog.records)
+    wait_until(lambda: len(calls) == 2 and not app._manager.is_loaded("vae"))  # tried again after the second

@@ -46,13 +46,30 @@ WINDOWS_CACHE_PATH_MAX = 80
 def keep_caches_in(folder: Path) -> None:
     """Point inductor's and Triton's caches into `folder` before the first compile; a folder the user (or a bench)
     set in the environment is theirs and stays."""
-    for variable, subfolder in CACHE_VARIABLES.items():
-        path = os.path.abspath(os.path.join(folder, subfolder))  # as inductor writes it back (cache_dir_utils)
-        if sys.platform == "win32" and len(path) > WINDOWS_CACHE_PATH_MAX:
-            continue
-        current = os.environ.get(variable)
-        if not current or current == _set_here.get(variable):
+    for variable in CACHE_VARIABLES:
+        path = _cache_path_in(folder, variable)
+        if path is not None and _ours_to_set(variable):
             os.environ[variable] = _set_here[variable] = path
+
+
+def _ours_to_set(variable: str) -> bool:
+    """Whether the cache folder in `variable` is not the user's: unset, set by keep_caches_in, or inductor's own
+    default, which importing torch._dynamo (diffusers does) writes into the variable (torch 2.13: its
+    package.py calls cache_dir() at import)."""
+    current = os.environ.get(variable)
+    if not current or current == _set_here.get(variable):
+        return True
+    if variable != "TORCHINDUCTOR_CACHE_DIR":
+        return False
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.abspath(current) == os.path.abspath(default_cache_dir())
+
+
+def _cache_path_in(folder: Path, variable: str) -> str | None:
+    """The cache folder `keep_caches_in(folder)` gives `variable`; None where the path would be too long."""
+    path = os.path.abspath(os.path.join(folder, CACHE_VARIABLES[variable]))  # as inductor writes it back
+    return None if sys.platform == "win32" and len(path) > WINDOWS_CACHE_PATH_MAX else path
 
 
 # Frame windows shorter than this run the eager decoder. diffusers' windows are 5 latents (4 or fewer at the end of
@@ -90,34 +107,53 @@ class _CompilerState:
     failed = False
 
 
-class CompiledBlockForward(ModelHook):
-    """The block's own forward, run through torch.compile (compiled lazily, at its first call); after a compiler
-    failure (a GPU Triton does not support, a Windows toolchain problem), eager, as the VAE decoder's hook does."""
+class _CompiledForward(ModelHook):
+    """A module's own forward through torch.compile, compiled at its first call. An out-of-memory error is a real
+    shortage and propagates (the plan and the job's error handling deal with it); any other error from the compiled
+    call is taken for a compiler failure (a GPU Triton does not support, a Windows toolchain problem): the subclass's
+    `compiler_failed` hears of it and the forward runs eagerly (a fault of the module itself raises again from
+    there)."""
 
-    def __init__(self, mode: str | None, state: _CompilerState | None = None):
+    def __init__(self, **compile_options):
         super().__init__()
-        self.mode = mode
-        self.state = state or _CompilerState()
+        self.compile_options = compile_options
         self._compiled = None
 
-    def new_forward(self, module, *args, **kwargs):
+    def run_compiled(self, *args, **kwargs):
         eager = self.fn_ref.original_forward
-        if self.state.failed:
-            return eager(*args, **kwargs)
         if self._compiled is None:
-            # dynamic=False: the token count is the same for every call of a job (F1's context is fixed-size), and
-            # a new resolution only recompiles (once per shape)
-            self._compiled = torch.compile(eager, dynamic=False, mode=self.mode)
+            self._compiled = torch.compile(eager, **self.compile_options)
         try:
             return self._compiled(*args, **kwargs)
         except torch.OutOfMemoryError:
-            raise  # a real shortage: the plan and the job's error handling deal with it
-        except Exception as exc:  # noqa: BLE001 - a compiler failure: the eager blocks still work (a fault of the
-            # block itself raises again from the eager call)
-            log.warning("compiling the transformer's blocks failed (%s): running them without compiling from now on",
-                        _first_line(exc))
-            self.state.failed = True
+            raise
+        except Exception as exc:  # noqa: BLE001 - see the class's docstring
+            self.compiler_failed(exc)
             return eager(*args, **kwargs)
+
+    def compiler_failed(self, exc: Exception) -> None:
+        raise NotImplementedError
+
+
+class CompiledBlockForward(_CompiledForward):
+    """A transformer block's forward, compiled; after a compiler failure every block of the model runs eagerly."""
+
+    def __init__(self, mode: str | None, state: _CompilerState | None = None):
+        # dynamic=False: the token count is the same for every call of a job (F1's context is fixed-size), and a
+        # new resolution only recompiles (once per shape)
+        super().__init__(dynamic=False, mode=mode)
+        self.mode = mode
+        self.state = state or _CompilerState()
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state.failed:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.run_compiled(*args, **kwargs)
+
+    def compiler_failed(self, exc: Exception) -> None:
+        log.warning("compiling the transformer's blocks failed (%s): running them without compiling from now on",
+                    _first_line(exc))
+        self.state.failed = True
 
 
 def transformer_blocks(transformer) -> list[torch.nn.Module]:
@@ -149,6 +185,78 @@ def blocks_compiled(transformer) -> bool:
 
 # --- VAE decoder ---------------------------------------------------------------------------------------------------
 
+# What this process's compiled decoder did on each device ("cuda:0"): READY once a full frame window decoded
+# compiled (dynamo keeps the graphs for the life of the process, for every later load of the VAE), FAILED once its
+# compiler failed. Read by the probe (`decoder_compile_state`), so that a plan only counts on a compiled decode
+# that costs no compile.
+READY, FAILED = "ready", "failed"
+_decoder_outcome: dict[str, str] = {}
+# The states `decoder_compile_state` adds for a decoder not compiled in this process: its graphs in the compilers'
+# on-disk caches (an earlier process compiled them; a marker beside inductor's cache says so, and goes when that
+# cache is emptied), or not.
+CACHED, COLD = "cached", "cold"
+_MARKER_PREFIX = "framepack-vae-decoder-"
+
+
+def _device_key(device: str | torch.device) -> str:
+    """"cuda:0" for "cuda", cuda:0 and "cuda:0": the outcomes' key."""
+    place = torch.device(device)
+    if place.type == "cuda" and place.index is None:
+        place = torch.device("cuda", torch.cuda.current_device())
+    return str(place)
+
+
+def _decoder_ready(device: str) -> None:
+    if _decoder_outcome.get(device) == READY:
+        return
+    _decoder_outcome[device] = READY
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())  # where inductor wrote
+        cache.mkdir(parents=True, exist_ok=True)
+        _compile_marker(cache, device).touch()
+    except (ImportError, OSError) as exc:  # only a later start's estimate misses it
+        log.info("no marker for the compiled VAE decoder in the compile cache: %s", exc)
+
+
+def _compile_marker(inductor_cache: Path, device: str) -> Path:
+    """The marker of a compiled decoder in inductor's cache: per torch version and GPU model, as the cached code
+    is."""
+    place = torch.device(device)
+    gpu = torch.cuda.get_device_name(place) if place.type == "cuda" else place.type
+    tag = "".join(c if c.isalnum() or c in ".+-" else "_" for c in f"{torch.__version__}-{gpu}")
+    return inductor_cache / f"{_MARKER_PREFIX}{tag}"
+
+
+def inductor_cache_dir(models_dir: Path) -> Path:
+    """Where inductor's cache is for a manager of `models_dir` (`keep_caches_in`), read without setting anything:
+    torch's own `cache_dir()` sets the variable, and `keep_caches_in` would then leave it as the user's."""
+    variable = "TORCHINDUCTOR_CACHE_DIR"
+    ours = _cache_path_in(Path(models_dir) / CACHE_SUBDIR, variable) if _ours_to_set(variable) else None
+    if ours is not None:
+        return Path(ours)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # the user's, or a path too long for ours
+
+    return Path(os.environ.get(variable) or default_cache_dir())
+
+
+def decoder_compile_state(device: str | torch.device, models_dir: Path | None) -> str:
+    """For the plan: the compiled VAE decoder on `device` ("cuda:0") is READY in this process, FAILED here, CACHED
+    on disk (compiling it again loads the graphs: seconds) or COLD (minutes: docs/benchmarks.md, "First-job
+    compile costs")."""
+    device = _device_key(device)
+    outcome = _decoder_outcome.get(device)
+    if outcome is not None:
+        return outcome
+    if models_dir is None:
+        return COLD
+    try:
+        return CACHED if _compile_marker(inductor_cache_dir(models_dir), device).exists() else COLD
+    except OSError:
+        return COLD
+
+
 class _DecoderCompileState:
     """Shared by the decoder's hook and its regions' hooks: whether the decode running now is one to compile (a
     full frame window), and whether the compiler failed once (eager from then on). One thread decodes with a VAE
@@ -157,18 +265,19 @@ class _DecoderCompileState:
     def __init__(self):
         self.failed = False
         self.compiling_now = False
+        self.device: str | None = None  # the device of the decode running now, as "cuda:0"
 
 
-class CompiledDecoderForward(ModelHook):
+class CompiledDecoderForward(_CompiledForward):
     """The VAE decoder's forward, compiled with dynamic shapes: in regions (each resnet block and upsampler on its
     own, `CompiledDecoderRegion`) or whole. Short frame windows and, after a compiler failure, every call run
-    eagerly."""
+    eagerly. A full frame window decoded compiled makes the decoder ready on its device for this process
+    (`decoder_compile_state`)."""
 
     def __init__(self, whole: bool = False):
-        super().__init__()
+        super().__init__(dynamic=True)
         self.whole = whole
         self.state = _DecoderCompileState()
-        self._compiled = None
 
     @property
     def failed(self) -> bool:
@@ -182,52 +291,47 @@ class CompiledDecoderForward(ModelHook):
         eager = self.fn_ref.original_forward
         if self.failed or z.shape[2] < VAE_COMPILED_MIN_LATENTS:
             return eager(z, *args, **kwargs)
-        if not self.whole:  # the regions' hooks compile; the rest of the decoder runs as it is
+        self.state.device = _device_key(z.device)
+        if self.whole:
+            decoded = self.run_compiled(z, *args, **kwargs)
+        else:  # the regions' hooks compile; the rest of the decoder runs as it is
             self.state.compiling_now = True
             try:
-                return eager(z, *args, **kwargs)
+                decoded = eager(z, *args, **kwargs)
             finally:
                 self.state.compiling_now = False
-        if self._compiled is None:
-            self._compiled = torch.compile(eager, dynamic=True)
-        try:
-            return self._compiled(z, *args, **kwargs)
-        except torch.OutOfMemoryError:
-            raise  # a real shortage: the plan and the job's error handling deal with it
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager decoder still works
-            _decoder_compile_failed(self.state, exc)
-            return eager(z, *args, **kwargs)
+        if not self.failed:
+            _decoder_ready(self.state.device)
+        return decoded
+
+    def compiler_failed(self, exc: Exception) -> None:
+        _decoder_compile_failed(self.state, exc)
 
 
-class CompiledDecoderRegion(ModelHook):
+class CompiledDecoderRegion(_CompiledForward):
     """One resnet block's or upsampler's forward through torch.compile (dynamic shapes), while the decoder's hook
     says the decode is one to compile. Every instance of a class shares dynamo's compiled code (one code object),
     so the decoder's 14 resnet blocks and 3 upsamplers compile as 9 graphs, one per channel layout and
     upsampling (H100, docs/benchmarks.md "Compiled VAE decoder only where it buys larger tiles")."""
 
     def __init__(self, state: _DecoderCompileState):
-        super().__init__()
+        super().__init__(dynamic=True)
         self.state = state
-        self._compiled = None
 
     def new_forward(self, module, *args, **kwargs):
-        eager = self.fn_ref.original_forward
         if self.state.failed or not self.state.compiling_now:
-            return eager(*args, **kwargs)
-        if self._compiled is None:
-            self._compiled = torch.compile(eager, dynamic=True)
-        try:
-            return self._compiled(*args, **kwargs)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - as the whole decoder's hook
-            _decoder_compile_failed(self.state, exc)
-            return eager(*args, **kwargs)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.run_compiled(*args, **kwargs)
+
+    def compiler_failed(self, exc: Exception) -> None:
+        _decoder_compile_failed(self.state, exc)
 
 
 def _decoder_compile_failed(state: _DecoderCompileState, exc: Exception) -> None:
     log.warning("the compiled VAE decoder failed (%s): decoding without compiling from now on", _first_line(exc))
     state.failed = True
+    if state.device is not None:
+        _decoder_outcome[state.device] = FAILED
 
 
 def decoder_regions(decoder: torch.nn.Module) -> list[torch.nn.Module]:
@@ -272,6 +376,29 @@ def compile_vae_decoder(vae, whole: bool = False) -> bool:
             for region in decoder_regions(vae.decoder):
                 _register(region, CompiledDecoderRegion(hook.state), DECODER_REGION_HOOK)
         log.info("VAE decoder compiled (the first decode takes longer)")
+    return decoder_compiled(vae)
+
+
+# The small decode the regions compile on ahead of a job's first real decode: (frames, height, width) in latents,
+# a full frame window and sizes distinct from each other and above 1, so dynamo gives each its own symbol (equal
+# sizes share one, and a decode whose sizes differ would compile again). Its largest tensor is a few tens of MB.
+SMALL_DECODE_LATENTS = (VAE_COMPILED_MIN_LATENTS + 1, 6, 7)
+
+
+def compile_on_a_small_decode(vae) -> bool:
+    """Compile the decoder (set up by `compile_vae_decoder`) now, on a small decode of zeros on its device: its
+    graphs then serve every later decode of this process at every size (dynamic shapes), with the VAE loaded again
+    or not. The worker runs this while it is idle, where the compile competes with no job for VRAM
+    (docs/benchmarks.md, "First-job compile costs"). Returns whether the decoder is ready; an out-of-memory
+    error propagates."""
+    hook = _hook(vae.decoder, DECODER_HOOK)
+    if hook is None or hook.failed:
+        return False
+    weight = vae.decoder.conv_in.conv.weight
+    zeros = torch.zeros(1, vae.decoder.conv_in.conv.in_channels, *SMALL_DECODE_LATENTS, device=weight.device,
+                        dtype=weight.dtype)
+    with torch.no_grad():
+        vae.decoder(zeros)
     return decoder_compiled(vae)
 
 

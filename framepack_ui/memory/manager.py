@@ -177,13 +177,15 @@ class ModelManager:
         self.prompt_cache.put(prompt, variant, tensors, notices)
 
     def first_use_notice(self, name: str, shape: tuple[int, ...]) -> str | None:
-        """The transformer compiles once per size; the VAE decoder once per load (it decodes in even tiles)."""
+        """The transformer compiles once per size; the VAE decoder once per process and device (it decodes in even
+        tiles)."""
         model = self._loaded.get(name)
         if name == "transformer" and model is not None and compiled.blocks_compiled(model):
             # a block with LoRA layers is another graph: a new layout of LoRAs compiles again
             layout = tuple(sorted(lora_compute.lora_layers(model).items()))
             key, notice = (name, tuple(shape), layout), TRANSFORMER_COMPILE_NOTICE
-        elif name == "vae" and model is not None and compiled.decoder_compiled(model):
+        elif (name == "vae" and model is not None and compiled.decoder_compiled(model)
+              and compiled.decoder_compile_state(str(self.device_of(name)), None) != compiled.READY):
             key, notice = (name,), VAE_COMPILE_NOTICE
         else:
             return None
@@ -273,6 +275,15 @@ class ModelManager:
                 compiled.compile_blocks(model)  # lazy: each block compiles on its first call
         elif name == "vae" and c.compile:
             compiled.compile_vae_decoder(model)  # lazy: compiles at the first decode
+
+    def compile_vae_decoder_now(self) -> bool:
+        """Compile the VAE decoder on a small decode, as the plan's `compile_later` asks of the idle time after a job
+        (the worker calls this): the later jobs' plans then decode compiled at no compile cost. Returns whether
+        the decoder is ready; an out-of-memory error propagates."""
+        compiled.keep_caches_in(self.models_dir / compiled.CACHE_SUBDIR)
+        with self.use("vae") as vae:
+            compiled.compile_vae_decoder(vae)
+            return compiled.compile_on_a_small_decode(vae)
 
     # --- LoRA -------------------------------------------------------------------------------------------------------
 

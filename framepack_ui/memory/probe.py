@@ -58,6 +58,9 @@ class Machine:
     gpu_name: str = ""
     cuda_capability: tuple[int, int] = (0, 0)  # (major, minor) of CUDA device 0; fp8 matmuls need (8, 9)
     compile_supported: bool = False  # torch.compile can generate code for the GPU (compute.backends.compile_supported)
+    # The compiled VAE decoder on that GPU (compute.compile.decoder_compile_state): "ready" in this process, "cached"
+    # on disk, "cold" (what a planned machine supposes: a fresh start) or "failed"
+    decoder_compile: str = "cold"
     disk_free_bytes: int | None = None  # on the models folder's volume
     os_name: str = "linux"  # "linux" | "windows" | "darwin"
     # Windows with a system-managed pagefile: commit can grow (pre-warm, prewarm.py) as far as the disk allows
@@ -272,6 +275,10 @@ def probe_machine(models_dir: Path | None = None, cuda: bool = True, cuda_index:
         fields["swap_free_bytes"] = 0
     if cuda:
         fields.update(_cuda(cuda_index))
+        if fields.get("compile_supported"):
+            from ..compute.compile import decoder_compile_state
+
+            fields["decoder_compile"] = decoder_compile_state(f"cuda:{cuda_index}", models_dir)
     machine = Machine(**fields, os_name=os_name, pagefile_growable=_pagefile_growable(os_name),
                       disk_free_bytes=disk_free_bytes(models_dir) if models_dir is not None else None)
     log.info("machine: %s", machine)

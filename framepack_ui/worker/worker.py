@@ -122,7 +122,7 @@ class Worker:
                  run_job: RunJob | None = None, manager=None, profile: str = DEFAULT_PROFILE,
                  keep_models_s: float | None = 0, attention: str | None = None,
                  download_missing: bool | None = None, prompt_cache_dir: Path | None | object = DEFAULT_CACHE,
-                 serves_pages: bool = True, background: bool = True):
+                 serves_pages: bool = True, background: bool = True, compile_when_idle: bool = True):
         """`download_missing`: None: a job does not look for missing model files (the web app offers the download
         itself); True: a job first fetches what is missing; False: a job with files missing fails at once, with
         one line naming them. `prompt_cache_dir`: where prompt embeddings are kept (default: under the models
@@ -131,7 +131,9 @@ class Worker:
         The web app's worker also keeps its queue on disk: jobs queued but not started when the app closed (or was
         killed) come back, waiting for the user to `resume` or `cancel` them (queue_records.py).
         `background`: jobs run on the worker's own thread; without it, on the thread that calls `run_queued` (the
-        command line: its main thread, where Ctrl+C reaches the job as a stop)."""
+        command line: its main thread, where Ctrl+C reaches the job as a stop). `compile_when_idle`: after a job
+        whose plan left the VAE decoder's compile for later (its sections would not pay it back), compile it while
+        the queue is empty, so the next jobs decode compiled (the web app's; a one-job command line has no later)."""
         self.models_dir = Path(models_dir)
         self.download_missing = download_missing
         self.prompt_cache_dir = prompt_cache_dir
@@ -139,6 +141,8 @@ class Worker:
         # after the queue empties: 0 frees the models at once, N keeps them N seconds for a quick next job,
         # None keeps them until the app closes
         self.keep_models_s = keep_models_s
+        self.compile_when_idle = compile_when_idle
+        self._idle_work: str | None = None  # what the worker does between jobs now (a job submitted meanwhile waits)
         self.outputs_dir = Path(outputs_dir)
         self.profile = profile
         self._device = device
@@ -198,6 +202,8 @@ class Worker:
                 queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at, start)
             self._jobs[job.id] = job
             self._queue.append(job)
+            if self._idle_work is not None:
+                self._tell_waiting(job)
             self._renumber()
             self._cond.notify_all()
         log.info("job %s queued: %s", job.id, job.out_path.name)
@@ -631,7 +637,42 @@ class Worker:
                 self._running = None
                 idle = not self._queue
         if idle:
+            self._compile_while_idle()
+            with self._cond:
+                idle = not self._queue
+        if idle:
             self._free_memory()
+
+    def _compile_while_idle(self) -> None:
+        """The VAE decoder's compile that the last job's plan left for the idle time (ComponentPlan.compile_later):
+        with no job beside it, it competes with none for VRAM. A job submitted meanwhile waits for it, and is told
+        why. Its failure only leaves the next jobs decoding eagerly."""
+        manager = self._manager
+        vae = manager.plan.components.get("vae") if manager is not None else None
+        if not (self.compile_when_idle and vae is not None and vae.compile_later
+                and hasattr(manager, "compile_vae_decoder_now")):
+            return
+        with self._cond:
+            if self._queue:
+                return  # a job came in the meantime: it goes first, the compile to a later idle time
+            self._idle_work = IDLE_COMPILE_NOTICE
+        started = time.perf_counter()
+        try:
+            ready = manager.compile_vae_decoder_now()
+            log.info("VAE decoder compiled while idle in %.1f s%s", time.perf_counter() - started,
+                     "" if ready else ": its compiler failed, so jobs decode without it")
+        except Exception:  # the worker outlives it: the next job's plan decodes eagerly and compiles later again
+            log.exception("compiling the VAE decoder while idle failed")
+        finally:
+            with self._cond:
+                self._idle_work = None
+
+    def _tell_waiting(self, job: _Job) -> None:
+        """A queued job hears what the idle worker finishes before it starts (with self._cond held)."""
+        event = Notice(self._idle_work)
+        self._tell(job, event)
+        job.events.append(event)
+        self._cond.notify_all()
 
     def _run(self, job: _Job) -> None:
         recorder = job.timeline = TimelineRecorder(self._read_gauges).start()
@@ -711,7 +752,8 @@ class Worker:
             from ..weights.layout import check_small_files
 
             check_small_files(self.models_dir)
-            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, **job.plan_options)
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, sections=job.spec.sections,
+                                   **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
             from ..memory.plan import leaner_choices
 
@@ -774,7 +816,7 @@ class Worker:
         if resident is None:
             return plan, key
         try:
-            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost, sections=job.spec.sections,
                                    **{**job.plan_options, "resident_blocks": resident})
         except UserError:
             return plan, key
@@ -922,6 +964,10 @@ class Worker:
         """The job's video, where the engine had the job and wrote some (a file there before is not this job's)."""
         return (str(job.out_path) if job.engine_started and job.out_path.is_file() and job.out_path.stat().st_size > 0
                 else None)
+
+
+IDLE_COMPILE_NOTICE = ("waiting for the VAE decoder's compile, which the app does once while idle (up to a minute or "
+                       "two): it makes this job's decodes faster")
 
 
 def cuda_index(device: str) -> int:

@@ -46,3 +46,8 @@ VAE_TILE_DECODE_BYTES_COMPILED = {px: int(gb * VAE_REGIONAL_OVER_WHOLE_GRAPH * G
 # 2.85 GiB: 9 tiles where diffusers cuts 16).
 VAE_DECODE_SECONDS = {None: 2.45, 384: 2.86, 352: 3.37, 320: 3.55, 256: 4.39}
 VAE_DECODE_SECONDS_COMPILED = {None: 2.19, 448: 2.58, 384: 2.58, 352: 2.58, 320: 3.34, 256: 3.34}
+# Seconds compiling the decoder region by region adds to the first compiled decode of a process, by the state the
+# probe reads (compute.compile.decoder_compile_state): with empty caches 62 s (the 8 GB app job's decode phase),
+# from the on-disk cache 14 s (the decode bench's first decode, 18.3 s, less its 4.15 s decode). H100, 2026-12-06,
+# docs/benchmarks.md "First-job compile costs".
+VAE_DECODER_COMPILE_SECONDS = {"ready": 0.0, "cached": 14.0, "cold": 62.0}

@@ -14,7 +14,7 @@ from .costs import (decode_activations, decode_seconds, entry_weights, frames_on
                     place, runtime_baseline, sampling_activations, text_activations, tile_table, with_lora,
                     with_pinned_sources)
 from .explain import decode_name, gb_text
-from .measured import VAE_SMALLEST_TILE_PX
+from .measured import VAE_DECODER_COMPILE_SECONDS, VAE_SMALLEST_TILE_PX
 from .types import ComponentPlan, LoadPlan, PhaseCost, PlanOverrides
 from .vocabulary import Storage, Where
 
@@ -110,8 +110,10 @@ def _refuse_conversion_without_disk(machine: Machine, weights: dict[str, Compone
 def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides) -> LoadPlan:
     """Where torch.compile works, the plan is made twice, with the VAE decoder eager and compiled, and the compiled
     one is taken where its smaller decode footprint buys a decode at least VAE_COMPILE_MIN_GAIN faster (larger
-    tiles, or none) or is the only one that fits."""
-    compile_able = (machine.has_cuda and o.plan not in ("mmap", "cpu")
+    tiles, or none) or is the only one that fits. Where the decoder is not compiled in this process yet and the
+    job's sections would not pay the compile back, the job decodes eagerly and the decoder compiles after it, while
+    the worker is idle (`_compile_later`)."""
+    compile_able = (machine.has_cuda and o.plan not in ("mmap", "cpu") and machine.decoder_compile != "failed"
                     and (machine.compile_supported if o.compile is None else o.compile))
     if not compile_able:
         return _make_plan(machine, weights, o, compile_decoder=False)
@@ -126,10 +128,28 @@ def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeig
     before, after = decode_seconds(eager), decode_seconds(compiled)
     if after > (1 - VAE_COMPILE_MIN_GAIN) * before:
         return eager
+    compile_s = VAE_DECODER_COMPILE_SECONDS[machine.decoder_compile]
+    if o.sections is not None and o.sections * (before - after) < compile_s:
+        return _compile_later(eager, compiled, compile_s)
+    compiling = f"; the first decode after the app starts compiles it: {_compile_time_text(compile_s)}" \
+        if compile_s else ""
     return replace(compiled, notes=compiled.notes + (
         f"VAE decoder compiled: a third less VRAM, so it decodes {decode_name(compiled)} instead of "
-        f"{decode_name(eager)} (about {before / after:.1f}x faster; the first decode after the app starts "
-        f"compiles it: a minute or more)",))
+        f"{decode_name(eager)} (about {before / after:.1f}x faster{compiling})",))
+
+
+def _compile_later(eager: LoadPlan, compiled: LoadPlan, compile_s: float) -> LoadPlan:
+    """The eager plan, with the decoder to compile when the worker is idle after the job: this job's decodes would
+    save less than the compile costs it (docs/benchmarks.md, "First-job compile costs")."""
+    plan = eager.with_component("vae", compile_later=True)
+    return replace(plan, notes=plan.notes + (
+        f"VAE decoder not compiled for this job: it decodes {decode_name(eager)}, and the decoder compiles when the "
+        f"app is idle after it ({_compile_time_text(compile_s)}, once per app start), so later jobs decode "
+        f"{decode_name(compiled)} (about {decode_seconds(eager) / decode_seconds(compiled):.1f}x faster)",))
+
+
+def _compile_time_text(seconds: float) -> str:
+    return "a minute or more" if seconds >= 60 else "seconds, from the compile cache"
 
 
 def _make_plan(machine: Machine, weights: dict[str, ComponentWeights], o: PlanOverrides,

@@ -36,6 +36,9 @@ class PlanOverrides:
     fp8_matmul: bool | None = None  # e4m3 matmuls (auto: fp8 storage on a GPU of compute capability 8.9+)
     pin_streamed: bool | None = None  # streamed transformer blocks in page-locked RAM (auto: where RAM allows)
     lora: LoraCost | None = None  # the job's LoRAs: counted beside the transformer
+    # The job's sections: where they would not pay back compiling the VAE decoder first, the job decodes eagerly and
+    # the decoder compiles in the idle time after it (ComponentPlan.compile_later). None: as for a long job.
+    sections: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class ComponentPlan:
     pinned_sources: bool = False  # gpu-streamed: the streamed blocks held in page-locked RAM, not read from the map
     # transformer speed options (framepack_ui.compute)
     compile: bool = False
+    # the VAE: not compiled for this job, but to be compiled while the worker is idle after it (the plans after that
+    # compile it: PlanOverrides.sections)
+    compile_later: bool = False
     attention: str | None = None
     fp8_matmul: bool = False
     lora_bytes: int = 0  # the LoRAs' tensors and their transient merge, included in vram_bytes or ram_bytes
