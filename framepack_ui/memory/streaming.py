@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype
 
+# Page-locking copies: each block copied and registered in a thread of its own (the copy and cudaHostRegister both
+# release the GIL), and copied before it is registered: the copy faults the new buffer's pages in, and registering
+# then pins them as they are, where registering first has the kernel zero-fill every page that the copy then writes
+# again (bench/bench_pin.py compares them; docs/benchmarks.md, "Page-locked sources where RAM allows").
+PIN_WORKERS = 8
+REGISTER_BEFORE_COPY = False
+
 
 def _layout(block: torch.nn.Module) -> tuple[list[tuple[torch.nn.Parameter, int, int]], int]:
     """(param, byte offset, byte size) for each parameter of the block, and the total aligned size."""
@@ -55,17 +62,27 @@ def _view(buffer: torch.Tensor, offset: int, size: int, like: torch.Tensor) -> t
 
 
 class _HostBuffer:
-    """`nbytes` of host memory, page-locked with cudaHostRegister when `pinned` (plain RAM without CUDA)."""
+    """`nbytes` of host memory, page-locked with cudaHostRegister when `pinned` (plain RAM without CUDA), `fill`ed
+    (called with the buffer) before or after the registration as REGISTER_BEFORE_COPY says."""
 
-    def __init__(self, nbytes: int, pinned: bool):
+    def __init__(self, nbytes: int, pinned: bool, fill=None):
         self.tensor = torch.empty(nbytes, dtype=torch.uint8)
         self.registered = False
-        if pinned and nbytes:
-            err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"could not page-lock {nbytes / 1e9:.2f} GB of RAM for streaming (CUDA error "
-                                   f"{int(err)}): use a plan that streams from the file map")
-            self.registered = True
+        pinned = pinned and nbytes > 0
+        if pinned and REGISTER_BEFORE_COPY:
+            self._register()
+        if fill is not None:
+            fill(self.tensor)
+        if pinned and not self.registered:
+            self._register()
+
+    def _register(self) -> None:
+        nbytes = self.tensor.numel()
+        err = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"could not page-lock {nbytes / 1e9:.2f} GB of RAM for streaming (CUDA error "
+                               f"{int(err)}): use a plan that streams from the file map")
+        self.registered = True
 
     def release(self) -> None:
         if self.registered:
@@ -104,15 +121,15 @@ class BlockStreamer:
             for param in block.parameters():
                 if param.device.type != "cpu":
                     param.data = param.data.to("cpu")
-        self._host_buffers = self._pin_all() if pin_sources else []
-        self.pinned_sources = pin_sources and len(self._host_buffers) == len(self.streamed)
-        if self._host_buffers:  # each streamed block laid out once in page-locked RAM: uploaded from there
-            self._cpu_data = []
-            for (entries, _), host in zip(self._layouts, self._host_buffers):
-                self._cpu_data.append([_view(host.tensor, offset, size, p.data).copy_(p.data)
-                                       for p, offset, size in entries])
-                for (param, _, _), pinned in zip(entries, self._cpu_data[-1]):
-                    param.data = pinned  # the file map's pages are no longer referenced: the OS may drop them
+        pinned = self._pin_blocks(self._layouts, lambda param: param.data,
+                                  "streaming from the file map instead of page-locked RAM") if pin_sources else None
+        self._host_buffers = [host for host, _ in pinned or ()]
+        self.pinned_sources = pinned is not None
+        if pinned:  # each streamed block laid out once in page-locked RAM: uploaded from there
+            self._cpu_data = [copies for _, copies in pinned]
+            for (entries, _), copies in zip(self._layouts, self._cpu_data):
+                for (param, _, _), copy in zip(entries, copies):
+                    param.data = copy  # the file map's pages are no longer referenced: the OS may drop them
         else:
             self._cpu_data = [[p.data for p, _, _ in entries] for entries, _ in self._layouts]
         slot_bytes = max((size for _, size in self._layouts), default=0)
@@ -142,39 +159,55 @@ class BlockStreamer:
         """The resident blocks' sources copied into page-locked RAM (one buffer per block), so that restore() can
         upload them asynchronously; [] (sources stay where they are) where the OS refuses."""
         layouts = [_layout(block) for block in self.resident]
-        buffers: list[_HostBuffer] = []
-        try:
-            for _, total in layouts:
-                buffers.append(_HostBuffer(total, self.cuda))
-        except (RuntimeError, MemoryError) as exc:
-            for host in buffers:
-                host.release()
-            log.warning("parked blocks come back from the file map (synchronous copy): %s", exc)
-            return []
         sources = dict(self._resident_sources)
-        pinned = {}
-        for (entries, _), host in zip(layouts, buffers):
-            for param, offset, size in entries:
-                pinned[param] = _view(host.tensor, offset, size, sources[param]).copy_(sources[param])
-        self._resident_sources = [(param, pinned[param]) for param, _ in self._resident_sources]
-        return buffers
+        pinned = self._pin_blocks(layouts, lambda param: sources[param],
+                                  "parked blocks come back from the file map (synchronous copy)")
+        if pinned is None:
+            return []
+        copies = {param: copy for (entries, _), (_, block_copies) in zip(layouts, pinned)
+                  for (param, _, _), copy in zip(entries, block_copies)}
+        self._resident_sources = [(param, copies[param]) for param, _ in self._resident_sources]
+        return [host for host, _ in pinned]
+
+    def _pin_blocks(self, layouts, source_of, fallback: str) -> list[tuple[_HostBuffer, list[torch.Tensor]]] | None:
+        """Each block's parameters (`source_of(param)`) copied into one page-locked buffer, PIN_WORKERS blocks at a
+        time: [(buffer, the copies in the block's parameter order)], all or none. None where the OS refuses that
+        much page-locked memory (or any), said in one warning beginning with `fallback`."""
+        refused = threading.Event()
+
+        def pin(layout):
+            if refused.is_set():  # another block was refused: pinning more would only be released again
+                return None
+            entries, total = layout
+            copies = []
+
+            def fill(buffer: torch.Tensor) -> None:
+                copies.extend(_view(buffer, offset, size, source_of(param)).copy_(source_of(param))
+                              for param, offset, size in entries)
+
+            try:
+                return _HostBuffer(total, self.cuda, fill), copies
+            except (RuntimeError, MemoryError):
+                refused.set()
+                raise
+
+        with ThreadPoolExecutor(max_workers=PIN_WORKERS, thread_name_prefix="pin") as pool:
+            futures = [pool.submit(pin, layout) for layout in layouts]
+        pinned, failure = [], None
+        for future in futures:
+            try:
+                pinned.append(future.result())
+            except (RuntimeError, MemoryError) as exc:
+                failure = failure or exc
+        if failure is None:
+            return pinned
+        for host, _ in filter(None, pinned):
+            host.release()
+        log.warning("%s: %s", fallback, failure)
+        return None
 
     def _new_slots(self) -> list[torch.Tensor]:
         return [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self._slot_count)]
-
-    def _pin_all(self) -> list[_HostBuffer]:
-        """One host buffer per streamed block, all or none: where the OS refuses that much page-locked (or any)
-        memory, the blocks keep streaming from their sources through the staging buffers instead."""
-        buffers: list[_HostBuffer] = []
-        try:
-            for _, total in self._layouts:
-                buffers.append(_HostBuffer(total, self.cuda))
-        except (RuntimeError, MemoryError) as exc:
-            for host in buffers:
-                host.release()
-            log.warning("streaming from the file map instead of page-locked RAM: %s", exc)
-            return []
-        return buffers
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
