@@ -100,9 +100,10 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     x2 = x.reshape(-1, shape[-1])
     scale = weight_scale.float()
     floor = scale.mean() / SMALL_ROW_FACTOR
-    steps = up.float() / scale[:, None]  # (out, R): the update's up in W's fp8 steps
+    up = up.float()
+    steps = up / scale[:, None]  # (out, R): the update's up in W's fp8 steps
     # c_r; the clamp keeps an all-zero rank (an up column of zeros) from dividing 0 by 0
-    balance = (up.float() / scale.clamp(min=floor)[:, None]).abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
+    balance = (up / scale.clamp(min=floor)[:, None]).abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
     pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
     h = F.pad(x2 @ (down.to(x.dtype) * balance.to(x.dtype)[:, None]).t(), (0, pad))  # (tokens, R + pad)
