@@ -56,7 +56,7 @@ def test_cli_generate_frame_count_is_1_plus_36n(tiny_models_dir, start_image, tm
 def test_cli_generate_runs_its_job_through_the_worker(tiny_models_dir, start_image, tmp_path, monkeypatch, capsys):
     """One path for planning, downloading and the model lifecycle: `generate` submits a JobSpec to the web app's
     Worker, with its output path and plan options, prints the job's events (the plan among them) and leaves the
-    section-video links of an app serving the same folder alone."""
+    section-video links of an app serving the same folder alone. Its worker never compiles while idle."""
     from framepack_ui.worker import Worker
 
     submitted = []
@@ -64,6 +64,7 @@ def test_cli_generate_runs_its_job_through_the_worker(tiny_models_dir, start_ima
 
     def spy(self, spec, *args, **kwargs):
         submitted.append((spec, kwargs))
+        assert not self.compile_when_idle  # the command line ends after its jobs: a compile then only delays it
         return submit(self, spec, *args, **kwargs)
 
     monkeypatch.setattr(Worker, "submit", spy)

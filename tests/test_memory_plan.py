@@ -474,6 +474,9 @@ def test_the_compilers_caches_are_kept_under_the_models_folder_unless_the_user_s
     with cpu_manager(tiny_models_dir, plan.with_component("vae", compile=True), prompt_cache_dir=None).use("vae"):
         assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tiny_models_dir.absolute() / ".cache/compile/inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "my-inductor"))  # the user's, not torch's default
+    compiled.keep_caches_in(other / compiled.CACHE_SUBDIR)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "my-inductor")
 
 
 # --- probe --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 import torch
 
 from framepack_ui.memory import loading
@@ -180,3 +182,83 @@ def test_pin_parked_falls_back_to_the_map_when_the_os_refuses(tiny_models_dir, m
         finally:
             streamer.close()
     assert torch.equal(got, expected)
+
+
+def _linear_blocks(count: int) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [torch.nn.Linear(16, 8) for _ in range(count)]
+
+
+def test_a_host_buffer_is_filled_before_it_is_registered_unless_told_otherwise(monkeypatch):
+    """Copy first, then page-lock (the pages are already there to pin; registering first has the kernel zero-fill
+    each page that the copy then writes again: bench/bench_pin.py); the other order where REGISTER_BEFORE_COPY says.
+    cudaHostRegister injected (no CUDA here)."""
+    from framepack_ui.memory import streaming
+
+    source = torch.arange(64, dtype=torch.uint8)
+    seen = []
+
+    def register(self):
+        seen.append(torch.equal(self.tensor, source))
+        self.registered = True
+
+    monkeypatch.setattr(streaming._HostBuffer, "_register", register)
+    monkeypatch.setattr(streaming._HostBuffer, "release", lambda self: setattr(self, "registered", False))
+    for register_first in (False, True):
+        monkeypatch.setattr(streaming, "REGISTER_BEFORE_COPY", register_first)
+        host = streaming._HostBuffer(64, True, lambda buffer: buffer.copy_(source))
+        assert host.registered and torch.equal(host.tensor, source)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("error, raised", [(RuntimeError("cudaHostRegister: out of memory"), False),
+                                           (KeyError("a bug"), True)], ids=["refused", "bug"])
+def test_pinning_that_fails_part_way_releases_every_block_it_pinned(monkeypatch, caplog, error, raised):
+    """Blocks are pinned several at a time; where one fails, every block pinned meanwhile is released (page-locked
+    memory nothing holds would stay locked). A refusal of page-locked memory falls back (None, one warning);
+    anything else propagates."""
+    from types import SimpleNamespace
+
+    from framepack_ui.memory import streaming
+
+    blocks = _linear_blocks(6)
+    layouts = [streaming._layout(b) for b in blocks]
+    released, started = [], []
+    real_init = streaming._HostBuffer.__init__
+
+    def init(self, nbytes, pinned, fill=None):
+        started.append(self)
+        if len(started) == 3:
+            raise error
+        real_init(self, nbytes, pinned, fill)
+
+    monkeypatch.setattr(streaming._HostBuffer, "__init__", init)
+    monkeypatch.setattr(streaming._HostBuffer, "release", lambda self: released.append(self))
+    streamer = SimpleNamespace(cuda=False, device=torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        if raised:
+            with pytest.raises(KeyError):
+                streaming.BlockStreamer._pin_blocks(streamer, layouts, lambda p: p.data, "falling back")
+        else:
+            assert streaming.BlockStreamer._pin_blocks(streamer, layouts, lambda p: p.data, "falling back") is None
+    made = [host for host in started if hasattr(host, "tensor")]
+    assert len(made) == len(started) - 1 and set(map(id, released)) == set(map(id, made))
+    assert any(r.message.startswith("falling back: cudaHostRegister") for r in caplog.records) != raised
+
+
+def test_pinned_blocks_hold_exact_copies_in_parameter_order():
+    """What the streamer uploads from, pinned several blocks at a time: each block's copies inside its own buffer,
+    laid out in its parameter order, equal to the sources."""
+    from types import SimpleNamespace
+
+    from framepack_ui.memory import streaming
+
+    blocks = _linear_blocks(5)
+    layouts = [streaming._layout(b) for b in blocks]
+    pinned = streaming.BlockStreamer._pin_blocks(SimpleNamespace(cuda=False, device=torch.device("cpu")), layouts,
+                                                 lambda p: p.data, "falling back")
+    for block, (host, copies) in zip(blocks, pinned):
+        assert [c.data_ptr() for c in copies] == sorted(c.data_ptr() for c in copies)  # laid out in order
+        assert all(host.tensor.data_ptr() <= c.data_ptr() < host.tensor.data_ptr() + host.tensor.numel()
+                   for c in copies)
+        assert all(torch.equal(c, p) for c, p in zip(copies, block.parameters()))

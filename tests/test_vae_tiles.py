@@ -240,3 +240,17 @@ def test_a_compiler_failure_marks_the_decoder_failed_and_out_of_memory_in_a_smal
     monkeypatch.setattr(torch, "compile", broken_compiler)
     assert not compiled.compile_on_a_small_decode(tiled_vae)  # decoded eagerly after the failure
     assert compiled.decoder_compile_state("cpu", tiny_models_dir) == compiled.FAILED
+
+
+def test_the_decoders_state_is_one_key_per_gpu_however_the_device_is_named(monkeypatch, tmp_path):
+    """The decode records its device as torch names it (cuda:1), the probe asks for "cuda:{index}" and the manager
+    for its `gpu` ("cuda", the current device): all three are one key. The marker is per GPU model. (CUDA's
+    current device and names injected.)"""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU model {torch.device(device).index}")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiled._decoder_ready(compiled._device_key(torch.device("cuda", 1)))
+    assert compiled.decoder_compile_state("cuda", None) == compiled.decoder_compile_state("cuda:1", None) == "ready"
+    assert compiled.decoder_compile_state("cuda:0", tmp_path) == compiled.COLD  # another model of GPU
+    compiled._decoder_outcome.clear()  # a later start
+    assert compiled.decoder_compile_state("cuda", tmp_path) == compiled.CACHED

@@ -796,22 +796,26 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
 
 # --- the VAE decoder's compile in the idle time after a short job (memory/plan: ComponentPlan.compile_later) --------
 
-def _plan_as_on_a_gpu(monkeypatch, ready_compiles: bool = True) -> None:
+def _plan_as_on_a_gpu(monkeypatch, ready_compiles: bool = True) -> list:
     """The plan's choice for a GPU whose decoder this process has not compiled, injected (no CUDA here, where the
     plan compiles nothing): a short job leaves the compile for later; once the decoder is ready, jobs decode
-    compiled (the real choice from the probe's state: test_plan_placement.py)."""
+    compiled (the real choice from the probe's state and the job's sections: test_plan_placement.py). Returns the
+    sections each plan was asked for."""
     from framepack_ui.compute import compile as compiled
     from framepack_ui.worker import worker as worker_module
 
     real_plan = worker_module.Worker._make_plan
+    sections = []
 
     def plan(self, *args, **kwargs):
+        sections.append(kwargs.get("sections"))
         made = real_plan(self, *args, **kwargs)
         if ready_compiles and compiled.decoder_compile_state("cpu", None) == compiled.READY:
             return made.with_component("vae", compile=True)
         return made.with_component("vae", compile_later=True)
 
     monkeypatch.setattr(worker_module.Worker, "_make_plan", plan)
+    return sections
 
 
 def test_a_short_jobs_decoder_compiles_while_the_worker_is_idle_and_serves_the_next_job(
@@ -824,7 +828,7 @@ def test_a_short_jobs_decoder_compiles_while_the_worker_is_idle_and_serves_the_n
     from framepack_ui.memory.manager import VAE_COMPILE_NOTICE, ModelManager
     from framepack_ui.worker.worker import IDLE_COMPILE_NOTICE
 
-    _plan_as_on_a_gpu(monkeypatch)
+    planned_sections = _plan_as_on_a_gpu(monkeypatch)
     gate, graphs_after_idle_compile = threading.Event(), []
     real_compile_now = ModelManager.compile_vae_decoder_now
 
@@ -850,13 +854,16 @@ def test_a_short_jobs_decoder_compiles_while_the_worker_is_idle_and_serves_the_n
     assert worker._manager.plan.components["vae"].compile and compiled.decoder_compile_state("cpu", None) == "ready"
     assert not any(isinstance(e, Phase) and e.detail == VAE_COMPILE_NOTICE for e in events)
     assert len(graphs_after_idle_compile) == 1  # the second job's plan left nothing for later
+    assert planned_sections == [spec(start_image_80x64).sections] * 2  # each job planned with its own length
 
 
 def test_a_command_line_worker_never_compiles_while_idle_and_a_failed_idle_compile_leaves_the_worker_working(
         make_worker, start_image_80x64, monkeypatch, caplog):
-    """The command line's worker (compile_when_idle=False) ends after its job: no compile then. The app's worker
-    compiles while idle; out of memory there (injected) is logged, and the next job runs and ends as usual."""
+    """The command line's worker (compile_when_idle=False) ends after its job: no compile then. Nor after a job
+    that failed (the user may be about to submit again). The app's worker compiles while idle; out of memory there
+    (injected) is logged, the next job runs and ends as usual, and the compile is not tried again."""
     from framepack_ui.memory.manager import ModelManager
+    from framepack_ui.worker.worker import IDLE_COMPILE_GRACE_S
 
     _plan_as_on_a_gpu(monkeypatch, ready_compiles=False)
     calls = []
@@ -870,10 +877,20 @@ def test_a_command_line_worker_never_compiles_while_idle_and_a_failed_idle_compi
     command_line.submit(spec(start_image_80x64, "command line"))
     command_line.run_queued()
     assert [j.status for j in command_line.jobs()] == ["finished"] and calls == []
+
+    def failing_engine(*args, **kwargs):
+        raise RuntimeError("the engine broke (injected)")
+
+    failed = make_worker(run_job=failing_engine, background=False)
+    failed.submit(spec(start_image_80x64, "fails"))
+    failed.run_queued()
+    assert [j.status for j in failed.jobs()] == ["failed"] and calls == []
     app = make_worker()
     with caplog.at_level("ERROR"):
         assert isinstance(all_events(app, app.submit(spec(start_image_80x64, "first")))[-1], Finished)
         wait_until(lambda: calls and app._idle_work is None)
         assert isinstance(all_events(app, app.submit(spec(start_image_80x64, "second")))[-1], Finished)
     assert any("compiling the VAE decoder while idle failed" in r.message for r in caplog.records)
-    wait_until(lambda: len(calls) == 2 and not app._manager.is_loaded("vae"))  # tried again after the second
+    wait_until(lambda: not app._manager.is_loaded("vae") and app._idle_work is None)
+    time.sleep(2 * IDLE_COMPILE_GRACE_S)  # past the grace after the second job: a retry would have started
+    assert len(calls) == 1

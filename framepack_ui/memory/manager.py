@@ -283,7 +283,13 @@ class ModelManager:
         compiled.keep_caches_in(self.models_dir / compiled.CACHE_SUBDIR)
         with self.use("vae") as vae:
             compiled.compile_vae_decoder(vae)
-            return compiled.compile_on_a_small_decode(vae)
+            ready = False
+            try:
+                ready = compiled.compile_on_a_small_decode(vae)
+            finally:
+                if not ready:  # a VAE kept loaded decodes as its plan says: eagerly, in the eager tiles
+                    compiled.uncompile_vae_decoder(vae)
+            return ready
 
     # --- LoRA -------------------------------------------------------------------------------------------------------
 

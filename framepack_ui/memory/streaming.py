@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 
 import torch
 
@@ -71,8 +72,12 @@ class _HostBuffer:
         pinned = pinned and nbytes > 0
         if pinned and REGISTER_BEFORE_COPY:
             self._register()
-        if fill is not None:
-            fill(self.tensor)
+        try:
+            if fill is not None:
+                fill(self.tensor)
+        except BaseException:
+            self.release()  # never leave memory registered that nothing holds
+            raise
         if pinned and not self.registered:
             self._register()
 
@@ -176,7 +181,7 @@ class BlockStreamer:
         refused = threading.Event()
 
         def pin(layout):
-            if refused.is_set():  # another block was refused: pinning more would only be released again
+            if refused.is_set():  # another block failed: pinning more would only be released again
                 return None
             entries, total = layout
             copies = []
@@ -186,8 +191,11 @@ class BlockStreamer:
                               for param, offset, size in entries)
 
             try:
-                return _HostBuffer(total, self.cuda, fill), copies
-            except (RuntimeError, MemoryError):
+                # a new thread's current device is GPU 0: registering there would start a context on a GPU this
+                # streamer's worker may not own (worker/pool.py)
+                with torch.cuda.device(self.device) if self.cuda else nullcontext():
+                    return _HostBuffer(total, self.cuda, fill), copies
+            except BaseException:
                 refused.set()
                 raise
 
@@ -197,12 +205,14 @@ class BlockStreamer:
         for future in futures:
             try:
                 pinned.append(future.result())
-            except (RuntimeError, MemoryError) as exc:
+            except BaseException as exc:  # noqa: BLE001 - every block is collected before anything is raised
                 failure = failure or exc
         if failure is None:
             return pinned
         for host, _ in filter(None, pinned):
             host.release()
+        if not isinstance(failure, (RuntimeError, MemoryError)):
+            raise failure  # not a refusal of page-locked memory: nothing pinned is left behind
         log.warning("%s: %s", fallback, failure)
         return None
 

@@ -143,6 +143,7 @@ class Worker:
         self.keep_models_s = keep_models_s
         self.compile_when_idle = compile_when_idle
         self._idle_work: str | None = None  # what the worker does between jobs now (a job submitted meanwhile waits)
+        self._idle_compile_failed = False
         self.outputs_dir = Path(outputs_dir)
         self.profile = profile
         self._device = device
@@ -254,6 +255,8 @@ class Worker:
                 return False
             job.status = "queued"
             self._queue.append(job)
+            if self._idle_work is not None:
+                self._tell_waiting(job)
             self._renumber()
         log.info("job %s: queued again after the restart", job_id)
         return True
@@ -636,33 +639,36 @@ class Worker:
             with self._cond:
                 self._running = None
                 idle = not self._queue
-        if idle:
-            self._compile_while_idle()
+        if idle and isinstance(job.result, Finished):  # not after a stop or a failure: the user may be about to
+            self._compile_while_idle()                  # submit again, and would wait for the compile
             with self._cond:
                 idle = not self._queue
         if idle:
             self._free_memory()
 
     def _compile_while_idle(self) -> None:
-        """The VAE decoder's compile that the last job's plan left for the idle time (ComponentPlan.compile_later):
-        with no job beside it, it competes with none for VRAM. A job submitted meanwhile waits for it, and is told
-        why. Its failure only leaves the next jobs decoding eagerly."""
+        """The VAE decoder's compile that the last job's plan left for the idle time (ComponentPlan.compile_later),
+        with no job beside it on the GPU, once the queue has stayed empty for IDLE_COMPILE_GRACE_S. A job submitted
+        meanwhile waits for it, and is told why. A compile that fails is not tried again in this process: the
+        next jobs decode eagerly."""
         manager = self._manager
         vae = manager.plan.components.get("vae") if manager is not None else None
-        if not (self.compile_when_idle and vae is not None and vae.compile_later
+        if not (self.compile_when_idle and vae is not None and vae.compile_later and not self._idle_compile_failed
                 and hasattr(manager, "compile_vae_decoder_now")):
             return
         with self._cond:
-            if self._queue:
-                return  # a job came in the meantime: it goes first, the compile to a later idle time
+            self._cond.wait_for(lambda: self._queue or self._closed, timeout=IDLE_COMPILE_GRACE_S)
+            if self._queue or self._closed:
+                return  # a job goes first (the compile waits for a later idle time), or the app is closing
             self._idle_work = IDLE_COMPILE_NOTICE
         started = time.perf_counter()
         try:
             ready = manager.compile_vae_decoder_now()
             log.info("VAE decoder compiled while idle in %.1f s%s", time.perf_counter() - started,
                      "" if ready else ": its compiler failed, so jobs decode without it")
-        except Exception:  # the worker outlives it: the next job's plan decodes eagerly and compiles later again
-            log.exception("compiling the VAE decoder while idle failed")
+        except Exception:  # the worker outlives it
+            self._idle_compile_failed = True
+            log.exception("compiling the VAE decoder while idle failed: jobs decode without compiling it")
         finally:
             with self._cond:
                 self._idle_work = None
@@ -966,6 +972,9 @@ class Worker:
                 else None)
 
 
+# How long the queue stays empty after a job before the worker compiles: a user submitting again at once (a batch
+# from the page, a retry) does not wait for the compile.
+IDLE_COMPILE_GRACE_S = 2.0
 IDLE_COMPILE_NOTICE = ("waiting for the VAE decoder's compile, which the app does once while idle (up to a minute or "
                        "two): it makes this job's decodes faster")
 
