@@ -190,9 +190,8 @@ def _linear_blocks(count: int) -> list[torch.nn.Module]:
 
 
 def test_a_host_buffer_is_filled_before_it_is_registered_unless_told_otherwise(monkeypatch):
-    """Copy first, then page-lock (the pages are already there to pin; registering first has the kernel zero-fill
-    each page that the copy then writes again: bench/bench_pin.py); the other order where REGISTER_BEFORE_COPY says.
-    cudaHostRegister injected (no CUDA here)."""
+    """Page-locked, then filled, or filled, then page-locked (the pages already there to pin), as
+    REGISTER_BEFORE_COPY says (bench/bench_pin.py compares them). cudaHostRegister injected (no CUDA here)."""
     from framepack_ui.memory import streaming
 
     source = torch.arange(64, dtype=torch.uint8)
@@ -221,6 +220,7 @@ def test_pinning_that_fails_part_way_releases_every_block_it_pinned(monkeypatch,
 
     from framepack_ui.memory import streaming
 
+    monkeypatch.setattr(streaming, "PIN_WORKERS", 4)  # several at a time: others are pinned meanwhile
     blocks = _linear_blocks(6)
     layouts = [streaming._layout(b) for b in blocks]
     released, started = [], []
@@ -246,13 +246,15 @@ def test_pinning_that_fails_part_way_releases_every_block_it_pinned(monkeypatch,
     assert any(r.message.startswith("falling back: cudaHostRegister") for r in caplog.records) != raised
 
 
-def test_pinned_blocks_hold_exact_copies_in_parameter_order():
+@pytest.mark.parametrize("workers", [1, 4])
+def test_pinned_blocks_hold_exact_copies_in_parameter_order(monkeypatch, workers):
     """What the streamer uploads from, pinned several blocks at a time: each block's copies inside its own buffer,
     laid out in its parameter order, equal to the sources."""
     from types import SimpleNamespace
 
     from framepack_ui.memory import streaming
 
+    monkeypatch.setattr(streaming, "PIN_WORKERS", workers)
     blocks = _linear_blocks(5)
     layouts = [streaming._layout(b) for b in blocks]
     pinned = streaming.BlockStreamer._pin_blocks(SimpleNamespace(cuda=False, device=torch.device("cpu")), layouts,

@@ -40,12 +40,14 @@ log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype
 
-# Page-locking copies: each block copied and registered in a thread of its own (the copy and cudaHostRegister both
-# release the GIL), and copied before it is registered: the copy faults the new buffer's pages in, and registering
-# then pins them as they are, where registering first has the kernel zero-fill every page that the copy then writes
-# again (bench/bench_pin.py compares them; docs/benchmarks.md, "Page-locked sources where RAM allows").
-PIN_WORKERS = 8
-REGISTER_BEFORE_COPY = False
+# How the blocks are page-locked: PIN_WORKERS blocks at a time, each in a thread of its own (the copy and
+# cudaHostRegister release the GIL), and each registered before or after its copy (after: the copy faults the new
+# buffer's pages in and registering pins them as they are; before: the kernel zero-fills every page, which the copy
+# then writes again). The defaults are the way the app's figures were measured with (one block at a time,
+# registered first: 8.9 s for 23 GiB in an 8 GB warm job, docs/benchmarks.md "The whole app path, cold and warm");
+# bench/bench_pin.py compares the others, not yet run on a GPU (docs/gpu-runbook.md row 16).
+PIN_WORKERS = 1
+REGISTER_BEFORE_COPY = True
 
 
 def _layout(block: torch.nn.Module) -> tuple[list[tuple[torch.nn.Parameter, int, int]], int]:
