@@ -674,11 +674,11 @@ class Worker:
                 self._idle_work = None
 
     def _tell_waiting(self, job: _Job) -> None:
-        """A queued job hears what the idle worker finishes before it starts (with self._cond held)."""
+        """A queued job hears what the idle worker finishes before it starts (with self._cond held; the caller's
+        _renumber wakes whoever follows the job's events)."""
         event = Notice(self._idle_work)
         self._tell(job, event)
         job.events.append(event)
-        self._cond.notify_all()
 
     def _run(self, job: _Job) -> None:
         recorder = job.timeline = TimelineRecorder(self._read_gauges).start()
