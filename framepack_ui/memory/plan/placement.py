@@ -130,7 +130,7 @@ def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeig
         return eager
     compile_s = VAE_DECODER_COMPILE_SECONDS[machine.decoder_compile]
     if o.sections is not None and o.sections * (before - after) < compile_s:
-        return _compile_later(eager, compiled, compile_s)
+        return _compile_later(eager, compiled, compile_s, o.sections)
     compiling = f"; the first decode after the app starts compiles it: {_compile_time_text(compile_s)}" \
         if compile_s else ""
     return replace(compiled, notes=compiled.notes + (
@@ -138,14 +138,15 @@ def _plan_with_decoder_choice(machine: Machine, weights: dict[str, ComponentWeig
         f"{decode_name(eager)} (about {before / after:.1f}x faster{compiling})",))
 
 
-def _compile_later(eager: LoadPlan, compiled: LoadPlan, compile_s: float) -> LoadPlan:
+def _compile_later(eager: LoadPlan, compiled: LoadPlan, compile_s: float, sections: int) -> LoadPlan:
     """The eager plan, with the decoder to compile when the worker is idle after the job: this job's decodes would
     save less than the compile costs it (docs/benchmarks.md, "First-job compile costs")."""
     plan = eager.with_component("vae", compile_later=True)
     return replace(plan, notes=plan.notes + (
-        f"VAE decoder not compiled for this job: it decodes {decode_name(eager)}, and the decoder compiles when the "
-        f"app is idle after it ({_compile_time_text(compile_s)}, once per app start), so later jobs decode "
-        f"{decode_name(compiled)} (about {decode_seconds(eager) / decode_seconds(compiled):.1f}x faster)",))
+        f"VAE decoder not compiled for this job: its {sections} sections would not pay back the compile "
+        f"({_compile_time_text(compile_s)}), so it decodes {decode_name(eager)}; the web app compiles the decoder "
+        f"while idle after the job, and its later jobs decode {decode_name(compiled)} (about "
+        f"{decode_seconds(eager) / decode_seconds(compiled):.1f}x faster)",))
 
 
 def _compile_time_text(seconds: float) -> str:
