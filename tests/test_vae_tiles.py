@@ -216,10 +216,11 @@ def test_a_compiled_decoder_is_remembered_beside_the_compile_cache_for_the_next_
 
 
 def test_a_compiler_failure_marks_the_decoder_failed_and_out_of_memory_in_a_small_decode_propagates(
-        tiny_models_dir, tiled_vae, monkeypatch):
+        tiny_models_dir, tiled_vae, monkeypatch, tmp_path):
     """The plan decodes eagerly where the compiler failed in this process (a compiled plan's tiles would not fit
     the eager decoder); an out-of-memory error in the idle compile is the worker's to report, and leaves the
     decoder to compile later."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no marker from an earlier test
     original = tiled_vae.decoder.conv_in.forward
 
     def out_of_memory(*args, **kwargs):

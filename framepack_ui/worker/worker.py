@@ -652,7 +652,8 @@ class Worker:
         meanwhile waits for it, and is told why. A compile that fails is not tried again in this process: the
         next jobs decode eagerly."""
         manager = self._manager
-        vae = manager.plan.components.get("vae") if manager is not None else None
+        plan = getattr(manager, "plan", None)  # a lender given to the worker (tests, benches) may have none
+        vae = plan.components.get("vae") if plan is not None else None
         if not (self.compile_when_idle and vae is not None and vae.compile_later and not self._idle_compile_failed
                 and hasattr(manager, "compile_vae_decoder_now")):
             return
