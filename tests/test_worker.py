@@ -23,14 +23,7 @@ from framepack_ui.units import GB
 from framepack_ui.worker import Queued
 from framepack_ui.worker.events import Estimated
 from framepack_ui.worker.speed import UNKNOWN, JobShape, machine_key, read_book
-from worker_jobs import TIMEOUT_S, all_events, spec
-
-
-def wait_until(condition, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+from worker_jobs import TIMEOUT_S, all_events, spec, wait_until
 
 
 def gated(run_job, gate: threading.Event, started: list):

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from framepack_ui.events import Failed, Finished, Phase, Stopped
 from framepack_ui.weights import download, layout
 from framepack_ui.worker import Queued
 from framepack_ui.worker.events import Estimated
-from worker_jobs import TIMEOUT_S, all_events, spec
+from worker_jobs import TIMEOUT_S, all_events, spec, wait_until
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS_IN_REPO = f"vae/{VAE_WEIGHTS}"
@@ -55,13 +54,6 @@ def models_lacking_two_files(tiny_models_dir, tmp_path):
     (layout.COMPONENTS["feature_extractor"].folder(models) / FEATURE_CONFIG).unlink()
     assert set(layout.missing(models)) == {"vae", "feature_extractor"}
     return models
-
-
-def wait_until(condition, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def recording_engine(calls: list):

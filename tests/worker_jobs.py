@@ -3,6 +3,7 @@ end. The `make_worker` fixture is in conftest.py."""
 from __future__ import annotations
 
 import threading
+import time
 
 from framepack_ui.spec import JobSpec
 from job_settings import FAST_128PX
@@ -12,6 +13,13 @@ TIMEOUT_S = 120  # a 2-core machine shared with other work: generous, only hit w
 
 def spec(image, prompt="a red square moves", **settings) -> JobSpec:
     return JobSpec(image=image, prompt=prompt, **{**FAST_128PX, **settings})
+
+
+def wait_until(condition, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 def all_events(worker, job_id) -> list:

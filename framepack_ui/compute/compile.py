@@ -142,8 +142,11 @@ class CompiledBlockForward(_CompiledForward):
         # dynamic=False: the token count is the same for every call of a job (F1's context is fixed-size), and a
         # new resolution only recompiles (once per shape)
         super().__init__(dynamic=False, mode=mode)
-        self.mode = mode
         self.state = state or _CompilerState()
+
+    @property
+    def mode(self) -> str | None:
+        return self.compile_options["mode"]
 
     def new_forward(self, module, *args, **kwargs):
         if self.state.failed:
@@ -211,9 +214,7 @@ def _decoder_ready(device: str) -> None:
         return
     _decoder_outcome[device] = READY
     try:
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())  # where inductor wrote
+        cache = _inductor_cache_now()  # where inductor wrote
         cache.mkdir(parents=True, exist_ok=True)
         _compile_marker(cache, device).touch()
     except Exception as exc:  # noqa: BLE001 - the decode went well; only a later start's estimate misses it
@@ -234,11 +235,15 @@ def inductor_cache_dir(models_dir: Path) -> Path:
     torch's own `cache_dir()` sets the variable, and `keep_caches_in` would then leave it as the user's."""
     variable = "TORCHINDUCTOR_CACHE_DIR"
     ours = _cache_path_in(Path(models_dir) / CACHE_SUBDIR, variable) if _ours_to_set(variable) else None
-    if ours is not None:
-        return Path(ours)
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # the user's, or a path too long for ours
+    return Path(ours) if ours is not None else _inductor_cache_now()  # the user's, or a path too long for ours
 
-    return Path(os.environ.get(variable) or default_cache_dir())
+
+def _inductor_cache_now() -> Path:
+    """The folder inductor writes to now: its variable, or its default (torch's own `cache_dir()` would set the
+    variable)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
 
 
 def decoder_compile_state(device: str | torch.device, models_dir: Path | None) -> str:
