@@ -134,12 +134,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace-allocator", action="store_true",
                    help="at each phase's end, where the anonymous memory is: malloc's figures and /proc/self/smaps by "
                         "mapping (a few ms to tens of ms a phase, charged to the job)")
+    p.add_argument("--pin-workers", type=int, default=None, metavar="N",
+                   help="page-lock N streamed blocks at a time (streaming.PIN_WORKERS; default: the app's)")
+    p.add_argument("--pin-register", choices=("before", "after"), default=None,
+                   help="register each pinned block before or after its copy (streaming.REGISTER_BEFORE_COPY; "
+                        "default: the app's)")
     p.add_argument("--outputs", type=Path, default=None, help="where the videos go (default: a temporary folder)")
     p.add_argument("--out", default="app.json")
     a = p.parse_args(argv)
     problems = [(a.jobs < 1, "--jobs must be at least 1"),
                 (a.hold_ram_gb is not None and a.hold_ram_gb <= 0, "--hold-ram-gb must be more than 0"),
                 (a.vram_gb is not None and a.vram_gb <= 0, "--vram-gb must be more than 0"),
+                (a.pin_workers is not None and a.pin_workers < 1, "--pin-workers must be at least 1"),
                 (not (a.models / "lllyasviel").is_dir(), f"--models {a.models}: no models in the real layout there"),
                 (a.extend and a.extend_from is not None, "--extend is --extend-from 2: give one of them"),
                 (a.extend_from is not None and not 2 <= a.extend_from <= a.jobs,
@@ -649,6 +655,13 @@ def main(argv=None) -> None:
     from framepack_ui.worker import Worker
 
     allocator.configure()  # as the app does, before CUDA starts
+    if a.pin_workers is not None or a.pin_register is not None:
+        # streaming imports diffusers, which the first job otherwise imports (and is timed for): only when asked
+        from framepack_ui.memory import streaming
+
+        streaming.PIN_WORKERS = a.pin_workers or streaming.PIN_WORKERS
+        if a.pin_register is not None:
+            streaming.REGISTER_BEFORE_COPY = a.pin_register == "before"
     cuda = torch.cuda.is_available() and (a.device or "cuda").startswith("cuda")
     if a.vram_gb is not None and not cuda:
         refuse("--vram-gb needs a CUDA GPU")
@@ -657,7 +670,8 @@ def main(argv=None) -> None:
     R = dict(models=str(a.models), jobs_asked=a.jobs, seconds=a.seconds, resolution=a.resolution, steps=a.steps,
              profile=a.profile, fp8=a.fp8, vram_gb=a.vram_gb, hold_ram_gb=a.hold_ram_gb,
              drop_page_cache=a.drop_page_cache, keep_models_s=a.keep_models, compile_cache=compile_cache,
-             torch_import_s=torch_import_s, pid=os.getpid())
+             torch_import_s=torch_import_s, pid=os.getpid(),
+             pin_workers=a.pin_workers or "the app's", pin_register=a.pin_register or "the app's")
     R["models_GB"] = sum(p.stat().st_size for p in a.models.rglob("*.safetensors")) / 1e9  # fp8 cache included
     helpers: list[Helper] = []
     holder = meters = None

@@ -41,13 +41,13 @@ log = logging.getLogger(__name__)
 ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype
 
 # How the blocks are page-locked: PIN_WORKERS blocks at a time, each in a thread of its own (the copy and
-# cudaHostRegister release the GIL), and each registered before or after its copy (after: the copy faults the new
-# buffer's pages in and registering pins them as they are; before: the kernel zero-fills every page, which the copy
-# then writes again). The defaults are the way the app's figures were measured with (one block at a time,
-# registered first: 8.9 s for 23 GiB in an 8 GB warm job, docs/benchmarks.md "The whole app path, cold and warm");
-# bench/bench_pin.py compares the others, not yet run on a GPU (docs/gpu-runbook.md row 16).
-PIN_WORKERS = 1
-REGISTER_BEFORE_COPY = True
+# cudaHostRegister release the GIL), each registered after its copy (the copy faults the new buffer's pages in and
+# registering pins them as they are; registering first makes the kernel zero-fill every page, which the copy then
+# writes again). 4 threads, registered after: 0.58 s for 24 blocks (10.3 GB) where one at a time registered first
+# took 3.28 s, and an 8 GB warm job's loading 2.7 s instead of 8.5 (docs/benchmarks.md, "Page-locked sources where
+# RAM allows"); 8 and 16 threads were no faster.
+PIN_WORKERS = 4
+REGISTER_BEFORE_COPY = False
 
 
 def _layout(block: torch.nn.Module) -> tuple[list[tuple[torch.nn.Parameter, int, int]], int]:
