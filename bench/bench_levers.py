@@ -5,7 +5,8 @@ page-locked RAM), torch.compile modes (`--compile-modes`), fp8 matmul (`torch._s
 with a per-call dequantize, and mean GPU utilisation (NVML) for each.
 
     python -m bench.bench_levers --out levers.json [--timed-steps 3] [--vram-gb 8] [--pinned]
-        [--compile-modes max-autotune-no-cudagraphs] [--fp8-attention cudnn_fp8] [--tiny]
+        [--compile-modes max-autotune-no-cudagraphs] [--fp8-attention cudnn_fp8] [--graph]
+        [--inductor coordinate_descent_tuning=True] [--tiny]
 
 Full-size F1 transformer (12.9 B params, random weights, bf16) at 640x608 with a mid-video history, as
 bench_engine.py. The 8 GB card rows place that same transformer as the app's plan places it on such a card (resident
@@ -48,27 +49,35 @@ def timed(denoiser, noise, n: int, util: Utilisation) -> dict:
             "gpu_util_pct": util.mean}
 
 
-def gpu_time_breakdown(denoiser, noise) -> dict:
-    """Share of one forward's GPU kernel time in attention, matmuls and everything else (element-wise)."""
+def gpu_time_breakdown(denoiser, noise, top_kernels: int = 30) -> dict:
+    """Share of one forward's GPU kernel time in attention, matmuls and everything else (element-wise), and the
+    `top_kernels` largest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         denoiser(noise, torch.tensor(0.5))
         torch.cuda.synchronize()
     buckets = {"attention": 0.0, "matmul": 0.0, "other": 0.0}
+    kernels = []
     for e in prof.key_averages():
         if e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = e.key.lower()
         us = getattr(e, "self_device_time_total", 0) or 0
         if any(k in name for k in ("flash", "fmha", "sdpa", "attention", "attn")):
-            buckets["attention"] += us
+            bucket = "attention"
         elif any(k in name for k in ("gemm", "nvjet", "cutlass", "xmma", "scaled_mm", "matmul", "splitk")):
-            buckets["matmul"] += us
+            bucket = "matmul"
         else:
-            buckets["other"] += us
+            bucket = "other"
+        buckets[bucket] += us
+        kernels.append((us, e.count, bucket, e.key))
     total = sum(buckets.values()) or 1.0
-    return {"gpu_ms": total / 1e3, **{f"{k}_share": v / total for k, v in buckets.items()}, **_gpu_idle_or_why(prof)}
+    # where the element-wise time goes (what a fusion would have to remove): the largest kernels by GPU time
+    top = [f"{us / 1e3:7.2f} ms {count:4d}x {bucket[:5]:5} {key[:110]}" for us, count, bucket, key
+           in sorted(kernels, reverse=True)[:top_kernels]]
+    return {"gpu_ms": total / 1e3, **{f"{k}_share": v / total for k, v in buckets.items()},
+            **{f"{k}_ms": v / 1e3 for k, v in buckets.items()}, "top_kernels": top, **_gpu_idle_or_why(prof)}
 
 
 def _gpu_idle_or_why(prof) -> dict:
@@ -98,6 +107,58 @@ def gpu_idle(prof, top: int = 6) -> dict:
             "largest_gaps": [f"{g / 1e3:.2f} ms after {a} before {b}" for g, a, b in sorted(gaps)[::-1][:top]]}
 
 
+class GraphedStep:
+    """One whole denoiser step (the transformer's forward and the x0 around it) captured as a CUDA graph and replayed:
+    what graphs could save on the all-on-GPU plan, where nothing moves between the GPU and the host inside a step.
+    Per-block graphs (torch.compile's reduce-overhead) failed: the single blocks share one graph whose replays
+    overwrite the output the next block reads (docs/benchmarks.md, "No CUDA graphs"). The inputs are copied into
+    the captured ones; the output is the captured tensor, overwritten by the next replay."""
+
+    def __init__(self, denoiser, noise: torch.Tensor):
+        self.x = noise.to("cuda").clone()
+        self.sigma = torch.tensor(0.5, device="cuda")
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as capture needs: compiles, allocator pools
+            for _ in range(2):
+                denoiser(self.x, self.sigma)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = denoiser(self.x, self.sigma)
+
+    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        self.x.copy_(x, non_blocking=True)
+        self.sigma.fill_(float(sigma))
+        self.graph.replay()
+        return self.out
+
+
+def graphed_row(make, noise, sigma, reference, compiled_out, a, util) -> dict:
+    step = GraphedStep(make(), noise)
+    out = step(noise, sigma).cpu()  # where the reference is (the noise's device)
+    return {**timed(step, noise, a.timed_steps, util), "x0_rel_diff": rel(out, reference),
+            "max_abs_diff_vs_compiled": (out - compiled_out.cpu()).abs().max().item(),
+            **gpu_time_breakdown(step, noise)}
+
+
+def inductor_row(option: str, make, noise, sigma, reference, a, util) -> dict:
+    """The compiled blocks compiled again with one inductor option set (`name=value`, value a Python literal)."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    name, _, value = option.partition("=")
+    torch._dynamo.reset()  # the blocks trace again, under the option
+    try:
+        with inductor_config.patch({name: ast.literal_eval(value)}):
+            return {**timed(make(), noise, a.timed_steps, util),
+                    **(gpu_time_breakdown(make(), noise) if torch.cuda.is_available() else {}),
+                    "x0_rel_diff": rel(make()(noise, sigma), reference)}
+    finally:
+        torch._dynamo.reset()  # the rows after it compile again without the option
+
+
 def streamed(transformer, make, noise, a, util, device, speed: dict, pin: bool = False) -> dict:
     """The card of `--vram-gb` GiB as the app's plan places this transformer on it (resident blocks, streamed
     ones; fp8 where it is quantized), applied by the app's manager to the same weights; a filler allocation leaves
@@ -123,6 +184,25 @@ def streamed(transformer, make, noise, a, util, device, speed: dict, pin: bool =
     return r
 
 
+def report(R: dict, out: str) -> None:
+    rows = R["rows"]
+    print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")
+    for name, r in rows.items():
+        if "error" in r:
+            print(f"{name:58} {'-':>7} {'-':>8} {'-':>6}  {r['error'][:80]}")
+            continue
+        notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in ("s_per_step", "sampling_s_per_frame",
+                                                                                "gpu_util_pct")
+                          and isinstance(v, (int, float)) and not k.endswith("_share"))
+        pct = f"{r['gpu_util_pct']:.0f}" if r.get("gpu_util_pct") is not None else "-"
+        print(f"{name:58} {r['s_per_step']:7.3f} {r['sampling_s_per_frame']:8.3f} {pct:>6}  {notes}")
+    for name, r in rows.items():
+        if r.get("top_kernels"):
+            print(f"\n{name}: largest kernels of one step (GPU time, calls, bucket, name)")
+            print("\n".join(r["top_kernels"]))
+    Path(out).write_text(json.dumps(R, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tiny", action="store_true")
@@ -137,6 +217,10 @@ def main() -> None:
     p.add_argument("--pinned", action="store_true", help="also stream from page-locked RAM (each streamed row)")
     p.add_argument("--compile-modes", default="", help="comma-separated torch.compile modes to time after the "
                                                         "default one, e.g. max-autotune-no-cudagraphs")
+    p.add_argument("--graph", action="store_true",
+                   help="also the compiled all-on-GPU step captured whole as one CUDA graph")
+    p.add_argument("--inductor", default="", help="comma-separated inductor options (name=value) to time one at a "
+                                                   "time on the compiled blocks, e.g. coordinate_descent_tuning=True")
     p.add_argument("--out", default="levers.json")
     a = p.parse_args()
     allocator.configure()  # as the app does, before CUDA starts
@@ -194,6 +278,12 @@ def main() -> None:
     row(f"compiled blocks, attention {best}", lambda: {**timed(make(), noise, a.timed_steps, util),
                                                        **(gpu_time_breakdown(make(), noise) if cuda else {}),
                                                        "x0_rel_diff": rel(make()(noise, sigma), reference)})
+    if a.graph and cuda:
+        compiled_out = make()(noise, sigma)
+        row("compiled blocks, whole step as one CUDA graph", lambda: graphed_row(make, noise, sigma, reference,
+                                                                                 compiled_out, a, util))
+    for option in [o for o in a.inductor.split(",") if o]:
+        row(f"compiled blocks, inductor {option}", lambda: inductor_row(option, make, noise, sigma, reference, a, util))
     streamed_rows("compiled", compile=True)
     for mode in [m for m in a.compile_modes.split(",") if m]:
         kernels.compile_blocks(model, mode)
@@ -202,7 +292,7 @@ def main() -> None:
         kernels.compile_blocks(model)  # the rows below keep the default mode (the app's)
 
     if a.no_fp8:
-        Path(a.out).write_text(json.dumps(R, indent=1))
+        report(R, a.out)
         return
     R["quantized_linears"] = quantize_in_place(model)
     fp8.apply_fp8_compute(model, dtype)
@@ -215,7 +305,7 @@ def main() -> None:
         out = make()(noise, sigma)
         # x0 = x - sigma * v: the model's own part is x - x0
         return {**timed(make(), noise, a.timed_steps, util), "velocity_rel_error": rel(noise - out, noise - reference),
-                "x0_rel_error": rel(out, reference)}
+                "x0_rel_error": rel(out, reference), **(gpu_time_breakdown(make(), noise) if cuda else {})}
 
     row("compiled, fp8 storage (dequantize per call)", lambda: fp8_row(False))
     row("compiled, fp8 matmul", lambda: fp8_row(True))
@@ -226,18 +316,7 @@ def main() -> None:
     fp8_linear.set_fp8_matmul(model, True)
     streamed_rows("compiled, fp8 matmul", compile=True, fp8_matmul=True)
 
-    print(f"\n{'lever':58} {'s/step':>7} {'s/frame':>8} {'GPU %':>6}  notes")
-    for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:58} {'-':>7} {'-':>8} {'-':>6}  {r['error'][:80]}")
-            continue
-        notes = ", ".join(f"{k} {v:.3g}" for k, v in r.items() if k not in ("s_per_step", "sampling_s_per_frame",
-                                                                                "gpu_util_pct")
-                          and isinstance(v, (int, float)))
-        pct = f"{r['gpu_util_pct']:.0f}" if r.get("gpu_util_pct") is not None else "-"
-        print(f"{name:58} {r['s_per_step']:7.3f} {r['sampling_s_per_frame']:8.3f} {pct:>6}  {notes}")
-    Path(a.out).write_text(json.dumps(R, indent=1))
-
+    report(R, a.out)
 
 if __name__ == "__main__":
     main()

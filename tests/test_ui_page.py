@@ -374,3 +374,28 @@ def test_offline_the_card_says_which_files_to_copy_where(tmp_path, open_page):
         assert "text_encoder/model-00001..00004-of-00004.safetensors" in files
         assert not page.locator("#download_models").is_visible()
         assert not page.locator("#download_cancel").is_visible()
+
+
+def test_the_plan_shown_before_generate_counts_the_length_asked_for(make_worker, monkeypatch):
+    """The page's plan (wiring's show_plan, fed the Length slider) plans the video's sections: on an 8 GB card whose
+    VAE decoder is not compiled yet, a 5 s video leaves the decoder's compile to the idle time after it and a 100 s one
+    compiles it in the job, as the job's own plan would. The machine and the weights' sizes are supposed (no GPU here,
+    tiny models on disk)."""
+    from framepack_ui.memory import probe
+    from framepack_ui.memory.plan.catalogue import real_weights
+    from framepack_ui.ui.wiring import build_ui
+
+    worker = make_worker()
+    supposed = replace(probe.Machine.supposed(64, 8), compile_supported=True, decoder_compile="cold")
+    monkeypatch.setattr(worker, "_probe_machine", lambda device: supposed)
+    monkeypatch.setattr(probe, "weights_on_disk", lambda models_dir: real_weights())
+    demo = build_ui(worker)
+    show_plan = next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "show_plan")
+    no_loras = [present.NO_LORA[1]] * present.LORA_SLOTS + [1.0] * present.LORA_SLOTS
+
+    def plan_for(seconds) -> str:
+        return show_plan("auto", 640, present.STORAGE_CHOICES[0][1], seconds, *no_loras)
+
+    short, long, unset = plan_for(4.8), plan_for(100.0), plan_for(None)
+    assert "its 4 sections would not pay back the compile" in short
+    assert "would not pay back" not in long and "would not pay back" not in unset  # unknown: as a long job

@@ -16,7 +16,7 @@ import gradio as gr
 
 from ..errors import ModelFilesError, UserError
 from ..events import TERMINAL, Failed
-from ..spec import SEED_MAX, Continuation, JobSpec
+from ..spec import SEED_MAX, Continuation, JobSpec, section_count
 from ..telemetry import read_gauges, starved
 from ..worker import DOWNLOAD_COMMAND
 from . import present
@@ -322,14 +322,17 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
         if not worker.cancel_download():
             gr.Info("No download is running.")
 
-    def show_plan(profile, resolution, storage, *loras):
-        # `loras`: every LoRA slot's file, then every slot's strength (Page.lora_inputs): the plan places their memory
+    def show_plan(profile, resolution, storage, seconds, *loras):
+        # `loras`: every LoRA slot's file, then every slot's strength (Page.lora_inputs): the plan places their memory.
+        # `seconds`: the job's sections decide whether its decodes would pay back compiling the VAE decoder
         slots = len(page.lora_pickers)
         try:
             choices = present.lora_choices(list(loras[:slots]), list(loras[slots:]), worker.loras_dir)
         except UserError:
             choices = ()  # a strength being typed: the plan without the LoRAs until it is a number
-        text = worker.plan_text(profile, int(resolution or 640), loras=choices, fp8=present.FP8_OPTION.get(storage))
+        sections = section_count(float(seconds)) if isinstance(seconds, (int, float)) and seconds > 0 else None
+        text = worker.plan_text(profile, int(resolution or 640), loras=choices, fp8=present.FP8_OPTION.get(storage),
+                                sections=sections)
         return f"```\n{text}\n```"
 
     def gallery_update():
@@ -435,7 +438,7 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
     page.download.click(download, None, download_outputs, **stream)
     page.download_cancel.click(cancel_download, None, None, **stream)
     planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
-    plan_inputs = [page.profile, page.resolution, page.storage, *page.lora_inputs()]
+    plan_inputs = [page.profile, page.resolution, page.storage, page.seconds, *page.lora_inputs()]
     demo.load(show_plan, plan_inputs, page.plan, **planning)
     for control in plan_inputs:
         control.change(show_plan, plan_inputs, page.plan, **planning)
