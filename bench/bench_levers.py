@@ -309,9 +309,16 @@ def main() -> None:
 
     row("compiled, fp8 storage (dequantize per call)", lambda: fp8_row(False))
     row("compiled, fp8 matmul", lambda: fp8_row(True))
-    for backend in [b for b in a.fp8_attention.split(",") if b and b != best]:
+    fp8_backends = [b for b in a.fp8_attention.split(",") if b and b != best]
+    for backend in fp8_backends:
         attention.set_attention(model, backend)
         row(f"compiled, fp8 matmul, attention {backend}", lambda: fp8_row(True))
+    if a.graph and cuda:
+        fp8_linear.set_fp8_matmul(model, True)
+        for backend in [best, *fp8_backends]:
+            attention.set_attention(model, backend)
+            row(f"compiled, fp8 matmul, attention {backend}, whole step as one CUDA graph",
+                lambda: graphed_row(make, noise, sigma, reference, make()(noise, sigma), a, util))
     attention.set_attention(model, best)
     fp8_linear.set_fp8_matmul(model, True)
     streamed_rows("compiled, fp8 matmul", compile=True, fp8_matmul=True)
