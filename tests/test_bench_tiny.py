@@ -58,9 +58,11 @@ def test_bench_app_times_two_jobs_through_the_worker(tiny_models_dir, tmp_path):
     out = tmp_path / "app.json"
     _run(["-m", "bench.bench_app", "--models", str(tiny_models_dir), "--jobs", "2", "--seconds", "2.4",
           "--resolution", "64", "--steps", "3", "--hold-ram-gb", "0.05", "--drop-page-cache",
-          "--compile-cache", str(tmp_path / "compile-cache"), "--trace-allocator", "--out", str(out)])
+          "--compile-cache", str(tmp_path / "compile-cache"), "--trace-allocator", "--pin-workers", "2",
+          "--pin-register", "before", "--out", str(out)])
     R = json.loads(out.read_text())
     assert R["command"].startswith("python -m bench.bench_app")
+    assert (R["pin_workers"], R["pin_register"]) == (2, "before")  # the way of pinning it ran with, as asked
     assert len(R["jobs"]) == 2
     # the worker's estimate as each job started: none before the first job, the first job's speed for the second
     assert R["jobs"][0]["estimated_s"] is None and R["jobs"][1]["estimated_s"] > 0
@@ -123,8 +125,9 @@ def test_bench_app_refuses_a_card_size_without_cuda(tiny_models_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--jobs", "2", "--extend-from", "3"], "--extend-from N needs 2 <= N <= --jobs (job 1 has no video before it)"),
     (["--jobs", "2", "--extend-from", "1"], "--extend-from N needs 2 <= N <= --jobs (job 1 has no video before it)"),
-    (["--jobs", "2", "--extend", "--extend-from", "2"], "--extend is --extend-from 2: give one of them")])
-def test_bench_app_refuses_an_extension_without_a_video_before_it(tiny_models_dir, flags, message):
+    (["--jobs", "2", "--extend", "--extend-from", "2"], "--extend is --extend-from 2: give one of them"),
+    (["--pin-workers", "0"], "--pin-workers must be at least 1")])
+def test_bench_app_refuses_flags_it_cannot_run_in_one_line(tiny_models_dir, flags, message):
     result = subprocess.run([sys.executable, "-m", "bench.bench_app", "--models", str(tiny_models_dir), *flags],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == f"bench_app: error: {message}"
