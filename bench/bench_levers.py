@@ -142,6 +142,69 @@ def graphed_row(make, noise, sigma, reference, compiled_out, a, util) -> dict:
             **gpu_time_breakdown(step, noise)}
 
 
+def split_output_forward(block, hidden_states, encoder_hidden_states, temb, attention_mask=None,
+                         image_rotary_emb=None, *args, **kwargs):
+    """diffusers' HunyuanVideoSingleTransformerBlock.forward without concatenating the attention and MLP outputs
+    before `proj_out` (the compiled step's largest element-wise kernel, 18 ms: docs/benchmarks.md, "Where the
+    compiled step's time goes"): `proj_out` as two matmuls over its weight's two column blocks, the second adding
+    onto the first, and the MLP's tanh GELU in its matmul's epilogue (cuBLASLt, through `_addmm_activation`, which
+    inductor leaves to cuBLAS). `block.split_weights`: the two column blocks, contiguous."""
+    text = encoder_hidden_states.shape[1]
+    hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+    residual = hidden_states
+    norm_hidden_states, gate = block.norm(hidden_states, emb=temb)
+    b, n, d = norm_hidden_states.shape
+    mlp = torch._addmm_activation(block.proj_mlp.bias, norm_hidden_states.reshape(b * n, d),
+                                  block.proj_mlp.weight.t(), use_gelu=True)
+    attn_output, context_attn_output = block.attn(hidden_states=norm_hidden_states[:, :-text],
+                                                  encoder_hidden_states=norm_hidden_states[:, -text:],
+                                                  attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
+    attn_output = torch.cat([attn_output, context_attn_output], dim=1).reshape(b * n, d)
+    attention_weight, mlp_weight = block.split_weights
+    out = torch.addmm(block.proj_out.bias, attn_output, attention_weight.t())
+    out = torch.addmm(out, mlp, mlp_weight.t())
+    hidden_states = gate.unsqueeze(1) * out.view(b, n, d) + residual
+    return hidden_states[:, :-text], hidden_states[:, -text:]
+
+
+def split_output_row(model, make, noise, sigma, reference, compiled_out, a, util) -> dict:
+    """The compiled blocks with the single blocks' forward as `split_output_forward` (a hook inside the compiled
+    one), then put back as they were."""
+    from diffusers.hooks import ModelHook
+
+    class SplitOutput(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            return split_output_forward(module, *args, **kwargs)
+
+    blocks = list(model.single_transformer_blocks)
+    mode = kernels._hook(blocks[0], kernels.BLOCK_HOOK).mode
+    state = kernels._CompilerState()
+
+    def recompile(split: bool) -> None:
+        for block in blocks:
+            kernels._remove(block, kernels.BLOCK_HOOK)
+            kernels._remove(block, "bench_split_output")
+            if split:
+                d = block.proj_mlp.in_features
+                block.split_weights = (block.proj_out.weight[:, :d].contiguous(),
+                                       block.proj_out.weight[:, d:].contiguous())
+                kernels._register(block, SplitOutput(), "bench_split_output")
+            else:
+                block.split_weights = None
+            kernels._register(block, kernels.CompiledBlockForward(mode, state), kernels.BLOCK_HOOK)
+
+    recompile(True)
+    try:
+        out = make()(noise, sigma)
+        return {**timed(make(), noise, a.timed_steps, util),
+                **(gpu_time_breakdown(make(), noise) if torch.cuda.is_available() else {}),
+                "x0_rel_diff": rel(out, reference), "x0_rel_diff_vs_compiled": rel(out, compiled_out)}
+    finally:
+        recompile(False)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def inductor_row(option: str, make, noise, sigma, reference, a, util) -> dict:
     """The compiled blocks compiled again with one inductor option set (`name=value`, value a Python literal)."""
     import ast
@@ -219,6 +282,8 @@ def main() -> None:
                                                         "default one, e.g. max-autotune-no-cudagraphs")
     p.add_argument("--graph", action="store_true",
                    help="also the compiled all-on-GPU step captured whole as one CUDA graph")
+    p.add_argument("--split-output", action="store_true",
+                   help="also the compiled blocks with the single blocks' output projection split (no concatenation)")
     p.add_argument("--inductor", default="", help="comma-separated inductor options (name=value) to time one at a "
                                                    "time on the compiled blocks, e.g. coordinate_descent_tuning=True")
     p.add_argument("--out", default="levers.json")
@@ -278,10 +343,15 @@ def main() -> None:
     row(f"compiled blocks, attention {best}", lambda: {**timed(make(), noise, a.timed_steps, util),
                                                        **(gpu_time_breakdown(make(), noise) if cuda else {}),
                                                        "x0_rel_diff": rel(make()(noise, sigma), reference)})
+    compiled_out = make()(noise, sigma)
     if a.graph and cuda:
-        compiled_out = make()(noise, sigma)
         row("compiled blocks, whole step as one CUDA graph", lambda: graphed_row(make, noise, sigma, reference,
                                                                                  compiled_out, a, util))
+    if a.split_output:
+        row("compiled blocks, single blocks' output projection split, GELU in its matmul",
+            lambda: split_output_row(model, make, noise, sigma, reference, compiled_out, a, util))
+        row(f"compiled blocks, attention {best}, again", lambda: {**timed(make(), noise, a.timed_steps, util),
+                                                                   "x0_rel_diff": rel(make()(noise, sigma), reference)})
     for option in [o for o in a.inductor.split(",") if o]:
         row(f"compiled blocks, inductor {option}", lambda: inductor_row(option, make, noise, sigma, reference, a, util))
     streamed_rows("compiled", compile=True)
