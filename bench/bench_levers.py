@@ -123,6 +123,7 @@ class GraphedStep:
             for _ in range(2):
                 denoiser(self.x, self.sigma)
         torch.cuda.current_stream().wait_stream(side)
+        self.denoiser = denoiser  # it holds the conditioning on the GPU that the graph reads
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.out = denoiser(self.x, self.sigma)

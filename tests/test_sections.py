@@ -412,11 +412,21 @@ def test_a_resumed_extension_keeps_its_prompts_and_their_record(text_sensitive_m
 
 
 def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_continue(
-        tiny_models_dir, start_image, uninterrupted, tmp_path):
+        tiny_models_dir, start_image, uninterrupted, tmp_path, monkeypatch):
     """The web app's worker records a queued branch and extension with what each continues; closed before they
     start, a new worker lists both waiting with it, and the branch, started, continues its source (its settings file
-    says so). A record whose source video is gone is dropped (nothing could run it)."""
+    says so) and is planned for the one section it samples, not the video's three. A record whose source video is
+    gone is dropped (nothing could run it)."""
     from framepack_ui.worker import Worker
+
+    planned_sections = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned_sections.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
 
     whole, _ = uninterrupted
     outputs = tmp_path / "outputs"
@@ -434,6 +444,7 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
                                                           Continuation("extend", str(whole))]
         assert again.resume(jobs[0].id)
         assert isinstance(list(again.events(jobs[0].id))[-1], Finished)
+        assert planned_sections == [1]  # sections 1-2 come from the source: a short job's plan
         assert json.loads(sidecar_path(paths[branch]).read_text())["continued"] == {
             "kind": "branch", "video": "whole.mp4", "from_section": 3}
         assert torch.equal(latents(paths[branch], 1), latents(whole, 1))  # sections 1-2 kept from the source

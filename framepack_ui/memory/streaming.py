@@ -34,7 +34,6 @@ from contextlib import nullcontext
 
 import torch
 
-from ..compute.compile import transformer_blocks
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,10 @@ class BlockStreamer:
             host.release()
         if not isinstance(failure, (RuntimeError, MemoryError)):
             raise failure  # not a refusal of page-locked memory: nothing pinned is left behind
-        log.warning("%s: %s", fallback, failure)
+        # the message only: the failure's traceback holds this frame, whose futures and list hold the copies
+        # (gigabytes), and a log record or a cycle through it would keep them until a garbage collection
+        log.warning("%s: %s", fallback, str(failure))
+        futures = pinned = failure = None
         return None
 
     def _new_slots(self) -> list[torch.Tensor]:
@@ -376,6 +378,8 @@ class BlockStreamer:
 def stream_transformer(transformer, device: torch.device | str, resident_blocks: int,
                        pin_sources: bool = False, pin_parked: bool = False) -> BlockStreamer:
     """Everything but the streamed blocks goes to `device`; blocks past `resident_blocks` are streamed."""
+    from ..compute.compile import transformer_blocks  # here: importing compile imports diffusers
+
     return stream_model(transformer, transformer_blocks(transformer), device, resident_blocks, pin_sources,
                         pin_parked)
 

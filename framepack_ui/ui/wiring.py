@@ -440,8 +440,8 @@ def _wire(demo: gr.Blocks, page: Page, worker, offline: bool = False) -> None:
     planning = dict(show_progress="hidden", concurrency_id="plan", concurrency_limit=None)
     plan_inputs = [page.profile, page.resolution, page.storage, page.seconds, *page.lora_inputs()]
     demo.load(show_plan, plan_inputs, page.plan, **planning)
-    for control in plan_inputs:
-        control.change(show_plan, plan_inputs, page.plan, **planning)
+    for control in plan_inputs:  # a dragged slider plans once for where it stops, not for every value it passes
+        control.change(show_plan, plan_inputs, page.plan, trigger_mode="always_last", **planning)
     page.gallery_refresh.click(gallery_update, None, page.gallery, queue=False).then(  # the selected one may have
         show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)  # grown (a resume)
     page.gallery.change(show_past, page.gallery, [page.gallery_video, page.gallery_settings], queue=False)

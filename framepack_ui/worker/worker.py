@@ -74,6 +74,7 @@ class _Job:
     plan_options: dict = field(default_factory=dict)  # more PlanOverrides fields for this job (fp8, compile...)
     listener: Callable | None = None  # submit's on_event: called with each event as it happens
     start: Continuation | None = None  # what the job continues (resume, branch, extend), if anything
+    continued_sections: int | None = None  # the sections a continuation samples (None: all of spec's)
     record: dict = field(default_factory=dict)  # recorded with the job's settings: the memory plan's decisions
     out_of_memory_advice: str | None = None  # from the job's memory plan: what to pick should the GPU run out
     engine_started: bool = False  # the engine has the job: whatever is at out_path is this job's
@@ -85,6 +86,12 @@ class _Job:
     result: object = None
     timeline: TimelineRecorder | None = None  # the gauges and phases over time, while it runs (timeline.py)
     timeline_record: dict | None = None  # ...and once it ended (also in its settings file)
+
+    @property
+    def sections_to_sample(self) -> int:
+        """What the job's plan weighs a compile against: a resume samples only the sections its source lacks, a
+        branch those from its section on."""
+        return self.spec.sections if self.continued_sections is None else self.continued_sections
 
 
 @dataclass(frozen=True)
@@ -187,8 +194,9 @@ class Worker:
         command line prints there, so its lines keep time with the work). `start`: continue an earlier output
         (spec.Continuation), checked here: a resume writes to that output, with its saved settings."""
         spec = spec.validate(image_required=start is None).with_seed()  # the seed is fixed now, so the file name
+        continued_sections = None
         if start is not None:  # and the events carry it
-            spec, out_path = self._check_continuation(start, spec, out_path)
+            spec, out_path, continued_sections = self._check_continuation(start, spec, out_path)
         profile = profile or self.profile
         if profile not in self._profiles:
             raise InputError(f"memory profile must be one of {', '.join(self._profiles)}, not {profile!r}")
@@ -197,7 +205,7 @@ class Worker:
                 raise RuntimeError("the worker is shut down")
             path = Path(out_path) if out_path is not None else self._output_path(spec.seed)
             job = _Job(str(next(self._ids)), spec, path, time.time(), profile, dict(plan_options or {}), on_event,
-                       start)
+                       start, continued_sections)
             # before it can start: the engine's own settings file then replaces the record
             if self.serves_pages:
                 queue_records.write(job.out_path, job.spec, job.profile, job.plan_options, job.submitted_at, start)
@@ -210,9 +218,11 @@ class Worker:
         log.info("job %s queued: %s", job.id, job.out_path.name)
         return job.id
 
-    def _check_continuation(self, start: Continuation, spec: JobSpec, out_path) -> tuple[JobSpec, Path | None]:
+    def _check_continuation(self, start: Continuation, spec: JobSpec,
+                            out_path) -> tuple[JobSpec, Path | None, int]:
         """InputError (one line) unless `start` can be continued with these models; nothing is queued then. The
-        engine (and torch) is imported here, for a continued job only."""
+        engine (and torch) is imported here, for a continued job only. Returns the job's spec, its file and the
+        sections it will sample."""
         from ..engine.continuation import open_origin
         from ..weights.layout import model_fingerprint
 
@@ -227,7 +237,8 @@ class Worker:
         if source in busy:
             raise InputError(f"{source.name} is being written by a job: wait for it to end")
         origin = open_origin(start, spec, model_fingerprint(self.models_dir))
-        return (origin.spec if start.kind == "resume" else spec), out_path
+        return ((origin.spec if start.kind == "resume" else spec), out_path,
+                origin.spec.sections - origin.first_section)
 
     def cancel(self, job_id: str) -> bool:
         """A queued or waiting job is dropped (with its record); the running one stops at its next step and keeps
@@ -265,7 +276,8 @@ class Worker:
         """The jobs an earlier run of the app had queued but not started, back in the list, waiting."""
         for record in queue_records.read_all(self.outputs_dir):
             job = _Job(str(next(self._ids)), record.spec, record.out_path, record.submitted_at, record.profile,
-                       record.plan_options, start=record.start, status="waiting")
+                       record.plan_options, start=record.start, status="waiting",
+                       continued_sections=_recorded_continuation_sections(record.spec, record.start))
             job.events.append(Notice("queued before the app was closed: waiting for you to start or drop it"))
             self._jobs[job.id] = job
             log.info("job %s restored, waiting: %s", job.id, job.out_path.name)
@@ -759,7 +771,7 @@ class Worker:
             from ..weights.layout import check_small_files
 
             check_small_files(self.models_dir)
-            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, sections=job.spec.sections,
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, sections=job.sections_to_sample,
                                    **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
             from ..memory.plan import leaner_choices
@@ -823,7 +835,7 @@ class Worker:
         if resident is None:
             return plan, key
         try:
-            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost, sections=job.spec.sections,
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost, sections=job.sections_to_sample,
                                    **{**job.plan_options, "resident_blocks": resident})
         except UserError:
             return plan, key
@@ -975,6 +987,15 @@ class Worker:
 
 # How long the queue stays empty after a job before the worker compiles: a user submitting again at once (a batch
 # from the page, a retry) does not wait for the compile.
+def _recorded_continuation_sections(spec: JobSpec, start: Continuation | None) -> int | None:
+    """The sections a continuation queued before a restart samples, from its record alone: a branch's from its
+    section on. None where that is all of the spec's: an extension's spec is its added length, and a resume is not
+    recorded (it is its source file)."""
+    if start is not None and start.kind == "branch" and start.from_section:
+        return max(spec.sections - (start.from_section - 1), 1)
+    return None
+
+
 IDLE_COMPILE_GRACE_S = 2.0
 IDLE_COMPILE_NOTICE = ("waiting for the VAE decoder's compile, which the app does once while idle (up to a minute or "
                        "two): it makes this job's decodes faster")
