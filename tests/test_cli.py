@@ -346,7 +346,20 @@ def test_predicted_vs_measured_peak_ram_and_commit_per_phase(big_models, limited
 
 
 def test_cli_a_batch_of_two_images_and_two_prompts_writes_four_numbered_outputs(tiny_models_dir, start_image,
-                                                                                 start_image_80x64, tmp_path, capsys):
+                                                                                 start_image_80x64, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Each job of the batch plans for its sections and those queued after it: whether compiling the VAE decoder in
+    the first job pays back is the batch's question (the command line never compiles while idle)."""
+    from framepack_ui.worker import Worker
+
+    planned_sections = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned_sections.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
     out = tmp_path / "clip.mp4"
     code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--image",
                      start_image_80x64, "--prompt", "a red square", "--prompt", "a dark square", "--seconds", "1.2",
@@ -360,6 +373,7 @@ def test_cli_a_batch_of_two_images_and_two_prompts_writes_four_numbered_outputs(
     assert all(job["status"] == "finished" and job["steps"] == 2 for job in jobs)
     assert all(count_frames(tmp_path / f"clip_{n}.mp4") == 37 for n in range(1, 5))
     assert "estimate: about" in printed  # the jobs after the first are estimated from it
+    assert planned_sections == [4, 3, 2, 1]  # a section each, with those queued behind
 
 
 def test_cli_a_batch_cannot_continue_a_video_and_says_so_in_one_line(tiny_models_dir, start_image, tmp_path):

@@ -296,7 +296,8 @@ def test_a_decoder_compile_the_jobs_decodes_would_not_pay_back_waits_for_the_idl
     assert plan.components["transformer"].compile  # the blocks compile either way
     if later:
         assert plan.notes[-1] == (
-            f"VAE decoder not compiled for this job: its {sections} sections would not pay back the compile "
+            f"VAE decoder not compiled for this job: {sections} sections to make (this job's and any queued after "
+            f"it) would not pay back the compile "
             f"({'a minute or more' if state == 'cold' else 'seconds, from the compile cache'}), so it decodes in "
             "256 px tiles; the web app compiles the decoder while idle after the job, and its later jobs decode in "
             "352 px tiles (about 1.3x faster)")

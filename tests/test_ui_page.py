@@ -397,5 +397,5 @@ def test_the_plan_shown_before_generate_counts_the_length_asked_for(make_worker,
         return show_plan("auto", 640, present.STORAGE_CHOICES[0][1], seconds, *no_loras)
 
     short, long, unset = plan_for(4.8), plan_for(100.0), plan_for(None)
-    assert "its 4 sections would not pay back the compile" in short
+    assert "compiled for this job: 4 sections to make" in short
     assert "would not pay back" not in long and "would not pay back" not in unset  # unknown: as a long job

@@ -363,3 +363,82 @@ def test_the_idle_compile_gives_way_to_a_queued_job_and_is_done_only_where_the_p
         plain.run_queued()
     assert [j.status for j in plain.jobs()] == ["finished"] and other.released == [0]
     assert [r.message for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_a_job_submitted_within_the_grace_starts_at_once_and_a_closing_worker_never_compiles(
+        make_worker, start_image_80x64, monkeypatch):
+    """The compile waits for the queue to stay empty IDLE_COMPILE_GRACE_S after a finished job: a job submitted
+    by then (the user's next click) starts without it and hears of no compile. Shutting the worker down during the
+    grace after that job ends the wait at once (the thread ends) and compiles nothing: not while the app closes.
+    The grace is made far longer than any wait here, so nothing depends on how fast the machine is."""
+    from framepack_ui.events import Notice
+    from framepack_ui.worker import worker as worker_module
+
+    assert 1 <= worker_module.IDLE_COMPILE_GRACE_S <= 10  # the app's: past a quick resubmit, yet soon after a job
+    monkeypatch.setattr(worker_module, "IDLE_COMPILE_GRACE_S", 10 * TIMEOUT_S)
+    worker = None
+    lender = IdleCompileLender(lambda: worker)
+    worker = make_worker(finishing_engine, manager=lender)
+    assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64, "first")))[-1], Finished)
+    wait_until(lambda: worker._running is None)  # the job is over with the queue empty: the grace has begun
+
+    events = all_events(worker, worker.submit(spec(start_image_80x64, "within the grace")))
+
+    assert isinstance(events[-1], Finished) and not any(isinstance(e, Notice) for e in events)
+    wait_until(lambda: worker._running is None)  # in the grace after the second job
+    worker.shutdown()
+    assert not worker._thread.is_alive()
+    assert lender.compiles == [] and lender.released == [0]  # the models kept between the jobs, freed at the end
+
+
+def test_the_idle_compile_follows_only_a_finished_job(make_worker, start_image_80x64, short_idle_grace):
+    """After a job the user stopped, or one that failed, the worker compiles nothing (the user may be about to
+    submit again, and would wait for it): it frees the models at once. After a finished one it compiles."""
+    from framepack_ui.worker.worker import IDLE_COMPILE_NOTICE
+
+    def ending_as_asked(spec_, out_path, manager, emit, cancel, **kwargs):
+        emit({"stopped": Stopped(None, 0), "failed": Failed("the engine broke (scripted)")}.get(
+            spec_.prompt, Finished(str(out_path), "", 0, 0.0)))
+
+    worker = None
+    lender = IdleCompileLender(lambda: worker)
+    worker = make_worker(ending_as_asked, manager=lender, background=False)
+    for prompt in ("stopped", "failed"):
+        worker.submit(spec(start_image_80x64, prompt))
+        worker.run_queued()
+    assert [j.status for j in worker.jobs()] == ["stopped", "failed"]
+    assert lender.compiles == [] and lender.released == [0, 0]
+    worker.submit(spec(start_image_80x64, "finished"))
+    worker.run_queued()
+    assert lender.compiles == [IDLE_COMPILE_NOTICE] and lender.released == [0, 0, 0]
+
+
+def test_a_waiting_job_resumed_during_the_idle_compile_hears_why_it_waits_and_one_resumed_otherwise_hears_nothing(
+        make_worker, start_image_80x64, short_idle_grace):
+    """A job an earlier run of the app left queued, resumed while the worker compiles between jobs, gets the same
+    Notice of the wait as a job submitted then, before it starts; one resumed while nothing is compiling gets
+    none."""
+    from framepack_ui.events import Notice
+    from framepack_ui.worker.worker import IDLE_COMPILE_NOTICE
+
+    earlier = make_worker(background=False)  # the app closes before running these
+    earlier.submit(spec(start_image_80x64, "resumed meanwhile"))
+    earlier.submit(spec(start_image_80x64, "resumed later"))
+    worker = None
+    lender = IdleCompileLender(lambda: worker, lambda: worker.resume(waiting["resumed meanwhile"]))
+    worker = make_worker(finishing_engine, manager=lender, background=False)
+    waiting = {j.spec.prompt: j.id for j in worker.jobs()}
+    worker.submit(spec(start_image_80x64, "first"))
+
+    worker.run_queued()  # the first job, the compile (the first waiting job resumed then), that job, a compile
+
+    assert lender.compiles == [IDLE_COMPILE_NOTICE, IDLE_COMPILE_NOTICE]
+    assert worker.resume(waiting["resumed later"])  # nothing compiling now
+    worker.run_queued()
+    assert [j.status for j in worker.jobs()] == ["finished"] * 3
+    told = Notice(IDLE_COMPILE_NOTICE)
+    meanwhile, later = (all_events(worker, waiting[prompt]) for prompt in ("resumed meanwhile", "resumed later"))
+    restored, *meanwhile_told = [e for e in meanwhile if isinstance(e, Notice)]
+    assert restored.message.startswith("queued before the app was closed") and meanwhile_told == [told]
+    assert meanwhile.index(told) < meanwhile.index(Phase("starting", "starting the engine"))
+    assert [e for e in later if isinstance(e, Notice)] == [restored]

@@ -771,8 +771,8 @@ class Worker:
             from ..weights.layout import check_small_files
 
             check_small_files(self.models_dir)
-            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost, sections=job.sections_to_sample,
-                                   **job.plan_options)
+            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost,
+                                   sections=self._sections_ahead(job), **job.plan_options)
             from ..memory.manager import ModelManager, applied_decisions
             from ..memory.plan import leaner_choices
 
@@ -826,6 +826,13 @@ class Worker:
             emit(Notice(notice))
         return _JobLoras(lora_set, lora_set.cost(linears), lora_set.key)
 
+    def _sections_ahead(self, job: _Job) -> int:
+        """The sections a compile made in this job would pay back over: its own and those of the jobs queued behind
+        it (a command-line batch, a backlog in the web app; a lone short job leaves the compile to the idle time
+        after it)."""
+        with self._cond:
+            return job.sections_to_sample + sum(queued.sections_to_sample for queued in self._queue)
+
     def _keep_placement(self, job: _Job, plan, key, lora_cost):
         """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
         resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
@@ -835,7 +842,8 @@ class Worker:
         if resident is None:
             return plan, key
         try:
-            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost, sections=job.sections_to_sample,
+            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
+                                   sections=self._sections_ahead(job),
                                    **{**job.plan_options, "resident_blocks": resident})
         except UserError:
             return plan, key

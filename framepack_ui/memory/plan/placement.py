@@ -143,7 +143,8 @@ def _compile_later(eager: LoadPlan, compiled: LoadPlan, compile_s: float, sectio
     save less than the compile costs it (docs/benchmarks.md, "First-job compile costs")."""
     plan = eager.with_component("vae", compile_later=True)
     return replace(plan, notes=plan.notes + (
-        f"VAE decoder not compiled for this job: its {sections} sections would not pay back the compile "
+        f"VAE decoder not compiled for this job: {sections} sections to make (this job's and any queued after it) "
+        f"would not pay back the compile "
         f"({_compile_time_text(compile_s)}), so it decodes {decode_name(eager)}; the web app compiles the decoder "
         f"while idle after the job, and its later jobs decode {decode_name(compiled)} (about "
         f"{decode_seconds(eager) / decode_seconds(compiled):.1f}x faster)",))

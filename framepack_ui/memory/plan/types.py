@@ -36,8 +36,9 @@ class PlanOverrides:
     fp8_matmul: bool | None = None  # e4m3 matmuls (auto: fp8 storage on a GPU of compute capability 8.9+)
     pin_streamed: bool | None = None  # streamed transformer blocks in page-locked RAM (auto: where RAM allows)
     lora: LoraCost | None = None  # the job's LoRAs: counted beside the transformer
-    # The job's sections: where they would not pay back compiling the VAE decoder first, the job decodes eagerly and
-    # the decoder compiles in the idle time after it (ComponentPlan.compile_later). None: as for a long job.
+    # The sections to make, the job's and those queued after it: where they would not pay back compiling the VAE
+    # decoder first, the job decodes eagerly and the decoder compiles in the idle time after it
+    # (ComponentPlan.compile_later). None: as for a long job.
     sections: int | None = None
 
 
