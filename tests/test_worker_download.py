@@ -442,3 +442,33 @@ def test_a_waiting_job_resumed_during_the_idle_compile_hears_why_it_waits_and_on
     assert restored.message.startswith("queued before the app was closed") and meanwhile_told == [told]
     assert meanwhile.index(told) < meanwhile.index(Phase("starting", "starting the engine"))
     assert [e for e in later if isinstance(e, Notice)] == [restored]
+
+
+def test_closing_the_app_does_not_wait_for_a_compile_between_jobs(make_worker, start_image_80x64, short_idle_grace):
+    """The idle compile cannot be stopped (a minute cold) and holds nothing the user made: shutting the worker down
+    while it runs returns at once instead of waiting up to `timeout_s` for the thread (a daemon: the process ends
+    without it). A job's own work is still waited for (test_worker's shutdown tests)."""
+    import threading
+    import time
+
+    from framepack_ui.worker.worker import IDLE_COMPILE_CLOSE_WAIT_S
+
+    compiling, finish = threading.Event(), threading.Event()
+
+    def compile_until_told() -> None:
+        compiling.set()
+        finish.wait(TIMEOUT_S)
+
+    worker = None
+    lender = IdleCompileLender(lambda: worker, compile_until_told)
+    worker = make_worker(finishing_engine, manager=lender)
+    assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64, "first")))[-1], Finished)
+    assert compiling.wait(TIMEOUT_S)
+    started = time.monotonic()
+    worker.shutdown(timeout_s=TIMEOUT_S)
+    waited = time.monotonic() - started
+    try:
+        assert worker._thread.is_alive() and waited < IDLE_COMPILE_CLOSE_WAIT_S + TIMEOUT_S / 4
+    finally:
+        finish.set()
+    wait_until(lambda: not worker._thread.is_alive())

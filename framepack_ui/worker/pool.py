@@ -152,5 +152,6 @@ class WorkerPool(Worker):
                 if lane._running is not None:
                     lane._running.cancel.set()
             self._cond.notify_all()
-        for lane in self.lanes:
-            lane._thread.join(timeout_s)
+            waits = [lane._thread_wait_s(timeout_s) for lane in self.lanes]
+        for lane, wait_s in zip(self.lanes, waits):
+            lane._thread.join(wait_s)

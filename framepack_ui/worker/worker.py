@@ -605,7 +605,8 @@ class Worker:
         log.info("model download %s %s", status.state, status.message)
 
     def shutdown(self, timeout_s: float = 60.0) -> None:
-        """Drop the queue, stop the running job (its finished sections are kept) and end the thread."""
+        """Drop the queue, stop the running job (its finished sections are kept) and end the thread; a compile
+        between jobs is not waited for (see `_thread_wait_s`)."""
         with self._cond:
             self._closed = True
             self._download_cancel.set()
@@ -614,8 +615,15 @@ class Worker:
             if self._running is not None:
                 self._running.cancel.set()
             self._cond.notify_all()
+            wait_s = self._thread_wait_s(timeout_s)
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(wait_s)
+
+    def _thread_wait_s(self, timeout_s: float) -> float:
+        """How long closing waits for this worker's thread (with self._cond held): a compile between jobs (up to a
+        minute) cannot be stopped and holds nothing the user made, so the app closes without it (a daemon thread;
+        the compilers write their caches whole or not at all)."""
+        return min(timeout_s, IDLE_COMPILE_CLOSE_WAIT_S) if self._idle_work is not None else timeout_s
 
     # ------------------------------------------------------------------------------------------- the thread
 
@@ -1005,6 +1013,7 @@ def _recorded_continuation_sections(spec: JobSpec, start: Continuation | None) -
 
 
 IDLE_COMPILE_GRACE_S = 2.0
+IDLE_COMPILE_CLOSE_WAIT_S = 1.0  # what closing the app waits for a compile between jobs
 IDLE_COMPILE_NOTICE = ("waiting for the VAE decoder's compile, which the app does once while idle (up to a minute or "
                        "two): it makes this job's decodes faster")
 
