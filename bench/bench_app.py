@@ -655,13 +655,12 @@ def main(argv=None) -> None:
     from framepack_ui.worker import Worker
 
     allocator.configure()  # as the app does, before CUDA starts
-    if a.pin_workers is not None or a.pin_register is not None:
-        # streaming imports diffusers, which the first job otherwise imports (and is timed for): only when asked
-        from framepack_ui.memory import streaming
+    from framepack_ui.memory import streaming  # torch only: the engine's imports stay in the first job's start
 
-        streaming.PIN_WORKERS = a.pin_workers or streaming.PIN_WORKERS
-        if a.pin_register is not None:
-            streaming.REGISTER_BEFORE_COPY = a.pin_register == "before"
+    if a.pin_workers is not None:
+        streaming.PIN_WORKERS = a.pin_workers
+    if a.pin_register is not None:
+        streaming.REGISTER_BEFORE_COPY = a.pin_register == "before"
     cuda = torch.cuda.is_available() and (a.device or "cuda").startswith("cuda")
     if a.vram_gb is not None and not cuda:
         refuse("--vram-gb needs a CUDA GPU")
@@ -671,7 +670,8 @@ def main(argv=None) -> None:
              profile=a.profile, fp8=a.fp8, vram_gb=a.vram_gb, hold_ram_gb=a.hold_ram_gb,
              drop_page_cache=a.drop_page_cache, keep_models_s=a.keep_models, compile_cache=compile_cache,
              torch_import_s=torch_import_s, pid=os.getpid(),
-             pin_workers=a.pin_workers or "the app's", pin_register=a.pin_register or "the app's")
+             pin_workers=streaming.PIN_WORKERS,
+             pin_register="before" if streaming.REGISTER_BEFORE_COPY else "after")
     R["models_GB"] = sum(p.stat().st_size for p in a.models.rglob("*.safetensors")) / 1e9  # fp8 cache included
     helpers: list[Helper] = []
     holder = meters = None

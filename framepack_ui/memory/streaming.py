@@ -34,7 +34,6 @@ from contextlib import nullcontext
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 ALIGN_BYTES = 256  # every tensor view in a slot starts aligned, whatever its dtype

@@ -1001,8 +1001,6 @@ class Worker:
                 else None)
 
 
-# How long the queue stays empty after a job before the worker compiles: a user submitting again at once (a batch
-# from the page, a retry) does not wait for the compile.
 def _recorded_continuation_sections(spec: JobSpec, start: Continuation | None) -> int | None:
     """The sections a continuation queued before a restart samples, from its record alone: a branch's from its
     section on. None where that is all of the spec's: an extension's spec is its added length, and a resume is not
@@ -1012,6 +1010,8 @@ def _recorded_continuation_sections(spec: JobSpec, start: Continuation | None) -
     return None
 
 
+# How long the queue stays empty after a job before the worker compiles: a user submitting again at once (a batch
+# from the page, a retry) does not wait for the compile.
 IDLE_COMPILE_GRACE_S = 2.0
 IDLE_COMPILE_CLOSE_WAIT_S = 1.0  # what closing the app waits for a compile between jobs
 IDLE_COMPILE_NOTICE = ("waiting for the VAE decoder's compile, which the app does once while idle (up to a minute or "
