@@ -637,8 +637,9 @@ def test_taking_a_lora_off_keeps_the_loaded_placement_where_it_fits(tiny_models_
     """An 8 GB card planned with the real transformer's sizes: a rank-128 LoRA costs resident blocks, so the plan
     with it streams more and the models are placed anew; the next job without the LoRA would fit more resident
     blocks, but the loaded placement fits it too and is kept (no reload for a LoRA taken off), also for the job
-    after. The LoRA files' reading is injected (the cost of RANK_128_EVERY_BLOCK_LINEAR); the engine is scripted (no
-    CUDA here)."""
+    after. The jobs are queued together, so each plan, the kept placement's too, counts the sections queued behind
+    its job. The LoRA files' reading is injected (the cost of RANK_128_EVERY_BLOCK_LINEAR); the engine is scripted
+    (no CUDA here)."""
     from framepack_ui.events import Finished
     from framepack_ui.memory import probe
     from framepack_ui.memory.plan import real_weights
@@ -661,17 +662,30 @@ def test_taking_a_lora_off_keeps_the_loaded_placement_where_it_fits(tiny_models_
         resident.append((id(manager), manager.plan.components["transformer"].resident_blocks))
         emit(Finished(str(out_path), "", 0, 0.0))
 
+    planned_sections = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned_sections.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
     worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cuda", run_job=engine, keep_models_s=None)
     try:
         musubi = (LoraChoice(str(lora_path(tiny_models_dir, MUSUBI)), 1.0),)
-        for loras in ((), musubi, (), (), musubi):
-            job = worker.submit(JobSpec(image=start_image_80x64, prompt="p", loras=loras))
+        with worker._cond:  # all five queued before the first starts: each is planned with those behind it
+            jobs = [worker.submit(JobSpec(image=start_image_80x64, prompt="p", loras=loras))
+                    for loras in ((), musubi, (), (), musubi)]
+        for job in jobs:
             assert isinstance(all_events(worker, job)[-1], Finished)
     finally:
         worker.shutdown()
     (plain_id, plain_n), (lora_id, lora_n), *kept = resident
     assert lora_n < plain_n and lora_id != plain_id  # the LoRA's VRAM cost a resident block: placed anew
     assert kept == [(lora_id, lora_n)] * 3  # then kept: without the LoRA (twice) and with it again
+    # 4 sections a job (5 s), with those queued behind; the second to fourth jobs plan twice (their own placement,
+    # then the loaded one's), for the same sections
+    assert planned_sections == [20, 16, 16, 12, 12, 8, 8, 4]
 
 
 def test_the_worker_lists_the_lora_folder_for_the_page(tmp_path):

@@ -151,3 +151,38 @@ def test_the_gauges_show_each_gpu():
         assert (f'data-gauge="vram {index}" data-pct="{float(used) / 24 * 100:.1f}"' in bars
                 and f"{used} / 24.00 GB · GPU model {index}" in bars)
         assert f'data-gauge="gpu{index}" data-pct="{busy:.1f}"' in bars and f"{busy}% busy" in bars
+
+
+def test_closing_a_pool_does_not_wait_for_a_lanes_compile_between_jobs(make_pool, start_image_80x64, monkeypatch):
+    """As a lone worker's (test_worker_download.py): a lane compiling the VAE decoder between jobs is not waited for
+    when the app closes. The compile is scripted, held until the test lets it end; the job finishes at once."""
+    import time
+
+    from framepack_ui.worker import Worker
+    from framepack_ui.worker.worker import IDLE_COMPILE_CLOSE_WAIT_S, IDLE_COMPILE_NOTICE
+
+    compiling, finish = threading.Event(), threading.Event()
+
+    def compile_until_told(self) -> None:
+        with self._cond:
+            self._idle_work = IDLE_COMPILE_NOTICE
+        compiling.set()
+        finish.wait(TIMEOUT_S)
+        with self._cond:
+            self._idle_work = None
+
+    def finishing(job_spec, out_path, manager, emit, cancel, **kwargs):
+        emit(Finished(str(out_path), "", 0, 0.0))
+
+    monkeypatch.setattr(Worker, "_compile_while_idle", compile_until_told)
+    pool = make_pool(run_job=finishing)
+    assert isinstance(all_events(pool, pool.submit(spec(start_image_80x64, "first")))[-1], Finished)
+    assert compiling.wait(TIMEOUT_S)
+    started = time.monotonic()
+    pool.shutdown(timeout_s=TIMEOUT_S)
+    waited = time.monotonic() - started
+    try:
+        assert waited < IDLE_COMPILE_CLOSE_WAIT_S + TIMEOUT_S / 4
+        assert [lane._thread.is_alive() for lane in pool.lanes].count(True) == 1  # the compiling one, a daemon
+    finally:
+        finish.set()

@@ -415,8 +415,8 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
         tiny_models_dir, start_image, uninterrupted, tmp_path, monkeypatch):
     """The web app's worker records a queued branch and extension with what each continues; closed before they
     start, a new worker lists both waiting with it, and the branch, started, continues its source (its settings file
-    says so) and is planned for the one section it samples, not the video's three. A record whose source video is
-    gone is dropped (nothing could run it)."""
+    says so) and is planned for the two sections it samples (3 and 4), not the four it is long. A record whose source
+    video is gone is dropped (nothing could run it)."""
     from framepack_ui.worker import Worker
 
     planned_sections = []
@@ -431,7 +431,7 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
     whole, _ = uninterrupted
     outputs = tmp_path / "outputs"
     first = Worker(tiny_models_dir, outputs, device="cpu", prompt_cache_dir=None, background=False)
-    branch = first.submit(spec_of(start_image), start=Continuation("branch", str(whole), from_section=3))
+    branch = first.submit(spec_of(start_image, seconds=4.8), start=Continuation("branch", str(whole), from_section=3))
     extend = first.submit(spec_of("", seconds=1.2), start=Continuation("extend", str(whole)))
     paths = {job.id: Path(job.out_path) for job in first.jobs()}
     first.shutdown()  # the app closed with both queued
@@ -444,7 +444,7 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
                                                           Continuation("extend", str(whole))]
         assert again.resume(jobs[0].id)
         assert isinstance(list(again.events(jobs[0].id))[-1], Finished)
-        assert planned_sections == [1]  # sections 1-2 come from the source: a short job's plan
+        assert planned_sections == [2]  # sections 1-2 come from the source: a short job's plan
         assert json.loads(sidecar_path(paths[branch]).read_text())["continued"] == {
             "kind": "branch", "video": "whole.mp4", "from_section": 3}
         assert torch.equal(latents(paths[branch], 1), latents(whole, 1))  # sections 1-2 kept from the source
@@ -463,3 +463,31 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
         assert not sidecar_path(copy).exists()
     finally:
         last.shutdown()
+
+
+def test_a_submitted_extension_and_branch_are_planned_for_the_sections_they_sample(
+        tiny_models_dir, start_image, uninterrupted, tmp_path, monkeypatch):
+    """Continuations submitted to the worker (not restored: their sections come from what they continue): the
+    extension by one section is planned for it and for the branch queued behind it, which samples one section of
+    its three (sections 1-2 come from the source), 2 in all; then the branch for its one. Not the extended video's
+    four sections, nor the branch's three."""
+    from framepack_ui.worker import Worker
+
+    planned_sections = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned_sections.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    whole, _ = uninterrupted
+    worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cpu", prompt_cache_dir=None, background=False)
+    try:
+        worker.submit(spec_of("", seconds=1.2), start=Continuation("extend", str(whole)))
+        worker.submit(spec_of(start_image), start=Continuation("branch", str(whole), from_section=3))
+        worker.run_queued()
+        assert [job.status for job in worker.jobs()] == ["finished", "finished"]
+    finally:
+        worker.shutdown()
+    assert planned_sections == [2, 1]

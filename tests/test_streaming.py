@@ -190,28 +190,45 @@ def _linear_blocks(count: int) -> list[torch.nn.Module]:
 
 
 def test_a_host_buffer_is_filled_before_it_is_registered_unless_told_otherwise(monkeypatch):
-    """Page-locked, then filled, or filled, then page-locked (the pages already there to pin), as
-    REGISTER_BEFORE_COPY says (bench/bench_pin.py compares them). cudaHostRegister injected (no CUDA here)."""
+    """Filled, then page-locked (the pages already there to pin), or page-locked, then filled, as
+    REGISTER_BEFORE_COPY says (bench/bench_pin.py compares them); a fill that fails releases what was registered
+    before it (page-locked memory nothing holds would stay locked). The defaults are the measured ones: several
+    blocks at a time, each registered after its copy (docs/benchmarks.md, "Page-locked sources where RAM allows").
+    cudaHostRegister injected (no CUDA here)."""
     from framepack_ui.memory import streaming
 
+    assert streaming.PIN_WORKERS > 1 and streaming.REGISTER_BEFORE_COPY is False
     source = torch.arange(64, dtype=torch.uint8)
-    seen = []
+    seen, released = [], []
 
     def register(self):
         seen.append(torch.equal(self.tensor, source))
         self.registered = True
 
+    def release(self):
+        released.append(self.registered)
+        self.registered = False
+
     monkeypatch.setattr(streaming._HostBuffer, "_register", register)
-    monkeypatch.setattr(streaming._HostBuffer, "release", lambda self: setattr(self, "registered", False))
+    monkeypatch.setattr(streaming._HostBuffer, "release", release)
     for register_first in (False, True):
         monkeypatch.setattr(streaming, "REGISTER_BEFORE_COPY", register_first)
         host = streaming._HostBuffer(64, True, lambda buffer: buffer.copy_(source))
         assert host.registered and torch.equal(host.tensor, source)
-    assert seen == [True, False]
+    assert seen == [True, False] and released == []
+
+    def fill_part_way(buffer: torch.Tensor) -> None:
+        buffer[:32].copy_(source[:32])
+        raise OSError("the source file could not be read")
+
+    with pytest.raises(OSError):
+        streaming._HostBuffer(64, True, fill_part_way)  # registered first, as set last above
+    assert seen == [True, False, False] and released == [True]
 
 
 @pytest.mark.parametrize("error, raised", [(RuntimeError("cudaHostRegister: out of memory"), False),
-                                           (KeyError("a bug"), True)], ids=["refused", "bug"])
+                                           (MemoryError("no RAM left for the copies"), False),
+                                           (KeyError("a bug"), True)], ids=["refused", "out of RAM", "bug"])
 def test_pinning_that_fails_part_way_releases_every_block_it_pinned(monkeypatch, caplog, error, raised):
     """Blocks are pinned several at a time; where one fails, every block pinned meanwhile is released (page-locked
     memory nothing holds would stay locked). A refusal of page-locked memory falls back (None, one warning) and
@@ -252,7 +269,32 @@ def test_pinning_that_fails_part_way_releases_every_block_it_pinned(monkeypatch,
     finally:
         gc.enable()
     assert len(made) == len(started) - 1 and set(released) == set(made)
-    assert any(r.message.startswith("falling back: cudaHostRegister") for r in caplog.records) != raised
+    assert any(r.message == f"falling back: {error}" for r in caplog.records) != raised
+
+
+def test_pinning_one_block_at_a_time_starts_no_block_after_one_fails(monkeypatch):
+    """The blocks after a failed one are not pinned at all (they would only be copied, gigabytes, and released
+    again): with PIN_WORKERS 1 nothing else is under way when the second block fails, so only two are started."""
+    from types import SimpleNamespace
+
+    from framepack_ui.memory import streaming
+
+    monkeypatch.setattr(streaming, "PIN_WORKERS", 1)
+    layouts = [streaming._layout(b) for b in _linear_blocks(5)]
+    started, released = [], []
+    real_init = streaming._HostBuffer.__init__
+
+    def init(self, nbytes, pinned, fill=None):
+        started.append(nbytes)
+        if len(started) == 2:
+            raise RuntimeError("cudaHostRegister: out of memory")
+        real_init(self, nbytes, pinned, fill)
+
+    monkeypatch.setattr(streaming._HostBuffer, "__init__", init)
+    monkeypatch.setattr(streaming._HostBuffer, "release", lambda self: released.append(self))
+    streamer = SimpleNamespace(cuda=False, device=torch.device("cpu"))
+    assert streaming.BlockStreamer._pin_blocks(streamer, layouts, lambda p: p.data, "falling back") is None
+    assert len(started) == 2 and len(released) == 1
 
 
 @pytest.mark.parametrize("workers", [1, 4])

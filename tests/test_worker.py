@@ -754,11 +754,22 @@ def test_a_job_left_queued_by_an_earlier_run_is_queued_again_only_by_an_open_wor
     assert closing.job(waiting_again.id).status == "waiting"
 
 
-def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_settings(make_worker, start_image_80x64):
+def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_settings(make_worker, start_image_80x64,
+                                                                                     monkeypatch):
     """A resume continues the stopped video itself, as it was made: the job's file is the source whatever
     `out_path` says, its settings the saved ones (the prompt submitted with it is not used), and the video ends
-    whole in that file."""
+    whole in that file. Its plan is made for the one section it samples, not the video's two."""
     from framepack_ui.errors import Cancelled
+    from framepack_ui.worker import Worker
+
+    planned_sections = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned_sections.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
 
     def stop_in_second_section(section):
         if section == 1:
@@ -785,6 +796,7 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
     end = all_events(worker, resumed)[-1]
     assert isinstance(end, Finished) and Path(end.path).resolve() == source
     assert count_frames(source) == 1 + 36 * 2 and not source.with_name("elsewhere.mp4").exists()
+    assert planned_sections == [2, 1]  # the first job's two sections, then the one the resume samples
 
 
 # --- the VAE decoder's compile in the idle time after a short job (memory/plan: ComponentPlan.compile_later) --------

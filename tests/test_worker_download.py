@@ -453,6 +453,7 @@ def test_closing_the_app_does_not_wait_for_a_compile_between_jobs(make_worker, s
 
     from framepack_ui.worker.worker import IDLE_COMPILE_CLOSE_WAIT_S
 
+    assert IDLE_COMPILE_CLOSE_WAIT_S <= 5  # the app's: closing is not held up by a compile (0 would do as well)
     compiling, finish = threading.Event(), threading.Event()
 
     def compile_until_told() -> None:
@@ -472,3 +473,27 @@ def test_closing_the_app_does_not_wait_for_a_compile_between_jobs(make_worker, s
     finally:
         finish.set()
     wait_until(lambda: not worker._thread.is_alive())
+
+
+def test_closing_the_app_still_waits_for_a_running_job_to_stop(make_worker, start_image_80x64, monkeypatch):
+    """Only a compile between jobs goes unwaited: a job stopping as the app closes (saving what it made) is waited
+    for up to `timeout_s`, however short the wait for a compile is (made 0 here)."""
+    import time
+
+    from framepack_ui.worker import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "IDLE_COMPILE_CLOSE_WAIT_S", 0.0)
+    running, stopped = threading.Event(), []
+
+    def stopping_slowly(spec_, out_path, manager, emit, cancel, **kwargs):
+        running.set()
+        assert cancel.wait(TIMEOUT_S)
+        time.sleep(0.5)  # saving its last section
+        stopped.append(spec_.prompt)
+        emit(Stopped(None, 0))
+
+    worker = make_worker(stopping_slowly, manager=IdleCompileLender())
+    worker.submit(spec(start_image_80x64, "running"))
+    assert running.wait(TIMEOUT_S)
+    worker.shutdown(timeout_s=TIMEOUT_S)
+    assert not worker._thread.is_alive() and stopped == ["running"]
