@@ -24,6 +24,7 @@ from framepack_ui.sidecar import sidecar_path
 from framepack_ui.units import MB
 from framepack_ui.weights.layout import COMPONENTS
 from framepack_ui.weights.tiny import make_tiny_models
+from worker_jobs import record_planned_sections
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -350,16 +351,7 @@ def test_cli_a_batch_of_two_images_and_two_prompts_writes_four_numbered_outputs(
                                                                                  monkeypatch):
     """Each job of the batch plans for its sections and those queued after it: whether compiling the VAE decoder in
     the first job pays back is the batch's question (the command line never compiles while idle)."""
-    from framepack_ui.worker import Worker
-
-    planned_sections = []
-    real_plan = Worker._make_plan
-
-    def make_plan(self, profile, resolution, **options):
-        planned_sections.append(options.get("sections"))
-        return real_plan(self, profile, resolution, **options)
-
-    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    planned_sections = record_planned_sections(monkeypatch)
     out = tmp_path / "clip.mp4"
     code = cli_main(["generate", "--models", str(tiny_models_dir), "--image", start_image, "--image",
                      start_image_80x64, "--prompt", "a red square", "--prompt", "a dark square", "--seconds", "1.2",

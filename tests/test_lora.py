@@ -39,6 +39,7 @@ from framepack_ui.spec import JobSpec, LoraChoice
 from framepack_ui.weights.layout import COMPONENTS
 from framepack_ui.weights.tiny import LORAS_DIR, TINY_LORAS
 from model_inputs import transformer_inputs
+from worker_jobs import record_planned_sections
 
 CPU = torch.device("cpu")
 MUSUBI, DIFFUSERS, KOHYA_HV, COMFY_HV = TINY_LORAS
@@ -662,14 +663,7 @@ def test_taking_a_lora_off_keeps_the_loaded_placement_where_it_fits(tiny_models_
         resident.append((id(manager), manager.plan.components["transformer"].resident_blocks))
         emit(Finished(str(out_path), "", 0, 0.0))
 
-    planned_sections = []
-    real_plan = Worker._make_plan
-
-    def make_plan(self, profile, resolution, **options):
-        planned_sections.append(options.get("sections"))
-        return real_plan(self, profile, resolution, **options)
-
-    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    planned_sections = record_planned_sections(monkeypatch)
     worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cuda", run_job=engine, keep_models_s=None)
     try:
         musubi = (LoraChoice(str(lora_path(tiny_models_dir, MUSUBI)), 1.0),)

@@ -30,6 +30,7 @@ from framepack_ui.events import Finished, Notice, Stopped
 from framepack_ui.sidecar import sidecar_path, state_path
 from framepack_ui.spec import Continuation, JobSpec
 from framepack_ui.worker.gallery import past_outputs, remove_output
+from worker_jobs import record_planned_sections
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = dict(prompt="a red square moves", resolution=64, steps=2, seed=5)
@@ -419,14 +420,7 @@ def test_a_queued_branch_and_extension_come_back_after_a_restart_with_what_they_
     video is gone is dropped (nothing could run it)."""
     from framepack_ui.worker import Worker
 
-    planned_sections = []
-    real_plan = Worker._make_plan
-
-    def make_plan(self, profile, resolution, **options):
-        planned_sections.append(options.get("sections"))
-        return real_plan(self, profile, resolution, **options)
-
-    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    planned_sections = record_planned_sections(monkeypatch)
 
     whole, _ = uninterrupted
     outputs = tmp_path / "outputs"
@@ -473,14 +467,7 @@ def test_a_submitted_extension_and_branch_are_planned_for_the_sections_they_samp
     four sections, nor the branch's three."""
     from framepack_ui.worker import Worker
 
-    planned_sections = []
-    real_plan = Worker._make_plan
-
-    def make_plan(self, profile, resolution, **options):
-        planned_sections.append(options.get("sections"))
-        return real_plan(self, profile, resolution, **options)
-
-    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    planned_sections = record_planned_sections(monkeypatch)
     whole, _ = uninterrupted
     worker = Worker(tiny_models_dir, tmp_path / "outputs", device="cpu", prompt_cache_dir=None, background=False)
     try:

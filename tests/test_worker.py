@@ -23,7 +23,7 @@ from framepack_ui.units import GB
 from framepack_ui.worker import Queued
 from framepack_ui.worker.events import Estimated
 from framepack_ui.worker.speed import UNKNOWN, JobShape, machine_key, read_book
-from worker_jobs import TIMEOUT_S, all_events, spec, wait_until
+from worker_jobs import TIMEOUT_S, all_events, record_planned_sections, spec, wait_until
 
 
 def gated(run_job, gate: threading.Event, started: list):
@@ -760,16 +760,8 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
     `out_path` says, its settings the saved ones (the prompt submitted with it is not used), and the video ends
     whole in that file. Its plan is made for the one section it samples, not the video's two."""
     from framepack_ui.errors import Cancelled
-    from framepack_ui.worker import Worker
 
-    planned_sections = []
-    real_plan = Worker._make_plan
-
-    def make_plan(self, profile, resolution, **options):
-        planned_sections.append(options.get("sections"))
-        return real_plan(self, profile, resolution, **options)
-
-    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    planned_sections = record_planned_sections(monkeypatch)
 
     def stop_in_second_section(section):
         if section == 1:

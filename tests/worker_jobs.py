@@ -30,3 +30,19 @@ def all_events(worker, job_id) -> list:
     thread.join(TIMEOUT_S)
     assert not thread.is_alive(), f"job {job_id} did not end within {TIMEOUT_S} s"
     return out
+
+
+def record_planned_sections(monkeypatch) -> list:
+    """The sections each Worker plan is asked for (PlanOverrides.sections), in order: Worker._make_plan wrapped for
+    the test, the real one still planning."""
+    from framepack_ui.worker import Worker
+
+    planned = []
+    real_plan = Worker._make_plan
+
+    def make_plan(self, profile, resolution, **options):
+        planned.append(options.get("sections"))
+        return real_plan(self, profile, resolution, **options)
+
+    monkeypatch.setattr(Worker, "_make_plan", make_plan)
+    return planned
