@@ -758,7 +758,8 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
                                                                                      monkeypatch):
     """A resume continues the stopped video itself, as it was made: the job's file is the source whatever
     `out_path` says, its settings the saved ones (the prompt submitted with it is not used), and the video ends
-    whole in that file. Its plan is made for the one section it samples, not the video's two."""
+    whole in that file. Its plan is made, and its time estimated, for the one section it samples, not the video's
+    two."""
     from framepack_ui.errors import Cancelled
 
     planned_sections = record_planned_sections(monkeypatch)
@@ -776,6 +777,13 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
         return f1.run(spec_, out_path, manager, emit, cancel, **kwargs)
 
     worker = make_worker(engine)
+    estimated_sections, real_estimate = [], worker.estimate
+
+    def estimate(shape, *args, **kwargs):
+        estimated_sections.append(shape.sections)
+        return real_estimate(shape, *args, **kwargs)
+
+    monkeypatch.setattr(worker, "estimate", estimate)
     first = all_events(worker, worker.submit(spec(start_image_80x64, "the saved prompt", seconds=2.4)))[-1]
     assert isinstance(first, Stopped)
     source = Path(first.path).resolve()
@@ -789,6 +797,7 @@ def test_a_resume_through_the_worker_writes_into_its_source_under_its_saved_sett
     assert isinstance(end, Finished) and Path(end.path).resolve() == source
     assert count_frames(source) == 1 + 36 * 2 and not source.with_name("elsewhere.mp4").exists()
     assert planned_sections == [2, 1]  # the first job's two sections, then the one the resume samples
+    assert estimated_sections == [2, 1]
 
 
 # --- the VAE decoder's compile in the idle time after a short job (memory/plan: ComponentPlan.compile_later) --------

@@ -420,7 +420,9 @@ class Worker:
     def _job_estimate(self, job: _Job) -> Estimated:
         storage = STORAGE_ASKED.get(job.plan_options.get("fp8"), "auto")
         try:
-            guess = self.estimate(JobShape.of(job.spec), job.profile, storage)
+            # a continuation's time is that of the sections it samples, not its whole video's
+            guess = self.estimate(replace(JobShape.of(job.spec), sections=job.sections_to_sample), job.profile,
+                                  storage)
         except Exception:  # an estimate is never a reason for a job to fail
             log.exception("job %s: its estimate failed", job.id)
             return Estimated(None, UNKNOWN)
