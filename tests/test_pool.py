@@ -25,7 +25,7 @@ from framepack_ui.ui import present
 from framepack_ui.units import GB
 from framepack_ui.worker import Queued, WorkerPool, parse_gpus
 from test_telemetry import FakeNVML
-from worker_jobs import TIMEOUT_S, all_events, spec
+from worker_jobs import TIMEOUT_S, all_events, seconds_to_shut_down, spec
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_64GB = replace(Machine.supposed(64, 0, os_name="linux"), commit_limit_bytes=72 * GB,
@@ -156,8 +156,6 @@ def test_the_gauges_show_each_gpu():
 def test_closing_a_pool_does_not_wait_for_a_lanes_compile_between_jobs(make_pool, start_image_80x64, monkeypatch):
     """As a lone worker's (test_worker_download.py): a lane compiling the VAE decoder between jobs is not waited for
     when the app closes. The compile is scripted, held until the test lets it end; the job finishes at once."""
-    import time
-
     from framepack_ui.worker import Worker
     from framepack_ui.worker.worker import IDLE_COMPILE_CLOSE_WAIT_S, IDLE_COMPILE_NOTICE
 
@@ -178,9 +176,7 @@ def test_closing_a_pool_does_not_wait_for_a_lanes_compile_between_jobs(make_pool
     pool = make_pool(run_job=finishing)
     assert isinstance(all_events(pool, pool.submit(spec(start_image_80x64, "first")))[-1], Finished)
     assert compiling.wait(TIMEOUT_S)
-    started = time.monotonic()
-    pool.shutdown(timeout_s=TIMEOUT_S)
-    waited = time.monotonic() - started
+    waited = seconds_to_shut_down(pool)
     try:
         assert waited < IDLE_COMPILE_CLOSE_WAIT_S + TIMEOUT_S / 4
         assert [lane._thread.is_alive() for lane in pool.lanes].count(True) == 1  # the compiling one, a daemon

@@ -22,7 +22,7 @@ from framepack_ui.events import Failed, Finished, Phase, Stopped
 from framepack_ui.weights import download, layout
 from framepack_ui.worker import Queued
 from framepack_ui.worker.events import Estimated
-from worker_jobs import TIMEOUT_S, all_events, spec, wait_until
+from worker_jobs import TIMEOUT_S, all_events, seconds_to_shut_down, spec, wait_until
 
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 VAE_WEIGHTS_IN_REPO = f"vae/{VAE_WEIGHTS}"
@@ -449,7 +449,6 @@ def test_closing_the_app_does_not_wait_for_a_compile_between_jobs(make_worker, s
     while it runs returns at once instead of waiting up to `timeout_s` for the thread (a daemon: the process ends
     without it). A job's own work is still waited for (test_worker's shutdown tests)."""
     import threading
-    import time
 
     from framepack_ui.worker.worker import IDLE_COMPILE_CLOSE_WAIT_S
 
@@ -465,9 +464,7 @@ def test_closing_the_app_does_not_wait_for_a_compile_between_jobs(make_worker, s
     worker = make_worker(finishing_engine, manager=lender)
     assert isinstance(all_events(worker, worker.submit(spec(start_image_80x64, "first")))[-1], Finished)
     assert compiling.wait(TIMEOUT_S)
-    started = time.monotonic()
-    worker.shutdown(timeout_s=TIMEOUT_S)
-    waited = time.monotonic() - started
+    waited = seconds_to_shut_down(worker)
     try:
         assert worker._thread.is_alive() and waited < IDLE_COMPILE_CLOSE_WAIT_S + TIMEOUT_S / 4
     finally:

@@ -46,3 +46,10 @@ def record_planned_sections(monkeypatch) -> list:
 
     monkeypatch.setattr(Worker, "_make_plan", make_plan)
     return planned
+
+
+def seconds_to_shut_down(worker, timeout_s: float = TIMEOUT_S) -> float:
+    """How long `worker.shutdown(timeout_s)` (a Worker or a pool) took to return."""
+    started = time.monotonic()
+    worker.shutdown(timeout_s=timeout_s)
+    return time.monotonic() - started

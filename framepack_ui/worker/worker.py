@@ -781,15 +781,15 @@ class Worker:
             from ..weights.layout import check_small_files
 
             check_small_files(self.models_dir)
-            plan = self._make_plan(job.profile, job.spec.resolution, lora=loras.cost,
-                                   sections=self._sections_ahead(job), **job.plan_options)
+            options = dict(job.plan_options, lora=loras.cost, sections=self._sections_ahead(job))
+            plan = self._make_plan(job.profile, job.spec.resolution, **options)
             from ..memory.manager import ModelManager, applied_decisions
             from ..memory.plan import leaner_choices
 
             key = applied_decisions(plan)
             if (self._manager is not None and key != self._manager_key
                     and (loras.key != self._manager_loras or self._placement_kept)):
-                plan, key = self._keep_placement(job, plan, key, loras.cost)
+                plan, key = self._keep_placement(job, plan, key, options)
                 self._placement_kept = key == self._manager_key
             if self._manager is None or key != self._manager_key:
                 if self._manager is not None:
@@ -843,18 +843,17 @@ class Worker:
         with self._cond:
             return job.sections_to_sample + sum(queued.sections_to_sample for queued in self._queue)
 
-    def _keep_placement(self, job: _Job, plan, key, lora_cost):
+    def _keep_placement(self, job: _Job, plan, key, options: dict):
         """A new LoRA set whose plan differs from the loaded models' only in how many transformer blocks are
         resident (more fit without a LoRA, or with a smaller one): the loaded placement is kept where it fits this
         job's plan too, rather than reloading the transformer for the LoRA's few hundred MB; and kept so for the
-        jobs after, until it no longer fits. Returns (plan, its applied decisions)."""
+        jobs after, until it no longer fits. `options`: the job's plan options, as its own plan was made with.
+        Returns (plan, its applied decisions)."""
         resident = self._manager.plan.components["transformer"].resident_blocks
         if resident is None:
             return plan, key
         try:
-            kept = self._make_plan(job.profile, job.spec.resolution, lora=lora_cost,
-                                   sections=self._sections_ahead(job),
-                                   **{**job.plan_options, "resident_blocks": resident})
+            kept = self._make_plan(job.profile, job.spec.resolution, **{**options, "resident_blocks": resident})
         except UserError:
             return plan, key
         from ..memory.manager import applied_decisions
