@@ -3,7 +3,8 @@ LoRA and with a random one of each rank, on every block Linear that musubi-tuner
 the modulation layers; `--targets all` adds those).
 
     python -m bench.bench_lora --out lora.json [--ranks 32,128] [--profiles gpu,8gb,8gb-fp8] [--timed-steps 3]
-        [--targets musubi|all|attention] [--way auto|merge|beside] [--no-fp8-matmul] [--tiny]
+        [--targets musubi|all|attention] [--way auto|merge|beside] [--left-operand kernel,torch] [--no-fp8-matmul]
+        [--tiny]
 
 Profiles come from the app's plan, with the LoRA's cost counted (PlanOverrides.lora), and are applied by the app's
 ModelManager to one random transformer (bench/common.py `placed_as_planned`): `gpu` everything resident (bf16);
@@ -13,6 +14,8 @@ matmul where the plan takes it). The LoRA is put on the loaded model by `ModelMa
 jobs in the app (`apply_s`: no weights are rewritten, only its tensors uploaded). `--way merge` or `beside` forces
 how every LoRA layer adds its update (compute/lora.py chooses per call by the bytes each moves: `auto`), to measure
 that choice (with fp8 matmuls `merge` means inside the fp8 product where compute/lora.py would take it);
+`--left-operand` runs each fp8-matmul LoRA row with the product's left operand `[x, h]` made by the Triton kernel
+(compute/fp8_lora_kernel.py, the app's way where Triton runs), by torch (then narrowing layers add beside), or both;
 `--no-fp8-matmul` keeps the fp8 profile's matmuls in bf16 (the LoRA then merges into the dequantized weight rather
 than joining the fp8 product). Target (issue 18): with a LoRA, each profile's step within 3 % of its step without
 one. Peak RAM is this process's VmHWM and RssAnon since the
@@ -33,6 +36,7 @@ import torch
 
 from bench.common import (bench_plan, header, model_dtype, now, one_step_setup, placed_as_planned, proc_status_mib,
                           quantize_in_place, sampling_s_per_frame, time_steps, write_json)
+from framepack_ui.compute import fp8_linear
 from framepack_ui.compute import lora as lora_compute
 from framepack_ui.engine import denoiser as denoiser_ops
 from framepack_ui.engine.lending import TRANSFORMER
@@ -124,6 +128,8 @@ def main() -> None:
     p.add_argument("--targets", default="musubi", choices=list(TARGETS))
     p.add_argument("--way", default="auto", choices=("auto", "merge", "beside"),
                    help="how each LoRA layer adds its update (auto: compute/lora.py's per-call choice)")
+    p.add_argument("--left-operand", default="kernel",
+                   help="comma-separated, of kernel, torch: who makes an fp8 product's [x, h] (each its own row)")
     p.add_argument("--no-fp8-matmul", action="store_true", help="the fp8 profile multiplies in bf16 (forces the plan)")
     p.add_argument("--out", default="lora.json")
     a = p.parse_args()
@@ -135,8 +141,11 @@ def main() -> None:
     if a.way != "auto":  # the per-call choice replaced for this process (read by the LoRA Linears at each call)
         lora_compute.merges_per_call = lambda tokens, in_features, out_features: a.way == "merge"
     ranks = [0] + [int(r) for r in a.ranks.split(",") if r]
+    left_operands = a.left_operand.split(",")
+    if not set(left_operands) <= {"kernel", "torch"}:
+        p.error(f"--left-operand takes kernel, torch or both, not {a.left_operand}")
     profiles = [name for name in PROFILES if name in a.profiles.split(",")]
-    R = header(a.tiny, ranks=ranks, targets=a.targets, way=a.way, rows={}, peak_rss_resettable=reset_peak_rss())
+    R = header(a.tiny, ranks=ranks, targets=a.targets, way=a.way, left_operands=left_operands, rows={}, peak_rss_resettable=reset_peak_rss())
     device, model, embeds, noise, cond = one_step_setup(a.tiny)
     layers = lora_layers(model, a.targets)
     R["lora_target_layers"] = len(layers)
@@ -157,31 +166,40 @@ def main() -> None:
             vram_gb = 80.0  # the all-on-GPU plan needs a GPU: a large one is supposed (the CPU stands in for it)
         base = None
         for rank in ranks:
-            name = f"{profile}, rank {rank}" if rank else f"{profile}, no LoRA"
-            try:
-                plan = bench_plan(PlanOverrides(**overrides, lora=lora_cost(layers, rank)), vram_gb=vram_gb,
-                                  ram_gb=ram_gb, tiny=a.tiny)
-                lora = random_lora(layers, rank, device) if rank else LoraSet()
-                r = measure(model, plan, a, device, lora, make, noise, vram_gb if device.type == "cuda" else None)
-                if rank and base is not None:
-                    r["vs_no_lora"] = r["s_per_step"] / base["s_per_step"]
-                    r["within_3_percent"] = r["vs_no_lora"] <= 1.03
-                base = r if not rank else base
-                del lora
-            except Exception as exc:  # one failing row must not lose the others' figures
-                r = {"error": f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"}
-            R["rows"][name] = r
-            print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'steps_s'})}", flush=True)
-            write_json(a.out, R)
+            fp8_products = overrides["fp8"] and not a.no_fp8_matmul and rank
+            for left in left_operands if fp8_products else left_operands[:1]:
+                fp8_linear.FUSED_LEFT_OPERAND = left == "kernel"  # read at each call; compiled graphs guard on it
+                name = f"{profile}, rank {rank}" if rank else f"{profile}, no LoRA"
+                if fp8_products and len(left_operands) > 1:
+                    name += f", [x, h] by {left}"
+                try:
+                    plan = bench_plan(PlanOverrides(**overrides, lora=lora_cost(layers, rank)), vram_gb=vram_gb,
+                                      ram_gb=ram_gb, tiny=a.tiny)
+                    lora = random_lora(layers, rank, device) if rank else LoraSet()
+                    r = measure(model, plan, a, device, lora, make, noise, vram_gb if device.type == "cuda" else None)
+                    # who made it in fact: torch wherever the kernel cannot run (a CPU, no Triton)
+                    r["left_operand"] = (("kernel" if fp8_linear.fused_left_operand(torch.empty(0, device=device))
+                                          else "torch") if fp8_products else None)
+                    if rank and base is not None:
+                        r["vs_no_lora"] = r["s_per_step"] / base["s_per_step"]
+                        r["within_3_percent"] = r["vs_no_lora"] <= 1.03
+                    base = r if not rank else base
+                    del lora
+                except Exception as exc:  # one failing row must not lose the others' figures
+                    r = {"error": f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:300]}"}
+                R["rows"][name] = r
+                print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'steps_s'})}", flush=True)
+                write_json(a.out, R)
+    fp8_linear.FUSED_LEFT_OPERAND = True
 
-    print(f"\n{'row':24} {'s/step':>8} {'vs none':>8} {'VRAM GiB':>9} {'VmHWM GiB':>10} {'RssAnon GiB':>12} "
+    print(f"\n{'row':40} {'s/step':>8} {'vs none':>8} {'VRAM GiB':>9} {'VmHWM GiB':>10} {'RssAnon GiB':>12} "
           f"{'resident':>9} {'apply s':>8}")
     for name, r in R["rows"].items():
         if "error" in r:
-            print(f"{name:24} {r['error'][:90]}")
+            print(f"{name:40} {r['error'][:90]}")
             continue
         vram = r.get("peak_vram_GiB_excluding_filler")
-        print(f"{name:24} {r['s_per_step']:8.3f} {r.get('vs_no_lora', 1.0):8.3f} "
+        print(f"{name:40} {r['s_per_step']:8.3f} {r.get('vs_no_lora', 1.0):8.3f} "
               f"{'-' if vram is None else f'{vram:.2f}':>9} {r.get('VmHWM_MiB', 0) / 1024:10.2f} "
               f"{r.get('RssAnon_MiB', 0) / 1024:12.2f} {str(r['resident_blocks']):>9} {r['apply_s']:8.2f}")
     write_json(a.out, R)

@@ -55,6 +55,60 @@ def count_graphs(monkeypatch, tmp_path):
     torch._dynamo.reset()
 
 
+def _import_triton_afresh() -> None:
+    """Drop Triton's Python modules (its compiled extension stays: it cannot be loaded twice) so the next import reads
+    TRITON_INTERPRET again: the interpreter only runs kernels whose library functions (tl.max, ...) were defined
+    while it was on."""
+    for name in [n for n in sys.modules if n == "triton" or n.startswith("triton.") and not n.startswith("triton._C")]:
+        del sys.modules[name]
+
+
+@pytest.fixture
+def interpreted_kernel(monkeypatch):
+    """compute/fp8_lora_kernel.py with its Triton kernel run by Triton's interpreter on the CPU (no GPU here), as
+    fp8_linear_low_rank takes it on a GPU. Two faults of the interpreter (triton 3.7.1) are mended in its own builder
+    for the test: its float32-to-fp8 conversion drops the carry where rounding up reaches the next power of two
+    (127.7 became 64) and rounds ties away from even, and its dot multiplies bfloat16 operands as their integer bit
+    patterns. torch's conversion stands in, rounding to nearest even as the GPU's `cvt.rn.satfinite` does. Yields
+    the module, reloaded under the interpreter; afterwards Triton and the module are loaded again for the GPU's path."""
+    import importlib
+
+    import torch
+
+    from framepack_ui.compute import fp8_lora_kernel
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _import_triton_afresh()
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    real_fp_to_fp, real_dot = builder.create_fp_to_fp, builder.create_dot
+
+    def fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar == tl.float32:
+            as_fp8 = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
+            return interpreter.TensorHandle(as_fp8.view(torch.uint8).numpy(), dst_type.scalar)
+        return real_fp_to_fp(self, src, dst_type, rounding_mode)
+
+    def as_float32(handle):
+        if handle.dtype.scalar != tl.bfloat16:
+            return handle
+        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return real_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
+    monkeypatch.setattr(builder, "create_dot", dot)
+    importlib.reload(fp8_lora_kernel)
+    assert fp8_lora_kernel.INTERPRETED
+    yield fp8_lora_kernel
+    monkeypatch.delenv("TRITON_INTERPRET")
+    _import_triton_afresh()
+    importlib.reload(fp8_lora_kernel)
+
+
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------
 # The variants differ in size and pattern; each test keeps the one it was written with.
 

@@ -161,15 +161,20 @@ def test_in_cgroup_refuses_without_cgroup_v2_in_one_line(tmp_path):
 
 def test_bench_lora_tiny_times_every_profile_without_and_with_a_lora(tmp_path):
     """bench_lora --tiny: each profile's row without a LoRA and with one per rank, the LoRA put on every targeted
-    Linear through the manager's set_loras and counted by each row's plan."""
+    Linear through the manager's set_loras and counted by each row's plan; the fp8 profile's LoRA row once for each
+    maker of the fp8 product's left operand asked for (torch makes both on a CPU, and says so)."""
     out = tmp_path / "lora.json"
-    _run(["-m", "bench.bench_lora", "--tiny", "--timed-steps", "1", "--ranks", "4", "--out", str(out)])
+    _run(["-m", "bench.bench_lora", "--tiny", "--timed-steps", "1", "--ranks", "4", "--left-operand", "kernel,torch",
+          "--out", str(out)])
     R = json.loads(out.read_text())
-    assert R["command"].startswith("python -m bench.bench_lora")
-    assert set(R["rows"]) == {f"{p}, {r}" for p in ("gpu", "8gb", "8gb-fp8") for r in ("no LoRA", "rank 4")}
+    assert R["command"].startswith("python -m bench.bench_lora") and R["left_operands"] == ["kernel", "torch"]
+    fp8_rows = {f"8gb-fp8, rank 4, [x, h] by {left}" for left in ("kernel", "torch")}
+    assert set(R["rows"]) == fp8_rows | {f"{p}, {r}" for p in ("gpu", "8gb", "8gb-fp8") for r in ("no LoRA", "rank 4")
+                                         if (p, r) != ("8gb-fp8", "rank 4")}
+    assert [R["rows"][name]["left_operand"] for name in sorted(fp8_rows)] == ["torch", "torch"]
     for name, row in R["rows"].items():
         assert "error" not in row, (name, row)
-        with_lora = name.endswith("rank 4")
+        with_lora = "rank 4" in name
         assert row["lora_layers"] == (R["lora_target_layers"] if with_lora else 0) and R["lora_target_layers"] > 0
         assert (row["planned_lora_GB"] > 0) == with_lora and ("vs_no_lora" in row) == with_lora
-    assert R["rows"]["8gb-fp8, rank 4"]["where"] == "gpu-streamed" and R["quantized_linears"] > 0
+    assert R["rows"]["8gb-fp8, rank 4, [x, h] by kernel"]["where"] == "gpu-streamed" and R["quantized_linears"] > 0

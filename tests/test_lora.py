@@ -278,10 +278,11 @@ def test_an_update_inside_the_fp8_product_survives_a_near_zero_row_a_zero_rank_a
     (48, 64, 4, "inside"), (64, 48, 4, "beside"), (64, 64, 4, "inside"), (64, 64, 80, "inside")])
 def test_an_fp8_matmul_takes_the_update_inside_where_the_layer_widens_and_beside_where_it_narrows(
         in_features, out_features, rank, way, monkeypatch):
-    """Where a merge would be taken (200 tokens), an fp8 matmul's update joins the product unless the layer
-    narrows, whatever the rank, and is added beside a narrowing one (reading the wider x again for `x @ down` costs
-    more there; square layers beside at rank 128 made the step slower: docs/benchmarks.md "LoRA"); either way the
-    output is the fp8 product plus the update, to fp8's precision."""
+    """Where torch makes the product's left operand (no Triton kernel: this CPU), and a merge would be taken (200
+    tokens), an fp8 matmul's update joins the product unless the layer narrows, whatever the rank, and is added
+    beside a narrowing one (torch's three more passes over the wider x cost more there; square layers beside at
+    rank 128 made the step slower: docs/benchmarks.md "LoRA"); either way the output is the fp8 product plus the
+    update, to fp8's precision. With the kernel, narrowing layers join it too: test_fp8_lora_kernel.py."""
     taken = []
     for name in ("fp8_linear_low_rank", "_add_beside"):
         real = getattr(lora_compute, name)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import fp8_lora_kernel
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_scale"
@@ -18,6 +20,9 @@ SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_
 # H100 step was 1.085x its own without a LoRA padded to 128, 1.105x padded to 16 (docs/benchmarks.md "LoRA")
 INNER_MULTIPLE = 128
 SMALL_ROW_FACTOR = 16  # fp8_linear_low_rank: rows of W whose scale is under the mean's 1/16 do not set c_r
+# fp8_linear_low_rank makes its left operand [x, h] in one Triton kernel where it can (bench_lora_layer --unfused
+# measures it against torch's three passes)
+FUSED_LEFT_OPERAND = True
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,10 +81,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     cores of Ada/Hopper and later, about twice the bf16 matmul rate); output in x's dtype."""
     shape = x.shape
     xq, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-    # weight [out, in] row-major: its transpose is the column-major [in, out] operand _scaled_mm wants
-    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1),
-                         bias=bias, out_dtype=x.dtype)
+    y = _scaled_product(xq, x_scale, weight, weight_scale, bias, x.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def _scaled_product(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    # weight [out, in] row-major: its transpose is the column-major [in, out] operand _scaled_mm wants
+    return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float().view(1, -1), bias=bias,
+                            out_dtype=dtype)
 
 
 def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
@@ -94,8 +104,9 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     layer's output; a larger h widens its token's scale rather than saturating. A row of W far smaller than the
     layer's others (scale under a 16th of their mean) would set c_r alone and crush every token's x into fp8's
     subnormals, so c_r is taken as if its scale were that floor: U saturates in that row only. Costs per call
-    beside the product: `x @ down.T`, and a copy of the fp8 weight with U's columns. The inner dimension is
-    padded to `INNER_MULTIPLE`."""
+    beside the product: the left operand `[x, h]` quantized (one Triton kernel where it runs:
+    compute/fp8_lora_kernel.py), and a copy of the fp8 weight with U's columns. The inner dimension is padded to
+    `INNER_MULTIPLE`."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     scale = weight_scale.float()
@@ -106,9 +117,18 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     balance = (up / scale.clamp(min=floor)[:, None]).abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
     pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
-    h = F.pad(x2 @ (down.to(x.dtype) * balance.to(x.dtype)[:, None]).t(), (0, pad))  # (tokens, R + pad)
-    y = fp8_linear(torch.cat([x2, h], dim=1), torch.cat([weight, u], dim=1), weight_scale, bias)
+    down = down.to(x.dtype) * balance.to(x.dtype)[:, None]
+    if fused_left_operand(x2):
+        xq, x_scale = fp8_lora_kernel.quantize_joined(x2, down, shape[-1] + down.shape[0] + pad)
+    else:
+        xq, x_scale = quantize_rows(torch.cat([x2, F.pad(x2 @ down.t(), (0, pad))], dim=1))
+    y = _scaled_product(xq, x_scale, torch.cat([weight, u], dim=1), weight_scale, bias, x.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def fused_left_operand(x: torch.Tensor) -> bool:
+    """Whether fp8_linear_low_rank makes [x, h] in one kernel for `x` (else torch's three passes over x)."""
+    return FUSED_LEFT_OPERAND and fp8_lora_kernel.available(x)
 
 
 def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:

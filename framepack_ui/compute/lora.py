@@ -20,10 +20,11 @@ modulation Linears and the text-stream Linears (~1k tokens) add beside.
 An fp8 matmul (`Fp8Linear.fp8_matmul`) multiplies the fp8 weight itself, so there is no transient weight to merge
 into: merged into the stored weight, the update would be rounded onto fp8's steps, which keeps a third of one that
 changes the weights by 1 % (a float32 simulation of a random 1024 x 1024 layer, rank 32). Where a merge would be
-taken, the update goes inside the fp8 product instead, as R more inner columns (`fp8_linear.fp8_linear_low_rank`),
-unless the layer narrows: inside reads x once more and quantizes R more columns, which costs more than beside's
-read and write of y where x is the wider (the 12288- and 15360-wide inputs; docs/benchmarks.md "LoRA", per layer
-and per step on an H100).
+taken, the update goes inside the fp8 product instead, as R more inner columns (`fp8_linear.fp8_linear_low_rank`).
+Its left operand `[x, h]` is made in one Triton kernel (compute/fp8_lora_kernel.py) that reads x no more often
+than quantizing x alone does. Without Triton torch makes it in three more passes over x, which costs more than
+beside's read and write of y where x is the wider (the 12288- and 15360-wide inputs), so there a narrowing layer
+adds beside (docs/benchmarks.md "LoRA", per layer and per step on an H100).
 
 A class swap, as `Fp8Linear` (fp8_linear.py says why: per-module hooks made torch.compile recompile every block):
 `LoraLinear` for nn.Linear, `LoraFp8Linear` for Fp8Linear, undone by `remove_loras`. The update lives in two
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry
 
-from .fp8_linear import Fp8Linear, dequantize, fp8_linear_low_rank
+from .fp8_linear import Fp8Linear, dequantize, fp8_linear_low_rank, fused_left_operand
 
 DOWN, UP = "lora_down", "lora_up"  # the buffers a LoRA Linear holds
 
@@ -89,7 +90,7 @@ class LoraFp8Linear(Fp8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
         if (not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
-                or self.fp8_matmul and self.in_features > self.out_features):
+                or self.fp8_matmul and self.in_features > self.out_features and not fused_left_operand(x)):
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:

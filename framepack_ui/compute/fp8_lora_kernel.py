@@ -1,0 +1,98 @@
+"""The left operand of an fp8 product with a low-rank update inside it, made in one Triton kernel.
+
+`fp8_linear.fp8_linear_low_rank` multiplies `[x, h] @ [W, U].T` in fp8, with `h = x @ down.T`. Made by torch, the
+left operand costs three passes over the activations beyond the product's own quantization: `x @ down.T` reads x,
+joining `[x, h]` reads x and writes the join, quantizing reads the join. That was most of a LoRA's cost beside fp8
+matmuls (docs/benchmarks.md "LoRA": 1.085x the step). Here each block of tokens reads x once to find each token's
+scale (the largest of its x and its h) while its tensor cores compute h, and once more to write
+`[x, h, 0...]` quantized at that scale. An fp8 matmul needs Ada or later, which Triton supports everywhere torch
+does; where Triton is missing (Windows without triton-windows) the product makes the operand with torch.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+FP8_MAX = 448.0  # e4m3fn's largest finite value (fp8_linear.FP8_MAX; not imported: fp8_linear imports this)
+
+try:  # torch's Linux CUDA wheels bring Triton; CPU builds and Windows without triton-windows have none
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+# the Triton interpreter (TRITON_INTERPRET=1 when this module is first imported) runs the kernel on the CPU: the tests
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+BLOCK_K = 128  # the activations' columns per load
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernel can make the operand for `x`: Triton installed and x on a CUDA device (or interpreted)."""
+    return triton is not None and (x.is_cuda or INTERPRETED)
+
+
+def token_block(block_r: int) -> int:
+    """Tokens per program: fewer where h is wide, so the (tokens, rank) float32 accumulator stays in registers."""
+    return 64 if block_r <= 32 else 32 if block_r <= 128 else 16
+
+
+def quantize_joined(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) and down (R, K) -> the fp8 operand (M, inner) holding `[x, x @ down.T, 0...]` each token at its own
+    scale, and the scales (M, 1) float32: the largest magnitude of the token's x and h over 448, as
+    `fp8_linear.quantize_rows` gives `torch.cat([x, h])` (h here accumulated in float32, not first rounded to x's
+    dtype). Columns past K + R are zero."""
+    tokens, width = x.shape
+    rank = down.shape[0]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    down_t = down.to(x.dtype).t().contiguous()  # (K, R): the tensor cores' right operand, rows along K
+    joined = torch.empty(tokens, inner, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    block_r = max(16, triton.next_power_of_2(rank))  # tl.dot's least width
+    block_m = token_block(block_r)
+    _quantize_joined_kernel[(triton.cdiv(tokens, block_m),)](
+        x, down_t, joined, scale, tokens, width, rank, inner, x.stride(0),
+        BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, FP8_LIMIT=FP8_MAX)
+    return joined, scale
+
+
+if triton is not None:
+    @triton.jit
+    def _quantize_joined_kernel(x_ptr, down_t_ptr, out_ptr, scale_ptr, tokens, width, rank, inner, x_row_stride,
+                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                                FP8_LIMIT: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < tokens
+        ranks = tl.arange(0, BLOCK_R)
+        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        # pass 1: each token's largest |x|, and h = x @ down.T on the tensor cores
+        for start in range(0, width, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :],
+                        mask=row_ok[:, None] & (cols[None, :] < width), other=0.0)
+            d = tl.load(down_t_ptr + cols[:, None] * rank + ranks[None, :],
+                        mask=(cols[:, None] < width) & (ranks[None, :] < rank), other=0.0)
+            h = tl.dot(x, d, h)
+            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
+        scale = tl.where(amax > 0, amax / FP8_LIMIT, 1.0)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+        # pass 2: x quantized at the token's scale into columns [0, K)
+        out_rows = out_ptr + rows[:, None].to(tl.int64) * inner
+        for start in range(0, width, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            ok = row_ok[:, None] & (cols[None, :] < width)
+            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=ok, other=0.0)
+            q = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale[:, None]), -FP8_LIMIT, FP8_LIMIT)
+            tl.store(out_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
+        # h into columns [K, K + BLOCK_R) (its columns past the rank are zero: down was masked), zeros after
+        q = tl.clamp(tl.math.div_rn(h, scale[:, None]), -FP8_LIMIT, FP8_LIMIT)
+        tl.store(out_rows + width + ranks[None, :], q.to(tl.float8e4nv),
+                 mask=row_ok[:, None] & (width + ranks[None, :] < inner))
+        zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float8e4nv)
+        for start in range(width + BLOCK_R, inner, BLOCK_R):
+            cols = start + ranks
+            tl.store(out_rows + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < inner))

@@ -1,0 +1,133 @@
+"""The one-kernel left operand of an fp8 product with a LoRA inside it (compute/fp8_lora_kernel.py), run by Triton's
+interpreter (the `interpreted_kernel` fixture, tests/conftest.py): the bytes torch's own three passes make
+(fp8_linear.quantize_rows of `[x, x @ down.T, 0...]`), every token's scale, and the product that uses it.
+
+On the GPU the same kernel runs compiled; bench/bench_lora_layer.py counts its bytes against torch's there.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from framepack_ui.compute import fp8_linear
+from framepack_ui.compute import lora as lora_compute
+from framepack_ui.compute.fp8_linear import FP8_DTYPE, quantize, quantize_rows
+
+CPU = torch.device("cpu")
+
+
+def torch_operand(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x, h, 0...] quantized per token by torch, h accumulated in float32 as the kernel does."""
+    h = x.float() @ down.float().t()
+    joined = torch.cat([x.float(), h, torch.zeros(x.shape[0], inner - x.shape[1] - down.shape[0])], dim=1)
+    return quantize_rows(joined)
+
+
+@pytest.mark.parametrize("tokens, width, rank, inner, dtype", [
+    (200, 64, 6, 128, torch.float32),  # the test_lora shapes: rank 6 padded to 64 columns
+    (70, 256, 40, 384, torch.bfloat16),  # rank 40: a 64-wide block of h, 32 tokens a program
+    (33, 130, 3, 384, torch.float32),  # width not a multiple of the 128-column loads; 251 zero columns, four loops
+    (5, 32, 16, 48, torch.bfloat16),  # fewer tokens than one program's block
+], ids=["f32", "bf16-rank40", "ragged-width", "few-tokens"])
+def test_the_kernel_makes_the_operand_torch_makes_byte_for_byte(interpreted_kernel, tokens, width, rank, inner,
+                                                                   dtype):
+    """Where x sets every token's scale (h small), the scales and every byte of x's columns equal torch's; h's
+    columns equal torch's at its float32 h (the two sum in different orders, yet none differed here); the padding
+    is zero. An all-zero token gets scale 1, as torch gives it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=g).to(dtype)
+    x[3] = 0
+    down = (torch.randn(rank, width, generator=g) * 0.2 / width ** 0.5).to(dtype)
+    got, got_scale = interpreted_kernel.quantize_joined(x, down, inner)
+    want, want_scale = torch_operand(x, down, inner)
+    assert got.dtype == FP8_DTYPE and got.shape == (tokens, inner) and got_scale.shape == (tokens, 1)
+    assert torch.equal(got_scale, want_scale)
+    assert torch.equal(got[:, :width].view(torch.uint8), want[:, :width].view(torch.uint8))
+    assert torch.equal(got[:, width:width + rank].view(torch.uint8), want[:, width:width + rank].view(torch.uint8))
+    assert not got[:, width + rank:].float().any()
+
+
+def test_a_token_whose_h_outgrows_its_x_takes_its_scale_from_h(interpreted_kernel):
+    """A LoRA larger than the layer: h, not x, sets those tokens' scales (x then quantizes coarser rather than h
+    saturating), exactly as torch quantizes the joined row."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(96, 64, generator=g)
+    down = torch.randn(8, 64, generator=g)  # |h| ~ 8 |x|
+    got, got_scale = interpreted_kernel.quantize_joined(x, down, 128)
+    want, want_scale = torch_operand(x, down, 128)
+    h_max = (x @ down.t()).abs().amax(dim=1, keepdim=True)
+    assert (h_max > x.abs().amax(dim=1, keepdim=True)).all()
+    torch.testing.assert_close(got_scale, h_max / 448, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-6, atol=0)
+    off = (got.float() - want.float()).abs()
+    assert off.max() <= 32 and (off > 0).float().mean() < 0.01  # a tie rounded the other way, at most
+
+
+def test_no_column_is_left_as_the_allocator_gave_it(interpreted_kernel, monkeypatch):
+    """The operand is allocated uninitialised: every column, the padding included, is written (poisoned with fp8's
+    NaN here, which the product would carry into every output)."""
+    real_empty = torch.empty
+
+    def poisoned(*shape, dtype=None, **kwargs):
+        made = real_empty(*shape, dtype=dtype, **kwargs)
+        (made.view(torch.uint8) if dtype == FP8_DTYPE else made).fill_(0x7F if dtype == FP8_DTYPE else float("nan"))
+        return made
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    x = torch.randn(40, 64)
+    got, scale = interpreted_kernel.quantize_joined(x, torch.randn(3, 64) * 0.01, 256)
+    assert torch.isfinite(got.float()).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("weight_rows, tokens", [(48, 200), (128, 70)])
+def test_the_product_with_the_kernels_operand_equals_torchs(interpreted_kernel, monkeypatch, weight_rows, tokens):
+    """fp8_linear_low_rank takes the kernel's operand when it can, and its output is what torch's operand gives,
+    to the last bit where the two operands' bytes agree."""
+    made = []
+    real = interpreted_kernel.quantize_joined
+    monkeypatch.setattr(interpreted_kernel, "quantize_joined", lambda *a: made.append(a[2]) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    q, scale = quantize(torch.randn(weight_rows, 64, generator=g) * 0.02)
+    x = torch.randn(tokens, 64, generator=g)
+    down, up = torch.randn(6, 64, generator=g) * 0.01, torch.randn(weight_rows, 6, generator=g)
+    got = fp8_linear.fp8_linear_low_rank(x, q, scale, None, down, up)
+    assert made == [128]  # 64 + 6, padded to INNER_MULTIPLE
+    monkeypatch.setattr(fp8_linear, "FUSED_LEFT_OPERAND", False)
+    without = fp8_linear.fp8_linear_low_rank(x, q, scale, None, down, up)
+    assert len(made) == 1
+    assert torch.equal(got, without)
+
+
+def test_with_the_kernel_a_narrowing_layer_takes_its_update_inside_the_product(interpreted_kernel, monkeypatch):
+    """The kernel reads a wide x no more often than the product's own quantization does, so a narrowing Linear
+    (the 12288- and 15360-wide inputs at full size) joins its update to the product too; without it, beside
+    (test_lora.py)."""
+    taken = []
+    for name in ("fp8_linear_low_rank", "_add_beside"):
+        real = getattr(lora_compute, name)
+        monkeypatch.setattr(lora_compute, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False)
+    q, scale = quantize(torch.randn(48, 64, generator=g) * 0.02)
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
+    layer.__class__ = fp8_linear.Fp8Linear
+    layer.compute_dtype = torch.float32
+    layer.fp8_matmul = True
+    part = lora_compute.LoraPart(torch.randn(4, 64, generator=g), torch.randn(48, 4, generator=g), 0.005)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(200, 64, generator=g)
+    with torch.no_grad():
+        base = model(x)
+        lora_compute.apply_loras(model, {"0": [part]}, CPU, torch.float32)
+        got = model(x)
+    assert taken == ["fp8_linear_low_rank"]
+    update = x @ (part.factor * part.up @ part.down).t()
+    assert ((got - base) - update).norm() / update.norm() < 0.1
+
+
+def test_without_triton_on_the_device_torch_makes_the_operand():
+    """A CPU tensor outside the interpreter (and a GPU without Triton) goes the torch way."""
+    from framepack_ui.compute import fp8_lora_kernel
+    assert not fp8_lora_kernel.INTERPRETED
+    assert not fp8_linear.fused_left_operand(torch.zeros(2, 2))
