@@ -130,6 +130,10 @@ def main() -> None:
                    help="how each LoRA layer adds its update (auto: compute/lora.py's per-call choice)")
     p.add_argument("--left-operand", default="kernel",
                    help="comma-separated, of kernel, torch: who makes an fp8 product's [x, h] (each its own row)")
+    p.add_argument("--fp8-ways", default=None,
+                   help="comma-separated WIDENING:SQUARE:NARROWING, each inner, outputs or beside: how each shape of "
+                        "fp8-matmul Linear adds its update (compute/lora.py FP8_WAYS; each its own row; default the "
+                        "app's)")
     p.add_argument("--no-fp8-matmul", action="store_true", help="the fp8 profile multiplies in bf16 (forces the plan)")
     p.add_argument("--out", default="lora.json")
     a = p.parse_args()
@@ -144,8 +148,14 @@ def main() -> None:
     left_operands = a.left_operand.split(",")
     if not set(left_operands) <= {"kernel", "torch"}:
         p.error(f"--left-operand takes kernel, torch or both, not {a.left_operand}")
+    app_ways = dict(lora_compute.FP8_WAYS)
+    ways_list = [dict(zip(app_ways, w.split(":"))) for w in a.fp8_ways.split(",")] if a.fp8_ways else [app_ways]
+    if any(set(w) != set(app_ways) or not set(w.values()) <= {"inner", "outputs", "beside"} for w in ways_list):
+        p.error(f"--fp8-ways takes WIDENING:SQUARE:NARROWING, each inner, outputs or beside, not {a.fp8_ways}")
+    variants = [(left, ways) for left in left_operands for ways in ways_list]
     profiles = [name for name in PROFILES if name in a.profiles.split(",")]
-    R = header(a.tiny, ranks=ranks, targets=a.targets, way=a.way, left_operands=left_operands, rows={}, peak_rss_resettable=reset_peak_rss())
+    R = header(a.tiny, ranks=ranks, targets=a.targets, way=a.way, left_operands=left_operands, fp8_ways=ways_list,
+               rows={}, peak_rss_resettable=reset_peak_rss())
     device, model, embeds, noise, cond = one_step_setup(a.tiny)
     layers = lora_layers(model, a.targets)
     R["lora_target_layers"] = len(layers)
@@ -167,11 +177,14 @@ def main() -> None:
         base = None
         for rank in ranks:
             fp8_products = overrides["fp8"] and not a.no_fp8_matmul and rank
-            for left in left_operands if fp8_products else left_operands[:1]:
-                fp8_linear.FUSED_LEFT_OPERAND = left == "kernel"  # read at each call; compiled graphs guard on it
+            for left, ways in variants if fp8_products else variants[:1]:
+                fp8_linear.FUSED_LEFT_OPERAND = left == "kernel"  # read at each call; compiled graphs guard on them
+                lora_compute.FP8_WAYS.update(ways)
                 name = f"{profile}, rank {rank}" if rank else f"{profile}, no LoRA"
                 if fp8_products and len(left_operands) > 1:
                     name += f", [x, h] by {left}"
+                if fp8_products and len(ways_list) > 1:
+                    name += ", ways " + ":".join(ways.values())
                 try:
                     plan = bench_plan(PlanOverrides(**overrides, lora=lora_cost(layers, rank)), vram_gb=vram_gb,
                                       ram_gb=ram_gb, tiny=a.tiny)
@@ -180,6 +193,7 @@ def main() -> None:
                     # who made it in fact: torch wherever the kernel cannot run (a CPU, no Triton)
                     r["left_operand"] = (("kernel" if fp8_linear.fused_left_operand(torch.empty(0, device=device))
                                           else "torch") if fp8_products else None)
+                    r["fp8_ways"] = dict(ways) if fp8_products else None
                     if rank and base is not None:
                         r["vs_no_lora"] = r["s_per_step"] / base["s_per_step"]
                         r["within_3_percent"] = r["vs_no_lora"] <= 1.03
@@ -191,6 +205,7 @@ def main() -> None:
                 print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'steps_s'})}", flush=True)
                 write_json(a.out, R)
     fp8_linear.FUSED_LEFT_OPERAND = True
+    lora_compute.FP8_WAYS.update(app_ways)
 
     print(f"\n{'row':40} {'s/step':>8} {'vs none':>8} {'VRAM GiB':>9} {'VmHWM GiB':>10} {'RssAnon GiB':>12} "
           f"{'resident':>9} {'apply s':>8}")

@@ -4,10 +4,12 @@ where the time of a LoRA beside an fp8 matmul goes (issue 18).
     python -m bench.bench_lora_layer --out lora-layer.json [--ranks 32,128] [--iters 20]
 
 Rows per layer shape (in -> out, the image tokens of one call) and rank: the fp8 product alone; the update added
-beside it (`(x @ down.T) @ up.T` into y); inside it (compute/fp8_linear.fp8_linear_low_rank, the inner dimension
+beside it (`(x @ down.T) @ up.T` into y); h as R more output columns of the product, up beside
+(fp8_linear.fp8_linear_rank_outputs); inside it (compute/fp8_linear.fp8_linear_low_rank, the inner dimension
 padded to a multiple of 128) with its left operand `[x, h]` made by torch (three passes over x) and by the Triton
-kernel (compute/fp8_lora_kernel.py); and the parts: the left operand alone made by torch and by the kernel at 16,
-32 and 64 tokens a program, and the activations' quantization alone (what the product without a LoRA pays).
+kernel (compute/fp8_lora_kernel.py); and the parts: the left operand alone made by torch and by the kernel at each
+of `LAUNCH_SHAPES` (tokens, warps a program), and the activations' quantization alone (what the product without a
+LoRA pays).
 Milliseconds per call, the median of `--iters` after three warm-up calls (CUDA events). `kernel_x_bytes_equal`:
 the share of the operand's x columns the kernel writes byte for byte as torch does (the h columns differ by design:
 torch rounds h to bf16 first); `inside_kernel_vs_torch`: the two inside outputs' largest difference relative to
@@ -28,6 +30,7 @@ from framepack_ui.compute import fp8_linear as f8
 from framepack_ui.compute import fp8_lora_kernel
 from framepack_ui.memory.plan.costs import sampling_tokens
 
+LAUNCH_SHAPES = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]  # q/k/v/out, ff up, ff down, single proj_out
 
 
@@ -76,8 +79,10 @@ def main() -> None:
     side = torch.compile(beside)
     operand = torch.compile(torch_operand)
     quant_only = torch.compile(f8.quantize_rows)
-    token_block = fp8_lora_kernel.token_block
-    columns = ["fp8", "beside", "in-torch", "in-kernel", "op-torch", "op-k16", "op-k32", "op-k64", "quant"]
+    launch_shape = fp8_lora_kernel.launch_shape
+    outputs_way = torch.compile(f8.fp8_linear_rank_outputs)
+    columns = ["fp8", "beside", "outputs", "in-torch", "in-kernel", "op-torch", *(f"op-{m}x{w}" for m, w in LAUNCH_SHAPES),
+               "quant"]
     print(f"{'layer':>12} {'rank':>5} " + " ".join(f"{c:>9}" for c in columns) + "  x-bytes-equal")
     for inn, out in SHAPES:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -89,7 +94,8 @@ def main() -> None:
             up = torch.randn(out, rank, device=dev, dtype=dt, generator=g) * 0.01
             inner = inn + rank + (-(inn + rank) % f8.INNER_MULTIPLE)
             row = {"fp8_ms": time_ms(lambda: fp8(x, q, scale, bias), a.iters),
-                   "beside_ms": time_ms(lambda: side(x, q, scale, bias, down, up), a.iters)}
+                   "beside_ms": time_ms(lambda: side(x, q, scale, bias, down, up), a.iters),
+                   "outputs_ms": time_ms(lambda: outputs_way(x, q, scale, bias, down, up), a.iters)}
             outputs = {}
             for way, fused in (("torch", False), ("kernel", True)):
                 f8.FUSED_LEFT_OPERAND = fused  # a global the compiled graph guards on: each way its own graph
@@ -97,11 +103,11 @@ def main() -> None:
                 outputs[way] = low_rank(x, q, scale, bias, down, up)
             f8.FUSED_LEFT_OPERAND = True
             row["operand_torch_ms"] = time_ms(lambda: operand(x, down, inner), a.iters)
-            for block_m in (16, 32, 64):
-                fp8_lora_kernel.token_block = lambda block_r, _m=block_m: _m
-                row[f"operand_kernel_m{block_m}_ms"] = time_ms(
+            for shape in LAUNCH_SHAPES:
+                fp8_lora_kernel.launch_shape = lambda block_r, _shape=shape: _shape
+                row["operand_kernel_m{}_w{}_ms".format(*shape)] = time_ms(
                     lambda: fp8_lora_kernel.quantize_joined(x, down, inner), a.iters)
-            fp8_lora_kernel.token_block = token_block
+            fp8_lora_kernel.launch_shape = launch_shape
             row["quantize_ms"] = time_ms(lambda: quant_only(x), a.iters)
             by_kernel, by_torch = fp8_lora_kernel.quantize_joined(x, down, inner), operand(x, down, inner)
             row["kernel_x_bytes_equal"] = (by_kernel[0][:, :inn].view(torch.uint8)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from conftest import cpu_manager, cpu_plan, streamed_on_cpu
 from framepack_ui.compute import lora as lora_compute
-from framepack_ui.compute.fp8_linear import Fp8Linear, fp8_linear, fp8_linear_low_rank, quantize
+from framepack_ui.compute.fp8_linear import (Fp8Linear, fp8_linear, fp8_linear_low_rank, fp8_linear_rank_outputs,
+                                             quantize)
 from framepack_ui.errors import InputError, MemoryPlanError
 from framepack_ui.memory import fp8, loading
 from framepack_ui.memory.lora import LoraSet, read_lora, read_lora_set, transformer_linears
@@ -272,6 +273,62 @@ def test_an_update_inside_the_fp8_product_survives_a_near_zero_row_a_zero_rank_a
     batched = fp8_linear_low_rank(x.view(4, 50, 256), q, scale, None, down, up)
     assert batched.shape == (4, 50, 128) and torch.isfinite(batched).all()
     assert rel(batched.view(200, 128), want) < 0.02
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_h_as_output_columns_of_the_fp8_product_is_the_update_beside_it_to_fp8_precision(bias):
+    """fp8_linear_rank_outputs: down's rows as more output channels of the fp8 product give h, and up adds it
+    beside: a LoRA changing the output by 3 % comes through within 4 % of itself (bound 10 %: h carries fp8's
+    rounding of x and of down); the bias is the layer's alone; (batch, tokens, in) inputs keep their shape."""
+    g = torch.Generator().manual_seed(0)
+    q, scale = quantize(torch.randn(48, 64, generator=g) * 0.02)
+    b = torch.randn(48, generator=g) * 0.01 if bias else None
+    x = torch.randn(200, 64, generator=g)
+    down, up = torch.randn(6, 64, generator=g), torch.randn(48, 6, generator=g)
+    base = fp8_linear(x, q, scale, b)
+    up = up * (0.03 * base.norm() / ((x @ down.t()) @ up.t()).norm())
+    update = (x @ down.t()) @ up.t()
+    got = fp8_linear_rank_outputs(x, q, scale, b, down, up)
+    assert got.shape == (200, 48)
+    assert rel(got - base, update) < 0.1
+    batched = fp8_linear_rank_outputs(x.view(4, 50, 64), q, scale, b, down, up)
+    assert batched.shape == (4, 50, 48) and torch.equal(batched.view(200, 48), got)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(48, 64), (64, 64), (64, 48)])
+@pytest.mark.parametrize("way", ["inner", "outputs", "beside"])
+def test_each_fp8_layer_shape_adds_its_update_the_way_fp8_ways_names(in_features, out_features, way, monkeypatch):
+    """compute/lora.py FP8_WAYS picks, per shape of a many-token fp8-matmul Linear, how its update is added (a
+    narrowing layer's "inner" goes beside without the Triton kernel, as on this CPU); each way gives the fp8
+    product plus the update to fp8's precision."""
+    kind = "widening" if in_features < out_features else "square" if in_features == out_features else "narrowing"
+    monkeypatch.setitem(lora_compute.FP8_WAYS, kind, way)
+    taken = []
+    for name in ("fp8_linear_low_rank", "fp8_linear_rank_outputs", "_add_beside"):
+        real = getattr(lora_compute, name)
+        monkeypatch.setattr(lora_compute, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(in_features, out_features, bias=False)
+    q, scale = quantize(torch.randn(out_features, in_features, generator=g) * 0.02)
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
+    layer.__class__ = Fp8Linear
+    layer.compute_dtype = torch.float32
+    layer.fp8_matmul = True
+    part = lora_compute.LoraPart(torch.randn(4, in_features, generator=g),
+                                 torch.randn(out_features, 4, generator=g), 0.005)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(200, in_features, generator=g)
+    with torch.no_grad():
+        base = model(x)
+        lora_compute.apply_loras(model, {"0": [part]}, CPU, torch.float32)
+        got = model(x)
+    expected = {"inner": "fp8_linear_low_rank", "outputs": "fp8_linear_rank_outputs", "beside": "_add_beside"}[way]
+    if way == "inner" and kind == "narrowing":
+        expected = "_add_beside"
+    assert taken == [expected]
+    update = x @ (part.factor * part.up @ part.down).t()
+    assert rel(got - base, update) < 0.1
 
 
 @pytest.mark.parametrize("in_features, out_features, rank, way", [

@@ -126,6 +126,25 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     return y.reshape(*shape[:-1], y.shape[-1])
 
 
+def fp8_linear_rank_outputs(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                            bias: torch.Tensor | None, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`fp8_linear` plus a low-rank update with `h = x @ down.T` computed by the fp8 product itself: down's rows
+    join W's as R more output channels (each with its own scale), so the activations are quantized once, as
+    without a LoRA (and compiled, in the kernel that makes them), and never read again; then `y + h @ up.T`
+    beside, which reads and writes a (tokens, out) tensor more. h carries fp8's rounding of x and of down. The
+    output dimension is padded to a multiple of 16 (`_scaled_mm`)."""
+    shape = x.shape
+    out, rank = weight.shape[0], down.shape[0]
+    pad = -(out + rank) % 16
+    down_q, down_scale = quantize(F.pad(down.float(), (0, 0, 0, pad)))
+    if bias is not None:
+        bias = F.pad(bias, (0, rank + pad))
+    y = fp8_linear(x.reshape(-1, shape[-1]), torch.cat([weight, down_q]),
+                   torch.cat([weight_scale.float(), down_scale]), bias)
+    y = torch.addmm(y[:, :out], y[:, out:out + rank], up.to(y.dtype).t())
+    return y.reshape(*shape[:-1], out)
+
+
 def fused_left_operand(x: torch.Tensor) -> bool:
     """Whether fp8_linear_low_rank makes [x, h] in one kernel for `x` (else torch's three passes over x)."""
     return FUSED_LEFT_OPERAND and fp8_lora_kernel.available(x)

@@ -33,29 +33,52 @@ def available(x: torch.Tensor) -> bool:
     return triton is not None and (x.is_cuda or INTERPRETED)
 
 
-def token_block(block_r: int) -> int:
-    """Tokens per program: fewer where h is wide, so the (tokens, rank) float32 accumulator stays in registers."""
-    return 64 if block_r <= 32 else 32 if block_r <= 128 else 16
+def launch_shape(block_r: int) -> tuple[int, int]:
+    """(tokens per program, warps per program), the fastest of five on an H100 for rank 32 and 128 at each of the
+    transformer's widths (docs/benchmarks.md "LoRA"); fewer tokens above rank 128, where the (tokens, rank) float32
+    accumulator would not stay in registers (not measured)."""
+    if block_r <= 32:
+        return 64, 4
+    return (64, 8) if block_r <= 128 else (16, 4)
 
 
 def quantize_joined(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) and down (R, K) -> the fp8 operand (M, inner) holding `[x, x @ down.T, 0...]` each token at its own
     scale, and the scales (M, 1) float32: the largest magnitude of the token's x and h over 448, as
     `fp8_linear.quantize_rows` gives `torch.cat([x, h])` (h here accumulated in float32, not first rounded to x's
-    dtype). Columns past K + R are zero."""
+    dtype). Columns past K + R are zero.
+
+    A custom op, opaque to torch.compile: traced into a compiled block as a user kernel, the same launch took
+    4.5 ms where it takes 0.75 run as itself (12288 -> 3072, rank 32, H100: docs/benchmarks.md "LoRA")."""
+    return torch.ops.framepack_ui.quantize_joined(x, down, inner)
+
+
+def _launch(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, width = x.shape
     rank = down.shape[0]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = x.contiguous()
     down_t = down.to(x.dtype).t().contiguous()  # (K, R): the tensor cores' right operand, rows along K
     joined = torch.empty(tokens, inner, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     block_r = max(16, triton.next_power_of_2(rank))  # tl.dot's least width
-    block_m = token_block(block_r)
+    block_m, warps = launch_shape(block_r)
     _quantize_joined_kernel[(triton.cdiv(tokens, block_m),)](
         x, down_t, joined, scale, tokens, width, rank, inner, x.stride(0),
-        BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, FP8_LIMIT=FP8_MAX)
+        BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, FP8_LIMIT=FP8_MAX, num_warps=warps)
     return joined, scale
+
+
+# registered once per process: a reload (the tests' interpreter) keeps the op, whose body reads this module's
+# globals at each call, so it launches whichever kernel the module now holds
+if triton is not None and "_quantize_joined_op" not in globals():
+    @torch.library.custom_op("framepack_ui::quantize_joined", mutates_args=())
+    def _quantize_joined_op(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return _launch(x, down, inner)
+
+    @_quantize_joined_op.register_fake
+    def _(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x.new_empty((x.shape[0], inner), dtype=torch.float8_e4m3fn),
+                x.new_empty((x.shape[0], 1), dtype=torch.float32))
 
 
 if triton is not None:
@@ -92,7 +115,7 @@ if triton is not None:
         q = tl.clamp(tl.math.div_rn(h, scale[:, None]), -FP8_LIMIT, FP8_LIMIT)
         tl.store(out_rows + width + ranks[None, :], q.to(tl.float8e4nv),
                  mask=row_ok[:, None] & (width + ranks[None, :] < inner))
-        zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float8e4nv)
+        zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32).to(tl.float8e4nv)
         for start in range(width + BLOCK_R, inner, BLOCK_R):
             cols = start + ranks
             tl.store(out_rows + cols[None, :], zeros, mask=row_ok[:, None] & (cols[None, :] < inner))

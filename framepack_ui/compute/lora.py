@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.hooks import HookRegistry
 
-from .fp8_linear import Fp8Linear, dequantize, fp8_linear_low_rank, fused_left_operand
+from .fp8_linear import Fp8Linear, dequantize, fp8_linear_low_rank, fp8_linear_rank_outputs, fused_left_operand
 
 DOWN, UP = "lora_down", "lora_up"  # the buffers a LoRA Linear holds
 
@@ -83,19 +83,34 @@ class LoraLinear(torch.nn.Linear):
         return _add_beside(F.linear(x, self.weight, self.bias), x, down, up)
 
 
+# How a many-token fp8-matmul Linear adds its update, by the layer's shape: "inner" (the rank as inner columns of the
+# product: fp8_linear_low_rank), "outputs" (h as output columns of the product, up beside: fp8_linear_rank_outputs) or
+# "beside" (`_add_beside`). Without the Triton kernel a narrowing layer's "inner" goes beside.
+FP8_WAYS = {"widening": "inner", "square": "inner", "narrowing": "inner"}
+
+
+def fp8_way(in_features: int, out_features: int, x: torch.Tensor) -> str:
+    kind = "widening" if in_features < out_features else "square" if in_features == out_features else "narrowing"
+    way = FP8_WAYS[kind]
+    return "beside" if way == "inner" and kind == "narrowing" and not fused_left_operand(x) else way
+
+
 class LoraFp8Linear(Fp8Linear):
     """Fp8Linear plus its LoRA update: merged into the dequantized transient weight, inside an fp8 product, or added
     beside the product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
-        if (not merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
-                or self.fp8_matmul and self.in_features > self.out_features and not fused_left_operand(x)):
+        many = merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
+        way = fp8_way(self.in_features, self.out_features, x) if many and self.fp8_matmul else None
+        if not many or way == "beside":
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
         bias = self.bias
         if bias is not None and bias.dtype != self.compute_dtype:
             bias = bias.to(self.compute_dtype)
-        if self.fp8_matmul:
+        if way == "outputs":
+            return fp8_linear_rank_outputs(x.to(self.compute_dtype), self.weight, self.weight_scale, bias, down, up)
+        if way == "inner":
             return fp8_linear_low_rank(x.to(self.compute_dtype), self.weight, self.weight_scale, bias, down, up)
         weight = dequantize(self.weight, self.weight_scale, self.compute_dtype)  # transient: merged in place
         weight.addmm_(up.to(self.compute_dtype), down.to(self.compute_dtype))
