@@ -191,7 +191,7 @@ def main() -> None:
                     lora = random_lora(layers, rank, device) if rank else LoraSet()
                     r = measure(model, plan, a, device, lora, make, noise, vram_gb if device.type == "cuda" else None)
                     # who made it in fact: torch wherever the kernel cannot run (a CPU, no Triton)
-                    r["left_operand"] = (("kernel" if fp8_linear.fused_left_operand(torch.empty(0, device=device))
+                    r["left_operand"] = (("kernel" if fp8_linear.fused_left_operand(torch.empty(0, device=device), rank)
                                           else "torch") if fp8_products else None)
                     r["fp8_ways"] = dict(ways) if fp8_products else None
                     if rank and base is not None:

@@ -30,7 +30,7 @@ from framepack_ui.compute import fp8_linear as f8
 from framepack_ui.compute import fp8_lora_kernel
 from framepack_ui.memory.plan.costs import sampling_tokens
 
-LAUNCH_SHAPES = [(16, 4), (32, 4), (64, 4), (64, 8), (128, 8)]
+LAUNCH_SHAPES = [(64, 4), (64, 8)]
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (15360, 3072)]  # q/k/v/out, ff up, ff down, single proj_out
 
 
@@ -54,11 +54,6 @@ def beside(x, q, scale, bias, down, up):
     return y
 
 
-def torch_operand(x, down, inner):
-    h = x @ down.t()
-    return f8.quantize_rows(torch.cat([x, torch.nn.functional.pad(h, (0, inner - x.shape[1] - h.shape[1]))], 1))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", default="32,128")
@@ -67,7 +62,7 @@ def main() -> None:
     a = p.parse_args()
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU with fp8 matmuls (compute capability 8.9 or later)")
-    if not fp8_lora_kernel.available(torch.zeros(1, device="cuda")):
+    if not fp8_lora_kernel.available(torch.zeros(1, device="cuda"), 32):
         p.error("needs Triton for the kernel's rows")
     ranks = [int(r) for r in a.ranks.split(",")]
     tokens = sampling_tokens(640)
@@ -77,7 +72,7 @@ def main() -> None:
     fp8 = torch.compile(f8.fp8_linear)
     low_rank = torch.compile(f8.fp8_linear_low_rank)
     side = torch.compile(beside)
-    operand = torch.compile(torch_operand)
+    operand = torch.compile(fp8_lora_kernel.torch_operand)
     quant_only = torch.compile(f8.quantize_rows)
     launch_shape = fp8_lora_kernel.launch_shape
     outputs_way = torch.compile(f8.fp8_linear_rank_outputs)

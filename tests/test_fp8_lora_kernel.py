@@ -126,8 +126,47 @@ def test_with_the_kernel_a_narrowing_layer_takes_its_update_inside_the_product(i
     assert ((got - base) - update).norm() / update.norm() < 0.1
 
 
+def test_a_nan_in_x_stays_nan_in_the_operand(interpreted_kernel):
+    """A NaN activation must reach the output as torch's operand carries it, not become a saturated +-448."""
+    x = torch.randn(20, 64)
+    x[2, 5] = float("nan")
+    got, _ = interpreted_kernel.quantize_joined(x, torch.randn(4, 64) * 0.01, 128)
+    assert torch.isnan(got[2, 5].float()) and not torch.isnan(got[3].float()).any()
+
+
+def test_a_rank_wider_than_the_kernels_widest_goes_torchs_way(interpreted_kernel):
+    """The sum of a layer's LoRAs can pass MAX_RANK_BLOCK (128), whose tiles would not fit an Ada card's shared
+    memory: torch makes that operand."""
+    x = torch.zeros(8, 64)
+    assert interpreted_kernel.available(x, 128) and not interpreted_kernel.available(x, 129)
+    assert fp8_linear.fused_left_operand(x, 128) and not fp8_linear.fused_left_operand(x, 129)
+
+
+def test_a_kernel_that_cannot_launch_leaves_torch_to_make_the_operand(interpreted_kernel, monkeypatch, caplog):
+    """Triton present but unable to build the kernel for this GPU (injected at the launch): the operand comes from
+    torch, the same bytes, with one warning, and every later call goes torch's way without trying again."""
+    monkeypatch.setattr(interpreted_kernel, "_failed", [])
+    launches = []
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                raise RuntimeError("out of resources: shared memory (injected)")
+            return launch
+
+    monkeypatch.setattr(interpreted_kernel, "_quantize_joined_kernel", Unbuildable())
+    x, down = torch.randn(30, 64), torch.randn(5, 64) * 0.1
+    with caplog.at_level("WARNING"):
+        got, scale = interpreted_kernel.quantize_joined(x, down, 128)
+    want, want_scale = interpreted_kernel.torch_operand(x, down, 128)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)) and torch.equal(scale, want_scale)
+    assert len(launches) == 1 and "out of resources" in caplog.text
+    assert not interpreted_kernel.available(x, 5) and not fp8_linear.fused_left_operand(x, 5)
+
+
 def test_without_triton_on_the_device_torch_makes_the_operand():
     """A CPU tensor outside the interpreter (and a GPU without Triton) goes the torch way."""
     from framepack_ui.compute import fp8_lora_kernel
     assert not fp8_lora_kernel.INTERPRETED
-    assert not fp8_linear.fused_left_operand(torch.zeros(2, 2))
+    assert not fp8_linear.fused_left_operand(torch.zeros(2, 2), 32)

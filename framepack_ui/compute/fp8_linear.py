@@ -20,7 +20,7 @@ SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_
 # H100 step was 1.085x its own without a LoRA padded to 128, 1.105x padded to 16 (docs/benchmarks.md "LoRA")
 INNER_MULTIPLE = 128
 SMALL_ROW_FACTOR = 16  # fp8_linear_low_rank: rows of W whose scale is under the mean's 1/16 do not set c_r
-# fp8_linear_low_rank makes its left operand [x, h] in one Triton kernel where it can (bench_lora_layer --unfused
+# fp8_linear_low_rank makes its left operand [x, h] in one Triton kernel where it can (bench_lora --left-operand
 # measures it against torch's three passes)
 FUSED_LEFT_OPERAND = True
 
@@ -118,10 +118,8 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
     down = down.to(x.dtype) * balance.to(x.dtype)[:, None]
-    if fused_left_operand(x2):
-        xq, x_scale = fp8_lora_kernel.quantize_joined(x2, down, shape[-1] + down.shape[0] + pad)
-    else:
-        xq, x_scale = quantize_rows(torch.cat([x2, F.pad(x2 @ down.t(), (0, pad))], dim=1))
+    make = fp8_lora_kernel.quantize_joined if fused_left_operand(x2, down.shape[0]) else fp8_lora_kernel.torch_operand
+    xq, x_scale = make(x2, down, shape[-1] + down.shape[0] + pad)
     y = _scaled_product(xq, x_scale, torch.cat([weight, u], dim=1), weight_scale, bias, x.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
 
@@ -145,9 +143,10 @@ def fp8_linear_rank_outputs(x: torch.Tensor, weight: torch.Tensor, weight_scale:
     return y.reshape(*shape[:-1], out)
 
 
-def fused_left_operand(x: torch.Tensor) -> bool:
-    """Whether fp8_linear_low_rank makes [x, h] in one kernel for `x` (else torch's three passes over x)."""
-    return FUSED_LEFT_OPERAND and fp8_lora_kernel.available(x)
+def fused_left_operand(x: torch.Tensor, rank: int) -> bool:
+    """Whether fp8_linear_low_rank makes [x, h] in one kernel for `x` and a rank of `rank` (else torch's three more
+    passes over x)."""
+    return FUSED_LEFT_OPERAND and fp8_lora_kernel.available(x, rank)
 
 
 def set_fp8_matmul(model: torch.nn.Module, enabled: bool) -> int:

@@ -10,7 +10,8 @@ does; where Triton is missing (Windows without triton-windows) the product makes
 """
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import logging
 
 import torch
 
@@ -26,45 +27,69 @@ except ImportError:
 # the Triton interpreter (TRITON_INTERPRET=1 when this module is first imported) runs the kernel on the CPU: the tests
 INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
 BLOCK_K = 128  # the activations' columns per load
+# the widest h the kernel computes: at 256 its tiles ask for more shared memory than an Ada card has (139 KB
+# against 101 KB, Triton 3.7.1's compile for sm_89); a wider rank (the sum of a layer's LoRAs) goes torch's way
+MAX_RANK_BLOCK = 128
+_failed: list[str] = []  # the first launch that failed (Triton could not build or run it): torch's way from then on
+
+log = logging.getLogger(__name__)
 
 
-def available(x: torch.Tensor) -> bool:
-    """Whether the kernel can make the operand for `x`: Triton installed and x on a CUDA device (or interpreted)."""
-    return triton is not None and (x.is_cuda or INTERPRETED)
+def rank_block(rank: int) -> int:
+    """The columns of h the tensor cores compute: the rank padded to a power of two, at least 16 (tl.dot's least)."""
+    return max(16, 1 << (rank - 1).bit_length())
+
+
+def available(x: torch.Tensor, rank: int) -> bool:
+    """Whether the kernel makes the operand for `x` and a rank of `rank`: Triton installed and working, x on a CUDA
+    device (or interpreted), the rank within MAX_RANK_BLOCK."""
+    return (triton is not None and (x.is_cuda or INTERPRETED) and rank_block(rank) <= MAX_RANK_BLOCK
+            and not _failed)
 
 
 def launch_shape(block_r: int) -> tuple[int, int]:
-    """(tokens per program, warps per program), the fastest of five on an H100 for rank 32 and 128 at each of the
-    transformer's widths (docs/benchmarks.md "LoRA"); fewer tokens above rank 128, where the (tokens, rank) float32
-    accumulator would not stay in registers (not measured)."""
-    if block_r <= 32:
-        return 64, 4
-    return (64, 8) if block_r <= 128 else (16, 4)
+    """(tokens per program, warps per program): the fastest of five on an H100 for rank 32 and 128 at each of the
+    transformer's widths (docs/benchmarks.md "LoRA")."""
+    return (64, 4) if block_r <= 32 else (64, 8)
 
 
 def quantize_joined(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) and down (R, K) -> the fp8 operand (M, inner) holding `[x, x @ down.T, 0...]` each token at its own
     scale, and the scales (M, 1) float32: the largest magnitude of the token's x and h over 448, as
     `fp8_linear.quantize_rows` gives `torch.cat([x, h])` (h here accumulated in float32, not first rounded to x's
-    dtype). Columns past K + R are zero.
+    dtype). Columns past K + R are zero. A NaN in x stays NaN.
 
     A custom op, opaque to torch.compile: traced into a compiled block as a user kernel, the same launch took
     4.5 ms where it takes 0.75 run as itself (12288 -> 3072, rank 32, H100: docs/benchmarks.md "LoRA")."""
     return torch.ops.framepack_ui.quantize_joined(x, down, inner)
 
 
+def torch_operand(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same operand made by torch: `x @ down.T`, joined and quantized (three more passes over x)."""
+    from .fp8_linear import quantize_rows
+    h = x @ down.to(x.dtype).t()
+    return quantize_rows(torch.cat([x, torch.nn.functional.pad(h, (0, inner - x.shape[1] - h.shape[1]))], dim=1))
+
+
 def _launch(x: torch.Tensor, down: torch.Tensor, inner: int) -> tuple[torch.Tensor, torch.Tensor]:
     tokens, width = x.shape
-    rank = down.shape[0]
+    block_r = rank_block(down.shape[0])
     x = x.contiguous()
-    down_t = down.to(x.dtype).t().contiguous()  # (K, R): the tensor cores' right operand, rows along K
+    # (K, BLOCK_R), zero past the rank: the tensor cores' right operand, each row one aligned vector load
+    down_t = torch.nn.functional.pad(down.to(x.dtype), (0, 0, 0, block_r - down.shape[0])).t().contiguous()
     joined = torch.empty(tokens, inner, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
-    block_r = max(16, triton.next_power_of_2(rank))  # tl.dot's least width
     block_m, warps = launch_shape(block_r)
-    _quantize_joined_kernel[(triton.cdiv(tokens, block_m),)](
-        x, down_t, joined, scale, tokens, width, rank, inner, x.stride(0),
-        BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, FP8_LIMIT=FP8_MAX, num_warps=warps)
+    try:
+        # Triton launches on the current device, which need not be x's (a worker on cuda:1)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _quantize_joined_kernel[(triton.cdiv(tokens, block_m),)](
+                x, down_t, joined, scale, tokens, width, inner,
+                BLOCK_M=block_m, BLOCK_K=BLOCK_K, BLOCK_R=block_r, FP8_LIMIT=FP8_MAX, num_warps=warps)
+    except Exception as exc:  # a Triton that cannot build for this GPU (a toolchain, a card's shared memory)
+        _failed.append(f"{exc.__class__.__name__}: {exc}")
+        log.warning("the fp8 LoRA kernel failed, torch makes its operand from now on: %s", _failed[0])
+        return torch_operand(x, down, inner)
     return joined, scale
 
 
@@ -83,7 +108,7 @@ if triton is not None and "_quantize_joined_op" not in globals():
 
 if triton is not None:
     @triton.jit
-    def _quantize_joined_kernel(x_ptr, down_t_ptr, out_ptr, scale_ptr, tokens, width, rank, inner, x_row_stride,
+    def _quantize_joined_kernel(x_ptr, down_t_ptr, out_ptr, scale_ptr, tokens, width, inner,
                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                                 FP8_LIMIT: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,28 +116,28 @@ if triton is not None:
         ranks = tl.arange(0, BLOCK_R)
         h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        x_rows = x_ptr + rows[:, None].to(tl.int64) * width
         # pass 1: each token's largest |x|, and h = x @ down.T on the tensor cores
         for start in range(0, width, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :],
-                        mask=row_ok[:, None] & (cols[None, :] < width), other=0.0)
-            d = tl.load(down_t_ptr + cols[:, None] * rank + ranks[None, :],
-                        mask=(cols[:, None] < width) & (ranks[None, :] < rank), other=0.0)
+            x = tl.load(x_rows + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < width), other=0.0)
+            d = tl.load(down_t_ptr + cols[:, None] * BLOCK_R + ranks[None, :], mask=cols[:, None] < width, other=0.0)
             h = tl.dot(x, d, h)
             amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
-        scale = tl.where(amax > 0, amax / FP8_LIMIT, 1.0)
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_LIMIT), 1.0)  # exact, as torch divides
         tl.store(scale_ptr + rows, scale, mask=row_ok)
-        # pass 2: x quantized at the token's scale into columns [0, K)
+        # pass 2: x quantized at the token's scale into columns [0, K); a NaN stays NaN (clamp propagates it)
         out_rows = out_ptr + rows[:, None].to(tl.int64) * inner
         for start in range(0, width, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (cols[None, :] < width)
-            x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=ok, other=0.0)
-            q = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale[:, None]), -FP8_LIMIT, FP8_LIMIT)
+            x = tl.load(x_rows + cols[None, :], mask=ok, other=0.0)
+            q = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale[:, None]), -FP8_LIMIT, FP8_LIMIT,
+                         propagate_nan=tl.PropagateNan.ALL)
             tl.store(out_rows + cols[None, :], q.to(tl.float8e4nv), mask=ok)
-        # h into columns [K, K + BLOCK_R) (its columns past the rank are zero: down was masked), zeros after
-        q = tl.clamp(tl.math.div_rn(h, scale[:, None]), -FP8_LIMIT, FP8_LIMIT)
+        # h into columns [K, K + BLOCK_R) (its columns past the rank are zero: down_t is), zeros after
+        q = tl.clamp(tl.math.div_rn(h, scale[:, None]), -FP8_LIMIT, FP8_LIMIT, propagate_nan=tl.PropagateNan.ALL)
         tl.store(out_rows + width + ranks[None, :], q.to(tl.float8e4nv),
                  mask=row_ok[:, None] & (width + ranks[None, :] < inner))
         zeros = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32).to(tl.float8e4nv)

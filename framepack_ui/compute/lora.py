@@ -89,10 +89,10 @@ class LoraLinear(torch.nn.Linear):
 FP8_WAYS = {"widening": "inner", "square": "inner", "narrowing": "inner"}
 
 
-def fp8_way(in_features: int, out_features: int, x: torch.Tensor) -> str:
+def fp8_way(in_features: int, out_features: int, x: torch.Tensor, rank: int) -> str:
     kind = "widening" if in_features < out_features else "square" if in_features == out_features else "narrowing"
     way = FP8_WAYS[kind]
-    return "beside" if way == "inner" and kind == "narrowing" and not fused_left_operand(x) else way
+    return "beside" if way == "inner" and kind == "narrowing" and not fused_left_operand(x, rank) else way
 
 
 class LoraFp8Linear(Fp8Linear):
@@ -102,7 +102,7 @@ class LoraFp8Linear(Fp8Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         down, up = self.lora_down, self.lora_up
         many = merges_per_call(x.numel() // self.in_features, self.in_features, self.out_features)
-        way = fp8_way(self.in_features, self.out_features, x) if many and self.fp8_matmul else None
+        way = fp8_way(self.in_features, self.out_features, x, down.shape[0]) if many and self.fp8_matmul else None
         if not many or way == "beside":
             return _add_beside(super().forward(x), x.to(self.compute_dtype), down, up)
         bias = self.bias
