@@ -3,8 +3,8 @@ LoRA and with a random one of each rank, on every block Linear that musubi-tuner
 the modulation layers; `--targets all` adds those).
 
     python -m bench.bench_lora --out lora.json [--ranks 32,128] [--profiles gpu,8gb,8gb-fp8] [--timed-steps 3]
-        [--targets musubi|all|attention] [--way auto|merge|beside] [--left-operand kernel,torch] [--no-fp8-matmul]
-        [--tiny]
+        [--targets musubi|all|attention] [--way auto|merge|beside] [--left-operand kernel,torch]
+        [--fp8-ways WIDENING:SQUARE:NARROWING,...] [--no-fp8-matmul] [--tiny]
 
 Profiles come from the app's plan, with the LoRA's cost counted (PlanOverrides.lora), and are applied by the app's
 ModelManager to one random transformer (bench/common.py `placed_as_planned`): `gpu` everything resident (bf16);
@@ -15,7 +15,8 @@ jobs in the app (`apply_s`: no weights are rewritten, only its tensors uploaded)
 how every LoRA layer adds its update (compute/lora.py chooses per call by the bytes each moves: `auto`), to measure
 that choice (with fp8 matmuls `merge` means inside the fp8 product where compute/lora.py would take it);
 `--left-operand` runs each fp8-matmul LoRA row with the product's left operand `[x, h]` made by the Triton kernel
-(compute/fp8_lora_kernel.py, the app's way where Triton runs), by torch (then narrowing layers add beside), or both;
+(compute/fp8_lora_kernel.py), by torch (then narrowing layers add beside), or both (default: the app's way);
+`--fp8-ways` sets how each shape of Linear adds its update (compute/lora.py FP8_WAYS), a row for each;
 `--no-fp8-matmul` keeps the fp8 profile's matmuls in bf16 (the LoRA then merges into the dequantized weight rather
 than joining the fp8 product). Target (issue 18): with a LoRA, each profile's step within 3 % of its step without
 one. Peak RAM is this process's VmHWM and RssAnon since the
@@ -128,8 +129,9 @@ def main() -> None:
     p.add_argument("--targets", default="musubi", choices=list(TARGETS))
     p.add_argument("--way", default="auto", choices=("auto", "merge", "beside"),
                    help="how each LoRA layer adds its update (auto: compute/lora.py's per-call choice)")
-    p.add_argument("--left-operand", default="kernel",
-                   help="comma-separated, of kernel, torch: who makes an fp8 product's [x, h] (each its own row)")
+    p.add_argument("--left-operand", default=None,
+                   help="comma-separated, of kernel, torch: who makes an fp8 product's [x, h] (each its own row; "
+                        "default the app's, compute/fp8_linear.py FUSED_LEFT_OPERAND)")
     p.add_argument("--fp8-ways", default=None,
                    help="comma-separated WIDENING:SQUARE:NARROWING, each inner, outputs or beside: how each shape of "
                         "fp8-matmul Linear adds its update (compute/lora.py FP8_WAYS; each its own row; default the "
@@ -145,7 +147,8 @@ def main() -> None:
     if a.way != "auto":  # the per-call choice replaced for this process (read by the LoRA Linears at each call)
         lora_compute.merges_per_call = lambda tokens, in_features, out_features: a.way == "merge"
     ranks = [0] + [int(r) for r in a.ranks.split(",") if r]
-    left_operands = a.left_operand.split(",")
+    app_left = "kernel" if fp8_linear.FUSED_LEFT_OPERAND else "torch"
+    left_operands = a.left_operand.split(",") if a.left_operand else [app_left]
     if not set(left_operands) <= {"kernel", "torch"}:
         p.error(f"--left-operand takes kernel, torch or both, not {a.left_operand}")
     app_ways = dict(lora_compute.FP8_WAYS)
@@ -204,7 +207,7 @@ def main() -> None:
                 R["rows"][name] = r
                 print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'steps_s'})}", flush=True)
                 write_json(a.out, R)
-    fp8_linear.FUSED_LEFT_OPERAND = True
+    fp8_linear.FUSED_LEFT_OPERAND = app_left == "kernel"
     lora_compute.FP8_WAYS.update(app_ways)
 
     print(f"\n{'row':40} {'s/step':>8} {'vs none':>8} {'VRAM GiB':>9} {'VmHWM GiB':>10} {'RssAnon GiB':>12} "

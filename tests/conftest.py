@@ -75,7 +75,7 @@ def interpreted_kernel(monkeypatch):
 
     import torch
 
-    from framepack_ui.compute import fp8_lora_kernel
+    from framepack_ui.compute import fp8_linear, fp8_lora_kernel
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _import_triton_afresh()
@@ -101,6 +101,7 @@ def interpreted_kernel(monkeypatch):
 
     monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
     monkeypatch.setattr(builder, "create_dot", dot)
+    monkeypatch.setattr(fp8_linear, "FUSED_LEFT_OPERAND", True)  # the kernel's way, whatever the default
     importlib.reload(fp8_lora_kernel)
     assert fp8_lora_kernel.INTERPRETED
     yield fp8_lora_kernel

@@ -20,9 +20,10 @@ SCALE_PARAM = "weight_scale"  # "<linear>.weight" is scaled by "<linear>.weight_
 # H100 step was 1.085x its own without a LoRA padded to 128, 1.105x padded to 16 (docs/benchmarks.md "LoRA")
 INNER_MULTIPLE = 128
 SMALL_ROW_FACTOR = 16  # fp8_linear_low_rank: rows of W whose scale is under the mean's 1/16 do not set c_r
-# fp8_linear_low_rank makes its left operand [x, h] in one Triton kernel where it can (bench_lora --left-operand
-# measures it against torch's three passes)
-FUSED_LEFT_OPERAND = True
+# fp8_linear_low_rank makes its left operand [x, h] in one Triton kernel where it can (fp8_lora_kernel.py) when this
+# is on: off until measured in the compiled step (traced as a user kernel the step was slower, docs/benchmarks.md
+# "LoRA"; `bench_lora --left-operand kernel,torch` compares them)
+FUSED_LEFT_OPERAND = False
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
