@@ -166,6 +166,35 @@ def test_a_kernel_that_cannot_launch_leaves_torch_to_make_the_operand(interprete
     assert not interpreted_kernel.available(x, 5) and not fp8_linear.fused_left_operand(x, 5)
 
 
+ADA_SHARED_BYTES = 101376  # sm_89's shared memory a block may opt into (99 KB); Hopper allows 227 KB
+
+
+@pytest.mark.parametrize("capability", [89, 90], ids=["ada", "hopper"])
+def test_every_launch_the_kernel_makes_fits_an_ada_cards_shared_memory(capability):
+    """The RTX 4060 laptop is an Ada card: each tile shape the kernel can launch (rank blocks 16 to MAX_RANK_BLOCK)
+    is compiled ahead of time for it and for Hopper by Triton's own compiler and ptxas (no GPU needed), and must ask
+    for no more shared memory than Ada has; Triton would refuse the launch at run time otherwise."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    import triton
+
+    from framepack_ui.compute import fp8_lora_kernel as kernel
+
+    signature = {"x_ptr": "*bf16", "down_t_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+                 "tokens": "i32", "width": "i32", "inner": "i32", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr",
+                 "BLOCK_R": "constexpr", "FP8_LIMIT": "constexpr"}
+    block_r, asked = 16, {}
+    while block_r <= kernel.MAX_RANK_BLOCK:
+        tokens, warps = kernel.launch_shape(block_r)
+        source = ASTSource(kernel._quantize_joined_kernel, signature,
+                           {"BLOCK_M": tokens, "BLOCK_K": kernel.BLOCK_K, "BLOCK_R": block_r, "FP8_LIMIT": 448.0})
+        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": warps})
+        asked[block_r] = compiled.metadata.shared
+        block_r *= 2
+    assert list(asked) == [16, 32, 64, 128]
+    assert all(0 < size <= ADA_SHARED_BYTES for size in asked.values()), asked
+
+
 def test_without_triton_on_the_device_torch_makes_the_operand():
     """A CPU tensor outside the interpreter (and a GPU without Triton) goes the torch way."""
     from framepack_ui.compute import fp8_lora_kernel

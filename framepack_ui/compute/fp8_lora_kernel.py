@@ -27,8 +27,9 @@ except ImportError:
 # the Triton interpreter (TRITON_INTERPRET=1 when this module is first imported) runs the kernel on the CPU: the tests
 INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
 BLOCK_K = 128  # the activations' columns per load
-# the widest h the kernel computes: at 256 its tiles ask for more shared memory than an Ada card has (139 KB
-# against 101 KB, Triton 3.7.1's compile for sm_89); a wider rank (the sum of a layer's LoRAs) goes torch's way
+# the widest h the kernel computes, the widest measured (docs/benchmarks.md "LoRA"); a wider rank (the sum of a
+# layer's LoRAs) goes torch's way. Its tiles must fit an Ada card's 99 KB of shared memory a block: 48 KB at 128,
+# 144 KB at 512 (Triton 3.7.1 compiling for sm_89: test_fp8_lora_kernel.py)
 MAX_RANK_BLOCK = 128
 _failed: list[str] = []  # the first launch that failed (Triton could not build or run it): torch's way from then on
 
