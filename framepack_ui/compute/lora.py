@@ -21,10 +21,11 @@ An fp8 matmul (`Fp8Linear.fp8_matmul`) multiplies the fp8 weight itself, so ther
 into: merged into the stored weight, the update would be rounded onto fp8's steps, which keeps a third of one that
 changes the weights by 1 % (a float32 simulation of a random 1024 x 1024 layer, rank 32). Where a merge would be
 taken, the update goes inside the fp8 product instead, as R more inner columns (`fp8_linear.fp8_linear_low_rank`).
-Its left operand `[x, h]` is made in one Triton kernel (compute/fp8_lora_kernel.py) that reads x no more often
-than quantizing x alone does. Without Triton torch makes it in three more passes over x, which costs more than
-beside's read and write of y where x is the wider (the 12288- and 15360-wide inputs), so there a narrowing layer
-adds beside (docs/benchmarks.md "LoRA", per layer and per step on an H100).
+Torch makes its left operand `[x, h]` in three more passes over x, which costs more than beside's read and write
+of y where x is the wider (the 12288- and 15360-wide inputs), so there a narrowing layer adds beside
+(docs/benchmarks.md "LoRA", per layer and per step on an H100). Two other ways are written and off until measured
+in the compiled step: the operand made in one Triton kernel (compute/fp8_lora_kernel.py, `FUSED_LEFT_OPERAND`),
+with which narrowing layers join the product too, and h as output columns of the product (`FP8_WAYS`).
 
 A class swap, as `Fp8Linear` (fp8_linear.py says why: per-module hooks made torch.compile recompile every block):
 `LoraLinear` for nn.Linear, `LoraFp8Linear` for Fp8Linear, undone by `remove_loras`. The update lives in two
