@@ -64,50 +64,86 @@ def _import_triton_afresh() -> None:
 
 
 @pytest.fixture
-def interpreted_kernel(monkeypatch):
+def interpreted_kernel():
     """compute/fp8_lora_kernel.py with its Triton kernel run by Triton's interpreter on the CPU (no GPU here), as
     fp8_linear_low_rank takes it on a GPU. Two faults of the interpreter (triton 3.7.1) are mended in its own builder
     for the test: its float32-to-fp8 conversion drops the carry where rounding up reaches the next power of two
     (127.7 became 64) and rounds ties away from even, and its dot multiplies bfloat16 operands as their integer bit
     patterns. torch's conversion stands in, rounding to nearest even as the GPU's `cvt.rn.satfinite` does. Yields
-    the module, reloaded under the interpreter; afterwards Triton and the module are loaded again for the GPU's path."""
+    the module, reloaded under the interpreter; afterwards Triton and the module are loaded again for the GPU's path.
+    A test names it before `monkeypatch`, so that what the test patches is undone before this reload."""
     import importlib
 
     import torch
 
     from framepack_ui.compute import fp8_linear, fp8_lora_kernel
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        _import_triton_afresh()
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        builder = interpreter.InterpreterBuilder
+        real_fp_to_fp, real_dot = builder.create_fp_to_fp, builder.create_dot
+
+        def fp_to_fp(self, src, dst_type, rounding_mode):
+            if dst_type.scalar == tl.float8e4nv and src.dtype.scalar == tl.float32:
+                as_fp8 = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
+                return interpreter.TensorHandle(as_fp8.view(torch.uint8).numpy(), dst_type.scalar)
+            return real_fp_to_fp(self, src, dst_type, rounding_mode)
+
+        def as_float32(handle):
+            if handle.dtype.scalar != tl.bfloat16:
+                return handle
+            return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+        def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            return real_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
+
+        patch.setattr(builder, "create_fp_to_fp", fp_to_fp)
+        patch.setattr(builder, "create_dot", dot)
+        patch.setattr(fp8_linear, "FUSED_LEFT_OPERAND", True)  # the kernel's way, whatever the default
+        importlib.reload(fp8_lora_kernel)
+        assert fp8_lora_kernel.INTERPRETED
+        yield fp8_lora_kernel
     _import_triton_afresh()
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    builder = interpreter.InterpreterBuilder
-    real_fp_to_fp, real_dot = builder.create_fp_to_fp, builder.create_dot
-
-    def fp_to_fp(self, src, dst_type, rounding_mode):
-        if dst_type.scalar == tl.float8e4nv and src.dtype.scalar == tl.float32:
-            as_fp8 = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.float8_e4m3fn)
-            return interpreter.TensorHandle(as_fp8.view(torch.uint8).numpy(), dst_type.scalar)
-        return real_fp_to_fp(self, src, dst_type, rounding_mode)
-
-    def as_float32(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return real_dot(self, as_float32(a), as_float32(b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(builder, "create_fp_to_fp", fp_to_fp)
-    monkeypatch.setattr(builder, "create_dot", dot)
-    monkeypatch.setattr(fp8_linear, "FUSED_LEFT_OPERAND", True)  # the kernel's way, whatever the default
     importlib.reload(fp8_lora_kernel)
-    assert fp8_lora_kernel.INTERPRETED
-    yield fp8_lora_kernel
-    monkeypatch.delenv("TRITON_INTERPRET")
-    _import_triton_afresh()
-    importlib.reload(fp8_lora_kernel)
+
+
+def record_calls(monkeypatch, module, names) -> list:
+    """Each function of `names` in `module` still runs, and appends its name to the list returned."""
+    taken = []
+    for name in names:
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
+    return taken
+
+
+def run_fp8_matmul_lora(in_features: int, out_features: int, rank: int, factor: float):
+    """One fp8-matmul Linear (a random layer's fp8 weights, float32 compute) on 200 tokens without, then with a random
+    LoRA of `rank` at `factor` put on by compute/lora.py: (x, the output without, the output with, the LoRA)."""
+    import torch
+
+    from framepack_ui.compute import lora as lora_compute
+    from framepack_ui.compute.fp8_linear import Fp8Linear, quantize
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(in_features, out_features, bias=False)
+    q, scale = quantize(torch.randn(out_features, in_features, generator=g) * 0.02)
+    layer.weight = torch.nn.Parameter(q, requires_grad=False)
+    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
+    layer.__class__ = Fp8Linear
+    layer.compute_dtype = torch.float32
+    layer.fp8_matmul = True
+    part = lora_compute.LoraPart(torch.randn(rank, in_features, generator=g),
+                                 torch.randn(out_features, rank, generator=g), factor)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(200, in_features, generator=g)
+    with torch.no_grad():
+        base = model(x)
+        lora_compute.apply_loras(model, {"0": [part]}, "cpu", torch.float32)
+        return x, base, model(x), part
 
 
 # --- start images: PNG files made once per session; tests only read them ------------------------------------------

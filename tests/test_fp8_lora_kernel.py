@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import record_calls, run_fp8_matmul_lora
 from framepack_ui.compute import fp8_linear
 from framepack_ui.compute import lora as lora_compute
 from framepack_ui.compute.fp8_linear import FP8_DTYPE, quantize, quantize_rows
@@ -102,25 +103,8 @@ def test_with_the_kernel_a_narrowing_layer_takes_its_update_inside_the_product(i
     """The kernel reads a wide x no more often than the product's own quantization does, so a narrowing Linear
     (the 12288- and 15360-wide inputs at full size) joins its update to the product too; without it, beside
     (test_lora.py)."""
-    taken = []
-    for name in ("fp8_linear_low_rank", "_add_beside"):
-        real = getattr(lora_compute, name)
-        monkeypatch.setattr(lora_compute, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
-    g = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(64, 48, bias=False)
-    q, scale = quantize(torch.randn(48, 64, generator=g) * 0.02)
-    layer.weight = torch.nn.Parameter(q, requires_grad=False)
-    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
-    layer.__class__ = fp8_linear.Fp8Linear
-    layer.compute_dtype = torch.float32
-    layer.fp8_matmul = True
-    part = lora_compute.LoraPart(torch.randn(4, 64, generator=g), torch.randn(48, 4, generator=g), 0.005)
-    model = torch.nn.Sequential(layer)
-    x = torch.randn(200, 64, generator=g)
-    with torch.no_grad():
-        base = model(x)
-        lora_compute.apply_loras(model, {"0": [part]}, CPU, torch.float32)
-        got = model(x)
+    taken = record_calls(monkeypatch, lora_compute, ("fp8_linear_low_rank", "_add_beside"))
+    x, base, got, part = run_fp8_matmul_lora(64, 48, 4, 0.005)
     assert taken == ["fp8_linear_low_rank"]
     update = x @ (part.factor * part.up @ part.down).t()
     assert ((got - base) - update).norm() / update.norm() < 0.1

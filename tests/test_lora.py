@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import cpu_manager, cpu_plan, streamed_on_cpu
+from conftest import cpu_manager, cpu_plan, record_calls, run_fp8_matmul_lora, streamed_on_cpu
 from framepack_ui.compute import lora as lora_compute
 from framepack_ui.compute.fp8_linear import (Fp8Linear, fp8_linear, fp8_linear_low_rank, fp8_linear_rank_outputs,
                                              quantize)
@@ -303,26 +303,8 @@ def test_each_fp8_layer_shape_adds_its_update_the_way_fp8_ways_names(in_features
     product plus the update to fp8's precision."""
     kind = "widening" if in_features < out_features else "square" if in_features == out_features else "narrowing"
     monkeypatch.setitem(lora_compute.FP8_WAYS, kind, way)
-    taken = []
-    for name in ("fp8_linear_low_rank", "fp8_linear_rank_outputs", "_add_beside"):
-        real = getattr(lora_compute, name)
-        monkeypatch.setattr(lora_compute, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
-    g = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(in_features, out_features, bias=False)
-    q, scale = quantize(torch.randn(out_features, in_features, generator=g) * 0.02)
-    layer.weight = torch.nn.Parameter(q, requires_grad=False)
-    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
-    layer.__class__ = Fp8Linear
-    layer.compute_dtype = torch.float32
-    layer.fp8_matmul = True
-    part = lora_compute.LoraPart(torch.randn(4, in_features, generator=g),
-                                 torch.randn(out_features, 4, generator=g), 0.005)
-    model = torch.nn.Sequential(layer)
-    x = torch.randn(200, in_features, generator=g)
-    with torch.no_grad():
-        base = model(x)
-        lora_compute.apply_loras(model, {"0": [part]}, CPU, torch.float32)
-        got = model(x)
+    taken = record_calls(monkeypatch, lora_compute, ("fp8_linear_low_rank", "fp8_linear_rank_outputs", "_add_beside"))
+    x, base, got, part = run_fp8_matmul_lora(in_features, out_features, 4, 0.005)
     expected = {"inner": "fp8_linear_low_rank", "outputs": "fp8_linear_rank_outputs", "beside": "_add_beside"}[way]
     if way == "inner" and kind == "narrowing":
         expected = "_add_beside"
@@ -340,26 +322,8 @@ def test_an_fp8_matmul_takes_the_update_inside_where_the_layer_widens_and_beside
     beside a narrowing one (torch's three more passes over the wider x cost more there; square layers beside at
     rank 128 made the step slower: docs/benchmarks.md "LoRA"); either way the output is the fp8 product plus the
     update, to fp8's precision. With the kernel, narrowing layers join it too: test_fp8_lora_kernel.py."""
-    taken = []
-    for name in ("fp8_linear_low_rank", "_add_beside"):
-        real = getattr(lora_compute, name)
-        monkeypatch.setattr(lora_compute, name, lambda *a, _n=name, _r=real: taken.append(_n) or _r(*a))
-    g = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(in_features, out_features, bias=False)
-    q, scale = quantize(torch.randn(out_features, in_features, generator=g) * 0.02)
-    layer.weight = torch.nn.Parameter(q, requires_grad=False)
-    layer.register_parameter("weight_scale", torch.nn.Parameter(scale, requires_grad=False))
-    layer.__class__ = Fp8Linear
-    layer.compute_dtype = torch.float32
-    layer.fp8_matmul = True
-    part = lora_compute.LoraPart(torch.randn(rank, in_features, generator=g),
-                                 torch.randn(out_features, rank, generator=g), 0.01 / rank ** 0.5)
-    model = torch.nn.Sequential(layer)
-    x = torch.randn(200, in_features, generator=g)
-    with torch.no_grad():
-        base = model(x)
-        lora_compute.apply_loras(model, {"0": [part]}, CPU, torch.float32)
-        got = model(x)
+    taken = record_calls(monkeypatch, lora_compute, ("fp8_linear_low_rank", "_add_beside"))
+    x, base, got, part = run_fp8_matmul_lora(in_features, out_features, rank, 0.01 / rank ** 0.5)
     assert taken == [{"inside": "fp8_linear_low_rank", "beside": "_add_beside"}[way]]
     update = x @ (part.factor * part.up @ part.down).t()
     assert rel(got - base, update) < 0.1
