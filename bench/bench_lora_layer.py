@@ -74,7 +74,7 @@ def main() -> None:
     side = torch.compile(beside)
     operand = torch.compile(fp8_lora_kernel.torch_operand)
     quant_only = torch.compile(f8.quantize_rows)
-    launch_shape = fp8_lora_kernel.launch_shape
+    launch_shape, app_fused = fp8_lora_kernel.launch_shape, f8.FUSED_LEFT_OPERAND
     outputs_way = torch.compile(f8.fp8_linear_rank_outputs)
     columns = ["fp8", "beside", "outputs", "in-torch", "in-kernel", "op-torch", *(f"op-{m}x{w}" for m, w in LAUNCH_SHAPES),
                "quant"]
@@ -87,7 +87,7 @@ def main() -> None:
         for rank in ranks:
             down = torch.randn(rank, inn, device=dev, dtype=dt, generator=g) * inn ** -0.5
             up = torch.randn(out, rank, device=dev, dtype=dt, generator=g) * 0.01
-            inner = inn + rank + (-(inn + rank) % f8.INNER_MULTIPLE)
+            inner = f8.inner_width(inn, rank)
             row = {"fp8_ms": time_ms(lambda: fp8(x, q, scale, bias), a.iters),
                    "beside_ms": time_ms(lambda: side(x, q, scale, bias, down, up), a.iters),
                    "outputs_ms": time_ms(lambda: outputs_way(x, q, scale, bias, down, up), a.iters)}
@@ -96,7 +96,7 @@ def main() -> None:
                 f8.FUSED_LEFT_OPERAND = fused  # a global the compiled graph guards on: each way its own graph
                 row[f"inside_{way}_ms"] = time_ms(lambda: low_rank(x, q, scale, bias, down, up), a.iters)
                 outputs[way] = low_rank(x, q, scale, bias, down, up)
-            f8.FUSED_LEFT_OPERAND = True
+            f8.FUSED_LEFT_OPERAND = app_fused
             row["operand_torch_ms"] = time_ms(lambda: operand(x, down, inner), a.iters)
             for shape in LAUNCH_SHAPES:
                 fp8_lora_kernel.launch_shape = lambda block_r, _shape=shape: _shape

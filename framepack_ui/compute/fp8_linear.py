@@ -116,13 +116,19 @@ def fp8_linear_low_rank(x: torch.Tensor, weight: torch.Tensor, weight_scale: tor
     steps = up / scale[:, None]  # (out, R): the update's up in W's fp8 steps
     # c_r; the clamp keeps an all-zero rank (an up column of zeros) from dividing 0 by 0
     balance = (up / scale.clamp(min=floor)[:, None]).abs().amax(dim=0).clamp_(min=1e-30) / FP8_MAX  # (R,)
-    pad = -(shape[-1] + down.shape[0]) % INNER_MULTIPLE
+    inner = inner_width(shape[-1], down.shape[0])
+    pad = inner - shape[-1] - down.shape[0]
     u = F.pad((steps / balance).clamp_(-FP8_MAX, FP8_MAX), (0, pad)).to(FP8_DTYPE)  # (out, R + pad)
     down = down.to(x.dtype) * balance.to(x.dtype)[:, None]
     make = fp8_lora_kernel.quantize_joined if fused_left_operand(x2, down.shape[0]) else fp8_lora_kernel.torch_operand
-    xq, x_scale = make(x2, down, shape[-1] + down.shape[0] + pad)
+    xq, x_scale = make(x2, down, inner)
     y = _scaled_product(xq, x_scale, torch.cat([weight, u], dim=1), weight_scale, bias, x.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def inner_width(width: int, rank: int) -> int:
+    """fp8_linear_low_rank's inner dimension: the input's width and the rank, padded to INNER_MULTIPLE."""
+    return width + rank + (-(width + rank) % INNER_MULTIPLE)
 
 
 def fp8_linear_rank_outputs(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
